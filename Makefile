@@ -1,0 +1,39 @@
+# The two commands a fresh clone needs: `make demo` and `make test`. Both create .venv when missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint proto proto-check bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: it resolves to the CPU wheel on this disk (see DEVELOPERS.md).
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/echelon demo
+
+test: $(STAMP) lint proto-check
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+# Regenerate the committed wire code from proto/ (protoc bundled with the pinned grpcio-tools).
+proto: $(STAMP)
+	$(BIN)/python -m echelon.tools.protogen src
+
+# CI: the committed generated code must equal a fresh generation.
+proto-check: $(STAMP)
+	$(BIN)/python -m echelon.tools.protogen --check
+
+bench: $(STAMP)
+	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,70 @@
+from echelon.v1 import options_pb2 as _options_pb2
+from echelon.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class BoundaryStatus(_message.Message):
+    __slots__ = ("middle_step", "drift", "update_norm", "tokens", "contributors", "train_loss")
+    MIDDLE_STEP_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_NORM_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    middle_step: int
+    drift: float
+    update_norm: float
+    tokens: int
+    contributors: int
+    train_loss: float
+    def __init__(self, middle_step: _Optional[int] = ..., drift: _Optional[float] = ..., update_norm: _Optional[float] = ..., tokens: _Optional[int] = ..., contributors: _Optional[int] = ..., train_loss: _Optional[float] = ...) -> None: ...
+
+class SyncRequest(_message.Message):
+    __slots__ = ("outer_step",)
+    OUTER_STEP_FIELD_NUMBER: _ClassVar[int]
+    outer_step: int
+    def __init__(self, outer_step: _Optional[int] = ...) -> None: ...
+
+class BoundaryDelta(_message.Message):
+    __slots__ = ("outer_step", "tokens", "delta")
+    OUTER_STEP_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    outer_step: int
+    tokens: int
+    delta: _tensor_pb2.TensorPayload
+    def __init__(self, outer_step: _Optional[int] = ..., tokens: _Optional[int] = ..., delta: _Optional[_Union[_tensor_pb2.TensorPayload, _Mapping]] = ...) -> None: ...
+
+class GlobalReference(_message.Message):
+    __slots__ = ("outer_step", "parameters")
+    OUTER_STEP_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    outer_step: int
+    parameters: _tensor_pb2.TensorPayload
+    def __init__(self, outer_step: _Optional[int] = ..., parameters: _Optional[_Union[_tensor_pb2.TensorPayload, _Mapping]] = ...) -> None: ...
+
+class CadenceUpdate(_message.Message):
+    __slots__ = ("interval",)
+    INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    interval: int
+    def __init__(self, interval: _Optional[int] = ...) -> None: ...
+
+class CrossBoundaryEnvelope(_message.Message):
+    __slots__ = ("boundary_id", "status", "sync_request", "boundary_delta", "global_reference", "cadence")
+    BOUNDARY_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    SYNC_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    BOUNDARY_DELTA_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    CADENCE_FIELD_NUMBER: _ClassVar[int]
+    boundary_id: str
+    status: BoundaryStatus
+    sync_request: SyncRequest
+    boundary_delta: BoundaryDelta
+    global_reference: GlobalReference
+    cadence: CadenceUpdate
+    def __init__(self, boundary_id: _Optional[str] = ..., status: _Optional[_Union[BoundaryStatus, _Mapping]] = ..., sync_request: _Optional[_Union[SyncRequest, _Mapping]] = ..., boundary_delta: _Optional[_Union[BoundaryDelta, _Mapping]] = ..., global_reference: _Optional[_Union[GlobalReference, _Mapping]] = ..., cadence: _Optional[_Union[CadenceUpdate, _Mapping]] = ...) -> None: ...
