@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("echelon.commands.demo", "train the built-in demo run"),
     "plan": ("echelon.yellowstone.cli_plan", "compile a fleet and a model into a training plan"),
     "profile": ("echelon.yellowstone.cli_profile", "measure this machine's devices as fleet entries"),
+    "audit": ("echelon.audit.cli", "verify a run's audit logs offline"),
 }
 
 

@@ -37,3 +37,14 @@ class CancelTimer:
 
 
 Action = Send | SetTimer | CancelTimer
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    """A telemetry record (`kind` plus JSON-able fields) for the driver to write to metrics."""
+
+    kind: str
+    fields: dict
+
+
+PlaneAction = Action | Emit

@@ -1,0 +1,260 @@
+"""Typed run files: what to train, on which data, across which boundaries and devices.
+
+A run file is YAML validated by these pydantic models; unknown fields are refused, so a typo is
+an error rather than a silently ignored knob. Defaults follow ARCHITECTURE.md §2.
+Relative paths in a run file are resolved against the file's own directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from echelon.yamlio import load_model
+
+Identifier = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _resolve(path: Path | None, info: ValidationInfo) -> Path | None:
+    if path is None or path.is_absolute():
+        return path
+    base = (info.context or {}).get("base_dir")
+    return (Path(base) / path).resolve() if base else path
+
+
+class LoraSettings(Strict):
+    """LoRA adapters (peft). Paper defaults: q_proj and v_proj, dropout 0.2."""
+
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+class ModelConfig(Strict):
+    """The built-in `tiny` Llama preset, or a local Hugging Face checkpoint directory (`path`)."""
+
+    preset: Literal["tiny"] | None = None
+    path: Path | None = None
+    trainable: Literal["lora", "full"] = "lora"
+    lora: LoraSettings = LoraSettings()
+
+    _resolve_path = field_validator("path")(_resolve)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_source(cls, data: object) -> object:
+        if isinstance(data, dict):
+            if data.get("preset") is not None and data.get("path") is not None:
+                raise ValueError("give either `preset` or `path`, not both")
+            if data.get("path") is None and data.get("preset") is None:
+                return {**data, "preset": "tiny"}
+        return data
+
+
+class PartitionConfig(Strict):
+    """How training sequences are spread over devices: IID, or Dirichlet(alpha) over domains."""
+
+    kind: Literal["iid", "dirichlet"] = "dirichlet"
+    alpha: float = Field(0.5, gt=0)
+
+
+class DataConfig(Strict):
+    """Text to train on: the Python standard library's sources (built in), JSONL, or .txt files."""
+
+    source: Literal["stdlib", "jsonl", "text_dir"] = "stdlib"
+    path: Path | None = None
+    text_field: str = "text"
+    domain_field: str | None = "domain"
+    seq_len: int = Field(128, ge=8, le=8192)
+    val_fraction: float = Field(0.05, gt=0, lt=0.5)
+    max_documents: int | None = Field(None, ge=2)
+    partition: PartitionConfig = PartitionConfig()
+
+    _resolve_path = field_validator("path")(_resolve)
+
+    @model_validator(mode="after")
+    def _path_matches_source(self) -> DataConfig:
+        if self.source == "stdlib" and self.path is not None:
+            raise ValueError("`path` is only for source jsonl or text_dir")
+        if self.source != "stdlib" and self.path is None:
+            raise ValueError(f"source {self.source} needs `path`")
+        return self
+
+
+class TrainConfig(Strict):
+    """The device plane's local optimisation: K inner AdamW steps per local round."""
+
+    inner_steps: int = Field(8, ge=1, description="K, AdamW steps per local round")
+    micro_batch: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class OuterConfig(Strict):
+    """The global plane's outer optimizer: SGD with Nesterov momentum (lr 1, momentum 0 = averaging)."""
+
+    lr: float = Field(0.7, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+
+
+class SyncConfig(Strict):
+    """Outer synchronisation cadence: a fixed interval H (Echelon) or drift-aware (Echelon-DA)."""
+
+    mode: Literal["fixed", "drift_aware"] = "fixed"
+    interval: int = Field(8, ge=1, description="H in middle steps, fixed mode")
+    h_min: int = Field(8, ge=1)
+    h_max: int = Field(100, ge=1)
+    kappa: float = Field(2.4, gt=0)
+    d0: float | None = Field(None, description="drift midpoint; calibrated at the first sync when unset")
+    drift_ema: float = Field(0.9, ge=0, lt=1, description="beta of the drift proxy EMA")
+    overlap: bool = Field(True, description="boundaries keep training while a sync is in flight")
+    timeout_s: float = Field(600.0, gt=0, description="an outer step proceeds without boundaries this late")
+
+    @model_validator(mode="after")
+    def _range(self) -> SyncConfig:
+        if self.h_min > self.h_max:
+            raise ValueError(f"h_min ({self.h_min}) must not exceed h_max ({self.h_max})")
+        return self
+
+
+class EchelonConfig(Strict):
+    """Boundary-plane knobs (ARCHITECTURE.md §2)."""
+
+    proximal_mu: float = Field(0.01, ge=0, description="mu of the proximal term; 0 disables")
+    reference_ema: float | None = Field(None, ge=0, lt=1, description="beta_ref: anchor to an EMA of theta_b")
+    clip: float | None = Field(1.0, gt=0, description="C, L2 clip of each device delta; null disables")
+    buffer_size: int = Field(2, ge=1, description="K_buf")
+    buffer_timeout_s: float = Field(30.0, gt=0, description="tau, seconds after the first arrival")
+    participation_window: int = Field(4, ge=1, description="W, middle steps")
+    staleness_exponent: float = Field(0.5, ge=0, description="a in w = (1 + s)^-a")
+    max_staleness: int = Field(8, ge=0, description="s_max; staler updates are dropped")
+    middle_lr: float = Field(1.0, gt=0, description="eta_mid")
+    aggregation: Literal["plain", "secagg"] = "plain"
+    min_quorum: int = Field(1, ge=1, description="fewest contributors an aggregate may have")
+    aggregation_timeout_s: float = Field(60.0, gt=0)
+    outer: OuterConfig = OuterConfig()
+    sync: SyncConfig = SyncConfig()
+
+
+class BurstyConfig(Strict):
+    """Gilbert-Elliott bursts: each message may switch the link between a good and a bad state."""
+
+    p_enter: float = Field(0.05, ge=0, le=1)
+    p_exit: float = Field(0.3, gt=0, le=1)
+    latency_factor: float = Field(5.0, ge=1)
+
+
+class LinkConfig(Strict):
+    """One network link: median latency with +/- jitter (percent of the median), bandwidth."""
+
+    latency_ms: float = Field(0.0, ge=0)
+    jitter_pct: float = Field(0.0, ge=0, le=100)
+    bandwidth_mbps: float = Field(1000.0, gt=0)
+    bursty: BurstyConfig | None = None
+
+
+class NetworkConfig(Strict):
+    """`lan` links devices to their boundary coordinator; `wan` links boundaries to the global plane."""
+
+    lan: LinkConfig = LinkConfig(latency_ms=0.2, jitter_pct=10, bandwidth_mbps=10_000)
+    wan: LinkConfig = LinkConfig(latency_ms=20, jitter_pct=50, bandwidth_mbps=1_000)
+
+
+class ChurnConfig(Strict):
+    """Devices leave after an exponential uptime and rejoin after an exponential downtime."""
+
+    mean_uptime_s: float | None = Field(None, gt=0, description="null: no churn")
+    mean_downtime_s: float = Field(60.0, gt=0)
+
+
+class DeviceConfig(Strict):
+    id: str = Identifier
+    tokens_per_s: float = Field(gt=0, description="compute profile: training tokens per second")
+    speed_jitter_pct: float = Field(0.0, ge=0, lt=100, description="per-round straggling, +/- percent")
+    memory_gb: float | None = Field(None, gt=0)
+
+
+class BoundaryConfig(Strict):
+    id: str = Identifier
+    devices: tuple[DeviceConfig, ...] = Field(min_length=1)
+    wan: LinkConfig | None = Field(None, description="this boundary's link to the global plane")
+
+
+class BudgetConfig(Strict):
+    """When to stop: the first budget reached ends the run after a final outer step."""
+
+    tokens: int | None = Field(None, ge=1)
+    outer_steps: int | None = Field(None, ge=1)
+    virtual_seconds: float | None = Field(None, gt=0)
+    cross_boundary_bytes: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _some_budget(self) -> BudgetConfig:
+        if all(v is None for v in self.model_dump().values()):
+            raise ValueError("set at least one of tokens, outer_steps, virtual_seconds, cross_boundary_bytes")
+        return self
+
+
+class EvalConfig(Strict):
+    sequences: int = Field(64, ge=1, description="validation sequences per evaluation")
+    batch: int = Field(16, ge=1)
+
+
+class RunConfig(Strict):
+    """A whole run: model, data, devices in boundaries, Echelon knobs, network, budget, seed."""
+
+    name: str = Identifier
+    seed: int = 0
+    model: ModelConfig = ModelConfig(preset="tiny")
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    echelon: EchelonConfig = EchelonConfig()
+    network: NetworkConfig = NetworkConfig()
+    churn: ChurnConfig = ChurnConfig()
+    boundaries: tuple[BoundaryConfig, ...] = Field(min_length=1)
+    budget: BudgetConfig
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> RunConfig:
+        seen: set[str] = set()
+        for b in self.boundaries:
+            if b.id in seen:
+                raise ValueError(f"boundary id {b.id!r} is used twice")
+            seen.add(b.id)
+        devices: set[str] = set()
+        for b in self.boundaries:
+            for d in b.devices:
+                if d.id in devices:
+                    raise ValueError(
+                        f"device id {d.id!r} is used twice (device ids are unique across boundaries)"
+                    )
+                devices.add(d.id)
+        for b in self.boundaries:
+            if self.echelon.min_quorum > len(b.devices):
+                raise ValueError(
+                    f"echelon.min_quorum is {self.echelon.min_quorum} but boundary {b.id!r} has only "
+                    f"{len(b.devices)} devices"
+                )
+        return self
+
+    @property
+    def devices(self) -> list[tuple[str, DeviceConfig]]:
+        """(boundary id, device) pairs in file order."""
+        return [(b.id, d) for b in self.boundaries for d in b.devices]
+
+
+def load_run(path: str | Path) -> RunConfig:
+    """Load and validate a run file; relative paths inside resolve against its directory."""
+    p = Path(path)
+    return load_model(p, RunConfig, context={"base_dir": p.resolve().parent})

@@ -1,0 +1,1 @@
+"""The information-flow contract: what may cross a boundary, enforced at one choke point."""

@@ -1,0 +1,321 @@
+"""The boundary plane: one boundary's coordinator (sans-IO).
+
+Middle step. Devices announce finished local rounds (`UpdateReady`, metadata only) into a
+buffer of capacity K_buf. The buffer fires when full, or when tau seconds have passed since its
+first arrival. A device not aggregated in the last W middle steps is starved: it is picked
+first, and a full buffer waits (up to tau) for a live starved device that is still training.
+Each picked device gets the staleness weight w_i = (1 + s_i)^-a, s_i = v_b - v_i (updates with
+s_i > s_max are dropped), and the aggregator computes sum_i w_i delta_i; the coordinator only
+ever holds that sum and the public sum of weights. Then
+
+    delta_b = sum_i w_i delta_i / sum_i w_i,   theta_b += eta_mid * delta_b,   v_b += 1,
+    D_b = beta * D_b + (1 - beta) * ||theta_b - theta_g||_2   (drift proxy),   u_b = ||delta_b||_2.
+
+Outer step. On the global plane's `SyncRequest` the boundary sends Delta_b = theta_b - theta_g
+(a boundary aggregate). Without overlap it stops firing until the new global reference arrives
+and adopts it; with overlap it keeps training and re-bases:
+theta_b = theta_g_new + (theta_b_now - theta_b_at_send).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from google.protobuf.message import Message
+
+from echelon.config import EchelonConfig
+from echelon.planes.aggregation import AggregateResult, AggregationServer, Aggregator
+from echelon.planes.tensors import from_payload, to_payload
+from echelon.sansio import Emit, PlaneAction, Send, SetTimer
+from echelon.v1 import boundary_pb2, device_pb2, tensor_pb2
+
+BUFFER_TIMER = "buffer"
+AGGREGATION_TIMER_PREFIX = "agg/"
+
+
+def staleness_weight(staleness: int, exponent: float) -> float:
+    """w = (1 + s)^-a: fresh updates weigh 1, stale ones less."""
+    return (1.0 + staleness) ** -exponent
+
+
+@dataclass(eq=False)
+class _Arrival:
+    device: str
+    base_version: int
+    tokens: int
+    loss: float
+    at: float
+
+
+@dataclass
+class _Device:
+    live: bool = False
+    training: bool = False
+    last_aggregated: int = 0  # middle step of its latest contribution (or of its joining)
+
+
+@dataclass
+class _Round:
+    server: AggregationServer
+    arrivals: dict[str, _Arrival]
+    weights: dict[str, float]
+    buffer_occupancy: int
+    dropped_stale: int
+    staleness: Counter = field(default_factory=Counter)
+
+
+class BoundaryPlane:
+    """Protocol state of one boundary coordinator. Device and global addresses are opaque strings."""
+
+    def __init__(
+        self,
+        boundary_id: str,
+        devices: list[str],
+        global_address: str,
+        cfg: EchelonConfig,
+        aggregator: Aggregator,
+        dim: int,
+    ) -> None:
+        self.boundary_id, self.global_address, self.cfg, self.dim = boundary_id, global_address, cfg, dim
+        self._aggregator = aggregator
+        self._devices = {d: _Device() for d in devices}
+        self.theta_b: torch.Tensor | None = None
+        self.theta_g: torch.Tensor | None = None
+        self.version = 0
+        self.middle_step = 0
+        self.drift = 0.0
+        self.update_norm = 0.0
+        self._buffer: list[_Arrival] = []
+        self._round: _Round | None = None
+        self._next_round_id = 1
+        self._tokens_since_sync = 0
+        self._contributions_since_sync = 0
+        self._sync_requested: int | None = None  # outer step the global asked for, not yet answered
+        self._awaiting_global: int | None = None  # outer step whose reference we wait for
+        self._theta_at_send: torch.Tensor | None = None
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def receive(self, now: float, sender: str, message: Message) -> list[PlaneAction]:
+        if isinstance(message, device_pb2.Hello):
+            return self._on_hello(now, sender)
+        if isinstance(message, device_pb2.UpdateReady):
+            return self._on_update_ready(now, sender, message)
+        if isinstance(message, boundary_pb2.GlobalReference):
+            return self._on_global_reference(now, message)
+        if isinstance(message, boundary_pb2.SyncRequest):
+            return self._on_sync_request(now, message)
+        if self._round is not None and sender in self._devices:
+            # Aggregation traffic: the server validates round ids and excludes misbehaving senders.
+            actions = list(self._round.server.receive(now, sender, message))
+            return actions + self._after_round_event(now)
+        return []
+
+    def on_timer(self, now: float, key: str) -> list[PlaneAction]:
+        if key == BUFFER_TIMER:
+            return self._try_fire(now)
+        if key.startswith(AGGREGATION_TIMER_PREFIX) and self._round is not None:
+            return list(self._round.server.on_timer(now, key)) + self._after_round_event(now)
+        return []
+
+    def peer_lost(self, now: float, device: str) -> list[PlaneAction]:
+        """A device disconnected: its buffered update is lost with it (the delta lived on the device)."""
+        info = self._devices[device]
+        info.live = info.training = False
+        self._buffer = [a for a in self._buffer if a.device != device]
+        return self._try_fire(now)
+
+    # -- handlers -------------------------------------------------------------------------------
+
+    def _on_hello(self, now: float, device: str) -> list[PlaneAction]:
+        if device not in self._devices:
+            return []
+        info = self._devices[device]
+        info.live, info.training = True, False
+        info.last_aggregated = self.middle_step
+        self._buffer = [a for a in self._buffer if a.device != device]
+        return self._send_reference(device) if self.theta_b is not None else []
+
+    def _on_update_ready(self, now: float, device: str, msg: device_pb2.UpdateReady) -> list[PlaneAction]:
+        info = self._devices.get(device)
+        if info is None or not info.live or not info.training:
+            return []
+        info.training = False
+        self._buffer.append(_Arrival(device, msg.base_version, msg.tokens, msg.train_loss, now))
+        return self._arm_buffer_timer(now) + self._try_fire(now)
+
+    def _on_global_reference(self, now: float, msg: boundary_pb2.GlobalReference) -> list[PlaneAction]:
+        theta_g = from_payload(msg.parameters)
+        actions: list[PlaneAction] = []
+        if self.theta_b is None:
+            # The initial reference: every device that already said hello can start.
+            self.theta_b, self.theta_g = theta_g.clone(), theta_g
+            for d, info in self._devices.items():
+                if info.live:
+                    actions += self._send_reference(d)
+            return actions
+        if msg.outer_step != self._awaiting_global:
+            return []
+        if self.cfg.sync.overlap and self._theta_at_send is not None:
+            self.theta_b = theta_g + (self.theta_b - self._theta_at_send)
+        else:
+            self.theta_b = theta_g.clone()
+        self.theta_g, self._theta_at_send, self._awaiting_global = theta_g, None, None
+        self.version += 1
+        return self._try_fire(now)
+
+    def _on_sync_request(self, now: float, msg: boundary_pb2.SyncRequest) -> list[PlaneAction]:
+        if self.theta_b is None or msg.outer_step in (self._sync_requested, self._awaiting_global):
+            return []
+        self._sync_requested = msg.outer_step
+        return [] if self._round is not None else self._send_boundary_delta()
+
+    def _send_boundary_delta(self) -> list[PlaneAction]:
+        outer_step, self._sync_requested = self._sync_requested, None
+        delta = boundary_pb2.BoundaryDelta(
+            outer_step=outer_step, tokens=self._tokens_since_sync, middle_step=self.middle_step
+        )
+        if self._contributions_since_sync:
+            delta.delta.CopyFrom(
+                to_payload(
+                    self.theta_b - self.theta_g, tensor_pb2.BOUNDARY_AGGREGATE, self._contributions_since_sync
+                )
+            )
+        self._theta_at_send = self.theta_b.clone()
+        self._awaiting_global = outer_step
+        self._tokens_since_sync = self._contributions_since_sync = 0
+        return [Send(self.global_address, delta)]
+
+    # -- middle steps ---------------------------------------------------------------------------
+
+    def _starved(self, device: str) -> bool:
+        return self.middle_step - self._devices[device].last_aggregated >= self.cfg.participation_window
+
+    def _try_fire(self, now: float) -> list[PlaneAction]:
+        if self._round is not None or self.theta_b is None or not self._buffer:
+            return []
+        if self._awaiting_global is not None and not self.cfg.sync.overlap:
+            return []  # retried when the global reference arrives
+        full = len(self._buffer) >= self.cfg.buffer_size
+        # Participation window: a full buffer still waits (until the deadline) for a starved device.
+        starved_training = any(i.live and i.training and self._starved(d) for d, i in self._devices.items())
+        if now < self._deadline() and (not full or starved_training):
+            return []  # the buffer timer, set for the deadline, retries
+        picked = sorted(self._buffer, key=lambda a: not self._starved(a.device))[: self.cfg.buffer_size]
+        stale = [a for a in picked if self.version - a.base_version > self.cfg.max_staleness]
+        fresh = [a for a in picked if a not in stale]
+        actions: list[PlaneAction] = []
+        for a in stale:
+            actions.append(Send(a.device, device_pb2.UpdateDiscarded(reason="too stale")))
+            actions += self._send_reference(a.device)
+        if len(fresh) < self.cfg.min_quorum:
+            # Nothing below quorum is aggregated: keep the fresh updates and wait for arrivals.
+            self._buffer = [a for a in self._buffer if a not in stale]
+            return actions + self._arm_buffer_timer(now)
+        self._buffer = [a for a in self._buffer if a not in picked]
+        staleness = Counter(self.version - a.base_version for a in fresh)
+        weights = {
+            a.device: staleness_weight(self.version - a.base_version, self.cfg.staleness_exponent)
+            for a in fresh
+        }
+        round_id = self._next_round_id
+        self._next_round_id += 1
+        server = self._aggregator.server(round_id, weights, self.dim, tensor_pb2.DEVICE)
+        self._round = _Round(
+            server,
+            {a.device: a for a in fresh},
+            weights,
+            len(picked) + len(self._buffer),
+            len(stale),
+            staleness,
+        )
+        actions += self._arm_buffer_timer(now)
+        actions += server.start(now)
+        return actions + self._after_round_event(now)
+
+    def _deadline(self) -> float:
+        return self._buffer[0].at + self.cfg.buffer_timeout_s
+
+    def _arm_buffer_timer(self, now: float) -> list[PlaneAction]:
+        # A deadline already past is handled when the blocking condition ends (round end, arrival).
+        return [SetTimer(BUFFER_TIMER, self._deadline())] if self._buffer and self._deadline() > now else []
+
+    def _after_round_event(self, now: float) -> list[PlaneAction]:
+        rnd = self._round
+        if rnd is None or rnd.server.outcome is None:
+            return []
+        self._round = None
+        outcome = rnd.server.outcome
+        actions: list[PlaneAction] = []
+        record = {
+            "boundary": self.boundary_id,
+            "time": now,
+            "buffer_occupancy": rnd.buffer_occupancy,
+            "dropped_stale": rnd.dropped_stale,
+            "excluded": len(rnd.server.excluded),
+            "staleness": {str(s): n for s, n in sorted(rnd.staleness.items())},
+        }
+        if isinstance(outcome, AggregateResult):
+            contributed = [d for d in rnd.arrivals if d not in rnd.server.excluded]
+            delta_b = torch.from_numpy(outcome.weighted_sum / outcome.weight_sum).float()
+            self.theta_b = self.theta_b + self.cfg.middle_lr * delta_b
+            self.version += 1
+            self.middle_step += 1
+            self.update_norm = float(torch.linalg.vector_norm(delta_b))
+            beta = self.cfg.sync.drift_ema
+            distance = float(torch.linalg.vector_norm(self.theta_b - self.theta_g))
+            self.drift = beta * self.drift + (1 - beta) * distance
+            tokens = sum(rnd.arrivals[d].tokens for d in contributed)
+            self._tokens_since_sync += tokens
+            self._contributions_since_sync += outcome.contributors
+            for d in contributed:
+                self._devices[d].last_aggregated = self.middle_step
+            loss = sum(rnd.arrivals[d].loss for d in contributed) / len(contributed)
+            actions.append(
+                Send(
+                    self.global_address,
+                    boundary_pb2.BoundaryStatus(
+                        middle_step=self.middle_step,
+                        drift=self.drift,
+                        update_norm=self.update_norm,
+                        tokens=self._tokens_since_sync,
+                        contributors=outcome.contributors,
+                        train_loss=loss,
+                    ),
+                )
+            )
+            record |= {
+                "kind": "middle_step",
+                "middle_step": self.middle_step,
+                "contributors": outcome.contributors,
+                "weight_sum": outcome.weight_sum,
+                "train_loss": loss,
+                "tokens": tokens,
+                "update_norm": self.update_norm,
+                "drift": self.drift,
+            }
+        else:
+            for d in rnd.arrivals:
+                actions.append(Send(d, device_pb2.UpdateDiscarded(reason=outcome.reason)))
+            record |= {"kind": "aggregation_aborted", "reason": outcome.reason}
+        actions.append(Emit(record.pop("kind"), record))
+        for d in rnd.arrivals:
+            if self._devices[d].live:
+                actions += self._send_reference(d)
+        if self._sync_requested is not None:
+            actions += self._send_boundary_delta()
+        return actions + self._try_fire(now)
+
+    def _send_reference(self, device: str) -> list[PlaneAction]:
+        self._devices[device].training = True
+        ref = device_pb2.BoundaryReference(
+            version=self.version, parameters=to_payload(self.theta_b, tensor_pb2.BOUNDARY_AGGREGATE)
+        )
+        return [Send(device, ref)]
+
+    @property
+    def buffered(self) -> int:
+        """Updates waiting in the buffer."""
+        return len(self._buffer)

@@ -1,0 +1,159 @@
+"""The global plane: the one coordinator above the boundaries (sans-IO).
+
+It sees only boundary aggregates and O(1) metadata. When the leading boundary has completed
+H middle steps since the last outer step (H from the cadence controller), it asks every
+boundary for Delta_b = theta_b - theta_g and applies a DiLoCo-style outer step:
+
+    g = -sum_b omega_b Delta_b,   omega_b = tokens_b / sum_b tokens_b   (tokens are metadata),
+    theta_g = OuterOpt(theta_g, g),   SGD with Nesterov momentum (lr 0.7, momentum 0.9).
+
+With lr 1 and momentum 0 this is plain averaging of the boundary references.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from google.protobuf.message import Message
+
+from echelon.config import OuterConfig
+from echelon.planes.controller import Cadence
+from echelon.planes.tensors import from_payload, to_payload
+from echelon.sansio import Emit, PlaneAction, Send, SetTimer
+from echelon.v1 import boundary_pb2, tensor_pb2
+
+SYNC_TIMER = "sync-timeout"
+
+
+@dataclass
+class _Reported:
+    delta: torch.Tensor
+    tokens: int
+    contributors: int
+    middle_step: int
+
+
+class OuterOptimizer:
+    """SGD with (Nesterov) momentum on the flat global parameters, fed pseudo-gradients."""
+
+    def __init__(self, theta: torch.Tensor, cfg: OuterConfig) -> None:
+        self.theta = torch.nn.Parameter(theta.clone(), requires_grad=False)
+        nesterov = cfg.nesterov and cfg.momentum > 0  # torch refuses Nesterov without momentum
+        self._opt = torch.optim.SGD([self.theta], lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov)
+
+    def step(self, pseudo_gradient: torch.Tensor) -> torch.Tensor:
+        """theta <- OuterOpt(theta, g); returns a copy of the new theta."""
+        self.theta.grad = pseudo_gradient
+        self._opt.step()
+        self.theta.grad = None
+        return self.theta.detach().clone()
+
+    def state_dict(self) -> dict:
+        return {"theta": self.theta.detach().clone(), "optimizer": self._opt.state_dict()}
+
+
+class GlobalPlane:
+    """Protocol state of the global coordinator. Boundary addresses are opaque strings."""
+
+    def __init__(
+        self,
+        boundaries: list[str],
+        theta0: torch.Tensor,
+        outer: OuterConfig,
+        cadence: Cadence,
+        sync_timeout_s: float,
+    ) -> None:
+        self.boundaries = list(boundaries)
+        self.outer = OuterOptimizer(theta0, outer)
+        self.theta_g = theta0.clone()
+        self.cadence = cadence
+        self.sync_timeout_s = sync_timeout_s
+        self.outer_step = 0
+        self._middle_step = dict.fromkeys(boundaries, 0)
+        self._middle_at_sync = dict.fromkeys(boundaries, 0)
+        self._syncing: int | None = None
+        self._reported: dict[str, _Reported] = {}
+        self.final_reason: str | None = None
+        self.finished = False
+
+    def start(self, now: float) -> list[PlaneAction]:
+        """Send every boundary the initial global reference (outer step 0)."""
+        return self._broadcast_reference() + [Emit("outer_step", {"outer_step": 0, "time": now})]
+
+    def receive(self, now: float, sender: str, message: Message) -> list[PlaneAction]:
+        if sender not in self._middle_step or self.finished:
+            return []
+        if isinstance(message, boundary_pb2.BoundaryStatus):
+            self._middle_step[sender] = message.middle_step
+            self.cadence.observe(sender, message.drift)
+            return self._maybe_sync(now)
+        if isinstance(message, boundary_pb2.BoundaryDelta):
+            if message.outer_step != self._syncing or sender in self._reported:
+                return []  # late (an outer step already applied without it) or duplicate
+            delta = (
+                from_payload(message.delta) if message.HasField("delta") else torch.zeros_like(self.theta_g)
+            )
+            self._reported[sender] = _Reported(
+                delta, message.tokens, message.delta.contributors, message.middle_step
+            )
+            if len(self._reported) == len(self.boundaries):
+                return self._outer_step(now)
+        return []
+
+    def on_timer(self, now: float, key: str) -> list[PlaneAction]:
+        if key == f"{SYNC_TIMER}/{self._syncing}" and self._reported:
+            return self._outer_step(now)  # proceed with the boundaries that answered
+        return []
+
+    def request_final_sync(self, now: float, reason: str) -> list[PlaneAction]:
+        """A budget was reached: synchronise once more, then finish."""
+        if self.final_reason is not None:
+            return []
+        self.final_reason = reason
+        return self._start_sync(now) if self._syncing is None else []
+
+    def _maybe_sync(self, now: float) -> list[PlaneAction]:
+        if self._syncing is not None or self.final_reason is not None:
+            return []
+        lead = max(self._middle_step[b] - self._middle_at_sync[b] for b in self.boundaries)
+        return self._start_sync(now) if lead >= self.cadence.interval else []
+
+    def _start_sync(self, now: float) -> list[PlaneAction]:
+        self.cadence.on_sync()
+        self._syncing = self.outer_step + 1
+        self._reported = {}
+        request = boundary_pb2.SyncRequest(outer_step=self._syncing)
+        actions: list[PlaneAction] = [Send(b, request) for b in self.boundaries]
+        return actions + [SetTimer(f"{SYNC_TIMER}/{self._syncing}", now + self.sync_timeout_s)]
+
+    def _outer_step(self, now: float) -> list[PlaneAction]:
+        reported = self._reported
+        total = sum(r.tokens for r in reported.values())
+        omega = {b: (r.tokens / total if total else 1 / len(reported)) for b, r in reported.items()}
+        pseudo_gradient = -sum(omega[b] * reported[b].delta for b in sorted(reported))
+        self.theta_g = self.outer.step(pseudo_gradient)
+        self.outer_step = self._syncing
+        self._syncing, self._reported = None, {}
+        for b, r in reported.items():
+            self._middle_at_sync[b] = r.middle_step
+        record = {
+            "outer_step": self.outer_step,
+            "time": now,
+            "boundaries": len(reported),
+            "tokens": total,
+            "contributors": sum(r.contributors for r in reported.values()),
+            "interval": self.cadence.interval,
+            "driver": self.cadence.driver,
+            "pseudo_gradient_norm": float(torch.linalg.vector_norm(pseudo_gradient)),
+        }
+        self.finished = self.final_reason is not None
+        if self.finished:
+            record["stop_reason"] = self.final_reason
+        return self._broadcast_reference() + [Emit("outer_step", record)]
+
+    def _broadcast_reference(self) -> list[PlaneAction]:
+        ref = boundary_pb2.GlobalReference(
+            outer_step=self.outer_step, parameters=to_payload(self.theta_g, tensor_pb2.GLOBAL)
+        )
+        return [Send(b, ref) for b in self.boundaries]

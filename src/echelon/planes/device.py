@@ -1,0 +1,118 @@
+"""The device plane: one device's protocol inside its boundary (sans-IO).
+
+A device trains against the boundary reference it was last sent, clips its delta and announces
+it (`UpdateReady`: metadata only). The delta stays on the device until the boundary invites it
+into an aggregation round; then the aggregator's client pre-scales it by the staleness weight
+the boundary assigned and submits it (masked, with secure aggregation).
+
+Events: start, receive(message), local_round_finished(result). Actions: Send, StartLocalRound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from google.protobuf.message import Message
+
+from echelon.planes.aggregation import AggregationClient, Aggregator
+from echelon.planes.tensors import from_payload
+from echelon.sansio import PlaneAction, Send
+from echelon.train.trainer import LocalResult
+from echelon.v1 import device_pb2, tensor_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class StartLocalRound:
+    """Run K inner steps from `reference` towards `anchor`, then report `local_round_finished`."""
+
+    device: str
+    reference: torch.Tensor
+    anchor: torch.Tensor
+
+
+def clip_delta(delta: torch.Tensor, clip: float | None) -> torch.Tensor:
+    """delta * min(1, C / ||delta||_2); unchanged when clipping is off or the norm is within C."""
+    if clip is None:
+        return delta
+    norm = float(torch.linalg.vector_norm(delta))
+    return delta * (clip / norm) if norm > clip else delta
+
+
+class DevicePlane:
+    """Protocol state of one device. `boundary` is its coordinator's address."""
+
+    def __init__(
+        self,
+        device_id: str,
+        boundary: str,
+        aggregator: Aggregator,
+        clip: float | None,
+        reference_ema: float | None,
+    ) -> None:
+        self.device_id, self.boundary = device_id, boundary
+        self._aggregator, self._clip, self._reference_ema = aggregator, clip, reference_ema
+        self.reference: torch.Tensor | None = None
+        self.version = 0
+        self._anchor: torch.Tensor | None = None
+        self.training = False
+        self.pending: torch.Tensor | None = None  # the clipped delta awaiting aggregation
+        self._client: AggregationClient | None = None
+        self._client_round: int | None = None
+        self.local_rounds = 0
+
+    def start(self, now: float) -> list[PlaneAction]:
+        """(Re)join the boundary: ask for the current reference. A rejoining device starts clean."""
+        self.training, self.pending, self._client, self._client_round = False, None, None, None
+        return [Send(self.boundary, device_pb2.Hello(device_id=self.device_id))]
+
+    def receive(self, now: float, sender: str, message: Message) -> list[PlaneAction]:
+        """A message from the boundary coordinator (`sender` is its address)."""
+        if isinstance(message, device_pb2.BoundaryReference):
+            self.reference = from_payload(message.parameters)
+            self.version = message.version
+            if self._reference_ema is None or self._anchor is None:
+                self._anchor = self.reference
+            else:
+                self._anchor = self._reference_ema * self._anchor + (1 - self._reference_ema) * self.reference
+            return self._maybe_train()
+        if isinstance(message, device_pb2.AggregationRequest):
+            if self.pending is None or self._client_round == message.round_id:
+                return []  # nothing to contribute (e.g. lost with a restart), or a replayed request
+            self._client = self._aggregator.join(
+                self.boundary, message, self.pending.numpy(), tensor_pb2.DEVICE
+            )
+            self._client_round = message.round_id
+            return self._after_client(self._client.start(now))
+        if isinstance(message, device_pb2.UpdateDiscarded):
+            self.pending, self._client = None, None
+            return []
+        if self._client is not None:
+            return self._after_client(self._client.receive(now, message))
+        return []
+
+    def _after_client(self, actions: list[PlaneAction]) -> list[PlaneAction]:
+        if self._client is not None and self._client.done:
+            # Submitted: the delta now lives only inside the aggregate.
+            self.pending, self._client = None, None
+        return list(actions)
+
+    def local_round_finished(self, now: float, result: LocalResult) -> list[PlaneAction]:
+        """The driver finished the local round: clip the delta and announce it."""
+        assert self.reference is not None
+        self.training = False
+        self.local_rounds += 1
+        self.pending = clip_delta(result.theta - self.reference, self._clip)
+        ready = device_pb2.UpdateReady(
+            base_version=self.version,
+            tokens=result.tokens,
+            train_loss=result.loss,
+            local_round=self.local_rounds,
+        )
+        return [Send(self.boundary, ready)]
+
+    def _maybe_train(self) -> list[PlaneAction]:
+        if self.training or self.pending is not None or self.reference is None:
+            return []
+        self.training = True
+        return [StartLocalRound(self.device_id, self.reference, self._anchor)]

@@ -1,0 +1,160 @@
+"""Assemble a run from its config and execute it in simulation, writing a run directory.
+
+Reading order: `prepare` builds the model, the data and the device shards; `build_simulation`
+wires the planes, guards and network into the simulation driver; `train` runs it with a
+progress bar, evaluates the global model at every outer step, and writes the run directory:
+config.yaml (resolved), metrics.jsonl, summary.json and the final weights.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from echelon.config import RunConfig
+from echelon.contract.guard import EgressGuard, IngressGuard
+from echelon.planes.aggregation import Aggregator, PlainAggregator
+from echelon.planes.boundary import BoundaryPlane
+from echelon.planes.controller import Cadence
+from echelon.planes.coordinator import GlobalPlane
+from echelon.planes.device import DevicePlane
+from echelon.rundir import RunDirectory
+from echelon.runtime.sim.engine import GLOBAL, Simulation, boundary_address, device_address, party_of
+from echelon.train.data import Corpus, build_corpus, load_documents, partition, partition_skew
+from echelon.train.model import ModelBundle, build_model
+from echelon.train.trainer import LocalTrainer
+
+
+@dataclass
+class Prepared:
+    """Everything device compute needs: the model, the corpus and each device's shard."""
+
+    bundle: ModelBundle
+    corpus: Corpus
+    shards: dict[str, np.ndarray]
+    trainer: LocalTrainer
+    skew: float
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    bundle = build_model(cfg.model, cfg.seed)
+    corpus = build_corpus(load_documents(cfg.data, cfg.seed), bundle.tokenizer, cfg.data, cfg.seed)
+    device_ids = [d.id for _, d in cfg.devices]
+    parts = partition(
+        corpus.train_domain, len(device_ids), cfg.data.partition, cfg.seed, cfg.train.micro_batch
+    )
+    shards = dict(zip(device_ids, parts, strict=True))
+    trainer = LocalTrainer(bundle, corpus, shards, cfg.train, cfg.echelon.proximal_mu, cfg.seed)
+    return Prepared(bundle, corpus, shards, trainer, partition_skew(corpus.train_domain, parts))
+
+
+def make_aggregator(cfg: RunConfig) -> Aggregator:
+    """The boundary's aggregation path."""
+    e = cfg.echelon
+    return PlainAggregator(min_quorum=e.min_quorum, timeout_s=e.aggregation_timeout_s)
+
+
+def build_simulation(
+    cfg: RunConfig, prep: Prepared, on_emit: Callable[[str, dict], None], audit_for: Callable | None = None
+) -> Simulation:
+    """Wire the three planes, the guards and the network for `cfg`."""
+    e = cfg.echelon
+    aggregator = make_aggregator(cfg)
+    theta0 = prep.bundle.get_vector()
+    dim = theta0.numel()
+    boundary_ids = [b.id for b in cfg.boundaries]
+    global_plane = GlobalPlane(
+        [boundary_address(b) for b in boundary_ids], theta0, e.outer, Cadence(e.sync), e.sync.timeout_s
+    )
+    boundaries = {
+        b.id: BoundaryPlane(b.id, [device_address(d.id) for d in b.devices], GLOBAL, e, aggregator, dim)
+        for b in cfg.boundaries
+    }
+    devices = {
+        d.id: DevicePlane(d.id, boundary_address(b), aggregator, e.clip, e.reference_ema)
+        for b, d in cfg.devices
+    }
+    parties = [GLOBAL] + [party_of(boundary_address(b)) for b in boundary_ids]
+    guards = {
+        p: (
+            EgressGuard(p, e.min_quorum, audit_for(p) if audit_for else None),
+            IngressGuard(p, e.min_quorum, audit_for(p) if audit_for else None),
+        )
+        for p in parties
+    }
+    return Simulation(
+        global_plane=global_plane,
+        boundaries=boundaries,
+        devices=devices,
+        device_boundary={d.id: b for b, d in cfg.devices},
+        device_profiles={d.id: d for _, d in cfg.devices},
+        trainer=prep.trainer,
+        lan=cfg.network.lan,
+        wan={b.id: b.wan or cfg.network.wan for b in cfg.boundaries},
+        churn=cfg.churn,
+        guards=guards,
+        seed=cfg.seed,
+        on_emit=on_emit,
+    )
+
+
+def train(cfg: RunConfig, run_dir: Path, *, force: bool = False, progress: bool = True) -> dict:
+    """Run `cfg` in simulation and write its run directory; returns the summary."""
+    from echelon.progress import RunProgress
+
+    wall0 = time.perf_counter()
+    out = RunDirectory(run_dir, force=force)
+    try:
+        out.write_yaml("config.yaml", cfg.model_dump(mode="json"))
+        prep = prepare(cfg)
+        evals: list[float] = []
+        sim: Simulation | None = None
+        bar = RunProgress(cfg.budget, enabled=progress)
+
+        def on_emit(kind: str, fields: dict) -> None:
+            record = {"kind": kind, **fields}
+            if kind == "outer_step":
+                record["val_loss"] = prep.trainer.evaluate(
+                    sim.global_plane.theta_g, cfg.eval.sequences, cfg.eval.batch
+                )
+                record["tokens_total"] = sim.tokens
+                record["cross_boundary_bytes"] = sim.cross_boundary_bytes
+                evals.append(record["val_loss"])
+                bar.update(sim.now, sim.tokens, sim.global_plane.outer_step, record["val_loss"])
+            out.metric(record)
+
+        sim = build_simulation(cfg, prep, on_emit)
+        with bar:
+            sim.run(cfg.budget)
+        artefact = prep.bundle.save(out.staging, sim.global_plane.theta_g)
+        summary = summarise(cfg, prep, sim, evals, time.perf_counter() - wall0)
+        summary["artefact"] = artefact.name
+        out.write_json("summary.json", summary)
+    except BaseException:
+        out.abandon()
+        raise
+    out.commit()
+    return summary
+
+
+def summarise(cfg: RunConfig, prep: Prepared, sim: Simulation, evals: list[float], wall_s: float) -> dict:
+    return {
+        "name": cfg.name,
+        "start_val_loss": evals[0],
+        "end_val_loss": evals[-1],
+        "tokens": sim.tokens,
+        "outer_steps": sim.global_plane.outer_step,
+        "middle_steps": {b: p.middle_step for b, p in sim.boundary_planes.items()},
+        "stop_reason": sim.global_plane.final_reason,
+        "virtual_time_s": sim.now,
+        "wall_time_s": wall_s,
+        "trainable_parameters": prep.bundle.dim,
+        "partition_skew": prep.skew,
+        "cross_boundary_bytes": sim.cross_boundary_by_type(),
+        "intra_boundary_bytes": dict(sorted(sim.traffic.intra_bytes.items())),
+        "refused": len(sim.traffic.refused),
+    }

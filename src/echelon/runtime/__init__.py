@@ -1,0 +1,1 @@
+"""Drivers that run the sans-IO planes: `sim` (one process, virtual clock) and `grpc` (deployment)."""

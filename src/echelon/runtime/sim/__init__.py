@@ -1,0 +1,1 @@
+"""The simulation runtime: a deterministic discrete-event loop on a virtual clock."""

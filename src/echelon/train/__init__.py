@@ -1,0 +1,1 @@
+"""Device-side compute: the model (transformers + peft), the data, and the local trainer."""

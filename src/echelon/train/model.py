@@ -1,0 +1,171 @@
+"""Models via transformers and peft: the built-in `tiny` Llama preset or a local checkpoint.
+
+Nothing is ever downloaded: a checkpoint is a local directory (`local_files_only=True`), and the
+tiny preset is a randomly initialised Llama with a byte-level tokenizer built in memory.
+
+The trainable parameters (LoRA adapters, or all weights) are handled as one flat float32 vector
+theta, in a fixed order. That is the unit the planes exchange: references, deltas, aggregates.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from echelon.config import ModelConfig
+from echelon.errors import UserError
+
+# The `tiny` preset: a few million parameters, trainable on two CPU cores.
+TINY_LLAMA = dict(
+    vocab_size=260,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    bos_token_id=256,
+    eos_token_id=257,
+    pad_token_id=258,
+)
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer: ids 0..255 are the UTF-8 bytes, then <s>, </s>, <pad>, <unk>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    # ByteLevel maps each byte to a printable character (GPT-2's map); id = the byte's value.
+    vocab = {ch: b for b, ch in bytes_to_unicode().items()}
+    vocab.update({"<s>": 256, "</s>": 257, "<pad>": 258, "<unk>": 259})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+@dataclass
+class ModelBundle:
+    """A causal LM, its tokenizer, and the flat view of its trainable parameters."""
+
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerFast
+    config: ModelConfig
+    names: list[str]
+    trainable: list[nn.Parameter]
+
+    @property
+    def dim(self) -> int:
+        """Number of trainable parameters, the length of theta."""
+        return sum(p.numel() for p in self.trainable)
+
+    def get_vector(self) -> torch.Tensor:
+        """theta: the trainable parameters as a new flat float32 tensor."""
+        return torch.cat([p.detach().reshape(-1).float() for p in self.trainable])
+
+    @torch.no_grad()
+    def set_vector(self, theta: torch.Tensor) -> None:
+        """Copy theta into the trainable parameters in place."""
+        offset = 0
+        for p in self.trainable:
+            n = p.numel()
+            p.copy_(theta[offset : offset + n].view_as(p))
+            offset += n
+        if offset != theta.numel():
+            raise ValueError(f"theta has {theta.numel()} elements, the model {offset}")
+
+    def save(self, out_dir: Path, theta: torch.Tensor) -> Path:
+        """Write theta as a loadable artefact; returns its directory.
+
+        LoRA: a peft adapter directory (`PeftModel.from_pretrained(base, dir)` loads it), next to
+        the base model it was trained on when that base is the in-memory tiny preset.
+        Full: a transformers checkpoint directory with safetensors weights and the tokenizer.
+        """
+        self.set_vector(theta)
+        if self.config.trainable == "lora":
+            base_path = self.config.path
+            if base_path is None:
+                base_path = out_dir / "base"
+                base = self.model.get_base_model()
+                # Save the frozen base without the adapter layers: load it afresh from the state.
+                plain = LlamaForCausalLM(base.config)
+                plain.load_state_dict(_without_lora(base.state_dict()), strict=True)
+                plain.save_pretrained(base_path)
+                self.tokenizer.save_pretrained(base_path)
+            adapter = out_dir / "adapter"
+            self.model.save_pretrained(adapter)
+            cfg_path = adapter / "adapter_config.json"
+            cfg = json.loads(cfg_path.read_text())
+            cfg["base_model_name_or_path"] = str(Path(base_path).resolve())
+            cfg_path.write_text(json.dumps(cfg, indent=2))
+            return adapter
+        model_dir = out_dir / "model"
+        self.model.save_pretrained(model_dir, safe_serialization=True)
+        self.tokenizer.save_pretrained(model_dir)
+        return model_dir
+
+
+def _without_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state.items():
+        if "lora_" in k:
+            continue
+        out[k.replace(".base_layer.", ".")] = v
+    return out
+
+
+def build_model(cfg: ModelConfig, seed: int) -> ModelBundle:
+    """Build the model and tokenizer that `cfg` names, with its trainable parameters selected."""
+    torch.manual_seed(seed)
+    if cfg.path is None:
+        model: nn.Module = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA, attn_implementation="eager"))
+        tokenizer = byte_tokenizer()
+    else:
+        path = Path(cfg.path)
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f"model.path: {path} is not a Hugging Face checkpoint directory (no config.json); "
+                "give a local directory saved with save_pretrained, or use `preset: tiny`"
+            )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise UserError(f"model.path: cannot load {path}: {e}") from None
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    model.train()
+    if cfg.trainable == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=list(cfg.lora.target_modules),
+            task_type="CAUSAL_LM",
+        )
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as e:
+            raise UserError(f"model.lora.target_modules: {e}") from None
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return ModelBundle(model, tokenizer, cfg, [n for n, _ in named], [p for _, p in named])
