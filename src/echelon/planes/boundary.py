@@ -319,3 +319,7 @@ class BoundaryPlane:
     def buffered(self) -> int:
         """Updates waiting in the buffer."""
         return len(self._buffer)
+
+    def participation_gaps(self) -> dict[str, int]:
+        """Middle steps since each device was last aggregated (boundary-local telemetry)."""
+        return {d: self.middle_step - i.last_aggregated for d, i in self._devices.items()}

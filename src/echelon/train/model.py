@@ -10,6 +10,7 @@ theta, in a fixed order. That is the unit the planes exchange: references, delta
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,9 @@ from transformers import (
 
 from echelon.config import ModelConfig
 from echelon.errors import UserError
+
+# peft calls a transformers API that transformers 5 deprecates; the warning is not the user's to act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 # The `tiny` preset: a few million parameters, trainable on two CPU cores.
 TINY_LLAMA = dict(
@@ -96,6 +100,9 @@ class ModelBundle:
         the base model it was trained on when that base is the in-memory tiny preset.
         Full: a transformers checkpoint directory with safetensors weights and the tokenizer.
         """
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # no per-shard progress bars inside our own progress display
         self.set_vector(theta)
         if self.config.trainable == "lora":
             base_path = self.config.path
@@ -115,7 +122,7 @@ class ModelBundle:
             cfg_path.write_text(json.dumps(cfg, indent=2))
             return adapter
         model_dir = out_dir / "model"
-        self.model.save_pretrained(model_dir, safe_serialization=True)
+        self.model.save_pretrained(model_dir)
         self.tokenizer.save_pretrained(model_dir)
         return model_dir
 

@@ -82,29 +82,37 @@ class LocalTrainer:
         self, device: str, reference: torch.Tensor, anchor: torch.Tensor | None = None
     ) -> LocalResult:
         """K inner AdamW steps from `reference`, pulled towards `anchor` (default: the reference)."""
-        bundle, cfg = self.bundle, self.cfg
-        model, params, opt = bundle.model, bundle.trainable, self._optimizers[device]
-        bundle.set_vector(reference)
-        anchors = _views(reference if anchor is None else anchor, params) if self.mu > 0 else None
+        cfg, opt, stream = self.cfg, self._optimizers[device], self._streams[device]
+        self.bundle.set_vector(reference)
+        anchor = reference if anchor is None else anchor
         # Dropout draws from torch's global generator: seed it per (run, device, round).
         torch.manual_seed(derived_seed(self.seed, 2, self._index[device], self._rounds[device]))
         self._rounds[device] += 1
-        stream = self._streams[device]
         losses = []
         for _ in range(cfg.inner_steps):
-            for _ in range(cfg.grad_accum):
-                batch = torch.from_numpy(self.corpus.train[stream.next()])
-                loss = model(input_ids=batch, labels=batch).loss
-                (loss / cfg.grad_accum).backward()
-                losses.append(loss.item())
-            if anchors is not None:
-                # Gradient of (mu/2)||theta - anchor||^2, added exactly rather than through autograd.
-                with torch.no_grad():
-                    for p, a in zip(params, anchors, strict=True):
-                        p.grad.add_(p - a, alpha=self.mu)
+            losses.append(self.accumulate_gradients([stream.next() for _ in range(cfg.grad_accum)], anchor))
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return LocalResult(bundle.get_vector(), self.tokens_per_round, float(np.mean(losses)))
+        return LocalResult(self.bundle.get_vector(), self.tokens_per_round, float(np.mean(losses)))
+
+    def accumulate_gradients(self, batches: list[np.ndarray], anchor: torch.Tensor) -> float:
+        """Add to `.grad` the gradient of the local objective on `batches`; returns the mean task loss.
+
+        Task loss: mean next-token cross-entropy over the batches. Proximal term: its exact
+        gradient mu * (theta - anchor) is added once, rather than through autograd.
+        """
+        model, params = self.bundle.model, self.bundle.trainable
+        total = 0.0
+        for idx in batches:
+            batch = torch.from_numpy(self.corpus.train[idx])
+            loss = model(input_ids=batch, labels=batch).loss
+            (loss / len(batches)).backward()
+            total += loss.item()
+        if self.mu > 0:
+            with torch.no_grad():
+                for p, a in zip(params, _views(anchor, params), strict=True):
+                    p.grad.add_(p - a, alpha=self.mu)
+        return total / len(batches)
 
     @torch.no_grad()
     def evaluate(self, theta: torch.Tensor, sequences: int, batch: int) -> float:
