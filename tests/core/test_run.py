@@ -55,7 +55,7 @@ def test_one_boundary_one_device_k_h_one_equals_plain_training_loop():
     )
     plain_losses = []
     for _ in range(steps):
-        batch = torch.from_numpy(prep.corpus.train[stream.next()])
+        batch = torch.from_numpy(prep.corpus.train[stream.next()]).long()
         loss = bundle.model(input_ids=batch, labels=batch).loss
         loss.backward()
         opt.step()
@@ -131,7 +131,7 @@ def test_train_writes_run_directory_and_loadable_adapter(tmp_path):
     base = AutoModelForCausalLM.from_pretrained(out / "base", local_files_only=True)
     model = PeftModel.from_pretrained(base, out / "adapter")
     prep = prepare(cfg)
-    val = torch.from_numpy(prep.corpus.val[: cfg.eval.sequences])
+    val = torch.from_numpy(prep.corpus.val[: cfg.eval.sequences]).long()
     with torch.no_grad():
         loss = model.eval()(input_ids=val, labels=val).loss.item()
     assert loss == pytest.approx(summary["end_val_loss"], rel=1e-4)

@@ -36,9 +36,9 @@ class Document:
 class Corpus:
     """Packed token sequences. `train_domain[i]` indexes `domains`."""
 
-    train: np.ndarray  # int64 [N, seq_len]
+    train: np.ndarray  # int32 [N, seq_len]
     train_domain: np.ndarray  # int64 [N]
-    val: np.ndarray  # int64 [M, seq_len]
+    val: np.ndarray  # int32 [M, seq_len]
     domains: list[str]
 
     @property
@@ -120,13 +120,29 @@ def load_documents(cfg: DataConfig, seed: int) -> list[Document]:
     return docs
 
 
-def _pack(token_lists: list[list[int]], eos: int, seq_len: int) -> np.ndarray:
+def _pack(token_arrays: list[np.ndarray], eos: int, seq_len: int) -> np.ndarray:
     """Concatenate documents (each followed by eos) and cut into full sequences of seq_len."""
-    if not token_lists:
-        return np.zeros((0, seq_len), dtype=np.int64)
-    flat = np.concatenate([np.asarray([*t, eos], dtype=np.int64) for t in token_lists])
+    if not token_arrays:
+        return np.zeros((0, seq_len), dtype=np.int32)
+    sep = np.array([eos], dtype=np.int32)
+    flat = np.concatenate([piece for t in token_arrays for piece in (t, sep)])
     n = flat.size // seq_len
     return flat[: n * seq_len].reshape(n, seq_len)
+
+
+def tokenize(texts: list[str], tokenizer, chunk: int = 8) -> list[np.ndarray]:
+    """Token ids of each text as int32 arrays, encoded a chunk at a time to bound peak memory."""
+    out = []
+    for i in range(0, len(texts), chunk):
+        # split_special_tokens: a literal "</s>" in the text is text, not a token.
+        ids = tokenizer(
+            texts[i : i + chunk],
+            add_special_tokens=False,
+            split_special_tokens=True,
+            return_attention_mask=False,
+        )["input_ids"]
+        out += [np.asarray(t, dtype=np.int32) for t in ids]
+    return out
 
 
 def build_corpus(docs: list[Document], tokenizer, cfg: DataConfig, seed: int) -> Corpus:
@@ -135,10 +151,7 @@ def build_corpus(docs: list[Document], tokenizer, cfg: DataConfig, seed: int) ->
     order = rng.permutation(len(docs))
     n_val = max(1, round(cfg.val_fraction * len(docs)))
     val_ids, train_ids = set(order[:n_val].tolist()), order[n_val:]
-    # split_special_tokens: a literal "</s>" in the text is text, not a token.
-    encoded = tokenizer([d.text for d in docs], add_special_tokens=False, split_special_tokens=True)[
-        "input_ids"
-    ]
+    encoded = tokenize([d.text for d in docs], tokenizer)
     eos = tokenizer.eos_token_id
     domains = sorted({docs[i].domain for i in train_ids})
     train_parts, train_domain = [], []

@@ -104,14 +104,15 @@ class LocalTrainer:
         model, params = self.bundle.model, self.bundle.trainable
         total = 0.0
         for idx in batches:
-            batch = torch.from_numpy(self.corpus.train[idx])
+            batch = torch.from_numpy(self.corpus.train[idx]).long()
             loss = model(input_ids=batch, labels=batch).loss
             (loss / len(batches)).backward()
             total += loss.item()
         if self.mu > 0:
             with torch.no_grad():
-                for p, a in zip(params, _views(anchor, params), strict=True):
-                    p.grad.add_(p - a, alpha=self.mu)
+                # mu * (theta - anchor), exactly 0 at the anchor (mu*theta - mu*anchor would round).
+                distance = torch._foreach_sub(params, _views(anchor, params))
+                torch._foreach_add_([p.grad for p in params], distance, alpha=self.mu)
         return total / len(batches)
 
     @torch.no_grad()
@@ -123,7 +124,7 @@ class LocalTrainer:
         val = self.corpus.val[:sequences]
         total = 0.0
         for i in range(0, len(val), batch):
-            chunk = torch.from_numpy(val[i : i + batch])
+            chunk = torch.from_numpy(val[i : i + batch]).long()
             total += model(input_ids=chunk, labels=chunk).loss.item() * len(chunk)
         model.train()
         return total / len(val)
