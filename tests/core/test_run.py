@@ -148,3 +148,20 @@ def test_existing_run_directory_is_never_overwritten_without_force(tmp_path, cap
     assert (out / "keep.txt").read_text() == "precious"
     assert main(["train", str(run_file), "--out", str(out), "--no-progress", "--force"]) == 0
     assert not (out / "keep.txt").exists() and (out / "summary.json").exists()
+
+
+def test_local_checkpoint_directory_trains_with_its_own_tokenizer(tmp_path):
+    # A checkpoint on disk: the tiny Llama saved with save_pretrained, tokenizer included.
+    tiny = build_model(
+        RunConfig.model_validate(small_run()).model.model_copy(update={"trainable": "full"}), 0
+    )
+    tiny.model.save_pretrained(tmp_path / "ckpt")
+    tiny.tokenizer.save_pretrained(tmp_path / "ckpt")
+    cfg = RunConfig.model_validate(
+        small_run(model={"path": str(tmp_path / "ckpt"), "preset": None}, budget={"outer_steps": 1})
+    )
+    summary = train(cfg, tmp_path / "run", progress=False)
+    assert summary["outer_steps"] == 1
+    adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str((tmp_path / "ckpt").resolve())
+    assert not (tmp_path / "run" / "base").exists()  # the base is the user's checkpoint, not copied
