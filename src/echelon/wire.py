@@ -2,7 +2,8 @@
 
 Planes return bodies (`BoundaryDelta`, `UpdateReady`, ...); drivers wrap them in the envelope
 of the channel they travel on. Inside a boundary that is `DeviceEnvelope`; across a boundary it
-is `CrossBoundaryEnvelope`, whose `body` oneof is the complete list of what may cross.
+is `CrossBoundaryEnvelope`, whose `body` oneof is the complete list of what may cross, and which
+only the egress guard (`echelon.contract.guard`) builds.
 """
 
 from __future__ import annotations
@@ -30,20 +31,6 @@ def wrap_device(device_id: str, body: Message) -> device_pb2.DeviceEnvelope:
         raise TypeError(
             f"{body.DESCRIPTOR.full_name} cannot travel between a device and its boundary"
         ) from None
-    getattr(env, field).CopyFrom(body)
-    return env
-
-
-def wrap_cross_boundary(boundary_id: str, body: Message) -> boundary_pb2.CrossBoundaryEnvelope:
-    """Envelope for a message between boundary `boundary_id` and the global plane.
-
-    A body type that is not in the envelope's oneof raises TypeError: it has no way across.
-    """
-    env = boundary_pb2.CrossBoundaryEnvelope(boundary_id=boundary_id)
-    try:
-        field = CROSS_BOUNDARY_BODIES[body.DESCRIPTOR.full_name]
-    except KeyError:
-        raise TypeError(f"{body.DESCRIPTOR.full_name} has no field in CrossBoundaryEnvelope") from None
     getattr(env, field).CopyFrom(body)
     return env
 

@@ -58,7 +58,7 @@ def test_outer_lr_one_momentum_zero_is_averaging_weighted_by_tokens():
         ["b/x", "b/y"], theta0, OuterConfig(lr=1.0, momentum=0.0), Cadence(SyncConfig(interval=1)), 60
     )
     plane.start(0.0)
-    from echelon.planes.tensors import to_payload
+    from echelon.planes.aggregation import encode_f32
     from echelon.v1 import boundary_pb2, tensor_pb2
 
     plane.receive(0.0, "b/x", boundary_pb2.BoundaryStatus(middle_step=1))
@@ -67,7 +67,7 @@ def test_outer_lr_one_momentum_zero_is_averaging_weighted_by_tokens():
             outer_step=1,
             tokens=tokens,
             middle_step=1,
-            delta=to_payload(torch.tensor(delta), tensor_pb2.BOUNDARY_AGGREGATE, 2),
+            delta=encode_f32(np.array(delta), tensor_pb2.BOUNDARY_AGGREGATE, 2),
         )
         plane.receive(1.0, b, msg)
     torch.testing.assert_close(plane.theta_g, torch.tensor([0.75, 0.25]))

@@ -7,7 +7,8 @@ bytes to transmit. Anything else raises `ContractViolation`, is recorded as refu
 nothing is sent. Both runtimes (simulation and gRPC) call these very objects.
 
 The contract, checked on every crossing:
-- the message is a `CrossBoundaryEnvelope` whose body type is one of its oneof fields;
+- the message is a `CrossBoundaryEnvelope` whose body type is one of its oneof fields, and whose
+  `boundary_id` names the boundary end of this very channel;
 - the body's declared flow class is AGGREGATE, CONTROL, TELEMETRY or AUDIT (never DEVICE_LOCAL);
 - every tensor inside has provenance BOUNDARY_AGGREGATE (with at least `min_quorum`
   contributors) or GLOBAL, a known dtype and exactly numel * itemsize bytes;
@@ -25,6 +26,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from echelon.v1 import boundary_pb2, options_pb2, tensor_pb2
+from echelon.wire import CROSS_BOUNDARY_BODIES
 
 CROSSING_CLASSES = frozenset(
     {options_pb2.AGGREGATE, options_pb2.CONTROL, options_pb2.TELEMETRY, options_pb2.AUDIT}
@@ -88,8 +90,11 @@ def _field_problems(msg: Message, min_quorum: int, path: str) -> list[str]:
     return out
 
 
-def contract_problems(envelope: Message, min_quorum: int) -> list[str]:
-    """Every way `envelope` breaks the cross-boundary contract (empty when it may cross)."""
+def contract_problems(envelope: Message, min_quorum: int, boundary_id: str | None = None) -> list[str]:
+    """Every way `envelope` breaks the cross-boundary contract (empty when it may cross).
+
+    `boundary_id`, when given, is the boundary end of the channel the envelope travels on.
+    """
     if not isinstance(envelope, boundary_pb2.CrossBoundaryEnvelope):
         return [f"{type(envelope).__name__} is not a CrossBoundaryEnvelope"]
     field = envelope.WhichOneof("body")
@@ -98,6 +103,10 @@ def contract_problems(envelope: Message, min_quorum: int) -> list[str]:
     body = getattr(envelope, field)
     cls = flow_class(body.DESCRIPTOR)
     problems = []
+    if boundary_id is not None and envelope.boundary_id != boundary_id:
+        problems.append(
+            f"envelope names boundary {envelope.boundary_id[:32]!r}, the channel's is {boundary_id!r}"
+        )
     if cls not in CROSSING_CLASSES:
         problems.append(f"{body.DESCRIPTOR.full_name} has flow class {options_pb2.FlowClass.Name(cls)}")
     return problems + _field_problems(envelope, min_quorum, "envelope")
@@ -112,6 +121,7 @@ def round_of(body: Message) -> int:
 
 
 def _tensor_summary(body: Message) -> tuple[str | None, int]:
+    """Provenance and contributor count of the first tensor in `body` (None, 0 without one)."""
     for _, value in body.ListFields():
         if isinstance(value, tensor_pb2.TensorPayload):
             return tensor_pb2.Provenance.Name(value.provenance), value.contributors
@@ -119,26 +129,33 @@ def _tensor_summary(body: Message) -> tuple[str | None, int]:
 
 
 class _Guard:
+    """Shared state of a party's guards: its name, the quorum, counters and the audit sink.
+
+    A party is `global` or `boundary.<id>`; the boundary end of a channel names the boundary.
+    """
+
     def __init__(self, party: str, min_quorum: int, audit: AuditSink | None) -> None:
         self.party, self.min_quorum, self.audit = party, min_quorum, audit
         self.bytes_by_type: Counter[str] = Counter()
         self.messages_by_type: Counter[str] = Counter()
         self.refused = 0
 
+    def _boundary_of_channel(self, peer: str) -> str:
+        end = self.party if self.party != "global" else peer
+        return end.removeprefix("boundary.")
+
     def _record(
         self,
         now: float,
         direction: str,
         peer: str,
-        env: Message,
+        body: Message,
         data: bytes,
         outcome: str,
         reason: str | None,
     ) -> None:
         if self.audit is None:
             return
-        field = env.WhichOneof("body") if isinstance(env, boundary_pb2.CrossBoundaryEnvelope) else None
-        body = getattr(env, field) if field else env
         provenance, quorum = _tensor_summary(body)
         self.audit.append(
             time=now,
@@ -156,8 +173,17 @@ class _Guard:
             reason=reason,
         )
 
-    def _count(self, env: boundary_pb2.CrossBoundaryEnvelope, size: int) -> None:
-        name = getattr(env, env.WhichOneof("body")).DESCRIPTOR.full_name
+    def _refuse(
+        self, now: float, direction: str, peer: str, body: Message, data: bytes, problems: list[str]
+    ) -> None:
+        self.refused += 1
+        reason = "; ".join(problems)
+        self._record(now, direction, peer, body, data, "refused", reason)
+        arrow = f"{self.party} -> {peer}" if direction == "out" else f"{peer} -> {self.party}"
+        raise ContractViolation(f"{arrow}: {reason}")
+
+    def _count(self, body: Message, size: int) -> None:
+        name = body.DESCRIPTOR.full_name
         self.bytes_by_type[name] += size
         self.messages_by_type[name] += 1
 
@@ -169,34 +195,43 @@ class _Guard:
 class EgressGuard(_Guard):
     """One party's single choke point for outgoing cross-boundary messages."""
 
-    def send(self, now: float, envelope: Message, peer: str) -> bytes:
-        """Check, serialise, count and record `envelope`; the bytes to transmit to `peer`."""
+    def send(self, now: float, body: Message, peer: str) -> bytes:
+        """Wrap `body` for the channel to `peer`, check, serialise, count and record it.
+
+        Returns the bytes to transmit. Raises ContractViolation (recorded, nothing sent) when the
+        body has no way across or breaks the contract.
+        """
+        boundary_id = self._boundary_of_channel(peer)
+        field = CROSS_BOUNDARY_BODIES.get(body.DESCRIPTOR.full_name)
+        if field is None:
+            problem = f"{body.DESCRIPTOR.full_name} ({flow_class_name(body.DESCRIPTOR)}) has no way across a boundary"
+            self._refuse(now, "out", peer, body, body.SerializeToString(), [problem])
+        envelope = boundary_pb2.CrossBoundaryEnvelope(boundary_id=boundary_id)
+        getattr(envelope, field).CopyFrom(body)
         data = envelope.SerializeToString()
-        problems = contract_problems(envelope, self.min_quorum)
+        problems = contract_problems(envelope, self.min_quorum, boundary_id)
         if problems:
-            self.refused += 1
-            self._record(now, "out", peer, envelope, data, "refused", "; ".join(problems))
-            raise ContractViolation(f"{self.party} -> {peer}: " + "; ".join(problems))
-        self._count(envelope, len(data))
-        self._record(now, "out", peer, envelope, data, "sent", None)
+            self._refuse(now, "out", peer, body, data, problems)
+        self._count(body, len(data))
+        self._record(now, "out", peer, body, data, "sent", None)
         return data
 
 
 class IngressGuard(_Guard):
     """One party's mirror check on incoming cross-boundary bytes."""
 
-    def receive(self, now: float, data: bytes, peer: str) -> boundary_pb2.CrossBoundaryEnvelope:
-        """Parse and check bytes from `peer`; raise ContractViolation (recorded) if they break the contract."""
+    def receive(self, now: float, data: bytes, peer: str) -> Message:
+        """Parse and check bytes from `peer`; the body they carry. ContractViolation (recorded) otherwise."""
         try:
             envelope = boundary_pb2.CrossBoundaryEnvelope.FromString(data)
         except DecodeError as e:
-            self.refused += 1
-            raise ContractViolation(f"{peer} -> {self.party}: undecodable envelope ({e})") from None
-        problems = contract_problems(envelope, self.min_quorum)
+            envelope = boundary_pb2.CrossBoundaryEnvelope()
+            self._refuse(now, "in", peer, envelope, data, [f"undecodable envelope ({e})"])
+        field = envelope.WhichOneof("body")
+        body = getattr(envelope, field) if field else envelope
+        problems = contract_problems(envelope, self.min_quorum, self._boundary_of_channel(peer))
         if problems:
-            self.refused += 1
-            self._record(now, "in", peer, envelope, data, "refused", "; ".join(problems))
-            raise ContractViolation(f"{peer} -> {self.party}: " + "; ".join(problems))
-        self._count(envelope, len(data))
-        self._record(now, "in", peer, envelope, data, "received", None)
-        return envelope
+            self._refuse(now, "in", peer, body, data, problems)
+        self._count(body, len(data))
+        self._record(now, "in", peer, body, data, "received", None)
+        return body

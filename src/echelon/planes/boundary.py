@@ -26,8 +26,9 @@ import torch
 from google.protobuf.message import Message
 
 from echelon.config import EchelonConfig
+from echelon.contract.provenance import BoundaryModel
 from echelon.planes.aggregation import AggregateResult, AggregationServer, Aggregator
-from echelon.planes.tensors import from_payload, to_payload
+from echelon.planes.tensors import from_payload
 from echelon.sansio import Emit, PlaneAction, Send, SetTimer
 from echelon.v1 import boundary_pb2, device_pb2, tensor_pb2
 
@@ -81,8 +82,7 @@ class BoundaryPlane:
         self.boundary_id, self.global_address, self.cfg, self.dim = boundary_id, global_address, cfg, dim
         self._aggregator = aggregator
         self._devices = {d: _Device() for d in devices}
-        self.theta_b: torch.Tensor | None = None
-        self.theta_g: torch.Tensor | None = None
+        self.model: BoundaryModel | None = None  # theta_b and Delta_b, with their provenance
         self.version = 0
         self.middle_step = 0
         self.drift = 0.0
@@ -91,10 +91,8 @@ class BoundaryPlane:
         self._round: _Round | None = None
         self._next_round_id = 1
         self._tokens_since_sync = 0
-        self._contributions_since_sync = 0
         self._sync_requested: int | None = None  # outer step the global asked for, not yet answered
         self._awaiting_global: int | None = None  # outer step whose reference we wait for
-        self._theta_at_send: torch.Tensor | None = None
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -136,7 +134,7 @@ class BoundaryPlane:
         info.live, info.training = True, False
         info.last_aggregated = self.middle_step
         self._buffer = [a for a in self._buffer if a.device != device]
-        return self._send_reference(device) if self.theta_b is not None else []
+        return self._send_reference(device) if self.model is not None else []
 
     def _on_update_ready(self, now: float, device: str, msg: device_pb2.UpdateReady) -> list[PlaneAction]:
         info = self._devices.get(device)
@@ -149,25 +147,22 @@ class BoundaryPlane:
     def _on_global_reference(self, now: float, msg: boundary_pb2.GlobalReference) -> list[PlaneAction]:
         theta_g = from_payload(msg.parameters)
         actions: list[PlaneAction] = []
-        if self.theta_b is None:
+        if self.model is None:
             # The initial reference: every device that already said hello can start.
-            self.theta_b, self.theta_g = theta_g.clone(), theta_g
+            self.model = BoundaryModel(theta_g, self.cfg.min_quorum)
             for d, info in self._devices.items():
                 if info.live:
                     actions += self._send_reference(d)
             return actions
         if msg.outer_step != self._awaiting_global:
             return []
-        if self.cfg.sync.overlap and self._theta_at_send is not None:
-            self.theta_b = theta_g + (self.theta_b - self._theta_at_send)
-        else:
-            self.theta_b = theta_g.clone()
-        self.theta_g, self._theta_at_send, self._awaiting_global = theta_g, None, None
+        self.model.adopt(theta_g, keep_since_send=self.cfg.sync.overlap)
+        self._awaiting_global = None
         self.version += 1
         return self._try_fire(now)
 
     def _on_sync_request(self, now: float, msg: boundary_pb2.SyncRequest) -> list[PlaneAction]:
-        if self.theta_b is None or msg.outer_step in (self._sync_requested, self._awaiting_global):
+        if self.model is None or msg.outer_step in (self._sync_requested, self._awaiting_global):
             return []
         self._sync_requested = msg.outer_step
         return [] if self._round is not None else self._send_boundary_delta()
@@ -177,15 +172,12 @@ class BoundaryPlane:
         delta = boundary_pb2.BoundaryDelta(
             outer_step=outer_step, tokens=self._tokens_since_sync, middle_step=self.middle_step
         )
-        if self._contributions_since_sync:
-            delta.delta.CopyFrom(
-                to_payload(
-                    self.theta_b - self.theta_g, tensor_pb2.BOUNDARY_AGGREGATE, self._contributions_since_sync
-                )
-            )
-        self._theta_at_send = self.theta_b.clone()
+        payload = self.model.delta_payload()
+        if payload is not None:
+            delta.delta.CopyFrom(payload)
+        self.model.start_sync()
         self._awaiting_global = outer_step
-        self._tokens_since_sync = self._contributions_since_sync = 0
+        self._tokens_since_sync = 0
         return [Send(self.global_address, delta)]
 
     # -- middle steps ---------------------------------------------------------------------------
@@ -194,7 +186,7 @@ class BoundaryPlane:
         return self.middle_step - self._devices[device].last_aggregated >= self.cfg.participation_window
 
     def _try_fire(self, now: float) -> list[PlaneAction]:
-        if self._round is not None or self.theta_b is None or not self._buffer:
+        if self._round is not None or self.model is None or not self._buffer:
             return []
         if self._awaiting_global is not None and not self.cfg.sync.overlap:
             return []  # retried when the global reference arrives
@@ -259,17 +251,14 @@ class BoundaryPlane:
         }
         if isinstance(outcome, AggregateResult):
             contributed = [d for d in rnd.arrivals if d not in rnd.server.excluded]
-            delta_b = torch.from_numpy(outcome.weighted_sum / outcome.weight_sum).float()
-            self.theta_b = self.theta_b + self.cfg.middle_lr * delta_b
+            delta_b = self.model.apply_aggregate(outcome, self.cfg.middle_lr)
             self.version += 1
             self.middle_step += 1
             self.update_norm = float(torch.linalg.vector_norm(delta_b))
             beta = self.cfg.sync.drift_ema
-            distance = float(torch.linalg.vector_norm(self.theta_b - self.theta_g))
-            self.drift = beta * self.drift + (1 - beta) * distance
+            self.drift = beta * self.drift + (1 - beta) * self.model.drift_distance()
             tokens = sum(rnd.arrivals[d].tokens for d in contributed)
             self._tokens_since_sync += tokens
-            self._contributions_since_sync += outcome.contributors
             for d in contributed:
                 self._devices[d].last_aggregated = self.middle_step
             loss = sum(rnd.arrivals[d].loss for d in contributed) / len(contributed)
@@ -310,9 +299,7 @@ class BoundaryPlane:
 
     def _send_reference(self, device: str) -> list[PlaneAction]:
         self._devices[device].training = True
-        ref = device_pb2.BoundaryReference(
-            version=self.version, parameters=to_payload(self.theta_b, tensor_pb2.BOUNDARY_AGGREGATE)
-        )
+        ref = device_pb2.BoundaryReference(version=self.version, parameters=self.model.reference_payload())
         return [Send(device, ref)]
 
     @property

@@ -28,7 +28,7 @@ from echelon.runtime.sim.network import Network
 from echelon.sansio import CancelTimer, Emit, PlaneAction, Send, SetTimer
 from echelon.train.trainer import LocalTrainer, derived_seed
 from echelon.v1 import device_pb2
-from echelon.wire import unwrap, wrap_cross_boundary, wrap_device
+from echelon.wire import unwrap, wrap_device
 
 GLOBAL = "global"
 
@@ -202,9 +202,8 @@ class Simulation:
             link_cfg = self._lan
         else:
             boundary = src if src != GLOBAL else dst
-            envelope = wrap_cross_boundary(boundary.split("/", 1)[1], message)
             try:
-                data = self._guards[party_of(src)][0].send(self.now, envelope, party_of(dst))
+                data = self._guards[party_of(src)][0].send(self.now, message, party_of(dst))
             except ContractViolation as e:
                 self.traffic.refused.append(str(e))
                 self._on_emit("contract_violation", {"time": self.now, "reason": str(e)})
@@ -223,7 +222,7 @@ class Simulation:
             message = unwrap(device_pb2.DeviceEnvelope.FromString(data))
         else:
             try:
-                message = unwrap(self._guards[party_of(dst)][1].receive(self.now, data, party_of(src)))
+                message = self._guards[party_of(dst)][1].receive(self.now, data, party_of(src))
             except ContractViolation as e:
                 self.traffic.refused.append(str(e))
                 return
