@@ -90,7 +90,7 @@ def test_device_local_message_types_have_no_way_across(body):
 def test_member_list_in_the_routing_field_is_refused():
     # Egress: the guard, not the plane, writes the routing field, from the channel's own boundary.
     guard, _ = _guard()
-    data = guard.send(1.0, boundary_pb2.SyncRequest(outer_step=3), "global")
+    (data,) = guard.send(1.0, boundary_pb2.SyncRequest(outer_step=3), "global")
     assert boundary_pb2.CrossBoundaryEnvelope.FromString(data).boundary_id == "b0"
     # Ingress: crafted bytes that list members in it are refused and recorded.
     rec = Recorder()
@@ -134,7 +134,7 @@ def test_allowed_messages_cross_and_their_exact_wire_bytes_are_counted():
     model = BoundaryModel(torch.zeros(10), min_quorum=2)
     model.apply_aggregate(AggregateResult(np.ones(10), 2.0, 2), lr=1.0)
     body = boundary_pb2.BoundaryDelta(outer_step=1, tokens=64, middle_step=1, delta=model.delta_payload())
-    data = guard.send(1.0, body, "global")
+    (data,) = guard.send(1.0, body, "global")
     envelope = boundary_pb2.CrossBoundaryEnvelope.FromString(data)
     assert envelope.boundary_id == "b0" and envelope.WhichOneof("body") == "boundary_delta"
     assert guard.bytes_total == len(data) == envelope.ByteSize()
@@ -182,3 +182,29 @@ def test_a_rogue_boundary_in_a_running_simulation_is_refused_and_the_run_goes_on
     assert violations and all("echelon.v1.PlainInput" in v["reason"] for v in violations)
     assert len(sim.traffic.refused) == len(violations)
     assert "echelon.v1.PlainInput" not in sim.cross_boundary_by_type()
+
+
+def test_large_tensors_cross_as_typed_slices_and_reassemble_exactly():
+    from echelon.contract.slicing import MAX_SLICE_BYTES
+
+    rng = np.random.default_rng(0)
+    n = 3 * MAX_SLICE_BYTES // 4 + 1234  # just over three slices of float32
+    model = BoundaryModel(torch.zeros(n), min_quorum=2)
+    model.apply_aggregate(AggregateResult(rng.standard_normal(n), 2.0, 2), lr=1.0)
+    body = boundary_pb2.BoundaryDelta(outer_step=4, tokens=9, middle_step=3, delta=model.delta_payload())
+    out_rec, in_rec = Recorder(), Recorder()
+    frames = EgressGuard("boundary.b0", 2, out_rec).send(1.0, body, "global")
+    assert len(frames) == 4
+    for f in frames:  # every frame is a typed, bounded message on its own
+        part = boundary_pb2.CrossBoundaryEnvelope.FromString(f)
+        assert part.WhichOneof("body") == "boundary_delta"
+        assert len(part.boundary_delta.delta.data) <= MAX_SLICE_BYTES
+    ingress = IngressGuard("global", 2, in_rec)
+    results = [ingress.receive(2.0, f, "boundary.b0") for f in frames]
+    assert results[:-1] == [None, None, None] and results[-1] == body
+    assert out_rec.records[-1]["wire_bytes"] == in_rec.records[-1]["wire_bytes"] == sum(map(len, frames))
+    assert out_rec.records[-1]["payload_sha256"] == in_rec.records[-1]["payload_sha256"]
+    # A slice out of order is refused, and the partial message discarded.
+    with pytest.raises(ContractViolation, match="slice at element"):
+        ingress.receive(3.0, frames[1], "boundary.b0")
+    assert ingress.receive(3.0, frames[0], "boundary.b0") is None

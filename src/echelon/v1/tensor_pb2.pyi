@@ -28,15 +28,19 @@ UINT32: DType
 UINT64: DType
 
 class TensorPayload(_message.Message):
-    __slots__ = ("provenance", "contributors", "dtype", "numel", "data")
+    __slots__ = ("provenance", "contributors", "dtype", "numel", "data", "offset", "total_numel")
     PROVENANCE_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NUMEL_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_NUMEL_FIELD_NUMBER: _ClassVar[int]
     provenance: Provenance
     contributors: int
     dtype: DType
     numel: int
     data: bytes
-    def __init__(self, provenance: _Optional[_Union[Provenance, str]] = ..., contributors: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., numel: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    offset: int
+    total_numel: int
+    def __init__(self, provenance: _Optional[_Union[Provenance, str]] = ..., contributors: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., numel: _Optional[int] = ..., data: _Optional[bytes] = ..., offset: _Optional[int] = ..., total_numel: _Optional[int] = ...) -> None: ...

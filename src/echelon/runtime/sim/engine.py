@@ -195,22 +195,23 @@ class Simulation:
             return
         if src in self._boundary_of or dst in self._boundary_of:
             device = src if src in self._boundary_of else dst
-            data = wrap_device(device.split("/", 1)[1], message).SerializeToString()
+            frames = [wrap_device(device.split("/", 1)[1], message).SerializeToString()]
             name = message.DESCRIPTOR.full_name
-            self.traffic.intra_bytes[name] += len(data)
+            self.traffic.intra_bytes[name] += len(frames[0])
             self.traffic.intra_messages[name] += 1
             link_cfg = self._lan
         else:
             boundary = src if src != GLOBAL else dst
             try:
-                data = self._guards[party_of(src)][0].send(self.now, message, party_of(dst))
+                frames = self._guards[party_of(src)][0].send(self.now, message, party_of(dst))
             except ContractViolation as e:
                 self.traffic.refused.append(str(e))
                 self._on_emit("contract_violation", {"time": self.now, "reason": str(e)})
                 return
             link_cfg = self._wan[boundary.split("/", 1)[1]]
-        arrival = self._network.link(src, dst, link_cfg).transit(self.now, len(data))
-        self._push(arrival, "deliver", src, dst, data)
+        link = self._network.link(src, dst, link_cfg)
+        for frame in frames:
+            self._push(link.transit(self.now, len(frame)), "deliver", src, dst, frame)
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -226,6 +227,8 @@ class Simulation:
             except ContractViolation as e:
                 self.traffic.refused.append(str(e))
                 return
+            if message is None:
+                return  # a slice of a larger message: wait for the rest
         self._do(dst, self._actors[dst].receive(self.now, src, message))
 
     def _on_timer(self, actor: str, key: str, generation: int) -> None:

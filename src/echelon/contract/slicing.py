@@ -1,0 +1,76 @@
+"""Typed slicing of large cross-boundary messages.
+
+A message whose tensor holds more than `MAX_SLICE_BYTES` of data travels as several envelopes of
+the same type, each a valid message on its own whose tensor holds one slice (`offset`,
+`total_numel`). No untyped frame ever crosses: every slice passes the same checks. Both runtimes
+use these slices, so simulated and deployed byte counts agree.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.message import Message
+
+from echelon.contract.rules import ITEMSIZE
+from echelon.v1 import boundary_pb2, tensor_pb2
+
+MAX_SLICE_BYTES = 1 << 20
+
+
+def _tensor_field(body: Message) -> str | None:
+    for field, value in body.ListFields():
+        if isinstance(value, tensor_pb2.TensorPayload):
+            return field.name
+    return None
+
+
+def slice_envelope(envelope: boundary_pb2.CrossBoundaryEnvelope) -> list[boundary_pb2.CrossBoundaryEnvelope]:
+    """`envelope` itself, or its slices when its tensor exceeds MAX_SLICE_BYTES."""
+    body = getattr(envelope, envelope.WhichOneof("body"))
+    name = _tensor_field(body)
+    if name is None or len(getattr(body, name).data) <= MAX_SLICE_BYTES:
+        return [envelope]
+    tensor = getattr(body, name)
+    itemsize = ITEMSIZE[tensor.dtype]
+    per_slice = MAX_SLICE_BYTES // itemsize
+    slices = []
+    for start in range(0, tensor.numel, per_slice):
+        count = min(per_slice, tensor.numel - start)
+        part = boundary_pb2.CrossBoundaryEnvelope()
+        part.CopyFrom(envelope)
+        part_tensor = getattr(getattr(part, part.WhichOneof("body")), name)
+        part_tensor.data = tensor.data[start * itemsize : (start + count) * itemsize]
+        part_tensor.numel, part_tensor.offset, part_tensor.total_numel = count, start, tensor.numel
+        slices.append(part)
+    return slices
+
+
+class Reassembler:
+    """Joins the slices of one message, in order; a message without slices completes at once."""
+
+    def __init__(self) -> None:
+        self._parts: list[boundary_pb2.CrossBoundaryEnvelope] = []
+
+    def add(self, part: boundary_pb2.CrossBoundaryEnvelope) -> boundary_pb2.CrossBoundaryEnvelope | None:
+        """The whole message once `part` completes it, else None. ValueError on a slice out of order."""
+        body = getattr(part, part.WhichOneof("body"))
+        name = _tensor_field(body)
+        tensor = getattr(body, name) if name else None
+        if tensor is None or tensor.total_numel == 0:
+            if self._parts:
+                raise ValueError("an unsliced message arrived in the middle of a sliced one")
+            return part
+        expected = sum(getattr(getattr(p, p.WhichOneof("body")), name).numel for p in self._parts)
+        if tensor.offset != expected:
+            raise ValueError(f"slice at element {tensor.offset}, expected {expected}")
+        self._parts.append(part)
+        if tensor.offset + tensor.numel < tensor.total_numel:
+            return None
+        whole = boundary_pb2.CrossBoundaryEnvelope()
+        whole.CopyFrom(self._parts[0])
+        whole_tensor = getattr(getattr(whole, whole.WhichOneof("body")), name)
+        whole_tensor.data = b"".join(
+            getattr(getattr(p, p.WhichOneof("body")), name).data for p in self._parts
+        )
+        whole_tensor.numel, whole_tensor.offset, whole_tensor.total_numel = tensor.total_numel, 0, 0
+        self._parts = []
+        return whole
