@@ -22,6 +22,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("echelon.yellowstone.cli_plan", "compile a fleet and a model into a training plan"),
     "profile": ("echelon.yellowstone.cli_profile", "measure this machine's devices as fleet entries"),
     "audit": ("echelon.audit.cli", "verify a run's audit logs offline"),
+    "serve": ("echelon.commands.serve", "run one plane member (global, boundary or device) over gRPC"),
+    "launch": ("echelon.commands.launch", "run a whole deployment as local processes over gRPC"),
+    "certs": ("echelon.commands.certs", "create the deployment CA and per-party certificates"),
 }
 
 
