@@ -148,6 +148,7 @@ def summarise(cfg: RunConfig, prep: Prepared, sim: Simulation, evals: list[float
         "end_val_loss": evals[-1],
         "tokens": sim.tokens,
         "outer_steps": sim.global_plane.outer_step,
+        "b_eff": sim.global_plane.b_eff,
         "middle_steps": {b: p.middle_step for b, p in sim.boundary_planes.items()},
         "stop_reason": sim.global_plane.final_reason,
         "virtual_time_s": sim.now,

@@ -91,6 +91,7 @@ class BoundaryPlane:
         self._round: _Round | None = None
         self._next_round_id = 1
         self._tokens_since_sync = 0
+        self.tokens_total = 0
         self._sync_requested: int | None = None  # outer step the global asked for, not yet answered
         self._awaiting_global: int | None = None  # outer step whose reference we wait for
 
@@ -259,6 +260,7 @@ class BoundaryPlane:
             self.drift = beta * self.drift + (1 - beta) * self.model.drift_distance()
             tokens = sum(rnd.arrivals[d].tokens for d in contributed)
             self._tokens_since_sync += tokens
+            self.tokens_total += tokens
             for d in contributed:
                 self._devices[d].last_aggregated = self.middle_step
             loss = sum(rnd.arrivals[d].loss for d in contributed) / len(contributed)
@@ -272,6 +274,7 @@ class BoundaryPlane:
                         tokens=self._tokens_since_sync,
                         contributors=outcome.contributors,
                         train_loss=loss,
+                        tokens_total=self.tokens_total,
                     ),
                 )
             )

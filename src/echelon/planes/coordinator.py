@@ -71,6 +71,10 @@ class GlobalPlane:
         self.sync_timeout_s = sync_timeout_s
         self.outer_step = 0
         self._middle_step = dict.fromkeys(boundaries, 0)
+        self._update_norm = dict.fromkeys(boundaries, 0.0)
+        self._tokens_total = dict.fromkeys(boundaries, 0)
+        self.ticks = 0
+        self.b_eff = 0.0  # effective divergence budget: sum over ticks of D_b * tokens_b
         self._middle_at_sync = dict.fromkeys(boundaries, 0)
         self._syncing: int | None = None
         self._reported: dict[str, _Reported] = {}
@@ -87,7 +91,7 @@ class GlobalPlane:
         if isinstance(message, boundary_pb2.BoundaryStatus):
             self._middle_step[sender] = message.middle_step
             self.cadence.observe(sender, message.drift)
-            return self._maybe_sync(now)
+            return [self._controller_tick(now, sender, message), *self._maybe_sync(now)]
         if isinstance(message, boundary_pb2.BoundaryDelta):
             if message.outer_step != self._syncing or sender in self._reported:
                 return []  # late (an outer step already applied without it) or duplicate
@@ -100,6 +104,29 @@ class GlobalPlane:
             if len(self._reported) == len(self.boundaries):
                 return self._outer_step(now)
         return []
+
+    def _controller_tick(self, now: float, sender: str, status: boundary_pb2.BoundaryStatus) -> Emit:
+        """One controller tick (a boundary reported): telemetry, and B_eff += D_b * new tokens of b."""
+        self.ticks += 1
+        self._update_norm[sender] = status.update_norm
+        new_tokens = status.tokens_total - self._tokens_total[sender]
+        self._tokens_total[sender] = status.tokens_total
+        self.b_eff += status.drift * new_tokens
+        c = self.cadence
+        return Emit(
+            "controller",
+            {
+                "tick": self.ticks,
+                "reporter": sender,
+                "drift": dict(c.drift),
+                "update_norm": dict(self._update_norm),
+                "scheduled": {b: c.scheduled(b) for b in c.drift},
+                "interval": c.interval,
+                "driver": c.driver,
+                "d0": c.d0,
+                "b_eff": self.b_eff,
+            },
+        )
 
     def on_timer(self, now: float, key: str) -> list[PlaneAction]:
         if key == f"{SYNC_TIMER}/{self._syncing}" and self._reported:
@@ -146,6 +173,7 @@ class GlobalPlane:
             "interval": self.cadence.interval,
             "driver": self.cadence.driver,
             "pseudo_gradient_norm": float(torch.linalg.vector_norm(pseudo_gradient)),
+            "b_eff": self.b_eff,
         }
         self.finished = self.final_reason is not None
         if self.finished:

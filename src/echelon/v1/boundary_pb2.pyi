@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class BoundaryStatus(_message.Message):
-    __slots__ = ("middle_step", "drift", "update_norm", "tokens", "contributors", "train_loss")
+    __slots__ = ("middle_step", "drift", "update_norm", "tokens", "contributors", "train_loss", "tokens_total")
     MIDDLE_STEP_FIELD_NUMBER: _ClassVar[int]
     DRIFT_FIELD_NUMBER: _ClassVar[int]
     UPDATE_NORM_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     middle_step: int
     drift: float
     update_norm: float
     tokens: int
     contributors: int
     train_loss: float
-    def __init__(self, middle_step: _Optional[int] = ..., drift: _Optional[float] = ..., update_norm: _Optional[float] = ..., tokens: _Optional[int] = ..., contributors: _Optional[int] = ..., train_loss: _Optional[float] = ...) -> None: ...
+    tokens_total: int
+    def __init__(self, middle_step: _Optional[int] = ..., drift: _Optional[float] = ..., update_norm: _Optional[float] = ..., tokens: _Optional[int] = ..., contributors: _Optional[int] = ..., train_loss: _Optional[float] = ..., tokens_total: _Optional[int] = ...) -> None: ...
 
 class SyncRequest(_message.Message):
     __slots__ = ("outer_step",)
