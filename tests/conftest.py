@@ -22,7 +22,7 @@ def small_run(**overrides) -> dict:
             "partition": {"kind": "dirichlet", "alpha": 0.5},
         },
         "train": {"inner_steps": 2, "micro_batch": 4, "lr": 0.003},
-        "echelon": {"buffer_size": 2, "buffer_timeout_s": 5, "sync": {"mode": "fixed", "interval": 2}},
+        "echelon": {"buffer_size": 2, "buffer_timeout_s": 5, "sync": {"interval": 2}},
         "boundaries": [
             {"id": "b0", "devices": [{"id": "d0", "tokens_per_s": 2000}, {"id": "d1", "tokens_per_s": 1000}]},
             {"id": "b1", "devices": [{"id": "d2", "tokens_per_s": 1500}, {"id": "d3", "tokens_per_s": 800}]},

@@ -25,6 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("echelon.commands.serve", "run one plane member (global, boundary or device) over gRPC"),
     "launch": ("echelon.commands.launch", "run a whole deployment as local processes over gRPC"),
     "certs": ("echelon.commands.certs", "create the deployment CA and per-party certificates"),
+    "report": ("echelon.commands.report", "plots and a markdown summary of a run directory"),
+    "sweep": ("echelon.commands.sweep", "run a grid of simulated runs in parallel, resumably"),
+    "law": ("echelon.commands.law", "fit the effective-divergence law to sweep results"),
 }
 
 

@@ -211,10 +211,11 @@ class EvalConfig(Strict):
 
 
 class RunConfig(Strict):
-    """A whole run: model, data, devices in boundaries, Echelon knobs, network, budget, seed."""
+    """A whole run: model, data, devices in boundaries, strategy and knobs, network, budget, seed."""
 
     name: str = Identifier
     seed: int = 0
+    strategy: str = Field("echelon", description="a registered strategy: see `echelon.strategies`")
     model: ModelConfig = ModelConfig(preset="tiny")
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
@@ -224,6 +225,15 @@ class RunConfig(Strict):
     boundaries: tuple[BoundaryConfig, ...] = Field(min_length=1)
     budget: BudgetConfig
     eval: EvalConfig = EvalConfig()
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, name: str) -> str:
+        from echelon.strategies import STRATEGIES
+
+        if name not in STRATEGIES:
+            raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+        return name
 
     @model_validator(mode="after")
     def _unique_ids(self) -> RunConfig:

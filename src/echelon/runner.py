@@ -24,6 +24,7 @@ from echelon.planes.coordinator import GlobalPlane
 from echelon.planes.device import DevicePlane
 from echelon.rundir import RunDirectory
 from echelon.runtime.sim.engine import GLOBAL, Simulation, boundary_address, device_address, party_of
+from echelon.strategies import get_strategy
 from echelon.train.data import Corpus, build_corpus, load_documents, partition, partition_skew
 from echelon.train.model import ModelBundle, build_model
 from echelon.train.trainer import LocalTrainer
@@ -68,7 +69,11 @@ def build_simulation(
     dim = theta0.numel()
     boundary_ids = [b.id for b in cfg.boundaries]
     global_plane = GlobalPlane(
-        [boundary_address(b) for b in boundary_ids], theta0, e.outer, Cadence(e.sync), e.sync.timeout_s
+        [boundary_address(b) for b in boundary_ids],
+        theta0,
+        e.outer,
+        Cadence(e.sync, get_strategy(cfg.strategy).drift_aware),
+        e.sync.timeout_s,
     )
     boundaries = {
         b.id: BoundaryPlane(b.id, [device_address(d.id) for d in b.devices], GLOBAL, e, aggregator, dim)

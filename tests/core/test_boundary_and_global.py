@@ -55,7 +55,11 @@ def test_outer_nesterov_step_matches_hand_computation():
 def test_outer_lr_one_momentum_zero_is_averaging_weighted_by_tokens():
     theta0 = torch.zeros(2)
     plane = GlobalPlane(
-        ["b/x", "b/y"], theta0, OuterConfig(lr=1.0, momentum=0.0), Cadence(SyncConfig(interval=1)), 60
+        ["b/x", "b/y"],
+        theta0,
+        OuterConfig(lr=1.0, momentum=0.0),
+        Cadence(SyncConfig(interval=1), drift_aware=False),
+        60,
     )
     plane.start(0.0)
     from echelon.planes.aggregation import encode_f32
@@ -88,7 +92,9 @@ def _protocol_sim(speeds: dict[str, float], echelon: EchelonConfig, on_emit, dim
     """One boundary of devices with the given speeds (tokens/s), 1,000 tokens per local round."""
     theta0 = torch.zeros(dim)
     agg = PlainAggregator(min_quorum=echelon.min_quorum, timeout_s=echelon.aggregation_timeout_s)
-    gp = GlobalPlane([boundary_address("b")], theta0, echelon.outer, Cadence(echelon.sync), 600)
+    gp = GlobalPlane(
+        [boundary_address("b")], theta0, echelon.outer, Cadence(echelon.sync, drift_aware=False), 600
+    )
     bp = BoundaryPlane("b", [device_address(d) for d in speeds], GLOBAL, echelon, agg, dim)
     devices = {d: DevicePlane(d, boundary_address("b"), agg, echelon.clip, None) for d in speeds}
     guards = {

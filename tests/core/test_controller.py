@@ -13,11 +13,11 @@ from echelon.planes.coordinator import GlobalPlane
 from echelon.sansio import Emit, Send
 from echelon.v1 import boundary_pb2
 
-DA = SyncConfig(mode="drift_aware", h_min=8, h_max=100, kappa=2.4, d0=1.0)
+DA = SyncConfig(h_min=8, h_max=100, kappa=2.4, d0=1.0)
 
 
 def test_interval_follows_the_logistic_map():
-    c = Cadence(DA)
+    c = Cadence(DA, drift_aware=True)
     for drift in [0.0, 0.5, 1.0, 2.0, 4.0]:
         c.observe("b", drift)
         expected = 8 + round(92 * (1 - 1 / (1 + math.exp(-2.4 * (drift - 1.0)))))
@@ -27,7 +27,7 @@ def test_interval_follows_the_logistic_map():
 def test_tightens_as_drift_grows_and_relaxes_when_it_falls():
     # The shape of the paper's trace: drift rises, dips once, rises again.
     drifts = [0.13, 0.25, 0.36, 0.47, 0.92, 1.74, 1.80, 1.86, 1.82, 1.88]
-    c = Cadence(SyncConfig(mode="drift_aware", d0=1.2))
+    c = Cadence(SyncConfig(d0=1.2), drift_aware=True)
     intervals = []
     for d in drifts:
         c.observe("b1", d)
@@ -42,7 +42,7 @@ def test_tightens_as_drift_grows_and_relaxes_when_it_falls():
 
 
 def test_the_most_drifting_boundary_sets_the_cadence():
-    c = Cadence(DA)
+    c = Cadence(DA, drift_aware=True)
     c.observe("calm", 0.3)
     c.observe("drifty", 1.9)
     assert c.interval == c.scheduled("drifty") < c.scheduled("calm")
@@ -52,13 +52,13 @@ def test_the_most_drifting_boundary_sets_the_cadence():
 
 
 def test_fixed_mode_ignores_drift():
-    c = Cadence(SyncConfig(mode="fixed", interval=17))
+    c = Cadence(SyncConfig(interval=17), drift_aware=False)
     c.observe("b", 100.0)
     assert c.interval == 17
 
 
 def test_d0_is_calibrated_at_the_first_sync_when_unset():
-    c = Cadence(SyncConfig(mode="drift_aware", interval=5))
+    c = Cadence(SyncConfig(interval=5), drift_aware=True)
     c.observe("a", 0.4)
     c.observe("b", 0.8)
     assert c.interval == 5  # no D_0 yet: the configured interval
@@ -68,7 +68,13 @@ def test_d0_is_calibrated_at_the_first_sync_when_unset():
 
 
 def test_b_eff_accumulates_drift_times_new_tokens_per_tick():
-    plane = GlobalPlane(["b/x", "b/y"], torch.zeros(3), OuterConfig(), Cadence(SyncConfig(interval=1000)), 60)
+    plane = GlobalPlane(
+        ["b/x", "b/y"],
+        torch.zeros(3),
+        OuterConfig(),
+        Cadence(SyncConfig(interval=1000), drift_aware=False),
+        60,
+    )
     plane.start(0.0)
     ticks = []
     script = [("b/x", 0.5, 100), ("b/y", 1.0, 40), ("b/x", 0.7, 250)]

@@ -28,7 +28,7 @@ def _one_device_config(steps: int) -> RunConfig:
                 "proximal_mu": 0.01,
                 "middle_lr": 1.0,
                 "outer": {"lr": 1.0, "momentum": 0.0},
-                "sync": {"mode": "fixed", "interval": 1, "overlap": False},
+                "sync": {"interval": 1, "overlap": False},
             },
             boundaries=[{"id": "b0", "devices": [{"id": "only", "tokens_per_s": 1000}]}],
             budget={"outer_steps": steps},

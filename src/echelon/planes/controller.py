@@ -19,8 +19,8 @@ from echelon.config import SyncConfig
 class Cadence:
     """Decides how many middle steps separate outer steps."""
 
-    def __init__(self, cfg: SyncConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: SyncConfig, drift_aware: bool) -> None:
+        self.cfg, self.drift_aware = cfg, drift_aware
         self.drift: dict[str, float] = {}
         self.d0 = cfg.d0
 
@@ -30,13 +30,13 @@ class Cadence:
 
     def on_sync(self) -> None:
         """An outer step is starting: calibrate D_0 from the drift seen at the first one."""
-        if self.cfg.mode == "drift_aware" and self.d0 is None and self.drift:
+        if self.drift_aware and self.d0 is None and self.drift:
             self.d0 = sum(self.drift.values()) / len(self.drift)
 
     def scheduled(self, boundary: str) -> int:
         """H_b for one boundary."""
         cfg = self.cfg
-        if cfg.mode == "fixed" or self.d0 is None or boundary not in self.drift:
+        if not self.drift_aware or self.d0 is None or boundary not in self.drift:
             return cfg.interval
         z = cfg.kappa * (self.drift[boundary] - self.d0)
         sigmoid = 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
