@@ -140,10 +140,21 @@ class EchelonConfig(Strict):
     max_staleness: int = Field(8, ge=0, description="s_max; staler updates are dropped")
     middle_lr: float = Field(1.0, gt=0, description="eta_mid")
     aggregation: Literal["plain", "secagg"] = "plain"
-    min_quorum: int = Field(1, ge=1, description="fewest contributors an aggregate may have")
+    min_quorum: int = Field(
+        2, ge=1, description="fewest contributors an aggregate may have (1 lets one device's update cross)"
+    )
     aggregation_timeout_s: float = Field(60.0, gt=0)
     outer: OuterConfig = OuterConfig()
     sync: SyncConfig = SyncConfig()
+
+    @model_validator(mode="after")
+    def _quorum_reachable(self) -> EchelonConfig:
+        if self.buffer_size < self.min_quorum:
+            raise ValueError(
+                f"buffer_size ({self.buffer_size}) is below min_quorum ({self.min_quorum}): no middle step "
+                "could ever cross; raise buffer_size or lower min_quorum"
+            )
+        return self
 
 
 class BurstyConfig(Strict):

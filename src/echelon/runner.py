@@ -24,10 +24,10 @@ from echelon.planes.coordinator import GlobalPlane
 from echelon.planes.device import DevicePlane
 from echelon.rundir import RunDirectory
 from echelon.runtime.sim.engine import GLOBAL, Simulation, boundary_address, device_address, party_of
-from echelon.strategies import get_strategy
+from echelon.strategies import effective_config, get_strategy
 from echelon.train.data import Corpus, build_corpus, load_documents, partition, partition_skew
 from echelon.train.model import ModelBundle, build_model
-from echelon.train.trainer import LocalTrainer
+from echelon.train.trainer import LocalTrainer, ScaffoldTrainer
 
 
 @dataclass
@@ -42,6 +42,7 @@ class Prepared:
 
 
 def prepare(cfg: RunConfig) -> Prepared:
+    """Model, corpus, shards and the local trainer for `cfg` (an effective config, see `resolve`)."""
     bundle = build_model(cfg.model, cfg.seed)
     corpus = build_corpus(load_documents(cfg.data, cfg.seed), bundle.tokenizer, cfg.data, cfg.seed)
     device_ids = [d.id for _, d in cfg.devices]
@@ -49,7 +50,8 @@ def prepare(cfg: RunConfig) -> Prepared:
         corpus.train_domain, len(device_ids), cfg.data.partition, cfg.seed, cfg.train.micro_batch
     )
     shards = dict(zip(device_ids, parts, strict=True))
-    trainer = LocalTrainer(bundle, corpus, shards, cfg.train, cfg.echelon.proximal_mu, cfg.seed)
+    local = ScaffoldTrainer if get_strategy(cfg.strategy).local == "scaffold" else LocalTrainer
+    trainer = local(bundle, corpus, shards, cfg.train, cfg.echelon.proximal_mu, cfg.seed)
     return Prepared(bundle, corpus, shards, trainer, partition_skew(corpus.train_domain, parts))
 
 
@@ -64,23 +66,35 @@ def build_simulation(
 ) -> Simulation:
     """Wire the three planes, the guards and the network for `cfg`."""
     e = cfg.echelon
+    strategy = get_strategy(cfg.strategy)
     aggregator = make_aggregator(cfg)
-    theta0 = prep.bundle.get_vector()
+    theta0 = prep.trainer.initial_state()
     dim = theta0.numel()
     boundary_ids = [b.id for b in cfg.boundaries]
     global_plane = GlobalPlane(
         [boundary_address(b) for b in boundary_ids],
         theta0,
         e.outer,
-        Cadence(e.sync, get_strategy(cfg.strategy).drift_aware),
+        Cadence(e.sync, strategy.drift_aware),
         e.sync.timeout_s,
+        barrier=strategy.synchronous,
     )
     boundaries = {
-        b.id: BoundaryPlane(b.id, [device_address(d.id) for d in b.devices], GLOBAL, e, aggregator, dim)
+        b.id: BoundaryPlane(
+            b.id,
+            [device_address(d.id) for d in b.devices],
+            GLOBAL,
+            e,
+            aggregator,
+            dim,
+            lockstep=strategy.synchronous,
+        )
         for b in cfg.boundaries
     }
     devices = {
-        d.id: DevicePlane(d.id, boundary_address(b), aggregator, e.clip, e.reference_ema)
+        d.id: DevicePlane(
+            d.id, boundary_address(b), aggregator, e.clip, e.reference_ema, model_dim=prep.bundle.dim
+        )
         for b, d in cfg.devices
     }
     parties = [GLOBAL] + [party_of(boundary_address(b)) for b in boundary_ids]
@@ -107,14 +121,18 @@ def build_simulation(
     )
 
 
-def train(cfg: RunConfig, run_dir: Path, *, force: bool = False, progress: bool = True) -> dict:
-    """Run `cfg` in simulation and write its run directory; returns the summary."""
+def train(run_cfg: RunConfig, run_dir: Path, *, force: bool = False, progress: bool = True) -> dict:
+    """Run `run_cfg` in simulation and write its run directory; returns the summary.
+
+    config.yaml is the run file as given; the planes run its strategy's `effective_config`.
+    """
     from echelon.progress import RunProgress
 
     wall0 = time.perf_counter()
     out = RunDirectory(run_dir, force=force)
     try:
-        out.write_yaml("config.yaml", cfg.model_dump(mode="json"))
+        out.write_yaml("config.yaml", run_cfg.model_dump(mode="json"))
+        cfg = effective_config(run_cfg)
         prep = prepare(cfg)
         evals: list[float] = []
         sim: Simulation | None = None
@@ -135,7 +153,7 @@ def train(cfg: RunConfig, run_dir: Path, *, force: bool = False, progress: bool 
         sim = build_simulation(cfg, prep, on_emit)
         with bar:
             sim.run(cfg.budget)
-        artefact = prep.bundle.save(out.staging, sim.global_plane.theta_g)
+        artefact = prep.bundle.save(out.staging, prep.trainer.model_part(sim.global_plane.theta_g))
         summary = summarise(cfg, prep, sim, evals, time.perf_counter() - wall0)
         summary["artefact"] = artefact.name
         out.write_json("summary.json", summary)
@@ -147,8 +165,11 @@ def train(cfg: RunConfig, run_dir: Path, *, force: bool = False, progress: bool 
 
 
 def summarise(cfg: RunConfig, prep: Prepared, sim: Simulation, evals: list[float], wall_s: float) -> dict:
+    strategy = get_strategy(cfg.strategy)
     return {
         "name": cfg.name,
+        "strategy": strategy.label,
+        "admissible": strategy.admissible,
         "start_val_loss": evals[0],
         "end_val_loss": evals[-1],
         "tokens": sim.tokens,

@@ -155,6 +155,7 @@ def test_stale_updates_are_dropped_and_fresh_ones_weighted():
     stalenesses = []
     cfg = EchelonConfig(
         buffer_size=1,
+        min_quorum=1,
         buffer_timeout_s=30,
         participation_window=10**6,
         max_staleness=2,

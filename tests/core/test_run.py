@@ -24,6 +24,7 @@ def _one_device_config(steps: int) -> RunConfig:
             train={"inner_steps": 1, "micro_batch": 4, "lr": 0.003},
             echelon={
                 "buffer_size": 1,
+                "min_quorum": 1,
                 "clip": None,
                 "proximal_mu": 0.01,
                 "middle_lr": 1.0,

@@ -15,6 +15,10 @@ Outer step. On the global plane's `SyncRequest` the boundary sends Delta_b = the
 (a boundary aggregate). Without overlap it stops firing until the new global reference arrives
 and adopts it; with overlap it keeps training and re-bases:
 theta_b = theta_g_new + (theta_b_now - theta_b_at_send).
+
+Lockstep (synchronous strategies such as FedAvg or DiLoCo): once H middle steps have passed since
+the last outer step (H from the global's `CadenceUpdate`), the devices of a finished round wait
+for the next global reference instead of starting again from theta_b.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ class BoundaryPlane:
         cfg: EchelonConfig,
         aggregator: Aggregator,
         dim: int,
+        lockstep: bool = False,
     ) -> None:
         self.boundary_id, self.global_address, self.cfg, self.dim = boundary_id, global_address, cfg, dim
         self._aggregator = aggregator
@@ -94,6 +99,10 @@ class BoundaryPlane:
         self.tokens_total = 0
         self._sync_requested: int | None = None  # outer step the global asked for, not yet answered
         self._awaiting_global: int | None = None  # outer step whose reference we wait for
+        self.lockstep = lockstep
+        self.interval: int | None = None  # H, as announced by the global plane
+        self._middle_at_send = 0
+        self._held: list[str] = []  # lockstep: devices waiting for the next global reference
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -106,6 +115,9 @@ class BoundaryPlane:
             return self._on_global_reference(now, message)
         if isinstance(message, boundary_pb2.SyncRequest):
             return self._on_sync_request(now, message)
+        if isinstance(message, boundary_pb2.CadenceUpdate):
+            self.interval = message.interval
+            return []
         if self._round is not None and sender in self._devices:
             # Aggregation traffic: the server validates round ids and excludes misbehaving senders.
             actions = list(self._round.server.receive(now, sender, message))
@@ -160,7 +172,11 @@ class BoundaryPlane:
         self.model.adopt(theta_g, keep_since_send=self.cfg.sync.overlap)
         self._awaiting_global = None
         self.version += 1
-        return self._try_fire(now)
+        held, self._held = self._held, []
+        for d in held:
+            if self._devices[d].live:
+                actions += self._send_reference(d)
+        return actions + self._try_fire(now)
 
     def _on_sync_request(self, now: float, msg: boundary_pb2.SyncRequest) -> list[PlaneAction]:
         if self.model is None or msg.outer_step in (self._sync_requested, self._awaiting_global):
@@ -177,6 +193,7 @@ class BoundaryPlane:
         if payload is not None:
             delta.delta.CopyFrom(payload)
         self.model.start_sync()
+        self._middle_at_send = self.middle_step
         self._awaiting_global = outer_step
         self._tokens_since_sync = 0
         return [Send(self.global_address, delta)]
@@ -293,8 +310,15 @@ class BoundaryPlane:
                 actions.append(Send(d, device_pb2.UpdateDiscarded(reason=outcome.reason)))
             record |= {"kind": "aggregation_aborted", "reason": outcome.reason}
         actions.append(Emit(record.pop("kind"), record))
+        hold = (
+            self.lockstep
+            and self.interval is not None
+            and self.middle_step - self._middle_at_send >= self.interval
+        )
         for d in rnd.arrivals:
-            if self._devices[d].live:
+            if hold:
+                self._held.append(d)
+            elif self._devices[d].live:
                 actions += self._send_reference(d)
         if self._sync_requested is not None:
             actions += self._send_boundary_delta()

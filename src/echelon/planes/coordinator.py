@@ -24,6 +24,7 @@ from echelon.sansio import Emit, PlaneAction, Send, SetTimer
 from echelon.v1 import boundary_pb2, tensor_pb2
 
 SYNC_TIMER = "sync-timeout"
+BARRIER_TIMER = "barrier-deadline"
 
 
 @dataclass
@@ -63,12 +64,19 @@ class GlobalPlane:
         outer: OuterConfig,
         cadence: Cadence,
         sync_timeout_s: float,
+        barrier: bool = False,
     ) -> None:
+        """`barrier`: synchronise only when every boundary has done H middle steps (synchronous
+        strategies), or `sync_timeout_s` after the first one did; otherwise the leading boundary
+        triggers the outer step."""
         self.boundaries = list(boundaries)
         self.outer = OuterOptimizer(theta0, outer)
         self.theta_g = theta0.clone()
         self.cadence = cadence
         self.sync_timeout_s = sync_timeout_s
+        self.barrier = barrier
+        self._announced_interval: int | None = None
+        self._barrier_armed = False
         self.outer_step = 0
         self._middle_step = dict.fromkeys(boundaries, 0)
         self._update_norm = dict.fromkeys(boundaries, 0.0)
@@ -82,8 +90,12 @@ class GlobalPlane:
         self.finished = False
 
     def start(self, now: float) -> list[PlaneAction]:
-        """Send every boundary the initial global reference (outer step 0)."""
-        return self._broadcast_reference() + [Emit("outer_step", {"outer_step": 0, "time": now})]
+        """Send every boundary the initial global reference (outer step 0) and the cadence."""
+        return (
+            self._broadcast_reference()
+            + self._announce_cadence()
+            + [Emit("outer_step", {"outer_step": 0, "time": now})]
+        )
 
     def receive(self, now: float, sender: str, message: Message) -> list[PlaneAction]:
         if sender not in self._middle_step or self.finished:
@@ -91,7 +103,11 @@ class GlobalPlane:
         if isinstance(message, boundary_pb2.BoundaryStatus):
             self._middle_step[sender] = message.middle_step
             self.cadence.observe(sender, message.drift)
-            return [self._controller_tick(now, sender, message), *self._maybe_sync(now)]
+            return [
+                self._controller_tick(now, sender, message),
+                *self._announce_cadence(),
+                *self._maybe_sync(now),
+            ]
         if isinstance(message, boundary_pb2.BoundaryDelta):
             if message.outer_step != self._syncing or sender in self._reported:
                 return []  # late (an outer step already applied without it) or duplicate
@@ -131,6 +147,12 @@ class GlobalPlane:
     def on_timer(self, now: float, key: str) -> list[PlaneAction]:
         if key == f"{SYNC_TIMER}/{self._syncing}" and self._reported:
             return self._outer_step(now)  # proceed with the boundaries that answered
+        if (
+            key == f"{BARRIER_TIMER}/{self.outer_step}"
+            and self._syncing is None
+            and self.final_reason is None
+        ):
+            return self._start_sync(now)  # stragglers send what they have
         return []
 
     def request_final_sync(self, now: float, reason: str) -> list[PlaneAction]:
@@ -143,10 +165,26 @@ class GlobalPlane:
     def _maybe_sync(self, now: float) -> list[PlaneAction]:
         if self._syncing is not None or self.final_reason is not None:
             return []
-        lead = max(self._middle_step[b] - self._middle_at_sync[b] for b in self.boundaries)
-        return self._start_sync(now) if lead >= self.cadence.interval else []
+        steps = [self._middle_step[b] - self._middle_at_sync[b] for b in self.boundaries]
+        if max(steps) < self.cadence.interval:
+            return []
+        if not self.barrier or min(steps) >= self.cadence.interval:
+            return self._start_sync(now)
+        if not self._barrier_armed:
+            self._barrier_armed = True
+            return [SetTimer(f"{BARRIER_TIMER}/{self.outer_step}", now + self.sync_timeout_s)]
+        return []
+
+    def _announce_cadence(self) -> list[PlaneAction]:
+        """Tell the boundaries H whenever it changes (they hold devices on it in lockstep)."""
+        interval = self.cadence.interval
+        if interval == self._announced_interval:
+            return []
+        self._announced_interval = interval
+        return [Send(b, boundary_pb2.CadenceUpdate(interval=interval)) for b in self.boundaries]
 
     def _start_sync(self, now: float) -> list[PlaneAction]:
+        self._barrier_armed = False
         self.cadence.on_sync()
         self._syncing = self.outer_step + 1
         self._reported = {}
@@ -178,7 +216,7 @@ class GlobalPlane:
         self.finished = self.final_reason is not None
         if self.finished:
             record["stop_reason"] = self.final_reason
-        return self._broadcast_reference() + [Emit("outer_step", record)]
+        return self._broadcast_reference() + self._announce_cadence() + [Emit("outer_step", record)]
 
     def _broadcast_reference(self) -> list[PlaneAction]:
         ref = boundary_pb2.GlobalReference(

@@ -31,12 +31,21 @@ class StartLocalRound:
     anchor: torch.Tensor
 
 
-def clip_delta(delta: torch.Tensor, clip: float | None) -> torch.Tensor:
-    """delta * min(1, C / ||delta||_2); unchanged when clipping is off or the norm is within C."""
+def clip_delta(delta: torch.Tensor, clip: float | None, model_dim: int | None = None) -> torch.Tensor:
+    """delta * min(1, C / ||delta||_2); unchanged when clipping is off or the norm is within C.
+
+    With `model_dim`, only the model part delta[:model_dim] is clipped (the rest is strategy
+    state, such as SCAFFOLD's control variates).
+    """
     if clip is None:
         return delta
-    norm = float(torch.linalg.vector_norm(delta))
-    return delta * (clip / norm) if norm > clip else delta
+    head = delta if model_dim is None else delta[:model_dim]
+    norm = float(torch.linalg.vector_norm(head))
+    if norm <= clip:
+        return delta
+    if model_dim is None:
+        return delta * (clip / norm)
+    return torch.cat([head * (clip / norm), delta[model_dim:]])
 
 
 class DevicePlane:
@@ -49,9 +58,12 @@ class DevicePlane:
         aggregator: Aggregator,
         clip: float | None,
         reference_ema: float | None,
+        model_dim: int | None = None,
     ) -> None:
+        """`model_dim`: length of the model part of the exchanged state (None: all of it)."""
         self.device_id, self.boundary = device_id, boundary
         self._aggregator, self._clip, self._reference_ema = aggregator, clip, reference_ema
+        self._model_dim = model_dim
         self.reference: torch.Tensor | None = None
         self.version = 0
         self._anchor: torch.Tensor | None = None
@@ -102,7 +114,7 @@ class DevicePlane:
         assert self.reference is not None
         self.training = False
         self.local_rounds += 1
-        self.pending = clip_delta(result.theta - self.reference, self._clip)
+        self.pending = clip_delta(result.theta - self.reference, self._clip, self._model_dim)
         ready = device_pb2.UpdateReady(
             base_version=self.version,
             tokens=result.tokens,

@@ -115,10 +115,18 @@ class LocalTrainer:
                 torch._foreach_add_([p.grad for p in params], distance, alpha=self.mu)
         return total / len(batches)
 
+    def initial_state(self) -> torch.Tensor:
+        """The state the planes exchange at the start: the trainable parameters theta."""
+        return self.bundle.get_vector()
+
+    def model_part(self, state: torch.Tensor) -> torch.Tensor:
+        """The model parameters within an exchanged state."""
+        return state
+
     @torch.no_grad()
-    def evaluate(self, theta: torch.Tensor, sequences: int, batch: int) -> float:
-        """Mean next-token loss of theta on the first `sequences` validation sequences."""
-        self.bundle.set_vector(theta)
+    def evaluate(self, state: torch.Tensor, sequences: int, batch: int) -> float:
+        """Mean next-token loss of the state's model on the first `sequences` validation sequences."""
+        self.bundle.set_vector(self.model_part(state))
         model = self.bundle.model
         model.eval()
         val = self.corpus.val[:sequences]
@@ -136,3 +144,59 @@ def _views(theta: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.
         out.append(theta[offset : offset + p.numel()].view_as(p))
         offset += p.numel()
     return out
+
+
+class ScaffoldTrainer(LocalTrainer):
+    """SCAFFOLD local rounds (see `echelon.train.scaffold`): plain SGD steps on drift-corrected
+    gradients. The exchanged state is theta (+) c; each device keeps its own c_i."""
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        corpus: Corpus,
+        shards: dict[str, np.ndarray],
+        cfg: TrainConfig,
+        mu: float,
+        seed: int,
+    ) -> None:
+        super().__init__(bundle, corpus, shards, cfg, mu, seed)
+        self._optimizers = {d: torch.optim.SGD(bundle.trainable, lr=cfg.lr) for d in shards}
+        self._controls = {d: torch.zeros(bundle.dim) for d in shards}
+
+    def initial_state(self) -> torch.Tensor:
+        return torch.cat([self.bundle.get_vector(), torch.zeros(self.bundle.dim)])
+
+    def model_part(self, state: torch.Tensor) -> torch.Tensor:
+        return state[: self.bundle.dim]
+
+    def local_round(
+        self, device: str, reference: torch.Tensor, anchor: torch.Tensor | None = None
+    ) -> LocalResult:
+        from echelon.train.scaffold import control_update, corrected_gradient
+
+        cfg, opt, stream, params = (
+            self.cfg,
+            self._optimizers[device],
+            self._streams[device],
+            self.bundle.trainable,
+        )
+        d = self.bundle.dim
+        x, c, c_i = reference[:d], reference[d:], self._controls[device]
+        self.bundle.set_vector(x)
+        torch.manual_seed(derived_seed(self.seed, 2, self._index[device], self._rounds[device]))
+        self._rounds[device] += 1
+        losses = []
+        for _ in range(cfg.inner_steps):
+            losses.append(self.accumulate_gradients([stream.next() for _ in range(cfg.grad_accum)], x))
+            with torch.no_grad():
+                grad = torch.cat([p.grad.reshape(-1) for p in params])
+                for p, g in zip(params, _views(corrected_gradient(grad, c, c_i), params), strict=True):
+                    p.grad.copy_(g)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        y = self.bundle.get_vector()
+        c_i_new = control_update(c_i, c, x, y, cfg.inner_steps, cfg.lr)
+        self._controls[device] = c_i_new
+        # Delta against the reference (x, c) is (y - x, c_i+ - c_i), as SCAFFOLD sends.
+        state = torch.cat([y, c + (c_i_new - c_i)])
+        return LocalResult(state, self.tokens_per_round, float(np.mean(losses)))

@@ -51,16 +51,24 @@ class GlobalReference(_message.Message):
     parameters: _tensor_pb2.TensorPayload
     def __init__(self, outer_step: _Optional[int] = ..., parameters: _Optional[_Union[_tensor_pb2.TensorPayload, _Mapping]] = ...) -> None: ...
 
+class CadenceUpdate(_message.Message):
+    __slots__ = ("interval",)
+    INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    interval: int
+    def __init__(self, interval: _Optional[int] = ...) -> None: ...
+
 class CrossBoundaryEnvelope(_message.Message):
-    __slots__ = ("boundary_id", "status", "sync_request", "boundary_delta", "global_reference")
+    __slots__ = ("boundary_id", "status", "sync_request", "boundary_delta", "global_reference", "cadence")
     BOUNDARY_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     SYNC_REQUEST_FIELD_NUMBER: _ClassVar[int]
     BOUNDARY_DELTA_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    CADENCE_FIELD_NUMBER: _ClassVar[int]
     boundary_id: str
     status: BoundaryStatus
     sync_request: SyncRequest
     boundary_delta: BoundaryDelta
     global_reference: GlobalReference
-    def __init__(self, boundary_id: _Optional[str] = ..., status: _Optional[_Union[BoundaryStatus, _Mapping]] = ..., sync_request: _Optional[_Union[SyncRequest, _Mapping]] = ..., boundary_delta: _Optional[_Union[BoundaryDelta, _Mapping]] = ..., global_reference: _Optional[_Union[GlobalReference, _Mapping]] = ...) -> None: ...
+    cadence: CadenceUpdate
+    def __init__(self, boundary_id: _Optional[str] = ..., status: _Optional[_Union[BoundaryStatus, _Mapping]] = ..., sync_request: _Optional[_Union[SyncRequest, _Mapping]] = ..., boundary_delta: _Optional[_Union[BoundaryDelta, _Mapping]] = ..., global_reference: _Optional[_Union[GlobalReference, _Mapping]] = ..., cadence: _Optional[_Union[CadenceUpdate, _Mapping]] = ...) -> None: ...
