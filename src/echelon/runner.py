@@ -3,20 +3,24 @@
 Reading order: `prepare` builds the model, the data and the device shards; `build_simulation`
 wires the planes, guards and network into the simulation driver; `train` runs it with a
 progress bar, evaluates the global model at every outer step, and writes the run directory:
-config.yaml (resolved), metrics.jsonl, summary.json and the final weights.
+config.yaml (as given), metrics.jsonl, summary.json, the final weights, and audit/ (each
+party's signed log of its cross-boundary messages and its public key, see `echelon audit`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from echelon.audit.layout import audit_dir, log_path
+from echelon.audit.log import AuditLog
 from echelon.config import RunConfig
-from echelon.contract.guard import EgressGuard, IngressGuard
+from echelon.contract.guard import AuditSink, EgressGuard, IngressGuard
 from echelon.planes.aggregation import Aggregator, PlainAggregator
 from echelon.planes.boundary import BoundaryPlane
 from echelon.planes.controller import Cadence
@@ -61,10 +65,30 @@ def make_aggregator(cfg: RunConfig) -> Aggregator:
     return PlainAggregator(min_quorum=e.min_quorum, timeout_s=e.aggregation_timeout_s)
 
 
+def open_audit_logs(run_dir: Path, cfg: RunConfig, min_quorum: int) -> dict[str, AuditLog]:
+    """One signed audit log per party (the global plane and each boundary) in `run_dir`/audit.
+
+    In simulation every party's signing key lives only in this process's memory; the public keys
+    are written beside the logs for `echelon audit`. `min_quorum` is the contract's floor the
+    verifier checks every boundary aggregate against (the run file's, whatever the strategy runs).
+    """
+    audit_dir(run_dir).mkdir(parents=True, exist_ok=True)
+    parties = [GLOBAL] + [party_of(boundary_address(b.id)) for b in cfg.boundaries]
+    return {
+        p: AuditLog.create(
+            log_path(run_dir, p), p, Ed25519PrivateKey.generate(), "virtual", min_quorum=min_quorum
+        )
+        for p in parties
+    }
+
+
 def build_simulation(
-    cfg: RunConfig, prep: Prepared, on_emit: Callable[[str, dict], None], audit_for: Callable | None = None
+    cfg: RunConfig,
+    prep: Prepared,
+    on_emit: Callable[[str, dict], None],
+    audit: Mapping[str, AuditSink] | None = None,
 ) -> Simulation:
-    """Wire the three planes, the guards and the network for `cfg`."""
+    """Wire the three planes, the guards and the network for `cfg`; `audit` maps party -> log."""
     e = cfg.echelon
     strategy = get_strategy(cfg.strategy)
     aggregator = make_aggregator(cfg)
@@ -98,11 +122,9 @@ def build_simulation(
         for b, d in cfg.devices
     }
     parties = [GLOBAL] + [party_of(boundary_address(b)) for b in boundary_ids]
+    sinks = audit or {}
     guards = {
-        p: (
-            EgressGuard(p, e.min_quorum, audit_for(p) if audit_for else None),
-            IngressGuard(p, e.min_quorum, audit_for(p) if audit_for else None),
-        )
+        p: (EgressGuard(p, e.min_quorum, sinks.get(p)), IngressGuard(p, e.min_quorum, sinks.get(p)))
         for p in parties
     }
     return Simulation(
@@ -150,9 +172,14 @@ def train(run_cfg: RunConfig, run_dir: Path, *, force: bool = False, progress: b
                 bar.update(sim.now, sim.tokens, sim.global_plane.outer_step, record["val_loss"])
             out.metric(record)
 
-        sim = build_simulation(cfg, prep, on_emit)
-        with bar:
-            sim.run(cfg.budget)
+        logs = open_audit_logs(out.staging, cfg, run_cfg.echelon.min_quorum)
+        try:
+            sim = build_simulation(cfg, prep, on_emit, logs)
+            with bar:
+                sim.run(cfg.budget)
+        finally:
+            for log in logs.values():
+                log.close()
         artefact = prep.bundle.save(out.staging, prep.trainer.model_part(sim.global_plane.theta_g))
         summary = summarise(cfg, prep, sim, evals, time.perf_counter() - wall0)
         summary["artefact"] = artefact.name

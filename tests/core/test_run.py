@@ -115,6 +115,7 @@ def test_train_writes_run_directory_and_loadable_adapter(tmp_path):
     summary = train(cfg, out, progress=False)
     assert sorted(p.name for p in out.iterdir()) == [
         "adapter",
+        "audit",
         "base",
         "config.yaml",
         "metrics.jsonl",

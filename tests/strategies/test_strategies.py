@@ -136,8 +136,7 @@ class _Recording(EgressGuard):
 def test_flat_strategies_are_not_admissible_and_a_real_boundary_guard_refuses_them(name):
     strategy = get_strategy(name)
     assert not strategy.admissible and "not admissible" in strategy.label
-    # One local round per outer step: each crossing carries exactly one device's update.
-    cfg = _config(name, budget={"outer_steps": 1}, echelon={"sync": {"interval": 1}})
+    cfg = _config(name, budget={"outer_steps": 1})
     eff = effective_config(cfg)
     prep = prepare(eff)
     sim = build_simulation(eff, prep, lambda kind, fields: None)

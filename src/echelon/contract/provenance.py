@@ -24,8 +24,10 @@ class BoundaryModel:
 
     `theta_g` is the latest global reference; `base` equals it except while an outer step is in
     flight (then it is theta_b as sent). `since_sync` is the sum of the middle-step updates since
-    the last send: Delta_b, the only tensor a boundary sends across. `contributions` counts the
-    device contributions summed into it (a number, never identities).
+    the last send: Delta_b, the only tensor a boundary sends across. `contributors` is the quorum
+    it guarantees: the fewest devices any middle step folded into it aggregated (a count, never
+    identities; 0 while nothing is folded in). Summing counts across middle steps would let one
+    device's repeated updates pass for a quorum.
     """
 
     def __init__(self, theta_g: torch.Tensor, min_quorum: int) -> None:
@@ -33,7 +35,7 @@ class BoundaryModel:
         self.theta_g = theta_g
         self.base = theta_g
         self.since_sync = torch.zeros_like(theta_g)
-        self.contributions = 0
+        self.contributors = 0
 
     @property
     def theta_b(self) -> torch.Tensor:
@@ -49,28 +51,28 @@ class BoundaryModel:
             raise QuorumNotMet(f"{result.contributors} contributors, quorum {self.min_quorum}")
         delta_b = torch.from_numpy(result.weighted_sum / result.weight_sum).float()
         self.since_sync = self.since_sync + lr * delta_b
-        self.contributions += result.contributors
+        self.contributors = min(self.contributors or result.contributors, result.contributors)
         return delta_b
 
     def delta_payload(self) -> tensor_pb2.TensorPayload | None:
         """Delta_b as a BOUNDARY_AGGREGATE payload, or None when no device contributed."""
-        if self.contributions == 0:
+        if self.contributors == 0:
             return None
-        return encode_f32(self.since_sync.numpy(), tensor_pb2.BOUNDARY_AGGREGATE, self.contributions)
+        return encode_f32(self.since_sync.numpy(), tensor_pb2.BOUNDARY_AGGREGATE, self.contributors)
 
     def reference_payload(self) -> tensor_pb2.TensorPayload:
         """theta_b for the boundary's own devices (it never leaves the boundary)."""
-        return encode_f32(self.theta_b.numpy(), tensor_pb2.BOUNDARY_AGGREGATE, self.contributions)
+        return encode_f32(self.theta_b.numpy(), tensor_pb2.BOUNDARY_AGGREGATE, self.contributors)
 
     def start_sync(self) -> None:
         """Delta_b was sent: later middle steps accumulate afresh, so they survive the re-base."""
         self.base = self.theta_b
         self.since_sync = torch.zeros_like(self.since_sync)
-        self.contributions = 0
+        self.contributors = 0
 
     def adopt(self, theta_g_new: torch.Tensor, keep_since_send: bool) -> None:
         """A new global reference: theta_b = theta_g_new, plus the steps since the send when overlapping."""
         self.theta_g = self.base = theta_g_new
         if not keep_since_send:
             self.since_sync = torch.zeros_like(self.since_sync)
-            self.contributions = 0
+            self.contributors = 0

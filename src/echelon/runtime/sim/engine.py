@@ -111,12 +111,23 @@ class Simulation:
         while self._queue:
             self.now, _, kind, args = heapq.heappop(self._queue)
             getattr(self, f"_on_{kind}")(*args)
+            if not self.global_plane.finished:
+                self._check_budget(budget)
             if self.global_plane.finished:
-                return
-            self._check_budget(budget)
-            if self.global_plane.finished:
+                self._drain_cross_boundary()
                 return
         raise SimulationStalled(f"no events left at virtual time {self.now:.1f} s before the run finished")
+
+    def _drain_cross_boundary(self) -> None:
+        """Deliver the cross-boundary messages still in flight when the run ends (the final
+        reference reaches every boundary), so both ends of every crossing are on record. Device
+        work and timers stop here."""
+        while self._queue:
+            at, _, kind, args = heapq.heappop(self._queue)
+            src, dst = (args[0], args[1]) if kind == "deliver" else ("", "")
+            if kind == "deliver" and src not in self._boundary_of and dst not in self._boundary_of:
+                self.now = at
+                self._on_deliver(*args)
 
     def _push(self, at: float, kind: str, *args: object) -> None:
         heapq.heappush(self._queue, (at, next(self._seq), kind, args))

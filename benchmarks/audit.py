@@ -1,0 +1,136 @@
+"""Audit figures: logging overhead on a demo run, and verification speed on a 1,000,000-record log.
+
+1. Overhead: the demo's run file (a shorter token budget with --tokens) trains once in this
+   process with every party's guard writing its signed audit log through a timing wrapper; the
+   time spent in the log (creating, appending, checkpointing, closing) is divided by the run's
+   wall time. Target < 1%.
+2. Verification: one party's log of N message records (real serialized cross-boundary
+   envelopes, checkpoint every 1,000) is written, then `verify_log` re-checks every hash, link,
+   field and signature. Target: 1,000,000 records in under 30 s.
+
+    .venv/bin/python benchmarks/audit.py [--tokens 200000] [--records 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from rich.console import Console
+from rich.table import Table
+
+from echelon.audit.layout import log_path
+from echelon.audit.log import AuditLog
+from echelon.audit.verify import verify_log, verify_run
+from echelon.commands.demo import demo_file
+from echelon.config import load_run
+from echelon.contract.guard import EgressGuard
+from echelon.runner import open_audit_logs, train
+from echelon.v1 import boundary_pb2, tensor_pb2
+
+
+class TimedLog:
+    """Forwards to an AuditLog, adding the seconds spent in it to `spent`."""
+
+    def __init__(self, log: AuditLog, spent: list[float]) -> None:
+        self.log, self.spent = log, spent
+
+    def append(self, **fields: object) -> dict:
+        t0 = time.perf_counter()
+        try:
+            return self.log.append(**fields)
+        finally:
+            self.spent[0] += time.perf_counter() - t0
+
+    def close(self) -> None:
+        t0 = time.perf_counter()
+        self.log.close()
+        self.spent[0] += time.perf_counter() - t0
+
+
+def logging_overhead(tokens: int, out: Path) -> dict:
+    import echelon.runner as runner
+
+    cfg = load_run(demo_file())
+    cfg = cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"tokens": tokens})})
+    spent = [0.0]
+
+    def timed_open(run_dir, run_cfg, min_quorum):
+        t0 = time.perf_counter()
+        logs = open_audit_logs(run_dir, run_cfg, min_quorum)
+        spent[0] += time.perf_counter() - t0
+        return {p: TimedLog(log, spent) for p, log in logs.items()}
+
+    runner.open_audit_logs = timed_open
+    try:
+        t0 = time.perf_counter()
+        train(cfg, out / "demo", progress=False)
+        wall = time.perf_counter() - t0
+    finally:
+        runner.open_audit_logs = open_audit_logs
+    report = verify_run(out / "demo")
+    return {
+        "wall": wall,
+        "audit": spent[0],
+        "records": sum(log.records for log in report.logs.values()),
+        "ok": report.ok,
+    }
+
+
+def verification_speed(records: int, out: Path) -> dict:
+    rng = np.random.default_rng(0)
+    payload = tensor_pb2.TensorPayload(
+        provenance=tensor_pb2.GLOBAL, dtype=tensor_pb2.FLOAT32, numel=16, data=rng.bytes(64)
+    )
+    bodies = [
+        boundary_pb2.SyncRequest(outer_step=1),
+        boundary_pb2.CadenceUpdate(interval=4),
+        boundary_pb2.GlobalReference(outer_step=1, parameters=payload),
+    ]
+    key = Ed25519PrivateKey.generate()
+    (out / "audit").mkdir(parents=True)
+    path = log_path(out, "global")
+    t0 = time.perf_counter()
+    with AuditLog.create(path, "global", key, min_quorum=2) as log:
+        guard = EgressGuard("global", 2, log)  # records exactly as in a run
+        for i in range(records):
+            guard.send(i * 1e-3, bodies[i % 3], "boundary.b0")
+    write_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rep = verify_log(path, key.public_key())
+    verify_s = time.perf_counter() - t0
+    assert rep.records == records and not rep.violations, rep.violations[:3]
+    return {"write": write_s, "verify": verify_s, "bytes": path.stat().st_size}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=200_000, help="token budget of the demo run")
+    parser.add_argument("--records", type=int, default=1_000_000, help="records in the generated log")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        over = logging_overhead(args.tokens, Path(tmp) / "overhead")
+        speed = verification_speed(args.records, Path(tmp) / "speed")
+    table = Table(title="Audit log: overhead and verification speed")
+    for col in ("Figure", "Value", "Target"):
+        table.add_column(col)
+    table.add_row("demo run wall time", f"{over['wall']:.1f} s", "")
+    table.add_row("time in the audit log", f"{over['audit'] * 1e3:.1f} ms ({over['records']} records)", "")
+    table.add_row("logging overhead", f"{over['audit'] / over['wall']:.4%}", "< 1%")
+    table.add_row("demo run audit passes", str(over["ok"]), "True")
+    table.add_row(
+        "records written",
+        f"{args.records:,} in {speed['write']:.1f} s ({speed['bytes'] / 2**20:.0f} MiB)",
+        "",
+    )
+    table.add_row("verification time", f"{speed['verify']:.1f} s", "< 30 s")
+    table.add_row("verification speed", f"{args.records / speed['verify']:,.0f} records/s", "")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

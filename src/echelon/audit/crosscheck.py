@@ -1,0 +1,143 @@
+"""The cross-check: what each party says it sent equals what its peer says it received.
+
+For every directed link (sender, receiver, channel) the sender's "sent" records and the receiver's
+"received" records are aligned in order by their content (type, flow class, wire bytes, payload
+SHA-256, round, quorum, provenance). A record left without a partner is a violation, unless one
+of the two parties crashed where the partner would be: then it is reported as in flight at a
+crash (a message lost with a connection, or a record lost with unsynced data), not as tampering.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from echelon.audit.report import (
+    CONTENT_FIELDS,
+    CROSSCHECK,
+    EVIDENCE,
+    Content,
+    Crossing,
+    Finding,
+    Link,
+    LogReport,
+    Tally,
+)
+
+IN_FLIGHT = "in_flight"
+
+
+@dataclass
+class CrossCheck:
+    """Link mismatches, crash losses, and the run's traffic with each crossing counted once."""
+
+    violations: list[Finding] = field(default_factory=list)
+    in_flight: list[Finding] = field(default_factory=list)
+    traffic: Tally = field(default_factory=Tally)
+    per_device_bytes: int = 0
+
+
+def align(sent: list[Content], received: list[Content]) -> list[tuple[int, int]]:
+    """Index pairs (i into `sent`, j into `received`), increasing in both, of equal content.
+
+    Each received message is paired with the earliest unpaired sent one after the previous pair;
+    in the usual case (both lists equal) this is a single linear pass.
+    """
+    pairs: list[tuple[int, int]] = []
+    positions: dict[Content, list[int]] | None = None
+    i = 0
+    for j, content in enumerate(received):
+        if i < len(sent) and sent[i] == content:
+            pairs.append((i, j))
+            i += 1
+            continue
+        if positions is None:
+            positions = defaultdict(list)
+            for k, c in enumerate(sent):
+                positions[c].append(k)
+        candidates = positions.get(content, [])
+        k = bisect_left(candidates, i)
+        if k < len(candidates):
+            pairs.append((candidates[k], j))
+            i = candidates[k] + 1
+    return pairs
+
+
+def _crashed(points: list[float], low: float, high: float) -> bool:
+    return any(low < p <= high for p in points)
+
+
+def _record(link: Link, crossing: Crossing) -> dict:
+    return {"channel": link[2], "seq": crossing[0], **dict(zip(CONTENT_FIELDS, crossing[1], strict=True))}
+
+
+def _check_link(link: Link, sender: LogReport, receiver: LogReport, out: CrossCheck) -> None:
+    sent, received = sender.outgoing.get(link, []), receiver.incoming.get(link, [])
+    pairs = align([c[1] for c in sent], [c[1] for c in received])
+    sent_pos, received_pos = [p[0] for p in pairs], [p[1] for p in pairs]
+    _, to, channel = link
+
+    paired = set(sent_pos)
+    for i, crossing in enumerate(sent):
+        if i in paired:
+            continue
+        k = bisect_left(sent_pos, i)  # pairs before this message
+        low = received[pairs[k - 1][1]][0] if k else -1
+        high = received[pairs[k][1]][0] if k < len(pairs) else math.inf
+        sent_next = sent[pairs[k][0]][0] if k < len(pairs) else math.inf
+        record = _record(link, crossing)
+        if _crashed(receiver.crash_points, low, high) or _crashed(
+            sender.crash_points, crossing[0], sent_next
+        ):
+            reason = f"sent on {channel}, not received: in flight when {sender.party} or {to} crashed"
+            out.in_flight.append(Finding(sender.party, crossing[0], IN_FLIGHT, reason, record))
+            continue
+        reason = f"recorded sent on {channel} but {to} recorded no matching receipt"
+        refusals = [s for s in receiver.refused_incoming.get(link, []) if low < s <= high]
+        if refusals:
+            reason += f" (its ingress guard refused a message on this link at seq {refusals[0]})"
+        out.violations.append(Finding(sender.party, crossing[0], CROSSCHECK, reason, record))
+
+    paired = set(received_pos)
+    for j, crossing in enumerate(received):
+        if j in paired:
+            continue
+        out.traffic.add(crossing[1][1], crossing[1][0], crossing[1][2])  # its sender counted none
+        out.per_device_bytes += crossing[2]
+        k = bisect_left(received_pos, j)
+        low = sent[pairs[k - 1][0]][0] if k else -1
+        high = sent[pairs[k][0]][0] if k < len(pairs) else math.inf
+        record = _record(link, crossing)
+        if _crashed(sender.crash_points, low, high):
+            reason = f"received on {channel}; {sender.party}'s record of sending it was lost in its crash"
+            out.in_flight.append(Finding(receiver.party, crossing[0], IN_FLIGHT, reason, record))
+        else:
+            reason = f"recorded received on {channel} but {sender.party} recorded no matching send"
+            out.violations.append(Finding(receiver.party, crossing[0], CROSSCHECK, reason, record))
+
+
+def cross_check(logs: dict[str, LogReport]) -> CrossCheck:
+    """Check every link the logs mention; totals count each crossing once (by its sender's record)."""
+    out = CrossCheck()
+    for log in logs.values():
+        out.traffic.merge(log.sent)
+        out.per_device_bytes += sum(c[2] for crossings in log.outgoing.values() for c in crossings)
+    links = sorted({link for log in logs.values() for link in (*log.outgoing, *log.incoming)})
+    for link in links:
+        frm, to, channel = link
+        if frm in logs and to in logs:
+            _check_link(link, logs[frm], logs[to], out)
+            continue
+        missing, present = (frm, logs[to]) if frm not in logs else (to, logs[frm])
+        crossings = present.incoming.get(link, []) if frm not in logs else present.outgoing.get(link, [])
+        if frm not in logs:
+            for c in crossings:
+                out.traffic.add(c[1][1], c[1][0], c[1][2])
+                out.per_device_bytes += c[2]
+        reason = (
+            f"{len(crossings)} messages on {channel} involve {missing}, which has no audit log in this run"
+        )
+        out.violations.append(Finding(present.party, None, EVIDENCE, reason))
+    return out
