@@ -1,0 +1,94 @@
+"""`echelon profile`: measure this machine's devices and write them as fleet file entries.
+
+Compute is the achieved rate of a square matmul timed with torch (fp32 on the CPU, bf16 on CUDA
+devices), in TFLOP/s; memory is the physical memory (CPU) or the device's total memory (CUDA).
+The entries need the user's boundary, site and access tier (flags, or edit the output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import time
+from pathlib import Path
+
+import yaml
+
+from echelon.rundir import write_atomic
+
+GIB = 1024**3
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=None, help="write the YAML here (default: print it)")
+    parser.add_argument("--boundary", default="my-boundary", help="boundary id for the entries")
+    parser.add_argument("--site", default=None, help="site id (default: this host's name)")
+    parser.add_argument("--access-tier", default="internal", help="access tier the devices are cleared for")
+    parser.add_argument("--seconds", type=float, default=0.5, help="timing budget per device")
+
+
+def matmul_tflops(device: str, seconds: float) -> float:
+    """Achieved TFLOP/s of repeated n x n matmuls on `device` for about `seconds`."""
+    import torch
+
+    cuda = device.startswith("cuda")
+    n, dtype = (4096, torch.bfloat16) if cuda else (1024, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    a @ b  # warm-up
+    sync()
+    iters, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        iters += 1
+        sync()
+    return 2 * n**3 * iters / (time.perf_counter() - start) / 1e12
+
+
+def measure(seconds: float) -> list[dict]:
+    """(name, memory GiB, TFLOP/s) of the CPU and each CUDA device, as fleet device fields."""
+    import torch
+
+    host = socket.gethostname().split(".")[0] or "host"
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    out = [
+        {
+            "id": f"{host}-cpu",
+            "memory_gib": round(memory / GIB, 1),
+            "tflops": round(matmul_tflops("cpu", seconds), 3),
+        }
+    ]
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        props = torch.cuda.get_device_properties(i)
+        out.append(
+            {
+                "id": f"{host}-cuda{i}",
+                "memory_gib": round(props.total_memory / GIB, 1),
+                "tflops": round(matmul_tflops(f"cuda:{i}", seconds), 2),
+            }
+        )
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    site = args.site or socket.gethostname().split(".")[0] or "site"
+    devices = [
+        {**d, "boundary": args.boundary, "site": site, "access_tier": args.access_tier, "reliability": 0.99}
+        for d in measure(args.seconds)
+    ]
+    text = (
+        f"# measured by `echelon profile` on {site}; paste under `devices:` of a fleet file\n"
+        + yaml.safe_dump({"devices": devices}, sort_keys=False)
+    )
+    if args.out is None:
+        print(text, end="")
+    else:
+        write_atomic(args.out, text)
+        print(f"wrote {len(devices)} device entries to {args.out}")
+    return 0

@@ -1,0 +1,205 @@
+"""The planner: constraints always hold, the optimum is close, infeasibility names its cause."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from echelon.yellowstone.cost import CostSettings, Network, Tables, calibrate, devices_of, evaluate
+from echelon.yellowstone.exhaustive import _best_cut, exhaustive
+from echelon.yellowstone.fleet import Fleet, load_fleet
+from echelon.yellowstone.model_profile import PRESETS, build_profile
+from echelon.yellowstone.partition import best_split, cells
+from echelon.yellowstone.planner import InfeasibleError, plan_boundary, plan_fleet
+from echelon.yellowstone.search import Context, Evaluator
+from echelon.yellowstone.synthetic import SMALL_SHAPE, random_fleet
+
+EXAMPLES = Path(__file__).parents[2] / "examples" / "fleets"
+SMALL = build_profile("small", SMALL_SHAPE, trainable="full", seq_len=1024, micro_batch=4)
+SMALL_SETTINGS = CostSettings(micro_batches=4)
+REASONS = {"no_cleared_device", "model_fits_nowhere", "raw_stages_fit_nowhere", "no_placement"}
+
+
+def _context(fleet: Fleet, profile=SMALL, s: CostSettings = SMALL_SETTINGS, boundary: str = "b0") -> Context:
+    return Context(boundary, devices_of(fleet, boundary, s, {}), Tables(profile), Network(fleet), s, profile)
+
+
+def assert_constraints(plan, fleet: Fleet, profile) -> None:
+    """Memory, tier and boundary constraints, checked here without the planner's help."""
+    assert all(c.ok for c in plan.checks), plan.checks
+    devices = {d.id: d for d in fleet.devices}
+    n_units = len(profile.units)
+    for b in plan.boundaries:
+        tier = next(x.data_tier for x in fleet.boundaries if x.id == b.id)
+        for r in b.replicas:
+            clusters = {c.id: c for c in r.clusters}
+            for c in r.clusters:
+                assert len({devices[d].site for d in c.devices}) == 1
+                for d in c.devices:
+                    assert devices[d].boundary == b.id  # no pipeline edge leaves the boundary
+                    assert c.memory_bytes[d] <= devices[d].memory * plan.settings.memory_headroom * (1 + 1e-9)
+            for s in r.stages:
+                if s.units[0] == 0 or s.units[1] == n_units:  # embedding input or loss labels
+                    for d in clusters[s.cluster].devices:
+                        assert fleet.tier_rank(devices[d].access_tier) >= fleet.tier_rank(tier)
+            covered = sorted(s.units for s in r.stages)
+            assert covered[0][0] == 0 and covered[-1][1] == n_units
+            assert all(a[1] == b2[0] for a, b2 in itertools.pairwise(covered))
+
+
+@pytest.mark.parametrize(
+    ("name", "model", "trainable", "micro_batch"),
+    [
+        ("seed", "llama-8b", "full", 4),
+        ("hospital_pair", "llama-8b", "lora", 4),
+        ("consumer_lab", "llama-3b", "full", 2),
+    ],
+)
+def test_examples_plan(name, model, trainable, micro_batch):
+    fleet = load_fleet(EXAMPLES / f"{name}.yaml")
+    profile = build_profile(model, PRESETS[model], trainable=trainable, micro_batch=micro_batch)
+    plan = plan_fleet(fleet, profile)
+    assert_constraints(plan, fleet, profile)
+    assert plan.tokens_per_s > 0 and {b.id for b in plan.boundaries} == {b.id for b in fleet.boundaries}
+    used = {d for b in plan.boundaries for r in b.replicas for c in r.clusters for d in c.devices}
+    assert {x.device for b in plan.boundaries for x in b.backups} == used
+    if name == "seed":
+        assert profile.state_bytes > max(d.memory for d in fleet.devices)  # too large for any one device
+        assert all(len(r.clusters) >= 2 for r in plan.boundaries[0].replicas)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(
+    n=st.integers(1, 14),
+    seed=st.integers(0, 10_000),
+    boundaries=st.integers(1, 2),
+    memory_scale=st.sampled_from([0.25, 0.5, 1.0]),
+)
+def test_every_plan_satisfies_memory_tier_and_boundary(n, seed, boundaries, memory_scale):
+    fleet = random_fleet(n, seed, sites=1 + seed % 3, boundaries=boundaries, memory_scale=memory_scale)
+    try:
+        plan = plan_fleet(fleet, SMALL, SMALL_SETTINGS, budget=300)
+    except InfeasibleError as e:
+        assert e.reason in REASONS
+        return
+    assert_constraints(plan, fleet, SMALL)
+
+
+def _gap(n: int, seed: int) -> float:
+    fleet = random_fleet(n, seed, sites=2, memory_scale=0.5)
+    ctx = _context(fleet)
+    best, _ = exhaustive(ctx)
+    try:
+        result = plan_boundary(ctx, "restricted")
+    except InfeasibleError:
+        assert best == 0
+        return 1.0
+    found = sum(result.evaluator.score(r) for r in result.replicas)
+    assert found <= best * (1 + 1e-9)  # the exhaustive search is the optimum of the same space
+    return best / found
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 6, 7, 8])
+def test_planner_within_5_percent_of_exhaustive(n):
+    gaps = [_gap(n, seed) for seed in range(6)]
+    assert max(gaps) <= 1.05, gaps
+
+
+def test_dp_matches_brute_force_and_cost_model():
+    rng = np.random.default_rng(0)
+    fleet = random_fleet(8, 3, sites=2, memory_scale=0.5)
+    ctx = _context(fleet)
+    ev = Evaluator(ctx)
+    cleared = [i for i, d in enumerate(ctx.devices) if d.cleared]
+    checked = 0
+    for _ in range(40):
+        order = rng.permutation(len(ctx.devices))[: rng.integers(1, 5)].tolist()
+        first = int(rng.choice(cleared))
+        rep = ((first,), *((i,) for i in order if i != first))
+        clusters = ev.clusters(rep)
+        for structure in ["single"] if len(rep) == 1 else ["U", "linear"]:
+            found = best_split(clusters, structure, ctx.tables, ctx.net, ctx.settings)
+            brute = _best_cut(
+                cells(clusters, structure, ctx.tables, ctx.net, ctx.settings), structure, len(SMALL.units), 4
+            )
+            if found is None:
+                assert brute == float("inf")
+                continue
+            assert found[1] == pytest.approx(brute, rel=1e-9)
+            solved = ev.solve(rep)
+            if solved is not None and solved.structure == structure:
+                cost = evaluate(ev.layout(rep), ctx.tables, ctx.net, ctx.settings)
+                assert cost is not None and cost.step_s == pytest.approx(solved.step_s, rel=1e-9)
+            checked += 1
+    assert checked > 20
+
+
+def _tiny_fleet(devices: list[dict], data_tier: str = "restricted") -> Fleet:
+    return Fleet.model_validate(
+        {
+            "name": "t",
+            "access_tiers": ["public", "internal", "restricted"],
+            "boundaries": [{"id": "b0", "data_tier": data_tier}],
+            "sites": [{"id": "s0", "bandwidth_gbps": 100}],
+            "devices": [{"boundary": "b0", "site": "s0", "tflops": 50, **d} for d in devices],
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("devices", "reason", "words"),
+    [
+        (
+            [{"id": "a", "memory_gib": 80, "access_tier": "internal"}],
+            "no_cleared_device",
+            "no device is cleared",
+        ),
+        (
+            [
+                {"id": "a", "memory_gib": 8, "access_tier": "restricted"},
+                {"id": "b", "memory_gib": 8, "access_tier": "public"},
+            ],
+            "model_fits_nowhere",
+            "fits nowhere",
+        ),
+        (
+            [
+                {"id": "a", "memory_gib": 2, "access_tier": "restricted"},
+                {"id": "b", "memory_gib": 80, "access_tier": "public"},
+            ],
+            "raw_stages_fit_nowhere",
+            "raw-data stages",
+        ),
+    ],
+)
+def test_infeasible_fleets_name_the_failing_constraint(devices, reason, words):
+    with pytest.raises(InfeasibleError) as err:
+        plan_fleet(_tiny_fleet(devices), SMALL, SMALL_SETTINGS)
+    assert err.value.reason == reason and words in str(err.value) and "b0" in str(err.value)
+
+
+def test_calibration_from_measured_steps():
+    profile = build_profile("llama-1b", PRESETS["llama-1b"], trainable="lora", seq_len=512)
+    tokens_flops = profile.flops_per_token * 512 * 2
+    fleet = _tiny_fleet(
+        [
+            {
+                "id": "a",
+                "memory_gib": 80,
+                "access_tier": "restricted",
+                "measured_steps": [
+                    {"model": "llama-1b", "seq_len": 512, "micro_batch": 2, "step_s": tokens_flops / 25e12}
+                ],
+            },
+            {"id": "b", "memory_gib": 80, "access_tier": "restricted"},
+        ]
+    )
+    eta = calibrate(fleet, profile)
+    assert eta["a"] == pytest.approx(0.5) and eta["b"] == 1.0
+    plan = plan_fleet(fleet, profile)
+    assert plan.settings.calibration == {"a": pytest.approx(0.5)}
