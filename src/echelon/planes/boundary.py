@@ -102,7 +102,8 @@ class BoundaryPlane:
         self.lockstep = lockstep
         self.interval: int | None = None  # H, as announced by the global plane
         self._middle_at_send = 0
-        self._held: list[str] = []  # lockstep: devices waiting for the next global reference
+        self._held: list[str] = []
+        self.finished = False  # the global plane sent the final reference  # lockstep: devices waiting for the next global reference
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -160,6 +161,12 @@ class BoundaryPlane:
     def _on_global_reference(self, now: float, msg: boundary_pb2.GlobalReference) -> list[PlaneAction]:
         theta_g = from_payload(msg.parameters)
         actions: list[PlaneAction] = []
+        if msg.final:
+            # The run is over: keep the final model, start nothing more, send nothing more.
+            self.finished = True
+            if self.model is not None:
+                self.model.adopt(theta_g, keep_since_send=False)
+            return []
         if self.model is None:
             # The initial reference: every device that already said hello can start.
             self.model = BoundaryModel(theta_g, self.cfg.min_quorum)
@@ -179,7 +186,7 @@ class BoundaryPlane:
         return actions + self._try_fire(now)
 
     def _on_sync_request(self, now: float, msg: boundary_pb2.SyncRequest) -> list[PlaneAction]:
-        if self.model is None or msg.outer_step in (self._sync_requested, self._awaiting_global):
+        if self.finished or self.model is None or msg.outer_step in (self._sync_requested, self._awaiting_global):
             return []
         self._sync_requested = msg.outer_step
         return [] if self._round is not None else self._send_boundary_delta()
@@ -204,7 +211,7 @@ class BoundaryPlane:
         return self.middle_step - self._devices[device].last_aggregated >= self.cfg.participation_window
 
     def _try_fire(self, now: float) -> list[PlaneAction]:
-        if self._round is not None or self.model is None or not self._buffer:
+        if self.finished or self._round is not None or self.model is None or not self._buffer:
             return []
         if self._awaiting_global is not None and not self.cfg.sync.overlap:
             return []  # retried when the global reference arrives

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from google.protobuf.message import Message
 
-from echelon.config import OuterConfig
+from echelon.config import BudgetConfig, OuterConfig
 from echelon.planes.controller import Cadence
 from echelon.planes.tensors import from_payload, to_payload
 from echelon.sansio import Emit, PlaneAction, Send, SetTimer
@@ -88,6 +88,7 @@ class GlobalPlane:
         self._reported: dict[str, _Reported] = {}
         self.final_reason: str | None = None
         self.finished = False
+        self.max_outer_steps: int | None = None  # the outer step that finishes the run
 
     def start(self, now: float) -> list[PlaneAction]:
         """Send every boundary the initial global reference (outer step 0) and the cadence."""
@@ -155,6 +156,32 @@ class GlobalPlane:
             return self._start_sync(now)  # stragglers send what they have
         return []
 
+    @property
+    def tokens_reported(self) -> int:
+        """Tokens the boundaries have aggregated so far, as their status reports say."""
+        return sum(self._tokens_total.values())
+
+    def check_budget(
+        self, now: float, budget: BudgetConfig, tokens: int, cross_bytes: int
+    ) -> list[PlaneAction]:
+        """Stop at the first budget reached: `tokens` trained and `cross_bytes` sent across so far,
+        `now` as elapsed seconds. The `outer_steps` budget finishes the run with that outer step
+        (its reference goes out final); any other triggers one final outer step."""
+        # The outer-step budget is the plane's own: that step's reference goes out as the final one.
+        self.max_outer_steps = budget.outer_steps
+        reached = [
+            ("tokens", budget.tokens is not None and tokens >= budget.tokens),
+            ("virtual_seconds", budget.virtual_seconds is not None and now >= budget.virtual_seconds),
+            (
+                "cross_boundary_bytes",
+                budget.cross_boundary_bytes is not None and cross_bytes >= budget.cross_boundary_bytes,
+            ),
+        ]
+        for reason, hit in reached:
+            if hit:
+                return self.request_final_sync(now, reason)
+        return []
+
     def request_final_sync(self, now: float, reason: str) -> list[PlaneAction]:
         """A budget was reached: synchronise once more, then finish."""
         if self.final_reason is not None:
@@ -213,6 +240,8 @@ class GlobalPlane:
             "pseudo_gradient_norm": float(torch.linalg.vector_norm(pseudo_gradient)),
             "b_eff": self.b_eff,
         }
+        if self.max_outer_steps is not None and self.outer_step >= self.max_outer_steps:
+            self.final_reason = self.final_reason or "outer_steps"
         self.finished = self.final_reason is not None
         if self.finished:
             record["stop_reason"] = self.final_reason
@@ -220,6 +249,8 @@ class GlobalPlane:
 
     def _broadcast_reference(self) -> list[PlaneAction]:
         ref = boundary_pb2.GlobalReference(
-            outer_step=self.outer_step, parameters=to_payload(self.theta_g, tensor_pb2.GLOBAL)
+            outer_step=self.outer_step,
+            parameters=to_payload(self.theta_g, tensor_pb2.GLOBAL),
+            final=self.finished,
         )
         return [Send(b, ref) for b in self.boundaries]

@@ -51,6 +51,12 @@ STRATEGIES: dict[str, Strategy] = {
             drift_aware=True,
         ),
         Strategy(
+            "echelon-sync",
+            "Echelon in lockstep: every boundary does H middle steps, then the outer step (reproducible)",
+            admissible=True,
+            synchronous=True,
+        ),
+        Strategy(
             "centralised",
             "one worker, all the data and compute (upper reference)",
             admissible=False,

@@ -44,12 +44,14 @@ class BoundaryDelta(_message.Message):
     def __init__(self, outer_step: _Optional[int] = ..., tokens: _Optional[int] = ..., delta: _Optional[_Union[_tensor_pb2.TensorPayload, _Mapping]] = ..., middle_step: _Optional[int] = ...) -> None: ...
 
 class GlobalReference(_message.Message):
-    __slots__ = ("outer_step", "parameters")
+    __slots__ = ("outer_step", "parameters", "final")
     OUTER_STEP_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
     outer_step: int
     parameters: _tensor_pb2.TensorPayload
-    def __init__(self, outer_step: _Optional[int] = ..., parameters: _Optional[_Union[_tensor_pb2.TensorPayload, _Mapping]] = ...) -> None: ...
+    final: bool
+    def __init__(self, outer_step: _Optional[int] = ..., parameters: _Optional[_Union[_tensor_pb2.TensorPayload, _Mapping]] = ..., final: _Optional[bool] = ...) -> None: ...
 
 class CadenceUpdate(_message.Message):
     __slots__ = ("interval",)

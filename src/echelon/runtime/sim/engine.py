@@ -134,22 +134,8 @@ class Simulation:
 
     def _check_budget(self, budget: BudgetConfig) -> None:
         g = self.global_plane
-        if budget.outer_steps is not None and g.outer_step >= budget.outer_steps:
-            g.finished, g.final_reason = True, g.final_reason or "outer_steps"
-            return
-        reasons = [
-            ("tokens", budget.tokens is not None and self.tokens >= budget.tokens),
-            ("virtual_seconds", budget.virtual_seconds is not None and self.now >= budget.virtual_seconds),
-            (
-                "cross_boundary_bytes",
-                budget.cross_boundary_bytes is not None
-                and self.cross_boundary_bytes >= budget.cross_boundary_bytes,
-            ),
-        ]
-        for reason, reached in reasons:
-            if reached:
-                self._do(GLOBAL, g.request_final_sync(self.now, reason))
-                return
+        if not g.finished:
+            self._do(GLOBAL, g.check_budget(self.now, budget, self.tokens, self.cross_boundary_bytes))
 
     @property
     def cross_boundary_bytes(self) -> int:

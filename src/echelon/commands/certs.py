@@ -1,0 +1,31 @@
+"""`echelon certs init RUN.yaml --out DIR`: the deployment CA and one certificate per party."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+
+from echelon.config import load_run
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    init = sub.add_parser("init", help="create the CA and the certificates of every party in a run file")
+    init.add_argument(
+        "run_file", type=Path, help="the run file whose boundaries and devices get certificates"
+    )
+    init.add_argument("--out", type=Path, required=True, help="directory to create (must not hold a CA)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from echelon.runtime.grpc.tls import init_certs
+
+    cfg = load_run(args.run_file)
+    parties = init_certs(args.out, {b.id: [d.id for d in b.devices] for b in cfg.boundaries})
+    Console().print(
+        f"created a deployment CA and {len(parties)} party certificates in {args.out} "
+        "(the CA key was discarded: no further certificate can be minted)"
+    )
+    return 0

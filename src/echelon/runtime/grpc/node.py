@@ -1,0 +1,159 @@
+"""The deployment driver of one plane: executes its sans-IO actions on an asyncio loop.
+
+The very plane objects the simulator drives run here; only the clock and the wires differ.
+`now` is seconds since the node started (monotonic). Timers are loop callbacks. A `Send` goes to
+the `Outbox` of the peer's link, which emulates the WAN (latency, jitter, bandwidth) before the
+frame is written, keeping per-link order. Emits go to a callback (metrics).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from google.protobuf.message import Message
+
+from echelon.config import LinkConfig
+from echelon.sansio import CancelTimer, Emit, PlaneAction, Send, SetTimer
+
+log = logging.getLogger("echelon.node")
+
+MAX_CHUNK = 1 << 20  # bytes of data per gRPC stream item
+
+
+class Outbox:
+    """Frames for one peer, released in order after the emulated link delay.
+
+    The delay of a frame is transmission (bytes / bandwidth after the previous frame left) plus
+    the link's latency with jitter, exactly the simulator's link model, on the wall clock.
+    """
+
+    def __init__(self, link: LinkConfig, rng: np.random.Generator) -> None:
+        self.link, self._rng = link, rng
+        self._queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+        self._free_at = 0.0
+        self._last = 0.0
+        self.closed = False
+
+    def put(self, frames: list[bytes]) -> None:
+        loop = asyncio.get_running_loop()
+        for frame in frames:
+            now = loop.time()
+            start = max(now, self._free_at)
+            self._free_at = start + len(frame) * 8 / (self.link.bandwidth_mbps * 1e6)
+            latency = self.link.latency_ms / 1e3
+            if self.link.jitter_pct:
+                latency *= 1 + (self.link.jitter_pct / 100) * self._rng.uniform(-1.0, 1.0)
+            self._last = max(self._free_at + latency, self._last)
+            self._queue.put_nowait((self._last, frame))
+
+    def close(self) -> None:
+        """No more frames: the stream ends once the queued ones are out."""
+        self.closed = True
+        self._queue.put_nowait(None)
+
+    async def frames(self):
+        """Yield frames at their release time; ends after `close`."""
+        loop = asyncio.get_running_loop()
+        while (item := await self._queue.get()) is not None:
+            at, frame = item
+            delay = at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            yield frame
+
+    @property
+    def empty(self) -> bool:
+        return self._queue.empty()
+
+
+def chunk(data: bytes) -> list[tuple[bytes, bool]]:
+    """`data` as (chunk, last) pieces of at most MAX_CHUNK bytes."""
+    pieces = [data[i : i + MAX_CHUNK] for i in range(0, max(len(data), 1), MAX_CHUNK)]
+    return [(p, i == len(pieces) - 1) for i, p in enumerate(pieces)]
+
+
+class Node:
+    """Runs one plane: feed it events with `deliver`/`call`, and it executes the actions.
+
+    `route(to, message)` hands a Send to the transport; `on_emit(kind, fields)` receives telemetry;
+    `on_other(action)` handles plane-specific actions (a device's StartLocalRound).
+    """
+
+    def __init__(
+        self,
+        plane: Any,
+        address: str,
+        route: Callable[[str, Message], None],
+        on_emit: Callable[[str, dict], None],
+        on_other: Callable[[object], None] | None = None,
+    ) -> None:
+        self.plane, self.address = plane, address
+        self._route, self._on_emit, self._on_other = route, on_emit, on_other
+        self._loop = asyncio.get_running_loop()
+        self._t0 = self._loop.time()
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self.failed: BaseException | None = None
+
+    def now(self) -> float:
+        return self._loop.time() - self._t0
+
+    def call(self, method: str, *args: object) -> None:
+        """Call `plane.<method>(now, *args)` and execute the actions it returns."""
+        self.do(getattr(self.plane, method)(self.now(), *args))
+
+    def deliver(self, sender: str, message: Message) -> None:
+        name = message.DESCRIPTOR.name
+        log.log(
+            logging.INFO if name in ("SyncRequest", "BoundaryDelta") else logging.DEBUG,
+            "%s <- %s: %s",
+            self.address,
+            sender,
+            name,
+        )
+        self.call("receive", sender, message)
+
+    def do(self, actions: list[PlaneAction]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                name = action.message.DESCRIPTOR.name
+                log.log(
+                    logging.INFO if name in ("SyncRequest", "BoundaryDelta") else logging.DEBUG,
+                    "%s -> %s: %s",
+                    self.address,
+                    action.to,
+                    name,
+                )
+                self._route(action.to, action.message)
+            elif isinstance(action, SetTimer):
+                self._cancel(action.key)
+                at = self._t0 + action.at
+                self._timers[action.key] = self._loop.call_at(at, self._fire, action.key)
+            elif isinstance(action, CancelTimer):
+                self._cancel(action.key)
+            elif isinstance(action, Emit):
+                self._on_emit(action.kind, {"time": self.now(), **action.fields})
+            elif self._on_other is not None:
+                self._on_other(action)
+            else:
+                raise TypeError(f"{self.address} cannot execute {action!r}")
+
+    def _cancel(self, key: str) -> None:
+        handle = self._timers.pop(key, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _fire(self, key: str) -> None:
+        self._timers.pop(key, None)
+        try:
+            self.call("on_timer", key)
+        except Exception as e:  # surfaced by the role's main loop, never swallowed
+            log.exception("%s: timer %s failed", self.address, key)
+            self.failed = e
+
+    def stop(self) -> None:
+        for key in list(self._timers):
+            self._cancel(key)
