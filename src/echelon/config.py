@@ -127,6 +127,18 @@ class SyncConfig(Strict):
         return self
 
 
+class SecAggConfig(Strict):
+    """SecAgg+ inside each boundary (ARCHITECTURE.md §4). Each coordinate of a weighted delta is
+    encoded in [-clip, clip] (echelon.clip) at scale 2^scale_bits; decoding error per coordinate
+    is at most n / 2^(scale_bits + 1) for n contributors."""
+
+    threshold: float = Field(0.5, gt=0, le=1, description="Shamir t as a fraction of a neighbourhood")
+    degree: int | None = Field(None, ge=2, description="neighbour degree k; null: the complete graph")
+    scale_bits: int = Field(20, ge=1, le=40, description="fixed-point scale 2^scale_bits")
+    bits: Literal[32, 64] | None = Field(None, description="ring Z_(2^bits); null picks from the headroom")
+    stage_timeout_s: float = Field(30.0, gt=0, description="deadline of each protocol stage")
+
+
 class EchelonConfig(Strict):
     """Boundary-plane knobs (ARCHITECTURE.md §2)."""
 
@@ -139,7 +151,10 @@ class EchelonConfig(Strict):
     staleness_exponent: float = Field(0.5, ge=0, description="a in w = (1 + s)^-a")
     max_staleness: int = Field(8, ge=0, description="s_max; staler updates are dropped")
     middle_lr: float = Field(1.0, gt=0, description="eta_mid")
-    aggregation: Literal["plain", "secagg"] = "plain"
+    aggregation: Literal["plain", "secagg"] = Field(
+        "secagg", description="secagg: the coordinator learns only the sum; plain: a simulation baseline"
+    )
+    secagg: SecAggConfig = SecAggConfig()
     min_quorum: int = Field(
         2, ge=1, description="fewest contributors an aggregate may have (1 lets one device's update cross)"
     )
@@ -153,6 +168,11 @@ class EchelonConfig(Strict):
             raise ValueError(
                 f"buffer_size ({self.buffer_size}) is below min_quorum ({self.min_quorum}): no middle step "
                 "could ever cross; raise buffer_size or lower min_quorum"
+            )
+        if self.aggregation == "secagg" and self.clip is None:
+            raise ValueError(
+                "secure aggregation encodes each coordinate in [-clip, clip]: set echelon.clip, or use "
+                "echelon.aggregation: plain"
             )
         return self
 

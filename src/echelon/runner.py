@@ -28,6 +28,7 @@ from echelon.planes.coordinator import GlobalPlane
 from echelon.planes.device import DevicePlane
 from echelon.rundir import RunDirectory
 from echelon.runtime.sim.engine import GLOBAL, Simulation, boundary_address, device_address, party_of
+from echelon.secagg import SecAggPlusAggregator, StageTimeouts
 from echelon.strategies import effective_config, get_strategy
 from echelon.train.data import Corpus, build_corpus, load_documents, partition, partition_skew
 from echelon.train.model import ModelBundle, build_model
@@ -60,9 +61,20 @@ def prepare(cfg: RunConfig) -> Prepared:
 
 
 def make_aggregator(cfg: RunConfig) -> Aggregator:
-    """The boundary's aggregation path."""
+    """The boundary's aggregation path: SecAgg+ (the default) or the plain weighted sum."""
     e = cfg.echelon
-    return PlainAggregator(min_quorum=e.min_quorum, timeout_s=e.aggregation_timeout_s)
+    if e.aggregation == "plain":
+        return PlainAggregator(min_quorum=e.min_quorum, timeout_s=e.aggregation_timeout_s)
+    s = e.secagg
+    return SecAggPlusAggregator(
+        threshold=s.threshold,
+        degree=s.degree,
+        min_quorum=e.min_quorum,
+        timeouts=StageTimeouts(*[s.stage_timeout_s] * 4),
+        clip=e.clip,
+        scale=2.0**s.scale_bits,
+        bits=s.bits,
+    )
 
 
 def open_audit_logs(run_dir: Path, cfg: RunConfig, min_quorum: int) -> dict[str, AuditLog]:

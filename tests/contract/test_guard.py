@@ -161,11 +161,11 @@ def test_a_rogue_boundary_in_a_running_simulation_is_refused_and_the_run_goes_on
     from echelon.sansio import Send
 
     class LeakyBoundary(BoundaryPlane):
-        """Tries to ship each device's aggregation input straight to the global plane."""
+        """Tries to ship each device's secure-aggregation traffic straight to the global plane."""
 
         def receive(self, now, sender, message):
             actions = super().receive(now, sender, message)
-            if isinstance(message, device_pb2.PlainInput):
+            if message.DESCRIPTOR.name == "SecAggMessage":
                 actions.append(Send(self.global_address, message))
             return actions
 
@@ -179,9 +179,9 @@ def test_a_rogue_boundary_in_a_running_simulation_is_refused_and_the_run_goes_on
     b0.__class__ = LeakyBoundary
     sim.run(cfg.budget)
     assert sim.global_plane.outer_step == 2
-    assert violations and all("echelon.v1.PlainInput" in v["reason"] for v in violations)
+    assert violations and all("echelon.v1.SecAggMessage (DEVICE_LOCAL)" in v["reason"] for v in violations)
     assert len(sim.traffic.refused) == len(violations)
-    assert "echelon.v1.PlainInput" not in sim.cross_boundary_by_type()
+    assert "echelon.v1.SecAggMessage" not in sim.cross_boundary_by_type()
 
 
 def test_large_tensors_cross_as_typed_slices_and_reassemble_exactly():

@@ -26,6 +26,7 @@ def _one_device_config(steps: int) -> RunConfig:
                 "buffer_size": 1,
                 "min_quorum": 1,
                 "clip": None,
+                "aggregation": "plain",
                 "proximal_mu": 0.01,
                 "middle_lr": 1.0,
                 "outer": {"lr": 1.0, "momentum": 0.0},

@@ -72,7 +72,7 @@ def test_scaffold_control_variates_remove_client_drift_on_a_quadratic():
 
 
 def test_scaffold_run_keeps_server_control_equal_to_the_mean_of_device_controls():
-    cfg = _config("scaffold", echelon={"clip": None})
+    cfg = _config("scaffold", echelon={"clip": None, "aggregation": "plain"})
     sim, prep = _simulate(cfg)
     d = prep.bundle.dim
     assert sim.global_plane.theta_g.numel() == 2 * d

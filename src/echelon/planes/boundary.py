@@ -186,7 +186,11 @@ class BoundaryPlane:
         return actions + self._try_fire(now)
 
     def _on_sync_request(self, now: float, msg: boundary_pb2.SyncRequest) -> list[PlaneAction]:
-        if self.finished or self.model is None or msg.outer_step in (self._sync_requested, self._awaiting_global):
+        if (
+            self.finished
+            or self.model is None
+            or msg.outer_step in (self._sync_requested, self._awaiting_global)
+        ):
             return []
         self._sync_requested = msg.outer_step
         return [] if self._round is not None else self._send_boundary_delta()

@@ -134,6 +134,9 @@ def effective_config(cfg: RunConfig) -> RunConfig:
     if s.synchronous:
         # Everyone waits for the outer step: nothing overlaps it.
         echelon = echelon.model_copy(update={"sync": echelon.sync.model_copy(update={"overlap": False})})
+    if s.local == "scaffold":
+        # Control variates have no declared range for fixed-point encoding: the plain sum.
+        echelon = echelon.model_copy(update={"aggregation": "plain"})
     if s.topology != "hierarchical":
         # The baselines anchor the proximal term at the round's starting model, not an EMA.
         echelon = echelon.model_copy(update={"reference_ema": None})

@@ -1,4 +1,5 @@
 from echelon.v1 import options_pb2 as _options_pb2
+from echelon.v1 import secagg_pb2 as _secagg_pb2
 from echelon.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -60,7 +61,7 @@ class Hello(_message.Message):
     def __init__(self, device_id: _Optional[str] = ...) -> None: ...
 
 class DeviceEnvelope(_message.Message):
-    __slots__ = ("device_id", "reference", "update_ready", "aggregation_request", "plain_input", "discarded", "hello")
+    __slots__ = ("device_id", "reference", "update_ready", "aggregation_request", "plain_input", "discarded", "hello", "secagg")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_FIELD_NUMBER: _ClassVar[int]
     UPDATE_READY_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +69,7 @@ class DeviceEnvelope(_message.Message):
     PLAIN_INPUT_FIELD_NUMBER: _ClassVar[int]
     DISCARDED_FIELD_NUMBER: _ClassVar[int]
     HELLO_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     reference: BoundaryReference
     update_ready: UpdateReady
@@ -75,4 +77,5 @@ class DeviceEnvelope(_message.Message):
     plain_input: PlainInput
     discarded: UpdateDiscarded
     hello: Hello
-    def __init__(self, device_id: _Optional[str] = ..., reference: _Optional[_Union[BoundaryReference, _Mapping]] = ..., update_ready: _Optional[_Union[UpdateReady, _Mapping]] = ..., aggregation_request: _Optional[_Union[AggregationRequest, _Mapping]] = ..., plain_input: _Optional[_Union[PlainInput, _Mapping]] = ..., discarded: _Optional[_Union[UpdateDiscarded, _Mapping]] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ...) -> None: ...
+    secagg: _secagg_pb2.SecAggMessage
+    def __init__(self, device_id: _Optional[str] = ..., reference: _Optional[_Union[BoundaryReference, _Mapping]] = ..., update_ready: _Optional[_Union[UpdateReady, _Mapping]] = ..., aggregation_request: _Optional[_Union[AggregationRequest, _Mapping]] = ..., plain_input: _Optional[_Union[PlainInput, _Mapping]] = ..., discarded: _Optional[_Union[UpdateDiscarded, _Mapping]] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., secagg: _Optional[_Union[_secagg_pb2.SecAggMessage, _Mapping]] = ...) -> None: ...
