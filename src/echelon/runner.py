@@ -60,16 +60,21 @@ def prepare(cfg: RunConfig) -> Prepared:
     return Prepared(bundle, corpus, shards, trainer, partition_skew(corpus.train_domain, parts))
 
 
-def make_aggregator(cfg: RunConfig) -> Aggregator:
-    """The boundary's aggregation path: SecAgg+ (the default) or the plain weighted sum."""
+def make_aggregator(cfg: RunConfig, min_quorum: int | None = None) -> Aggregator:
+    """The boundary's aggregation path: SecAgg+ (the default) or the plain weighted sum.
+
+    `min_quorum` overrides the run's (the outer round over boundaries needs only one aggregate:
+    each already met the quorum inside its boundary).
+    """
     e = cfg.echelon
+    quorum = e.min_quorum if min_quorum is None else min_quorum
     if e.aggregation == "plain":
-        return PlainAggregator(min_quorum=e.min_quorum, timeout_s=e.aggregation_timeout_s)
+        return PlainAggregator(min_quorum=quorum, timeout_s=e.aggregation_timeout_s)
     s = e.secagg
     return SecAggPlusAggregator(
         threshold=s.threshold,
         degree=s.degree,
-        min_quorum=e.min_quorum,
+        min_quorum=quorum,
         timeouts=StageTimeouts(*[s.stage_timeout_s] * 4),
         clip=e.clip,
         scale=2.0**s.scale_bits,
@@ -104,6 +109,7 @@ def build_simulation(
     e = cfg.echelon
     strategy = get_strategy(cfg.strategy)
     aggregator = make_aggregator(cfg)
+    outer = make_aggregator(cfg, min_quorum=1) if strategy.secure_outer else None
     theta0 = prep.trainer.initial_state()
     dim = theta0.numel()
     boundary_ids = [b.id for b in cfg.boundaries]
@@ -114,6 +120,7 @@ def build_simulation(
         Cadence(e.sync, strategy.drift_aware),
         e.sync.timeout_s,
         barrier=strategy.synchronous,
+        outer_aggregator=outer,
     )
     boundaries = {
         b.id: BoundaryPlane(
@@ -124,6 +131,7 @@ def build_simulation(
             aggregator,
             dim,
             lockstep=strategy.synchronous,
+            outer_aggregator=outer,
         )
         for b in cfg.boundaries
     }

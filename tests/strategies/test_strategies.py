@@ -132,6 +132,15 @@ class _Recording(EgressGuard):
         return frames
 
 
+def _update_tensor(body):
+    """The update tensor a boundary's message carries: Delta_b in the clear, or masked (+SA)."""
+    if body.DESCRIPTOR.name == "BoundaryDelta" and body.HasField("delta"):
+        return body.delta
+    if body.DESCRIPTOR.name == "OuterAggregation" and body.secagg.HasField("masked_input"):
+        return body.secagg.masked_input.masked
+    return None
+
+
 @pytest.mark.parametrize("name", [s.name for s in STRATEGIES.values() if s.topology == "flat"])
 def test_flat_strategies_are_not_admissible_and_a_real_boundary_guard_refuses_them(name):
     strategy = get_strategy(name)
@@ -143,12 +152,12 @@ def test_flat_strategies_are_not_admissible_and_a_real_boundary_guard_refuses_th
     sent: list = []
     sim._guards = {p: (_Recording(e, sent), i) for p, (e, i) in sim._guards.items()}
     sim.run(eff.budget)
-    updates = [(party, body) for party, body in sent if body.DESCRIPTOR.name == "BoundaryDelta"]
+    updates = [(party, body) for party, body in sent if _update_tensor(body) is not None]
     assert updates, "every device's update crossed its (one-device) boundary"
     strict = cfg.echelon.min_quorum
     assert strict >= 2
     for party, body in updates:
-        assert body.delta.contributors == 1
+        assert _update_tensor(body).contributors == 1
         with pytest.raises(ContractViolation, match="quorum"):
             EgressGuard(party, strict, None).send(0.0, body, "global")
 

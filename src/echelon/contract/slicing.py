@@ -30,16 +30,21 @@ def slice_envelope(envelope: boundary_pb2.CrossBoundaryEnvelope) -> list[boundar
     if name is None or len(getattr(body, name).data) <= MAX_SLICE_BYTES:
         return [envelope]
     tensor = getattr(body, name)
+    data, numel = memoryview(tensor.data), tensor.numel  # read once: each read copies the bytes
     itemsize = ITEMSIZE[tensor.dtype]
     per_slice = MAX_SLICE_BYTES // itemsize
+    # A template without the data, so each slice copies only the small fields, not the tensor.
+    template = boundary_pb2.CrossBoundaryEnvelope()
+    template.CopyFrom(envelope)
+    getattr(getattr(template, template.WhichOneof("body")), name).ClearField("data")
     slices = []
-    for start in range(0, tensor.numel, per_slice):
-        count = min(per_slice, tensor.numel - start)
+    for start in range(0, numel, per_slice):
+        count = min(per_slice, numel - start)
         part = boundary_pb2.CrossBoundaryEnvelope()
-        part.CopyFrom(envelope)
+        part.CopyFrom(template)
         part_tensor = getattr(getattr(part, part.WhichOneof("body")), name)
-        part_tensor.data = tensor.data[start * itemsize : (start + count) * itemsize]
-        part_tensor.numel, part_tensor.offset, part_tensor.total_numel = count, start, tensor.numel
+        part_tensor.data = bytes(data[start * itemsize : (start + count) * itemsize])
+        part_tensor.numel, part_tensor.offset, part_tensor.total_numel = count, start, numel
         slices.append(part)
     return slices
 

@@ -105,9 +105,17 @@ class Aggregator(ABC):
 
     @abstractmethod
     def join(
-        self, server: str, request: device_pb2.AggregationRequest, vector: np.ndarray, provenance: int
+        self,
+        server: str,
+        request: device_pb2.AggregationRequest,
+        vector: np.ndarray,
+        provenance: int,
+        contributors: int = 0,
     ) -> AggregationClient:
-        """A participant answers `request` with its unweighted `vector` (pre-scaled inside)."""
+        """A participant answers `request` with its unweighted `vector` (pre-scaled inside).
+
+        `contributors` is the quorum a BOUNDARY_AGGREGATE `vector` guarantees (0 for a device's).
+        """
 
 
 def encode_f32(vector: np.ndarray, provenance: int, contributors: int = 0) -> tensor_pb2.TensorPayload:
@@ -227,11 +235,17 @@ class PlainServer(AggregationServer):
 
 class PlainClient(AggregationClient):
     def __init__(
-        self, server: str, request: device_pb2.AggregationRequest, vector: np.ndarray, provenance: int
+        self,
+        server: str,
+        request: device_pb2.AggregationRequest,
+        vector: np.ndarray,
+        provenance: int,
+        contributors: int = 0,
     ) -> None:
         self._server = server
         self._message = device_pb2.PlainInput(
-            round_id=request.round_id, weighted_delta=encode_f32(request.weight * vector, provenance)
+            round_id=request.round_id,
+            weighted_delta=encode_f32(request.weight * vector, provenance, contributors),
         )
         self._done = False
 
@@ -260,6 +274,11 @@ class PlainAggregator(Aggregator):
         return PlainServer(round_id, weights, dim, provenance, self.min_quorum, self.timeout_s)
 
     def join(
-        self, server: str, request: device_pb2.AggregationRequest, vector: np.ndarray, provenance: int
+        self,
+        server: str,
+        request: device_pb2.AggregationRequest,
+        vector: np.ndarray,
+        provenance: int,
+        contributors: int = 0,
     ) -> PlainClient:
-        return PlainClient(server, request, vector, provenance)
+        return PlainClient(server, request, vector, provenance, contributors)

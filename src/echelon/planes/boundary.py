@@ -31,7 +31,7 @@ from google.protobuf.message import Message
 
 from echelon.config import EchelonConfig
 from echelon.contract.provenance import BoundaryModel
-from echelon.planes.aggregation import AggregateResult, AggregationServer, Aggregator
+from echelon.planes.aggregation import AggregateResult, AggregationClient, AggregationServer, Aggregator
 from echelon.planes.tensors import from_payload
 from echelon.sansio import Emit, PlaneAction, Send, SetTimer
 from echelon.v1 import boundary_pb2, device_pb2, tensor_pb2
@@ -83,7 +83,10 @@ class BoundaryPlane:
         aggregator: Aggregator,
         dim: int,
         lockstep: bool = False,
+        outer_aggregator: Aggregator | None = None,
     ) -> None:
+        """`outer_aggregator`: secure outer aggregation (+SA); Delta_b then joins the global plane's
+        round masked instead of crossing in BoundaryDelta."""
         self.boundary_id, self.global_address, self.cfg, self.dim = boundary_id, global_address, cfg, dim
         self._aggregator = aggregator
         self._devices = {d: _Device() for d in devices}
@@ -102,8 +105,11 @@ class BoundaryPlane:
         self.lockstep = lockstep
         self.interval: int | None = None  # H, as announced by the global plane
         self._middle_at_send = 0
-        self._held: list[str] = []
-        self.finished = False  # the global plane sent the final reference  # lockstep: devices waiting for the next global reference
+        self._held: list[str] = []  # lockstep: devices waiting for the next global reference
+        self.finished = False  # the global plane sent the final reference
+        self._outer_aggregator = outer_aggregator
+        self._outer_input: tuple[int, torch.Tensor, int] | None = None  # +SA: (outer step, Delta_b, quorum)
+        self._outer_client: AggregationClient | None = None
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -116,6 +122,8 @@ class BoundaryPlane:
             return self._on_global_reference(now, message)
         if isinstance(message, boundary_pb2.SyncRequest):
             return self._on_sync_request(now, message)
+        if isinstance(message, boundary_pb2.OuterAggregation):
+            return self._on_outer_aggregation(now, message)
         if isinstance(message, boundary_pb2.CadenceUpdate):
             self.interval = message.interval
             return []
@@ -198,16 +206,46 @@ class BoundaryPlane:
     def _send_boundary_delta(self) -> list[PlaneAction]:
         outer_step, self._sync_requested = self._sync_requested, None
         delta = boundary_pb2.BoundaryDelta(
-            outer_step=outer_step, tokens=self._tokens_since_sync, middle_step=self.middle_step
+            outer_step=outer_step,
+            tokens=self._tokens_since_sync,
+            middle_step=self.middle_step,
+            contributors=self.model.contributors,
         )
         payload = self.model.delta_payload()
-        if payload is not None:
+        if payload is not None and self._outer_aggregator is None:
             delta.delta.CopyFrom(payload)
+        elif payload is not None:
+            # +SA: Delta_b waits for the global plane's aggregation request and crosses masked.
+            self._outer_input = (outer_step, self.model.since_sync, self.model.contributors)
         self.model.start_sync()
         self._middle_at_send = self.middle_step
         self._awaiting_global = outer_step
         self._tokens_since_sync = 0
         return [Send(self.global_address, delta)]
+
+    def _on_outer_aggregation(self, now: float, msg: boundary_pb2.OuterAggregation) -> list[PlaneAction]:
+        """+SA: take part in the global plane's SecAgg+ round over the boundaries' Delta_b."""
+        if msg.WhichOneof("body") == "request":
+            if self._outer_input is None or self._outer_input[0] != msg.outer_step:
+                return []  # nothing to contribute for that outer step (or a replay)
+            _, delta_b, quorum = self._outer_input
+            self._outer_input = None
+            self._outer_client = self._outer_aggregator.join(
+                self.global_address, msg.request, delta_b.numpy(), tensor_pb2.BOUNDARY_AGGREGATE, quorum
+            )
+            actions = self._outer_client.start(now)
+        elif msg.WhichOneof("body") == "secagg" and self._outer_client is not None:
+            actions = self._outer_client.receive(now, msg.secagg)
+        else:
+            return []
+        if self._outer_client.done:
+            self._outer_client = None
+        return [
+            Send(a.to, boundary_pb2.OuterAggregation(outer_step=msg.outer_step, secagg=a.message))
+            if isinstance(a, Send)
+            else a
+            for a in actions
+        ]
 
     # -- middle steps ---------------------------------------------------------------------------
 

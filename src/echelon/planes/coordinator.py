@@ -18,10 +18,11 @@ import torch
 from google.protobuf.message import Message
 
 from echelon.config import BudgetConfig, OuterConfig
+from echelon.planes.aggregation import AggregateResult, AggregationServer, Aggregator
 from echelon.planes.controller import Cadence
 from echelon.planes.tensors import from_payload, to_payload
 from echelon.sansio import Emit, PlaneAction, Send, SetTimer
-from echelon.v1 import boundary_pb2, tensor_pb2
+from echelon.v1 import boundary_pb2, device_pb2, tensor_pb2
 
 SYNC_TIMER = "sync-timeout"
 BARRIER_TIMER = "barrier-deadline"
@@ -29,7 +30,7 @@ BARRIER_TIMER = "barrier-deadline"
 
 @dataclass
 class _Reported:
-    delta: torch.Tensor
+    delta: torch.Tensor | None  # None with secure outer aggregation: it arrives masked
     tokens: int
     contributors: int
     middle_step: int
@@ -65,10 +66,14 @@ class GlobalPlane:
         cadence: Cadence,
         sync_timeout_s: float,
         barrier: bool = False,
+        outer_aggregator: Aggregator | None = None,
     ) -> None:
         """`barrier`: synchronise only when every boundary has done H middle steps (synchronous
         strategies), or `sync_timeout_s` after the first one did; otherwise the leading boundary
-        triggers the outer step."""
+        triggers the outer step. `outer_aggregator` (+SA): the Delta_b reach this plane only as a
+        secure aggregate sum_b omega_b Delta_b, through a round it serves (`OuterAggregation`)."""
+        self.outer_aggregator = outer_aggregator
+        self._outer_round: AggregationServer | None = None
         self.boundaries = list(boundaries)
         self.outer = OuterOptimizer(theta0, outer)
         self.theta_g = theta0.clone()
@@ -112,14 +117,21 @@ class GlobalPlane:
         if isinstance(message, boundary_pb2.BoundaryDelta):
             if message.outer_step != self._syncing or sender in self._reported:
                 return []  # late (an outer step already applied without it) or duplicate
-            delta = (
-                from_payload(message.delta) if message.HasField("delta") else torch.zeros_like(self.theta_g)
-            )
+            if self.outer_aggregator is not None:
+                delta = None
+            elif message.HasField("delta"):
+                delta = from_payload(message.delta)
+            else:
+                delta = torch.zeros_like(self.theta_g)
             self._reported[sender] = _Reported(
-                delta, message.tokens, message.delta.contributors, message.middle_step
+                delta, message.tokens, message.contributors, message.middle_step
             )
             if len(self._reported) == len(self.boundaries):
                 return self._outer_step(now)
+        if isinstance(message, boundary_pb2.OuterAggregation) and self._outer_round is not None:
+            if message.outer_step != self._syncing or message.WhichOneof("body") != "secagg":
+                return []
+            return self._after_outer_round(now, self._outer_round.receive(now, sender, message.secagg))
         return []
 
     def _controller_tick(self, now: float, sender: str, status: boundary_pb2.BoundaryStatus) -> Emit:
@@ -146,7 +158,9 @@ class GlobalPlane:
         )
 
     def on_timer(self, now: float, key: str) -> list[PlaneAction]:
-        if key == f"{SYNC_TIMER}/{self._syncing}" and self._reported:
+        if self._outer_round is not None and key.startswith(f"agg/{self._outer_round.round_id}/"):
+            return self._after_outer_round(now, self._outer_round.on_timer(now, key))
+        if key == f"{SYNC_TIMER}/{self._syncing}" and self._reported and self._outer_round is None:
             return self._outer_step(now)  # proceed with the boundaries that answered
         if (
             key == f"{BARRIER_TIMER}/{self.outer_step}"
@@ -219,11 +233,52 @@ class GlobalPlane:
         actions: list[PlaneAction] = [Send(b, request) for b in self.boundaries]
         return actions + [SetTimer(f"{SYNC_TIMER}/{self._syncing}", now + self.sync_timeout_s)]
 
+    def _omega(self) -> dict[str, float]:
+        """omega_b: each reporting boundary's share of the tokens behind this outer step."""
+        total = sum(r.tokens for r in self._reported.values())
+        return {
+            b: (r.tokens / total if total else 1 / len(self._reported)) for b, r in self._reported.items()
+        }
+
     def _outer_step(self, now: float) -> list[PlaneAction]:
+        omega = self._omega()
+        if self.outer_aggregator is None:
+            return self._apply_outer(now, -sum(omega[b] * self._reported[b].delta for b in sorted(omega)))
+        # +SA: open a SecAgg+ round over the boundaries that have a Delta_b (weights are public).
+        weights = {b: w for b, w in omega.items() if self._reported[b].contributors > 0}
+        if not weights:
+            return self._apply_outer(now, torch.zeros_like(self.theta_g))
+        dim = self.theta_g.numel()
+        self._outer_round = self.outer_aggregator.server(
+            self._syncing, weights, dim, tensor_pb2.BOUNDARY_AGGREGATE
+        )
+        return self._after_outer_round(now, self._outer_round.start(now))
+
+    def _after_outer_round(self, now: float, actions: list[PlaneAction]) -> list[PlaneAction]:
+        """Wrap the round's messages for the boundaries; apply the outer step once it ends."""
+        step = self._syncing
+        out: list[PlaneAction] = []
+        for a in actions:
+            if isinstance(a, Send):
+                body = "request" if isinstance(a.message, device_pb2.AggregationRequest) else "secagg"
+                a = Send(a.to, boundary_pb2.OuterAggregation(outer_step=step, **{body: a.message}))
+            out.append(a)
+        outcome = self._outer_round.outcome
+        if outcome is None:
+            return out
+        self._outer_round = None
+        if isinstance(outcome, AggregateResult):
+            pseudo_gradient = -torch.from_numpy(outcome.weighted_sum / outcome.weight_sum).float()
+        else:
+            # Aborted (too few boundaries left): nothing was revealed and theta_g stays.
+            out.append(Emit("outer_aggregation_aborted", {"outer_step": step, "reason": outcome.reason}))
+            pseudo_gradient = torch.zeros_like(self.theta_g)
+        return out + self._apply_outer(now, pseudo_gradient)
+
+    def _apply_outer(self, now: float, pseudo_gradient: torch.Tensor) -> list[PlaneAction]:
+        """The outer step with `pseudo_gradient` = -sum_b omega_b Delta_b."""
         reported = self._reported
         total = sum(r.tokens for r in reported.values())
-        omega = {b: (r.tokens / total if total else 1 / len(reported)) for b, r in reported.items()}
-        pseudo_gradient = -sum(omega[b] * reported[b].delta for b in sorted(reported))
         self.theta_g = self.outer.step(pseudo_gradient)
         self.outer_step = self._syncing
         self._syncing, self._reported = None, {}

@@ -206,9 +206,14 @@ class SecAggPlusAggregator(Aggregator):
         return SecAggPlusServer(round_id, weights, dim, provenance, self)
 
     def join(
-        self, server: str, request: device_pb2.AggregationRequest, vector: np.ndarray, provenance: int
+        self,
+        server: str,
+        request: device_pb2.AggregationRequest,
+        vector: np.ndarray,
+        provenance: int,
+        contributors: int = 0,
     ) -> SecAggPlusClient:
-        return SecAggPlusClient(server, request, vector, provenance, self)
+        return SecAggPlusClient(server, request, vector, provenance, self, contributors)
 
 
 class Stage(IntEnum):
@@ -616,8 +621,10 @@ class SecAggPlusClient(AggregationClient):
         vector: np.ndarray,
         provenance: int,
         config: SecAggPlusAggregator,
+        contributors: int = 0,
     ) -> None:
         self._server = server
+        self._contributors = contributors  # the quorum a boundary aggregate input guarantees
         self._round = request.round_id
         self._weight = float(request.weight)
         self._vector: np.ndarray | None = np.asarray(vector).reshape(-1)
@@ -778,7 +785,11 @@ class SecAggPlusClient(AggregationClient):
         crypto.apply_masks(y, masks, chunk)
         masks.clear()
         return tensor_pb2.TensorPayload(
-            provenance=self._provenance, dtype=RING_DTYPE[codec.bits], numel=y.size, data=y.tobytes()
+            provenance=self._provenance,
+            contributors=self._contributors,
+            dtype=RING_DTYPE[codec.bits],
+            numel=y.size,
+            data=y.tobytes(),
         )
 
     def _on_unmask(self, request: secagg_pb2.SecAggUnmaskRequest) -> list[Action]:

@@ -33,6 +33,7 @@ class Strategy:
     local: Literal["proximal", "scaffold"] = "proximal"
     proximal: bool = True  # False: mu = 0 whatever the run file says
     averaging: bool = False  # True: outer lr 1, momentum 0 (the server averages)
+    secure_outer: bool = False  # +SA: the outer step sees only a SecAgg+ sum over boundaries
 
     @property
     def label(self) -> str:
@@ -49,6 +50,28 @@ STRATEGIES: dict[str, Strategy] = {
             "Echelon with the drift-aware cadence H = min_b H_b",
             admissible=True,
             drift_aware=True,
+        ),
+        Strategy(
+            "echelon+sa",
+            "Echelon with the boundaries' Delta_b securely aggregated at the global plane",
+            admissible=True,
+            secure_outer=True,
+        ),
+        Strategy(
+            "echelon-da+sa",
+            "Echelon-DA with the boundaries' Delta_b securely aggregated at the global plane",
+            admissible=True,
+            drift_aware=True,
+            secure_outer=True,
+        ),
+        Strategy(
+            "diloco+sa",
+            "DiLoCo with every device's update securely aggregated across boundaries (privacy parity)",
+            admissible=False,
+            topology="flat",
+            synchronous=True,
+            proximal=False,
+            secure_outer=True,
         ),
         Strategy(
             "echelon-sync",

@@ -1,4 +1,6 @@
+from echelon.v1 import device_pb2 as _device_pb2
 from echelon.v1 import options_pb2 as _options_pb2
+from echelon.v1 import secagg_pb2 as _secagg_pb2
 from echelon.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -32,16 +34,28 @@ class SyncRequest(_message.Message):
     def __init__(self, outer_step: _Optional[int] = ...) -> None: ...
 
 class BoundaryDelta(_message.Message):
-    __slots__ = ("outer_step", "tokens", "delta", "middle_step")
+    __slots__ = ("outer_step", "tokens", "delta", "middle_step", "contributors")
     OUTER_STEP_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     MIDDLE_STEP_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     outer_step: int
     tokens: int
     delta: _tensor_pb2.TensorPayload
     middle_step: int
-    def __init__(self, outer_step: _Optional[int] = ..., tokens: _Optional[int] = ..., delta: _Optional[_Union[_tensor_pb2.TensorPayload, _Mapping]] = ..., middle_step: _Optional[int] = ...) -> None: ...
+    contributors: int
+    def __init__(self, outer_step: _Optional[int] = ..., tokens: _Optional[int] = ..., delta: _Optional[_Union[_tensor_pb2.TensorPayload, _Mapping]] = ..., middle_step: _Optional[int] = ..., contributors: _Optional[int] = ...) -> None: ...
+
+class OuterAggregation(_message.Message):
+    __slots__ = ("outer_step", "request", "secagg")
+    OUTER_STEP_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
+    outer_step: int
+    request: _device_pb2.AggregationRequest
+    secagg: _secagg_pb2.SecAggMessage
+    def __init__(self, outer_step: _Optional[int] = ..., request: _Optional[_Union[_device_pb2.AggregationRequest, _Mapping]] = ..., secagg: _Optional[_Union[_secagg_pb2.SecAggMessage, _Mapping]] = ...) -> None: ...
 
 class GlobalReference(_message.Message):
     __slots__ = ("outer_step", "parameters", "final")
@@ -60,17 +74,19 @@ class CadenceUpdate(_message.Message):
     def __init__(self, interval: _Optional[int] = ...) -> None: ...
 
 class CrossBoundaryEnvelope(_message.Message):
-    __slots__ = ("boundary_id", "status", "sync_request", "boundary_delta", "global_reference", "cadence")
+    __slots__ = ("boundary_id", "status", "sync_request", "boundary_delta", "global_reference", "cadence", "outer_aggregation")
     BOUNDARY_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     SYNC_REQUEST_FIELD_NUMBER: _ClassVar[int]
     BOUNDARY_DELTA_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_REFERENCE_FIELD_NUMBER: _ClassVar[int]
     CADENCE_FIELD_NUMBER: _ClassVar[int]
+    OUTER_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     boundary_id: str
     status: BoundaryStatus
     sync_request: SyncRequest
     boundary_delta: BoundaryDelta
     global_reference: GlobalReference
     cadence: CadenceUpdate
-    def __init__(self, boundary_id: _Optional[str] = ..., status: _Optional[_Union[BoundaryStatus, _Mapping]] = ..., sync_request: _Optional[_Union[SyncRequest, _Mapping]] = ..., boundary_delta: _Optional[_Union[BoundaryDelta, _Mapping]] = ..., global_reference: _Optional[_Union[GlobalReference, _Mapping]] = ..., cadence: _Optional[_Union[CadenceUpdate, _Mapping]] = ...) -> None: ...
+    outer_aggregation: OuterAggregation
+    def __init__(self, boundary_id: _Optional[str] = ..., status: _Optional[_Union[BoundaryStatus, _Mapping]] = ..., sync_request: _Optional[_Union[SyncRequest, _Mapping]] = ..., boundary_delta: _Optional[_Union[BoundaryDelta, _Mapping]] = ..., global_reference: _Optional[_Union[GlobalReference, _Mapping]] = ..., cadence: _Optional[_Union[CadenceUpdate, _Mapping]] = ..., outer_aggregation: _Optional[_Union[OuterAggregation, _Mapping]] = ...) -> None: ...

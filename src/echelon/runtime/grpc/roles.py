@@ -180,6 +180,7 @@ async def run_global(cfg: RunConfig, creds: Credentials, listen: str, run_dir: P
         Cadence(e.sync, strategy.drift_aware),
         e.sync.timeout_s,
         barrier=strategy.synchronous,
+        outer_aggregator=make_aggregator(cfg, min_quorum=1) if strategy.secure_outer else None,
     )
     audit = _open_audit(run_dir, GLOBAL, creds, e.min_quorum)
     egress, ingress = EgressGuard(GLOBAL, e.min_quorum, audit), IngressGuard(GLOBAL, e.min_quorum, audit)
@@ -323,6 +324,9 @@ async def run_boundary(
         make_aggregator(cfg),
         dim,
         lockstep=get_strategy(cfg.strategy).synchronous,
+        outer_aggregator=make_aggregator(cfg, min_quorum=1)
+        if get_strategy(cfg.strategy).secure_outer
+        else None,
     )
     audit = _open_audit(run_dir, party, creds, e.min_quorum)
     egress, ingress = EgressGuard(party, e.min_quorum, audit), IngressGuard(party, e.min_quorum, audit)
