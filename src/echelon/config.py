@@ -139,6 +139,17 @@ class SecAggConfig(Strict):
     stage_timeout_s: float = Field(30.0, gt=0, description="deadline of each protocol stage")
 
 
+class StreamingConfig(Strict):
+    """Streaming DiLoCo (Douillard et al. 2025): one of `fragments` parameter fragments per outer
+    step, round robin; a boundary applies a fragment's reference `overlap_steps` middle steps
+    after sending (tau), mixing it with its own: (1 - mixing) * global + mixing * local (alpha)."""
+
+    fragments: int = Field(1, ge=1, description="P; 1: the whole model every outer step")
+    overlap_steps: int = Field(0, ge=0, description="tau, middle steps a sync overlaps with training")
+    mixing: float = Field(0.0, ge=0, lt=1, description="alpha, weight of the local fragment when merging")
+    pseudo_gradient_dtype: Literal["float32", "bfloat16"] = Field("float32", description="low-bit Delta_b")
+
+
 class EchelonConfig(Strict):
     """Boundary-plane knobs (ARCHITECTURE.md §2)."""
 
@@ -155,6 +166,7 @@ class EchelonConfig(Strict):
         "secagg", description="secagg: the coordinator learns only the sum; plain: a simulation baseline"
     )
     secagg: SecAggConfig = SecAggConfig()
+    streaming: StreamingConfig = StreamingConfig()
     min_quorum: int = Field(
         2, ge=1, description="fewest contributors an aggregate may have (1 lets one device's update cross)"
     )

@@ -119,8 +119,9 @@ def build_simulation(
         e.outer,
         Cadence(e.sync, strategy.drift_aware),
         e.sync.timeout_s,
-        barrier=strategy.synchronous,
+        barrier=strategy.synchronous or strategy.barrier,
         outer_aggregator=outer,
+        fragments=e.streaming.fragments,
     )
     boundaries = {
         b.id: BoundaryPlane(

@@ -21,7 +21,7 @@ CROSSING_CLASSES = frozenset(
     {options_pb2.AGGREGATE, options_pb2.CONTROL, options_pb2.TELEMETRY, options_pb2.AUDIT}
 )
 CROSSING_PROVENANCE = frozenset({tensor_pb2.BOUNDARY_AGGREGATE, tensor_pb2.GLOBAL})
-ITEMSIZE = {tensor_pb2.FLOAT32: 4, tensor_pb2.UINT32: 4, tensor_pb2.UINT64: 8}
+ITEMSIZE = {tensor_pb2.FLOAT32: 4, tensor_pb2.UINT32: 4, tensor_pb2.UINT64: 8, tensor_pb2.BFLOAT16: 2}
 ROUND_FIELDS = ("outer_step", "round_id", "middle_step")
 
 

@@ -107,6 +107,8 @@ class BoundaryPlane:
         self._middle_at_send = 0
         self._held: list[str] = []  # lockstep: devices waiting for the next global reference
         self.finished = False  # the global plane sent the final reference
+        self._sync_fragment = 0  # Streaming DiLoCo: the fragment the pending sync asked for
+        self._deferred: boundary_pb2.GlobalReference | None = None  # tau: a reference not yet applied
         self._outer_aggregator = outer_aggregator
         self._outer_input: tuple[int, torch.Tensor, int] | None = None  # +SA: (outer step, Delta_b, quorum)
         self._outer_client: AggregationClient | None = None
@@ -169,22 +171,28 @@ class BoundaryPlane:
     def _on_global_reference(self, now: float, msg: boundary_pb2.GlobalReference) -> list[PlaneAction]:
         theta_g = from_payload(msg.parameters)
         actions: list[PlaneAction] = []
+        fragment = msg.fragment if msg.fragments > 1 else 0
         if msg.final:
             # The run is over: keep the final model, start nothing more, send nothing more.
             self.finished = True
             if self.model is not None:
-                self.model.adopt(theta_g, keep_since_send=False)
+                self.model.adopt(theta_g, keep_since_send=False, fragment=fragment)
             return []
         if self.model is None:
             # The initial reference: every device that already said hello can start.
-            self.model = BoundaryModel(theta_g, self.cfg.min_quorum)
+            self.model = BoundaryModel(theta_g, self.cfg.min_quorum, self.cfg.streaming.fragments)
             for d, info in self._devices.items():
                 if info.live:
                     actions += self._send_reference(d)
             return actions
         if msg.outer_step != self._awaiting_global:
             return []
-        self.model.adopt(theta_g, keep_since_send=self.cfg.sync.overlap)
+        if self.middle_step - self._middle_at_send < self.cfg.streaming.overlap_steps:
+            self._deferred = msg  # tau: applied after that many middle steps since the send
+            return []
+        self._deferred = None
+        streaming = self.cfg.streaming
+        self.model.adopt(theta_g, self.cfg.sync.overlap, fragment, streaming.mixing)
         self._awaiting_global = None
         self.version += 1
         held, self._held = self._held, []
@@ -201,6 +209,7 @@ class BoundaryPlane:
         ):
             return []
         self._sync_requested = msg.outer_step
+        self._sync_fragment = msg.fragment if msg.fragments > 1 else 0
         return [] if self._round is not None else self._send_boundary_delta()
 
     def _send_boundary_delta(self) -> list[PlaneAction]:
@@ -209,15 +218,21 @@ class BoundaryPlane:
             outer_step=outer_step,
             tokens=self._tokens_since_sync,
             middle_step=self.middle_step,
-            contributors=self.model.contributors,
+            contributors=self.model.contributors[self._sync_fragment],
         )
-        payload = self.model.delta_payload()
+        f = self._sync_fragment
+        dtype = (
+            tensor_pb2.BFLOAT16
+            if self.cfg.streaming.pseudo_gradient_dtype == "bfloat16"
+            else tensor_pb2.FLOAT32
+        )
+        payload = self.model.delta_payload(f, dtype)
         if payload is not None and self._outer_aggregator is None:
             delta.delta.CopyFrom(payload)
         elif payload is not None:
             # +SA: Delta_b waits for the global plane's aggregation request and crosses masked.
-            self._outer_input = (outer_step, self.model.since_sync, self.model.contributors)
-        self.model.start_sync()
+            self._outer_input = (outer_step, self.model.delta(f).clone(), self.model.contributors[f])
+        self.model.start_sync(f)
         self._middle_at_send = self.middle_step
         self._awaiting_global = outer_step
         self._tokens_since_sync = 0
@@ -321,6 +336,8 @@ class BoundaryPlane:
             delta_b = self.model.apply_aggregate(outcome, self.cfg.middle_lr)
             self.version += 1
             self.middle_step += 1
+            if self._deferred is not None:
+                actions += self._on_global_reference(now, self._deferred)
             self.update_norm = float(torch.linalg.vector_norm(delta_b))
             beta = self.cfg.sync.drift_ema
             self.drift = beta * self.drift + (1 - beta) * self.model.drift_distance()

@@ -18,6 +18,7 @@ import torch
 from google.protobuf.message import Message
 
 from echelon.config import BudgetConfig, OuterConfig
+from echelon.contract.provenance import fragment_bounds
 from echelon.planes.aggregation import AggregateResult, AggregationServer, Aggregator
 from echelon.planes.controller import Cadence
 from echelon.planes.tensors import from_payload, to_payload
@@ -67,15 +68,19 @@ class GlobalPlane:
         sync_timeout_s: float,
         barrier: bool = False,
         outer_aggregator: Aggregator | None = None,
+        fragments: int = 1,
     ) -> None:
         """`barrier`: synchronise only when every boundary has done H middle steps (synchronous
         strategies), or `sync_timeout_s` after the first one did; otherwise the leading boundary
         triggers the outer step. `outer_aggregator` (+SA): the Delta_b reach this plane only as a
-        secure aggregate sum_b omega_b Delta_b, through a round it serves (`OuterAggregation`)."""
+        secure aggregate sum_b omega_b Delta_b, through a round it serves (`OuterAggregation`).
+        `fragments` (Streaming DiLoCo): outer step k synchronises fragment (k - 1) mod P only,
+        each fragment with its own outer optimizer state."""
         self.outer_aggregator = outer_aggregator
         self._outer_round: AggregationServer | None = None
         self.boundaries = list(boundaries)
-        self.outer = OuterOptimizer(theta0, outer)
+        self.bounds = fragment_bounds(theta0.numel(), fragments)
+        self.outers = [OuterOptimizer(theta0[lo:hi], outer) for lo, hi in self.bounds]
         self.theta_g = theta0.clone()
         self.cadence = cadence
         self.sync_timeout_s = sync_timeout_s
@@ -122,7 +127,8 @@ class GlobalPlane:
             elif message.HasField("delta"):
                 delta = from_payload(message.delta)
             else:
-                delta = torch.zeros_like(self.theta_g)
+                lo, hi = self.bounds[self._fragment(self._syncing)]
+                delta = torch.zeros(hi - lo)
             self._reported[sender] = _Reported(
                 delta, message.tokens, message.contributors, message.middle_step
             )
@@ -229,7 +235,9 @@ class GlobalPlane:
         self.cadence.on_sync()
         self._syncing = self.outer_step + 1
         self._reported = {}
-        request = boundary_pb2.SyncRequest(outer_step=self._syncing)
+        request = boundary_pb2.SyncRequest(
+            outer_step=self._syncing, fragment=self._fragment(self._syncing), fragments=len(self.bounds)
+        )
         actions: list[PlaneAction] = [Send(b, request) for b in self.boundaries]
         return actions + [SetTimer(f"{SYNC_TIMER}/{self._syncing}", now + self.sync_timeout_s)]
 
@@ -246,9 +254,10 @@ class GlobalPlane:
             return self._apply_outer(now, -sum(omega[b] * self._reported[b].delta for b in sorted(omega)))
         # +SA: open a SecAgg+ round over the boundaries that have a Delta_b (weights are public).
         weights = {b: w for b, w in omega.items() if self._reported[b].contributors > 0}
+        lo, hi = self.bounds[self._fragment(self._syncing)]
         if not weights:
-            return self._apply_outer(now, torch.zeros_like(self.theta_g))
-        dim = self.theta_g.numel()
+            return self._apply_outer(now, torch.zeros(hi - lo))
+        dim = hi - lo
         self._outer_round = self.outer_aggregator.server(
             self._syncing, weights, dim, tensor_pb2.BOUNDARY_AGGREGATE
         )
@@ -272,14 +281,18 @@ class GlobalPlane:
         else:
             # Aborted (too few boundaries left): nothing was revealed and theta_g stays.
             out.append(Emit("outer_aggregation_aborted", {"outer_step": step, "reason": outcome.reason}))
-            pseudo_gradient = torch.zeros_like(self.theta_g)
+            lo, hi = self.bounds[self._fragment(step)]
+            pseudo_gradient = torch.zeros(hi - lo)
         return out + self._apply_outer(now, pseudo_gradient)
 
     def _apply_outer(self, now: float, pseudo_gradient: torch.Tensor) -> list[PlaneAction]:
-        """The outer step with `pseudo_gradient` = -sum_b omega_b Delta_b."""
+        """The outer step with `pseudo_gradient` = -sum_b omega_b Delta_b (of the step's fragment)."""
         reported = self._reported
         total = sum(r.tokens for r in reported.values())
-        self.theta_g = self.outer.step(pseudo_gradient)
+        f = self._fragment(self._syncing)
+        lo, hi = self.bounds[f]
+        self.theta_g = self.theta_g.clone()
+        self.theta_g[lo:hi] = self.outers[f].step(pseudo_gradient)
         self.outer_step = self._syncing
         self._syncing, self._reported = None, {}
         for b, r in reported.items():
@@ -302,10 +315,20 @@ class GlobalPlane:
             record["stop_reason"] = self.final_reason
         return self._broadcast_reference() + self._announce_cadence() + [Emit("outer_step", record)]
 
+    def _fragment(self, outer_step: int) -> int:
+        """The fragment outer step `outer_step` (>= 1) synchronises: round robin."""
+        return (outer_step - 1) % len(self.bounds)
+
     def _broadcast_reference(self) -> list[PlaneAction]:
+        """theta_g after the outer step: all of it at the start, else the fragment just stepped."""
+        fragments = len(self.bounds) if self.outer_step > 0 else 1
+        f = self._fragment(self.outer_step) if fragments > 1 else 0
+        lo, hi = self.bounds[f] if fragments > 1 else (0, self.theta_g.numel())
         ref = boundary_pb2.GlobalReference(
             outer_step=self.outer_step,
-            parameters=to_payload(self.theta_g, tensor_pb2.GLOBAL),
+            parameters=to_payload(self.theta_g[lo:hi], tensor_pb2.GLOBAL),
             final=self.finished,
+            fragment=f,
+            fragments=fragments,
         )
         return [Send(b, ref) for b in self.boundaries]

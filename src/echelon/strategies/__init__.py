@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from echelon.config import BoundaryConfig, DeviceConfig, LinkConfig, RunConfig
+from echelon.config import BoundaryConfig, DeviceConfig, LinkConfig, RunConfig, StreamingConfig
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class Strategy:
     proximal: bool = True  # False: mu = 0 whatever the run file says
     averaging: bool = False  # True: outer lr 1, momentum 0 (the server averages)
     secure_outer: bool = False  # +SA: the outer step sees only a SecAgg+ sum over boundaries
+    barrier: bool = False  # the outer step waits for every boundary (implied by synchronous)
+    streaming: bool = False  # Streaming DiLoCo: fragments, overlap tau, mixing alpha, low-bit
 
     @property
     def label(self) -> str:
@@ -124,6 +126,15 @@ STRATEGIES: dict[str, Strategy] = {
             proximal=False,
         ),
         Strategy(
+            "streaming-diloco",
+            "DiLoCo syncing one parameter fragment per outer step, overlapped, merged, in bfloat16",
+            admissible=False,
+            topology="flat",
+            barrier=True,
+            proximal=False,
+            streaming=True,
+        ),
+        Strategy(
             "drift-diloco",
             "DiLoCo with the drift-aware cadence over devices",
             admissible=False,
@@ -157,6 +168,12 @@ def effective_config(cfg: RunConfig) -> RunConfig:
     if s.synchronous:
         # Everyone waits for the outer step: nothing overlaps it.
         echelon = echelon.model_copy(update={"sync": echelon.sync.model_copy(update={"overlap": False})})
+    if s.streaming:
+        # Fields the run file left at their plain defaults take the settings of Douillard et al. (2025).
+        paper = {"fragments": 4, "overlap_steps": 1, "mixing": 0.5, "pseudo_gradient_dtype": "bfloat16"}
+        plain = StreamingConfig()
+        left = {k: v for k, v in paper.items() if getattr(echelon.streaming, k) == getattr(plain, k)}
+        echelon = echelon.model_copy(update={"streaming": echelon.streaming.model_copy(update=left)})
     if s.local == "scaffold":
         # Control variates have no declared range for fixed-point encoding: the plain sum.
         echelon = echelon.model_copy(update={"aggregation": "plain"})

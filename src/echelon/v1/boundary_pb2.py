@@ -28,7 +28,7 @@ from echelon.v1 import secagg_pb2 as echelon_dot_v1_dot_secagg__pb2
 from echelon.v1 import tensor_pb2 as echelon_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x63helon/v1/boundary.proto\x12\nechelon.v1\x1a\x17\x65\x63helon/v1/device.proto\x1a\x18\x65\x63helon/v1/options.proto\x1a\x17\x65\x63helon/v1/secagg.proto\x1a\x17\x65\x63helon/v1/tensor.proto\"\x9f\x01\n\x0e\x42oundaryStatus\x12\x13\n\x0bmiddle_step\x18\x01 \x01(\x04\x12\r\n\x05\x64rift\x18\x02 \x01(\x01\x12\x13\n\x0bupdate_norm\x18\x03 \x01(\x01\x12\x0e\n\x06tokens\x18\x04 \x01(\x04\x12\x14\n\x0c\x63ontributors\x18\x05 \x01(\r\x12\x12\n\ntrain_loss\x18\x06 \x01(\x01\x12\x14\n\x0ctokens_total\x18\x07 \x01(\x04:\x04\x88\xb5\x18\x02\"\'\n\x0bSyncRequest\x12\x12\n\nouter_step\x18\x01 \x01(\x04:\x04\x88\xb5\x18\x02\"\x8e\x01\n\rBoundaryDelta\x12\x12\n\nouter_step\x18\x01 \x01(\x04\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12(\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x19.echelon.v1.TensorPayload\x12\x13\n\x0bmiddle_step\x18\x04 \x01(\x04\x12\x14\n\x0c\x63ontributors\x18\x05 \x01(\r:\x04\x88\xb5\x18\x01\"\x94\x01\n\x10OuterAggregation\x12\x12\n\nouter_step\x18\x01 \x01(\x04\x12\x31\n\x07request\x18\x02 \x01(\x0b\x32\x1e.echelon.v1.AggregationRequestH\x00\x12+\n\x06secagg\x18\x03 \x01(\x0b\x32\x19.echelon.v1.SecAggMessageH\x00:\x04\x88\xb5\x18\x01\x42\x06\n\x04\x62ody\"i\n\x0fGlobalReference\x12\x12\n\nouter_step\x18\x01 \x01(\x04\x12-\n\nparameters\x18\x02 \x01(\x0b\x32\x19.echelon.v1.TensorPayload\x12\r\n\x05\x66inal\x18\x03 \x01(\x08:\x04\x88\xb5\x18\x01\"\'\n\rCadenceUpdate\x12\x10\n\x08interval\x18\x01 \x01(\r:\x04\x88\xb5\x18\x02\"\xf7\x02\n\x15\x43rossBoundaryEnvelope\x12\x1a\n\x0b\x62oundary_id\x18\x01 \x01(\tB\x05\xd8\xb5\x18\x80\x01\x12,\n\x06status\x18\n \x01(\x0b\x32\x1a.echelon.v1.BoundaryStatusH\x00\x12/\n\x0csync_request\x18\x0b \x01(\x0b\x32\x17.echelon.v1.SyncRequestH\x00\x12\x33\n\x0e\x62oundary_delta\x18\x0c \x01(\x0b\x32\x19.echelon.v1.BoundaryDeltaH\x00\x12\x37\n\x10global_reference\x18\r \x01(\x0b\x32\x1b.echelon.v1.GlobalReferenceH\x00\x12,\n\x07\x63\x61\x64\x65nce\x18\x0e \x01(\x0b\x32\x19.echelon.v1.CadenceUpdateH\x00\x12\x39\n\x11outer_aggregation\x18\x0f \x01(\x0b\x32\x1c.echelon.v1.OuterAggregationH\x00:\x04\x88\xb5\x18\x02\x42\x06\n\x04\x62odyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x63helon/v1/boundary.proto\x12\nechelon.v1\x1a\x17\x65\x63helon/v1/device.proto\x1a\x18\x65\x63helon/v1/options.proto\x1a\x17\x65\x63helon/v1/secagg.proto\x1a\x17\x65\x63helon/v1/tensor.proto\"\x9f\x01\n\x0e\x42oundaryStatus\x12\x13\n\x0bmiddle_step\x18\x01 \x01(\x04\x12\r\n\x05\x64rift\x18\x02 \x01(\x01\x12\x13\n\x0bupdate_norm\x18\x03 \x01(\x01\x12\x0e\n\x06tokens\x18\x04 \x01(\x04\x12\x14\n\x0c\x63ontributors\x18\x05 \x01(\r\x12\x12\n\ntrain_loss\x18\x06 \x01(\x01\x12\x14\n\x0ctokens_total\x18\x07 \x01(\x04:\x04\x88\xb5\x18\x02\"L\n\x0bSyncRequest\x12\x12\n\nouter_step\x18\x01 \x01(\x04\x12\x10\n\x08\x66ragment\x18\x02 \x01(\r\x12\x11\n\tfragments\x18\x03 \x01(\r:\x04\x88\xb5\x18\x02\"\x8e\x01\n\rBoundaryDelta\x12\x12\n\nouter_step\x18\x01 \x01(\x04\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12(\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x19.echelon.v1.TensorPayload\x12\x13\n\x0bmiddle_step\x18\x04 \x01(\x04\x12\x14\n\x0c\x63ontributors\x18\x05 \x01(\r:\x04\x88\xb5\x18\x01\"\x94\x01\n\x10OuterAggregation\x12\x12\n\nouter_step\x18\x01 \x01(\x04\x12\x31\n\x07request\x18\x02 \x01(\x0b\x32\x1e.echelon.v1.AggregationRequestH\x00\x12+\n\x06secagg\x18\x03 \x01(\x0b\x32\x19.echelon.v1.SecAggMessageH\x00:\x04\x88\xb5\x18\x01\x42\x06\n\x04\x62ody\"\x8e\x01\n\x0fGlobalReference\x12\x12\n\nouter_step\x18\x01 \x01(\x04\x12-\n\nparameters\x18\x02 \x01(\x0b\x32\x19.echelon.v1.TensorPayload\x12\r\n\x05\x66inal\x18\x03 \x01(\x08\x12\x10\n\x08\x66ragment\x18\x04 \x01(\r\x12\x11\n\tfragments\x18\x05 \x01(\r:\x04\x88\xb5\x18\x01\"\'\n\rCadenceUpdate\x12\x10\n\x08interval\x18\x01 \x01(\r:\x04\x88\xb5\x18\x02\"\xf7\x02\n\x15\x43rossBoundaryEnvelope\x12\x1a\n\x0b\x62oundary_id\x18\x01 \x01(\tB\x05\xd8\xb5\x18\x80\x01\x12,\n\x06status\x18\n \x01(\x0b\x32\x1a.echelon.v1.BoundaryStatusH\x00\x12/\n\x0csync_request\x18\x0b \x01(\x0b\x32\x17.echelon.v1.SyncRequestH\x00\x12\x33\n\x0e\x62oundary_delta\x18\x0c \x01(\x0b\x32\x19.echelon.v1.BoundaryDeltaH\x00\x12\x37\n\x10global_reference\x18\r \x01(\x0b\x32\x1b.echelon.v1.GlobalReferenceH\x00\x12,\n\x07\x63\x61\x64\x65nce\x18\x0e \x01(\x0b\x32\x19.echelon.v1.CadenceUpdateH\x00\x12\x39\n\x11outer_aggregation\x18\x0f \x01(\x0b\x32\x1c.echelon.v1.OuterAggregationH\x00:\x04\x88\xb5\x18\x02\x42\x06\n\x04\x62odyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -54,15 +54,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BOUNDARYSTATUS']._serialized_start=143
   _globals['_BOUNDARYSTATUS']._serialized_end=302
   _globals['_SYNCREQUEST']._serialized_start=304
-  _globals['_SYNCREQUEST']._serialized_end=343
-  _globals['_BOUNDARYDELTA']._serialized_start=346
-  _globals['_BOUNDARYDELTA']._serialized_end=488
-  _globals['_OUTERAGGREGATION']._serialized_start=491
-  _globals['_OUTERAGGREGATION']._serialized_end=639
-  _globals['_GLOBALREFERENCE']._serialized_start=641
-  _globals['_GLOBALREFERENCE']._serialized_end=746
-  _globals['_CADENCEUPDATE']._serialized_start=748
-  _globals['_CADENCEUPDATE']._serialized_end=787
-  _globals['_CROSSBOUNDARYENVELOPE']._serialized_start=790
-  _globals['_CROSSBOUNDARYENVELOPE']._serialized_end=1165
+  _globals['_SYNCREQUEST']._serialized_end=380
+  _globals['_BOUNDARYDELTA']._serialized_start=383
+  _globals['_BOUNDARYDELTA']._serialized_end=525
+  _globals['_OUTERAGGREGATION']._serialized_start=528
+  _globals['_OUTERAGGREGATION']._serialized_end=676
+  _globals['_GLOBALREFERENCE']._serialized_start=679
+  _globals['_GLOBALREFERENCE']._serialized_end=821
+  _globals['_CADENCEUPDATE']._serialized_start=823
+  _globals['_CADENCEUPDATE']._serialized_end=862
+  _globals['_CROSSBOUNDARYENVELOPE']._serialized_start=865
+  _globals['_CROSSBOUNDARYENVELOPE']._serialized_end=1240
 # @@protoc_insertion_point(module_scope)

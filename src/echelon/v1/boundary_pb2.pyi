@@ -28,10 +28,14 @@ class BoundaryStatus(_message.Message):
     def __init__(self, middle_step: _Optional[int] = ..., drift: _Optional[float] = ..., update_norm: _Optional[float] = ..., tokens: _Optional[int] = ..., contributors: _Optional[int] = ..., train_loss: _Optional[float] = ..., tokens_total: _Optional[int] = ...) -> None: ...
 
 class SyncRequest(_message.Message):
-    __slots__ = ("outer_step",)
+    __slots__ = ("outer_step", "fragment", "fragments")
     OUTER_STEP_FIELD_NUMBER: _ClassVar[int]
+    FRAGMENT_FIELD_NUMBER: _ClassVar[int]
+    FRAGMENTS_FIELD_NUMBER: _ClassVar[int]
     outer_step: int
-    def __init__(self, outer_step: _Optional[int] = ...) -> None: ...
+    fragment: int
+    fragments: int
+    def __init__(self, outer_step: _Optional[int] = ..., fragment: _Optional[int] = ..., fragments: _Optional[int] = ...) -> None: ...
 
 class BoundaryDelta(_message.Message):
     __slots__ = ("outer_step", "tokens", "delta", "middle_step", "contributors")
@@ -58,14 +62,18 @@ class OuterAggregation(_message.Message):
     def __init__(self, outer_step: _Optional[int] = ..., request: _Optional[_Union[_device_pb2.AggregationRequest, _Mapping]] = ..., secagg: _Optional[_Union[_secagg_pb2.SecAggMessage, _Mapping]] = ...) -> None: ...
 
 class GlobalReference(_message.Message):
-    __slots__ = ("outer_step", "parameters", "final")
+    __slots__ = ("outer_step", "parameters", "final", "fragment", "fragments")
     OUTER_STEP_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
+    FRAGMENT_FIELD_NUMBER: _ClassVar[int]
+    FRAGMENTS_FIELD_NUMBER: _ClassVar[int]
     outer_step: int
     parameters: _tensor_pb2.TensorPayload
     final: bool
-    def __init__(self, outer_step: _Optional[int] = ..., parameters: _Optional[_Union[_tensor_pb2.TensorPayload, _Mapping]] = ..., final: _Optional[bool] = ...) -> None: ...
+    fragment: int
+    fragments: int
+    def __init__(self, outer_step: _Optional[int] = ..., parameters: _Optional[_Union[_tensor_pb2.TensorPayload, _Mapping]] = ..., final: _Optional[bool] = ..., fragment: _Optional[int] = ..., fragments: _Optional[int] = ...) -> None: ...
 
 class CadenceUpdate(_message.Message):
     __slots__ = ("interval",)

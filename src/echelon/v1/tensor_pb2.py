@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x63helon/v1/tensor.proto\x12\nechelon.v1\"\xb5\x01\n\rTensorPayload\x12*\n\nprovenance\x18\x01 \x01(\x0e\x32\x16.echelon.v1.Provenance\x12\x14\n\x0c\x63ontributors\x18\x02 \x01(\r\x12 \n\x05\x64type\x18\x03 \x01(\x0e\x32\x11.echelon.v1.DType\x12\r\n\x05numel\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0e\n\x06offset\x18\x06 \x01(\x04\x12\x13\n\x0btotal_numel\x18\x07 \x01(\x04*X\n\nProvenance\x12\x1a\n\x16PROVENANCE_UNSPECIFIED\x10\x00\x12\n\n\x06\x44\x45VICE\x10\x01\x12\x16\n\x12\x42OUNDARY_AGGREGATE\x10\x02\x12\n\n\x06GLOBAL\x10\x03*C\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\n\n\x06UINT32\x10\x02\x12\n\n\x06UINT64\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x63helon/v1/tensor.proto\x12\nechelon.v1\"\xb5\x01\n\rTensorPayload\x12*\n\nprovenance\x18\x01 \x01(\x0e\x32\x16.echelon.v1.Provenance\x12\x14\n\x0c\x63ontributors\x18\x02 \x01(\r\x12 \n\x05\x64type\x18\x03 \x01(\x0e\x32\x11.echelon.v1.DType\x12\r\n\x05numel\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0e\n\x06offset\x18\x06 \x01(\x04\x12\x13\n\x0btotal_numel\x18\x07 \x01(\x04*X\n\nProvenance\x12\x1a\n\x16PROVENANCE_UNSPECIFIED\x10\x00\x12\n\n\x06\x44\x45VICE\x10\x01\x12\x16\n\x12\x42OUNDARY_AGGREGATE\x10\x02\x12\n\n\x06GLOBAL\x10\x03*Q\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\n\n\x06UINT32\x10\x02\x12\n\n\x06UINT64\x10\x03\x12\x0c\n\x08\x42\x46LOAT16\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,7 +34,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROVENANCE']._serialized_start=223
   _globals['_PROVENANCE']._serialized_end=311
   _globals['_DTYPE']._serialized_start=313
-  _globals['_DTYPE']._serialized_end=380
+  _globals['_DTYPE']._serialized_end=394
   _globals['_TENSORPAYLOAD']._serialized_start=40
   _globals['_TENSORPAYLOAD']._serialized_end=221
 # @@protoc_insertion_point(module_scope)

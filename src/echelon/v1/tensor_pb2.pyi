@@ -18,6 +18,7 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FLOAT32: _ClassVar[DType]
     UINT32: _ClassVar[DType]
     UINT64: _ClassVar[DType]
+    BFLOAT16: _ClassVar[DType]
 PROVENANCE_UNSPECIFIED: Provenance
 DEVICE: Provenance
 BOUNDARY_AGGREGATE: Provenance
@@ -26,6 +27,7 @@ DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 UINT32: DType
 UINT64: DType
+BFLOAT16: DType
 
 class TensorPayload(_message.Message):
     __slots__ = ("provenance", "contributors", "dtype", "numel", "data", "offset", "total_numel")

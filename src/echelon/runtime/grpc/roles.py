@@ -179,8 +179,9 @@ async def run_global(cfg: RunConfig, creds: Credentials, listen: str, run_dir: P
         e.outer,
         Cadence(e.sync, strategy.drift_aware),
         e.sync.timeout_s,
-        barrier=strategy.synchronous,
+        barrier=strategy.synchronous or strategy.barrier,
         outer_aggregator=make_aggregator(cfg, min_quorum=1) if strategy.secure_outer else None,
+        fragments=e.streaming.fragments,
     )
     audit = _open_audit(run_dir, GLOBAL, creds, e.min_quorum)
     egress, ingress = EgressGuard(GLOBAL, e.min_quorum, audit), IngressGuard(GLOBAL, e.min_quorum, audit)
