@@ -1,0 +1,125 @@
+"""Contest files: validation errors name the file, the field and the fix; spaces and draws."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from echelon.cli import main
+from echelon.config import RunConfig
+from echelon.contest.space import default_space, trial_settings
+from echelon.contest.spec import load_contest
+from echelon.errors import ConfigError
+from echelon.strategies import STRATEGIES, get_strategy
+from tests.conftest import small_run
+
+
+def _contest(**overrides) -> dict:
+    base = {k: v for k, v in small_run().items() if k not in ("name", "budget")}
+    contest = {
+        "base": base,
+        "strategies": ["echelon", "fedavg"],
+        "budgets": {"syncs": {"outer_steps": 1}},
+        "seeds": 1,
+        "pilot": {"tokens": 200, "trials": 2},
+    }
+    contest.update(overrides)
+    return contest
+
+
+def _write(tmp_path, contest: dict):
+    path = tmp_path / "contest.yaml"
+    path.write_text(yaml.safe_dump(contest, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "words"),
+    [
+        ({"strategies": ["echelon", "fedavgg"]}, "strategies", "unknown strategy 'fedavgg'"),
+        ({"budgetz": {}}, "budgetz", "unknown field"),
+        ({"budgets": {}}, "budgets", "at least 1"),
+        ({"budgets": {"t": {"tokens": 0}}}, "budgets.t.tokens", "greater than or equal to 1"),
+        ({"budgets": {"t": {}}}, "budgets.t", "set at least one of"),
+        ({"strategies": ["fedavg"]}, "reference", "add it to `strategies` or set `reference`"),
+        (
+            {"spaces": {"diloco": {"train.lr": [0.1]}}},
+            "spaces",
+            "'diloco' is not among the contest's strategies",
+        ),
+        ({"spaces": {"echelon": {"seed": [1, 2]}}}, "spaces", "set by the contest, not tuned"),
+        ({"spaces": {"echelon": {"train.lr": [-1.0]}}}, "spaces.echelon.train.lr", "greater than 0"),
+        ({"spaces": {"echelon": {"train.lrr": [0.1]}}}, "spaces.echelon.train.lrr", "unknown field"),
+        (
+            {"spaces": {"fedavg": {"echelon.outer.lr": [0.5, 0.7]}}},
+            "spaces.fedavg.echelon.outer.lr",
+            "strategy fedavg fixes this knob",
+        ),
+        (
+            {"pilot": {"tokens": 200, "trials": 2, "search": "grid"}},
+            "spaces.echelon (the default space)",
+            "raise pilot.trials, or use search: random",
+        ),
+        ({"seeds": [1, 1]}, "seeds", "listed twice"),
+        ({"pilot": {"trials": 2}}, "pilot.tokens", "required field is missing"),
+        ({"base": "missing.yaml"}, "missing.yaml", "no such file"),
+        ({"base": {"boundaries": []}}, "base.boundaries", "at least 1"),
+    ],
+)
+def test_bad_contest_file_exits_2_naming_file_and_field(tmp_path, capsys, overrides, field, words):
+    path = _write(tmp_path, _contest(**overrides))
+    out = tmp_path / "out"
+    code = main(["bench", "contest", str(path), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err
+    assert "contest.yaml" in err or "missing.yaml" in err
+    assert field in err and words in err
+    assert not out.exists()
+
+
+def test_default_spaces_follow_the_strategy_fields():
+    base = RunConfig.model_validate(small_run())
+    for name, s in STRATEGIES.items():
+        space = default_space(s, base)
+        assert space["train.lr"] == [0.001, 0.003, 0.009]  # base lr 0.003 x {1/3, 1, 3}
+        assert ("echelon.proximal_mu" in space) == s.proximal
+        assert ("echelon.outer.lr" in space) == (not s.averaging), name
+        assert ("echelon.sync.kappa" in space) == s.drift_aware
+        if "echelon.sync.interval" in space:
+            assert space["echelon.sync.interval"] == [1, 2, 4]  # base H 2 x {1/2, 1, 2}
+    assert "echelon.sync.interval" not in default_space(get_strategy("centralised"), base)
+    # Boundaries of two devices with a quorum of two leave buffer_size nothing to tune.
+    assert "echelon.buffer_size" not in default_space(get_strategy("echelon"), base)
+
+
+def test_random_draws_are_seeded_distinct_and_grid_is_complete():
+    space = {"a": [1, 2, 3], "b": [10, 20]}
+    draws = trial_settings(space, "random", 4, 7, "echelon")
+    assert draws == trial_settings(space, "random", 4, 7, "echelon")  # same seed, same draws
+    assert len({(d["a"], d["b"]) for d in draws}) == 4
+    assert draws != trial_settings(space, "random", 4, 8, "echelon")
+    assert len(trial_settings(space, "random", 10, 0, "x")) == 6  # never more than the grid
+    assert trial_settings(space, "grid", 6, 0, "x")[:2] == [{"a": 1, "b": 10}, {"a": 1, "b": 20}]
+    with pytest.raises(ValueError, match=r"pilot\.trials is 5"):
+        trial_settings(space, "grid", 5, 0, "x")
+
+
+def test_quick_caps_seeds_and_trials_and_every_pilot_shares_the_token_budget(tmp_path):
+    path = _write(tmp_path, _contest(seeds=4, pilot={"tokens": 300, "trials": 5, "run_seed": 9}))
+    full, quick = load_contest(path), load_contest(path, quick=True)
+    assert full.seeds == (0, 1, 2, 3) and quick.seeds == (0, 1)
+    assert {len(t) for t in full.pilots.values()} == {5} and {len(t) for t in quick.pilots.values()} == {2}
+    for trials in full.pilots.values():
+        for t in trials:
+            assert t.config.budget.tokens == 300 and t.config.budget.outer_steps is None
+            assert t.config.seed == 9 and t.config.strategy == t.strategy
+            assert t.config.name == f"{t.strategy}-{t.run_id}"
+    # A grid larger than the trials is an error, except under --quick, which samples it.
+    grid = _write(tmp_path, _contest(pilot={"tokens": 300, "trials": 3, "search": "grid"}))
+    with pytest.raises(ConfigError, match="shrink the space"):
+        load_contest(grid)
+    assert {len(t) for t in load_contest(grid, quick=True).pilots.values()} == {2}
+    finals = full.finals({"echelon": {"train.lr": 0.01}})
+    assert [(f.budget, f.seed) for f in finals] == [("syncs", s) for s in range(4)]
+    assert all(f.config.train.lr == 0.01 and f.config.budget.outer_steps == 1 for f in finals)
