@@ -47,14 +47,11 @@ RESULTS = "results.csv"
 RUNS = "runs"
 
 
-class SweepFile(Strict):
-    """A sweep: a base run, a grid of dotted field paths to value lists, an optional target loss."""
+class OnBaseRun(Strict):
+    """A file built on a base run: `base` is a run file's path (relative to this file) or an
+    inline run (a mapping of run-file fields). Sweep and contest files share it."""
 
-    base: Path | dict[str, Any] = Field(
-        description="run file path (relative to the sweep file) or inline run"
-    )
-    grid: dict[str, list[Any]] = Field(min_length=1, description="dotted run-file field -> values")
-    target_loss: float | None = Field(None, gt=0, description="validation loss for time-to-target")
+    base: Path | dict[str, Any] = Field(description="run file path (relative to this file) or inline run")
 
     @field_validator("base", mode="before")
     @classmethod
@@ -67,6 +64,13 @@ class SweepFile(Strict):
     @classmethod
     def _resolve_base(cls, value: Path | dict[str, Any], info: ValidationInfo) -> Path | dict[str, Any]:
         return _resolve(value, info) if isinstance(value, Path) else value
+
+
+class SweepFile(OnBaseRun):
+    """A sweep: a base run, a grid of dotted field paths to value lists, an optional target loss."""
+
+    grid: dict[str, list[Any]] = Field(min_length=1, description="dotted run-file field -> values")
+    target_loss: float | None = Field(None, gt=0, description="validation loss for time-to-target")
 
     @field_validator("grid")
     @classmethod

@@ -38,8 +38,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
-from echelon.analysis.sweep import GRID_KEY, apply_point, run_id
-from echelon.config import BudgetConfig, RunConfig, Strict, _resolve, load_run
+from echelon.analysis.sweep import GRID_KEY, OnBaseRun, apply_point, run_id
+from echelon.config import BudgetConfig, RunConfig, Strict, load_run
 from echelon.contest.space import Space, default_space, describe, trial_settings
 from echelon.errors import ConfigError
 from echelon.strategies import STRATEGIES, effective_config, get_strategy
@@ -63,12 +63,9 @@ class PilotConfig(Strict):
     tie_tolerance: float = Field(0.0, ge=0, description="pilot losses this close are tied")
 
 
-class ContestFile(Strict):
+class ContestFile(OnBaseRun):
     """The contest file's fields (see the module docstring)."""
 
-    base: Path | dict[str, Any] = Field(
-        description="run file path (relative to the contest file) or inline run"
-    )
     strategies: list[str] | None = Field(None, min_length=1, description="default: every registered strategy")
     reference: str = Field("echelon", validate_default=True)
     budgets: dict[str, BudgetConfig] = Field(min_length=1)
@@ -76,18 +73,6 @@ class ContestFile(Strict):
     target_loss: float | None = Field(None, gt=0)
     pilot: PilotConfig
     spaces: dict[str, dict[str, list[Any]]] = Field(default_factory=dict)
-
-    @field_validator("base", mode="before")
-    @classmethod
-    def _path_or_mapping(cls, value: object) -> object:
-        if not isinstance(value, str | Path | dict):
-            raise ValueError("give a run file's path or an inline run (a mapping of run-file fields)")
-        return value
-
-    @field_validator("base")
-    @classmethod
-    def _resolve_base(cls, value: Path | dict[str, Any], info: ValidationInfo) -> Path | dict[str, Any]:
-        return _resolve(value, info) if isinstance(value, Path) else value
 
     @field_validator("strategies")
     @classmethod
