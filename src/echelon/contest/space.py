@@ -6,7 +6,8 @@ base run where a knob's scale depends on the model or fleet:
 
 | family           | knob                    | strategies                  | default values                     |
 |------------------|-------------------------|-----------------------------|------------------------------------|
-| local optimiser  | train.lr                | all                         | base lr x {1/3, 1, 3}              |
+| local optimiser  | train.lr                | AdamW inner steps           | base lr x {1/3, 1, 3}              |
+| local SGD        | train.lr                | SGD inner steps (SCAFFOLD)  | base lr x {10, 30, 100}            |
 | proximal term    | echelon.proximal_mu     | those with a proximal term  | {0, 0.01, 0.1}                     |
 | outer optimiser  | echelon.outer.lr        | those that do not average   | {0.5, 0.7, 1.0}                    |
 | outer optimiser  | echelon.outer.momentum  | those that do not average   | {0, 0.5, 0.9}                      |
@@ -15,7 +16,7 @@ base run where a knob's scale depends on the model or fleet:
 | boundary buffer  | echelon.buffer_size     | hierarchical                | min_quorum .. smallest boundary    |
 
 Which strategies a family applies to is read from the strategy's fields (`proximal`,
-`averaging`, `drift_aware`, `topology`), never from its name, so newly registered strategies get
+`averaging`, `drift_aware`, `topology`, `local`), never from its name, so newly registered strategies get
 a default space too.
 """
 
@@ -60,7 +61,16 @@ def _buffer_sizes(cfg: RunConfig) -> list[int]:
 
 
 DEFAULT_KNOBS: tuple[Knob, ...] = (
-    Knob("train.lr", "local optimiser", lambda s: True, lambda c: _scaled(c.train.lr, (1 / 3, 1, 3))),
+    Knob(
+        "train.lr",
+        "local optimiser",
+        lambda s: s.local != "scaffold",
+        lambda c: _scaled(c.train.lr, (1 / 3, 1, 3)),
+    ),
+    # SCAFFOLD's inner steps are plain SGD, which needs far larger steps than AdamW on the same model.
+    Knob(
+        "train.lr", "local SGD", lambda s: s.local == "scaffold", lambda c: _scaled(c.train.lr, (10, 30, 100))
+    ),
     Knob("echelon.proximal_mu", "proximal term", lambda s: s.proximal, lambda c: [0.0, 0.01, 0.1]),
     Knob("echelon.outer.lr", "outer optimiser", lambda s: not s.averaging, lambda c: [0.5, 0.7, 1.0]),
     Knob("echelon.outer.momentum", "outer optimiser", lambda s: not s.averaging, lambda c: [0.0, 0.5, 0.9]),
