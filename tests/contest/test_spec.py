@@ -82,7 +82,9 @@ def test_default_spaces_follow_the_strategy_fields():
     base = RunConfig.model_validate(small_run())
     for name, s in STRATEGIES.items():
         space = default_space(s, base)
-        assert space["train.lr"] == [0.001, 0.003, 0.009]  # base lr 0.003 x {1/3, 1, 3}
+        # base lr 0.003 x {1/3, 1, 3} for AdamW inner steps; x {10, 30, 100} for SCAFFOLD's SGD
+        sgd = s.local == "scaffold"
+        assert space["train.lr"] == ([0.03, 0.09, 0.3] if sgd else [0.001, 0.003, 0.009]), name
         assert ("echelon.proximal_mu" in space) == s.proximal
         assert ("echelon.outer.lr" in space) == (not s.averaging), name
         assert ("echelon.sync.kappa" in space) == s.drift_aware
