@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import socket
@@ -194,3 +195,76 @@ def test_ctrl_c_stops_every_process_and_leaves_no_run_directory(tmp_path):
     left = subprocess.run(["pgrep", "-f", str(run_file)], capture_output=True, text=True).stdout.split()
     assert left == [], f"processes left behind: {left}"
     assert not out.exists() and out.with_name(out.name + ".partial").exists()
+
+
+@pytest.mark.parametrize("victim", ["global", "boundary.b0"])
+def test_kill_9_and_a_restart_lose_no_outer_step(tmp_path, victim):
+    from echelon.audit.report import INTEGRITY, SIGNATURE
+    from echelon.audit.verify import verify_run
+
+    steps = 4
+    cfg = RunConfig.model_validate(small_run(budget={"outer_steps": steps}))
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(yaml.safe_dump(small_run(budget={"outer_steps": steps})))
+    certs = _certs(tmp_path / "certs", cfg)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    base = [sys.executable, "-m", "echelon", "serve"]
+    common = ["--config", str(run_file), "--certs", str(certs)]
+    global_at = _port()
+    argvs = {"global": [*base, "global", *common, "--listen", global_at, "--run-dir", str(run_dir)]}
+    for b in cfg.boundaries:
+        at = _port()
+        argvs[f"boundary.{b.id}"] = [
+            *[*base, "boundary", *common, "--id", b.id, "--listen", at, "--global", global_at],
+            *["--run-dir", str(run_dir)],
+        ]
+        for d in b.devices:
+            argvs[f"device.{d.id}"] = [
+                *base,
+                "device",
+                *common,
+                "--id",
+                d.id,
+                "--boundary",
+                at,
+                "--threads",
+                "1",
+            ]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs = {
+        party: subprocess.Popen(argv, stderr=(logs / f"{party}.log").open("wb"))
+        for party, argv in argvs.items()
+    }
+    metrics = run_dir / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if metrics.exists() and '"outer_step": 1,' in metrics.read_text():
+                break
+            time.sleep(0.2)
+        assert procs[victim].poll() is None, f"{victim} finished before it could be killed"
+        procs[victim].kill()  # kill -9: no cleanup, no close checkpoint in its audit log
+        procs[victim].wait()
+        procs[victim] = subprocess.Popen(
+            [*argvs[victim], *(["--resume"] if victim == "global" else [])],
+            stderr=(logs / f"{victim}.restarted.log").open("wb"),
+        )
+        # The run is over when the global plane and the boundaries are; a device still
+        # reconnecting to a boundary that already finished is a worker to stop, as launch does.
+        codes = {party: p.wait(timeout=300) for party, p in procs.items() if not party.startswith("device.")}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+    failed = {party: (logs / f"{party}.log").read_text()[-800:] for party, code in codes.items() if code}
+    assert not failed, failed
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    done = [r["outer_step"] for r in records if r["kind"] == "outer_step"]
+    assert sorted(set(done)) == list(range(steps + 1))  # none lost (a step may be recorded twice)
+    assert json.loads((run_dir / "summary.json").read_text())["outer_steps"] == steps
+    report = verify_run(run_dir)
+    assert report.per_device_bytes == 0
+    assert not [v for v in report.violations if v.category in (INTEGRITY, SIGNATURE)]
+    assert report.logs[victim].restarts == 1 and report.logs[victim].closed

@@ -76,8 +76,10 @@ class Deployment:
 
     def _start(self, party: str, argv: list[str]) -> None:
         log = (self.logs / f"{party}.log").open("wb")
+        # A session of its own: a terminal's Ctrl-C reaches only this process, which stops the
+        # children in order; the children's parent watch covers this process dying outright.
         self.procs[party] = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
         )
         log.close()
 
@@ -90,7 +92,9 @@ class Deployment:
 
     @property
     def finished(self) -> bool:
-        return all(p.poll() == 0 for p in self.procs.values())
+        """The global plane and every boundary exited cleanly: the run is over. Devices are
+        workers: one still reconnecting to a boundary that already finished is then stopped."""
+        return all(p.poll() == 0 for party, p in self.procs.items() if not party.startswith("device."))
 
     def stop(self) -> None:
         for p in self.procs.values():
@@ -148,6 +152,7 @@ def launch(cfg: RunConfig, run_file: Path, out: Path, *, force: bool, progress: 
                 for r in records:
                     bar.update(r["time"], r["tokens_total"], r["outer_step"], r["val_loss"])
                 time.sleep(0.2)
+        deployment.stop()  # devices left reconnecting to a finished boundary
         summary = json.loads((run_dir.staging / "summary.json").read_text())
     except BaseException:
         if deployment is not None:

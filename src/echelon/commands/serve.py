@@ -30,6 +30,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--run-dir", type=Path, help="where metrics, summary, weights and audit logs go")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (device)")
+    parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR's checkpoint (global)")
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -60,7 +61,8 @@ async def _serve(args: argparse.Namespace) -> int:
     if args.role == "global":
         _need(args, "run_dir")
         args.run_dir.mkdir(parents=True, exist_ok=True)
-        job = roles.run_global(cfg, load_credentials(args.certs, "global"), args.listen, args.run_dir)
+        creds = load_credentials(args.certs, "global")
+        job = roles.run_global(cfg, creds, args.listen, args.run_dir, resume=args.resume)
     elif args.role == "boundary":
         _need(args, "id", "global_target", "run_dir")
         creds = load_credentials(args.certs, f"boundary.{args.id}")

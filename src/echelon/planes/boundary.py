@@ -109,6 +109,8 @@ class BoundaryPlane:
         self.finished = False  # the global plane sent the final reference
         self._sync_fragment = 0  # Streaming DiLoCo: the fragment the pending sync asked for
         self._deferred: boundary_pb2.GlobalReference | None = None  # tau: a reference not yet applied
+        self.adopted_step = 0  # the outer step of the global reference theta_b is based on
+        self._last_delta: boundary_pb2.BoundaryDelta | None = None  # resent if asked again
         self._outer_aggregator = outer_aggregator
         self._outer_input: tuple[int, torch.Tensor, int] | None = None  # +SA: (outer step, Delta_b, quorum)
         self._outer_client: AggregationClient | None = None
@@ -179,13 +181,21 @@ class BoundaryPlane:
                 self.model.adopt(theta_g, keep_since_send=False, fragment=fragment)
             return []
         if self.model is None:
-            # The initial reference: every device that already said hello can start.
+            # The initial reference (or the current one, after a restart): devices that said hello start.
             self.model = BoundaryModel(theta_g, self.cfg.min_quorum, self.cfg.streaming.fragments)
+            self.adopted_step = msg.outer_step
             for d, info in self._devices.items():
                 if info.live:
                     actions += self._send_reference(d)
             return actions
         if msg.outer_step != self._awaiting_global:
+            if msg.fragments <= 1 and msg.outer_step > self.adopted_step:
+                # A newer whole reference resent after a restart (ours or the global plane's):
+                # catch up, keeping the middle steps since (they were never sent).
+                for f, (lo, hi) in enumerate(self.model.bounds):
+                    self.model.adopt(theta_g[lo:hi], keep_since_send=True, fragment=f)
+                self.adopted_step = msg.outer_step
+                self.version += 1
             return []
         if self.middle_step - self._middle_at_send < self.cfg.streaming.overlap_steps:
             self._deferred = msg  # tau: applied after that many middle steps since the send
@@ -194,6 +204,7 @@ class BoundaryPlane:
         streaming = self.cfg.streaming
         self.model.adopt(theta_g, self.cfg.sync.overlap, fragment, streaming.mixing)
         self._awaiting_global = None
+        self.adopted_step = msg.outer_step
         self.version += 1
         held, self._held = self._held, []
         for d in held:
@@ -202,6 +213,10 @@ class BoundaryPlane:
         return actions + self._try_fire(now)
 
     def _on_sync_request(self, now: float, msg: boundary_pb2.SyncRequest) -> list[PlaneAction]:
+        last = self._last_delta
+        if last is not None and msg.outer_step == self._awaiting_global == last.outer_step:
+            # Asked again for a delta already sent (the global plane restarted): the same one.
+            return [Send(self.global_address, last)]
         if (
             self.finished
             or self.model is None
@@ -233,6 +248,7 @@ class BoundaryPlane:
             # +SA: Delta_b waits for the global plane's aggregation request and crosses masked.
             self._outer_input = (outer_step, self.model.delta(f).clone(), self.model.contributors[f])
         self.model.start_sync(f)
+        self._last_delta = delta
         self._middle_at_send = self.middle_step
         self._awaiting_global = outer_step
         self._tokens_since_sync = 0
@@ -319,6 +335,9 @@ class BoundaryPlane:
     def _after_round_event(self, now: float) -> list[PlaneAction]:
         rnd = self._round
         if rnd is None or rnd.server.outcome is None:
+            return []
+        if self.finished:
+            self._round = None  # a round that ends after the final reference changes nothing
             return []
         self._round = None
         outcome = rnd.server.outcome

@@ -108,6 +108,28 @@ class GlobalPlane:
             + [Emit("outer_step", {"outer_step": 0, "time": now})]
         )
 
+    def peer_rejoined(self, now: float, boundary: str) -> list[PlaneAction]:
+        """`boundary` (re)connected, or this plane resumed from a checkpoint: bring it up to date
+        with the whole current reference, the cadence and, during a sync it has not answered,
+        the sync request again (a boundary answers a repeated request with the same delta)."""
+        if boundary not in self._middle_step:
+            return []
+        ref = boundary_pb2.GlobalReference(
+            outer_step=self.outer_step,
+            parameters=to_payload(self.theta_g, tensor_pb2.GLOBAL),
+            final=self.finished,
+        )
+        actions: list[PlaneAction] = [
+            Send(boundary, ref),
+            Send(boundary, boundary_pb2.CadenceUpdate(interval=self.cadence.interval)),
+        ]
+        if self._syncing is not None and boundary not in self._reported:
+            request = boundary_pb2.SyncRequest(
+                outer_step=self._syncing, fragment=self._fragment(self._syncing), fragments=len(self.bounds)
+            )
+            actions.append(Send(boundary, request))
+        return actions
+
     def receive(self, now: float, sender: str, message: Message) -> list[PlaneAction]:
         if sender not in self._middle_step or self.finished:
             return []

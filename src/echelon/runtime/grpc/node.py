@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -28,12 +29,16 @@ class Outbox:
     """Frames for one peer, released in order after the emulated link delay.
 
     The delay of a frame is transmission (bytes / bandwidth after the previous frame left) plus
-    the link's latency with jitter, exactly the simulator's link model, on the wall clock.
+    the link's latency with jitter, exactly the simulator's link model, on the wall clock. Only
+    the latest `frames()` iterator takes frames: a reconnect's new call retires the old one (a
+    failed call's iterator may linger in gRPC and would otherwise take frames to a dead stream).
     """
 
     def __init__(self, link: LinkConfig, rng: np.random.Generator) -> None:
         self.link, self._rng = link, rng
-        self._queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+        self._items: deque[tuple[float, bytes]] = deque()
+        self._wake = asyncio.Event()
+        self._epoch = 0
         self._free_at = 0.0
         self._last = 0.0
         self.closed = False
@@ -48,26 +53,40 @@ class Outbox:
             if self.link.jitter_pct:
                 latency *= 1 + (self.link.jitter_pct / 100) * self._rng.uniform(-1.0, 1.0)
             self._last = max(self._free_at + latency, self._last)
-            self._queue.put_nowait((self._last, frame))
+            self._items.append((self._last, frame))
+        self._wake.set()
 
     def close(self) -> None:
         """No more frames: the stream ends once the queued ones are out."""
         self.closed = True
-        self._queue.put_nowait(None)
+        self._wake.set()
 
     async def frames(self):
-        """Yield frames at their release time; ends after `close`."""
+        """Yield frames at their release time until closed and drained, or until retired."""
         loop = asyncio.get_running_loop()
-        while (item := await self._queue.get()) is not None:
-            at, frame = item
+        self._epoch += 1
+        epoch = self._epoch
+        self._wake.set()  # wakes a retired iterator, which then ends
+        while True:
+            if epoch != self._epoch:
+                return
+            if not self._items:
+                if self.closed:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            at, frame = self._items[0]
             delay = at - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
+                continue
+            self._items.popleft()
             yield frame
 
     @property
     def empty(self) -> bool:
-        return self._queue.empty()
+        return not self._items
 
 
 def chunk(data: bytes) -> list[tuple[bytes, bool]]:

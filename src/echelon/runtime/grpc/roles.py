@@ -15,12 +15,14 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import numpy as np
+import torch
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -123,7 +125,7 @@ async def _dial(
                 raise UserError(f"{server_party} at {target} refused this party: {e.details()}") from None
             if e.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
-            if "handshake" in (e.details() or "").lower() or "ssl" in (e.debug_error_string() or "").lower():
+            if "handshake failed" in (e.details() or "").lower():
                 # Not a network blip: retrying cannot help.
                 raise UserError(
                     f"TLS handshake with {server_party} at {target} failed: it does not accept this party's "
@@ -162,38 +164,73 @@ def _device_frames(device_id: str, body: Message) -> list[bytes]:
 
 
 def _open_audit(run_dir: Path, party: str, creds: Credentials, min_quorum: int) -> AuditLog:
+    """The party's audit log: continued after a restart (a torn last line is cut, and recorded)."""
     audit_dir(run_dir).mkdir(parents=True, exist_ok=True)
-    return AuditLog.create(log_path(run_dir, party), party, creds.audit_key(), "wall", min_quorum=min_quorum)
+    path = log_path(run_dir, party)
+    if path.exists():
+        return AuditLog.open(path, creds.audit_key(), repair=True)
+    return AuditLog.create(path, party, creds.audit_key(), "wall", min_quorum=min_quorum)
 
 
-async def run_global(cfg: RunConfig, creds: Credentials, listen: str, run_dir: Path) -> dict:
-    """Serve the global plane until it finishes; writes metrics, summary, weights and its audit log."""
+def checkpoint_path(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / "global.pt"
+
+
+def _save_checkpoint(run_dir: Path, plane: GlobalPlane, evals: list[float]) -> None:
+    """The global plane's whole protocol state after an outer step, written atomically."""
+    path = checkpoint_path(run_dir)
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"plane": plane, "evals": evals}, tmp)
+    os.replace(tmp, path)
+
+
+async def run_global(
+    cfg: RunConfig, creds: Credentials, listen: str, run_dir: Path, resume: bool = False
+) -> dict:
+    """Serve the global plane until it finishes; writes metrics, summary, weights and its audit log.
+
+    The plane is checkpointed at every outer step (before that step's reference goes out); with
+    `resume` it continues from the checkpoint, and every boundary that (re)connects is brought up
+    to date (`GlobalPlane.peer_rejoined`), so no outer step is lost or applied twice.
+    """
     require_admissible(cfg)
     wall0 = time.perf_counter()
     prep = prepare(cfg)
     e, strategy = cfg.echelon, get_strategy(cfg.strategy)
     boundaries = [boundary_address(b.id) for b in cfg.boundaries]
-    plane = GlobalPlane(
-        boundaries,
-        prep.trainer.initial_state(),
-        e.outer,
-        Cadence(e.sync, strategy.drift_aware),
-        e.sync.timeout_s,
-        barrier=strategy.synchronous or strategy.barrier,
-        outer_aggregator=make_aggregator(cfg, min_quorum=1) if strategy.secure_outer else None,
-        fragments=e.streaming.fragments,
+    if resume:
+        if not checkpoint_path(run_dir).exists():
+            raise UserError(
+                f"cannot resume: {checkpoint_path(run_dir)} does not exist (start without --resume)"
+            )
+        # Our own checkpoint, written by this code: a full object, not only tensors.
+        state = torch.load(checkpoint_path(run_dir), weights_only=False)
+        log.info("resuming from outer step %d", state["plane"].outer_step)
+    plane = (
+        state["plane"]
+        if resume
+        else GlobalPlane(
+            boundaries,
+            prep.trainer.initial_state(),
+            e.outer,
+            Cadence(e.sync, strategy.drift_aware),
+            e.sync.timeout_s,
+            barrier=strategy.synchronous or strategy.barrier,
+            outer_aggregator=make_aggregator(cfg, min_quorum=1) if strategy.secure_outer else None,
+            fragments=e.streaming.fragments,
+        )
     )
     audit = _open_audit(run_dir, GLOBAL, creds, e.min_quorum)
     egress, ingress = EgressGuard(GLOBAL, e.min_quorum, audit), IngressGuard(GLOBAL, e.min_quorum, audit)
     seeds = np.random.SeedSequence(cfg.seed).spawn(len(boundaries))
-    outboxes = {
-        boundary_address(b.id): Outbox(b.wan or cfg.network.wan, np.random.default_rng(s))
-        for b, s in zip(cfg.boundaries, seeds, strict=True)
-    }
+    links = {boundary_address(b.id): b.wan or cfg.network.wan for b in cfg.boundaries}
+    outboxes = {a: Outbox(links[a], np.random.default_rng(s)) for a, s in zip(links, seeds, strict=True)}
     metrics = (run_dir / "metrics.jsonl").open("a")
-    evals: list[float] = []
+    evals: list[float] = state["evals"] if resume else []
     done = asyncio.Event()
     connected: set[str] = set()
+    started = resume
 
     def cross_bytes() -> int:
         return egress.bytes_total + ingress.bytes_total
@@ -207,6 +244,10 @@ async def run_global(cfg: RunConfig, creds: Credentials, listen: str, run_dir: P
             evals.append(record["val_loss"])
         metrics.write(json.dumps(record, sort_keys=True) + "\n")
         metrics.flush()
+        if kind == "outer_step":
+            # After the record, before the step's reference goes out: a crash in between repeats
+            # the step's record on resume, never loses the step.
+            _save_checkpoint(run_dir, plane, evals)
 
     def route(to: str, message: Message) -> None:
         try:
@@ -247,13 +288,17 @@ async def run_global(cfg: RunConfig, creds: Credentials, listen: str, run_dir: P
                     after_event()
 
         reader = asyncio.create_task(read())
+        nonlocal started
         connected.add(address)
         log.info("%s connected", party)
-        if len(connected) == len(outboxes) and plane.outer_step == 0 and not getattr(node, "started", False):
-            node.started = True  # type: ignore[attr-defined]
+        if started:
+            node.do(plane.peer_rejoined(node.now(), address))
+        elif len(connected) == len(outboxes):
+            started = True
             node.do(plane.start(node.now()))
+        outbox = outboxes[address]
         try:
-            async for frame in outboxes[address].frames():
+            async for frame in outbox.frames():
                 yield frame
             # The final reference is out: read (and record) what the boundary sent before it saw
             # it, until the boundary closes its side, so both ends of every crossing are on record.
@@ -338,10 +383,16 @@ async def run_boundary(
         for d, s in zip(spec.devices, seeds[1:], strict=True)
     }
     live: set[str] = set()
+    streams: Counter[str] = Counter()  # connections per device, so only the latest one is live
     finishing = False
 
     def route(to: str, message: Message) -> None:
         if to == GLOBAL:
+            if to_global.closed:
+                log.error(
+                    "dropped a %s after the final reference (nothing crosses then)", message.DESCRIPTOR.name
+                )
+                return
             try:
                 to_global.put(egress.send(node.now(), message, GLOBAL))
             except ContractViolation as err:
@@ -381,9 +432,8 @@ async def run_boundary(
                     continue
                 node.deliver(address, unwrap(envelope))
 
-        if address in live:
-            to_device[address].close()  # a reconnect replaces the old stream
-            to_device[address] = Outbox(cfg.network.lan, np.random.default_rng())
+        streams[address] += 1  # a reconnect: the new stream's frames() retires the old one's
+        mine = streams[address]
         live.add(address)
         reader = asyncio.create_task(read())
         outbox = to_device[address]
@@ -394,7 +444,7 @@ async def run_boundary(
                     break
         finally:
             reader.cancel()
-            if to_device[address] is outbox and not finishing:
+            if streams[address] == mine and not finishing:
                 live.discard(address)
                 node.call("peer_lost", address)
 
