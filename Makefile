@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The demo as a local deployment (global, boundaries, devices as processes over gRPC + mTLS);
+# `.venv/bin/echelon demo` simulates the same run, bit-for-bit repeatably.
 demo: $(STAMP)
-	$(BIN)/echelon demo
+	$(BIN)/echelon demo --deploy
 
 test: $(STAMP) lint proto-check
 	$(BIN)/pytest

@@ -1,4 +1,5 @@
-"""`echelon demo`: the built-in demo run (two boundaries of three devices, 20 ms WAN, non-IID)."""
+"""`echelon demo [--deploy]`: the built-in demo run (two boundaries of three devices, 20 ms WAN,
+non-IID), simulated, or deployed as local processes over gRPC with mutual TLS."""
 
 from __future__ import annotations
 
@@ -15,7 +16,17 @@ def demo_file() -> Path:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add_run_options(parser)
+    parser.add_argument(
+        "--deploy",
+        action="store_true",
+        help="run it as a local deployment (processes over gRPC with mutual TLS) instead of simulating it",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per device process (--deploy)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.deploy:
+        from echelon.commands.launch import launch_file
+
+        return launch_file(demo_file(), args)
     return train_file(demo_file(), args)

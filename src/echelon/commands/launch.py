@@ -166,11 +166,14 @@ def launch(cfg: RunConfig, run_file: Path, out: Path, *, force: bool, progress: 
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_run(args.run_file)
+    return launch_file(args.run_file, args)
+
+
+def launch_file(path: Path, args: argparse.Namespace) -> int:
+    """Launch the run file at `path` with the command's options; print the summary."""
+    cfg = load_run(path)
     out = args.out or Path("runs") / cfg.name
-    summary = launch(
-        cfg, args.run_file, out, force=args.force, progress=not args.no_progress, threads=args.threads
-    )
+    summary = launch(cfg, path, out, force=args.force, progress=not args.no_progress, threads=args.threads)
     summary.setdefault("middle_steps", {})
     summary.setdefault("intra_boundary_bytes", {})
     print_summary(summary, out)
