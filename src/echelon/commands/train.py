@@ -43,7 +43,9 @@ def print_summary(s: dict, out: Path) -> None:
     t.add_row("tokens", f"{s['tokens']:,}")
     t.add_row("outer steps", f"{s['outer_steps']} (stopped by {s['stop_reason']})")
     t.add_row("middle steps", ", ".join(f"{b}: {n}" for b, n in s["middle_steps"].items()))
-    t.add_row("virtual time", f"{s['virtual_time_s']:.1f} s")
+    # A deployment's clock is the wall clock since the global plane started.
+    clock = "elapsed time (since the global plane started)" if s.get("runtime") == "grpc" else "virtual time"
+    t.add_row(clock, f"{s['virtual_time_s']:.1f} s")
     t.add_row("wall time", f"{s['wall_time_s']:.1f} s")
     console.print(t)
     b = Table(title="bytes by message type")
