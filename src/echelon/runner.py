@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from echelon.audit.layout import audit_dir, log_path
 from echelon.audit.log import AuditLog
-from echelon.config import RunConfig
+from echelon.config import BoundaryConfig, RunConfig
 from echelon.contract.guard import AuditSink, EgressGuard, IngressGuard
 from echelon.planes.aggregation import Aggregator, PlainAggregator
 from echelon.planes.boundary import BoundaryPlane
@@ -47,7 +48,7 @@ class Prepared:
 
 
 def prepare(cfg: RunConfig) -> Prepared:
-    """Model, corpus, shards and the local trainer for `cfg` (an effective config, see `resolve`)."""
+    """Model, corpus, shards and the local trainer for `cfg` (an `effective_config`)."""
     bundle = build_model(cfg.model, cfg.seed)
     corpus = build_corpus(load_documents(cfg.data, cfg.seed), bundle.tokenizer, cfg.data, cfg.seed)
     device_ids = [d.id for _, d in cfg.devices]
@@ -82,6 +83,49 @@ def make_aggregator(cfg: RunConfig, min_quorum: int | None = None) -> Aggregator
     )
 
 
+def make_global_plane(cfg: RunConfig, theta0: torch.Tensor) -> GlobalPlane:
+    """The global plane of `cfg` (an `effective_config`), starting from `theta0`."""
+    e, strategy = cfg.echelon, get_strategy(cfg.strategy)
+    return GlobalPlane(
+        [boundary_address(b.id) for b in cfg.boundaries],
+        theta0,
+        e.outer,
+        Cadence(e.sync, strategy.drift_aware),
+        e.sync.timeout_s,
+        barrier=strategy.synchronous or strategy.barrier,
+        outer_aggregator=make_aggregator(cfg, min_quorum=1) if strategy.secure_outer else None,
+        fragments=e.streaming.fragments,
+    )
+
+
+def make_boundary_plane(cfg: RunConfig, boundary: BoundaryConfig, dim: int) -> BoundaryPlane:
+    """The coordinator of `boundary` in `cfg` (an `effective_config`), for `dim`-vectors."""
+    strategy = get_strategy(cfg.strategy)
+    return BoundaryPlane(
+        boundary.id,
+        [device_address(d.id) for d in boundary.devices],
+        GLOBAL,
+        cfg.echelon,
+        make_aggregator(cfg),
+        dim,
+        lockstep=strategy.synchronous,
+        outer_aggregator=make_aggregator(cfg, min_quorum=1) if strategy.secure_outer else None,
+    )
+
+
+def make_device_plane(cfg: RunConfig, device_id: str, boundary_id: str, model_dim: int) -> DevicePlane:
+    """Device `device_id` of boundary `boundary_id`; `model_dim` is the model part of the state."""
+    e = cfg.echelon
+    return DevicePlane(
+        device_id,
+        boundary_address(boundary_id),
+        make_aggregator(cfg),
+        e.clip,
+        e.reference_ema,
+        model_dim=model_dim,
+    )
+
+
 def open_audit_logs(run_dir: Path, cfg: RunConfig, min_quorum: int) -> dict[str, AuditLog]:
     """One signed audit log per party (the global plane and each boundary) in `run_dir`/audit.
 
@@ -107,42 +151,11 @@ def build_simulation(
 ) -> Simulation:
     """Wire the three planes, the guards and the network for `cfg`; `audit` maps party -> log."""
     e = cfg.echelon
-    strategy = get_strategy(cfg.strategy)
-    aggregator = make_aggregator(cfg)
-    outer = make_aggregator(cfg, min_quorum=1) if strategy.secure_outer else None
     theta0 = prep.trainer.initial_state()
-    dim = theta0.numel()
-    boundary_ids = [b.id for b in cfg.boundaries]
-    global_plane = GlobalPlane(
-        [boundary_address(b) for b in boundary_ids],
-        theta0,
-        e.outer,
-        Cadence(e.sync, strategy.drift_aware),
-        e.sync.timeout_s,
-        barrier=strategy.synchronous or strategy.barrier,
-        outer_aggregator=outer,
-        fragments=e.streaming.fragments,
-    )
-    boundaries = {
-        b.id: BoundaryPlane(
-            b.id,
-            [device_address(d.id) for d in b.devices],
-            GLOBAL,
-            e,
-            aggregator,
-            dim,
-            lockstep=strategy.synchronous,
-            outer_aggregator=outer,
-        )
-        for b in cfg.boundaries
-    }
-    devices = {
-        d.id: DevicePlane(
-            d.id, boundary_address(b), aggregator, e.clip, e.reference_ema, model_dim=prep.bundle.dim
-        )
-        for b, d in cfg.devices
-    }
-    parties = [GLOBAL] + [party_of(boundary_address(b)) for b in boundary_ids]
+    global_plane = make_global_plane(cfg, theta0)
+    boundaries = {b.id: make_boundary_plane(cfg, b, theta0.numel()) for b in cfg.boundaries}
+    devices = {d.id: make_device_plane(cfg, d.id, b, prep.bundle.dim) for b, d in cfg.devices}
+    parties = [GLOBAL] + [party_of(boundary_address(b.id)) for b in cfg.boundaries]
     sinks = audit or {}
     guards = {
         p: (EgressGuard(p, e.min_quorum, sinks.get(p)), IngressGuard(p, e.min_quorum, sinks.get(p)))

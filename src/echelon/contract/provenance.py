@@ -98,11 +98,20 @@ class BoundaryModel:
         self.contributors[fragment] = 0
 
     def adopt(
-        self, theta_g_fragment: torch.Tensor, keep_since_send: bool, fragment: int = 0, mixing: float = 0.0
+        self,
+        theta_g_fragment: torch.Tensor,
+        keep_since_send: bool,
+        fragment: int | None = None,
+        mixing: float = 0.0,
     ) -> None:
-        """A new global reference for `fragment`: theta_g there becomes `theta_g_fragment`; theta_b
-        there becomes (1 - mixing) * theta_g + mixing * (theta_b as sent), plus the steps since the
-        send when overlapping (mixing 0: plain re-base on the global model)."""
+        """A new global reference for `fragment` (None: the whole vector, every fragment): theta_g
+        there becomes `theta_g_fragment`; theta_b there becomes (1 - mixing) * theta_g + mixing *
+        (theta_b as sent), plus the steps since the send when overlapping (mixing 0: plain re-base
+        on the global model)."""
+        if fragment is None:
+            for f, (lo, hi) in enumerate(self.bounds):
+                self.adopt(theta_g_fragment[lo:hi], keep_since_send, f, mixing)
+            return
         lo, hi = self.bounds[fragment]
         self.theta_g = self.theta_g.clone()
         self.theta_g[lo:hi] = theta_g_fragment

@@ -173,7 +173,7 @@ class BoundaryPlane:
     def _on_global_reference(self, now: float, msg: boundary_pb2.GlobalReference) -> list[PlaneAction]:
         theta_g = from_payload(msg.parameters)
         actions: list[PlaneAction] = []
-        fragment = msg.fragment if msg.fragments > 1 else 0
+        fragment = msg.fragment if msg.fragments > 1 else None  # None: the whole vector
         if msg.final:
             # The run is over: keep the final model, start nothing more, send nothing more.
             self.finished = True
@@ -189,11 +189,10 @@ class BoundaryPlane:
                     actions += self._send_reference(d)
             return actions
         if msg.outer_step != self._awaiting_global:
-            if msg.fragments <= 1 and msg.outer_step > self.adopted_step:
+            if fragment is None and msg.outer_step > self.adopted_step:
                 # A newer whole reference resent after a restart (ours or the global plane's):
                 # catch up, keeping the middle steps since (they were never sent).
-                for f, (lo, hi) in enumerate(self.model.bounds):
-                    self.model.adopt(theta_g[lo:hi], keep_since_send=True, fragment=f)
+                self.model.adopt(theta_g, keep_since_send=True)
                 self.adopted_step = msg.outer_step
                 self.version += 1
             return []

@@ -114,20 +114,12 @@ class GlobalPlane:
         the sync request again (a boundary answers a repeated request with the same delta)."""
         if boundary not in self._middle_step:
             return []
-        ref = boundary_pb2.GlobalReference(
-            outer_step=self.outer_step,
-            parameters=to_payload(self.theta_g, tensor_pb2.GLOBAL),
-            final=self.finished,
-        )
         actions: list[PlaneAction] = [
-            Send(boundary, ref),
+            Send(boundary, self._reference(whole=True)),
             Send(boundary, boundary_pb2.CadenceUpdate(interval=self.cadence.interval)),
         ]
         if self._syncing is not None and boundary not in self._reported:
-            request = boundary_pb2.SyncRequest(
-                outer_step=self._syncing, fragment=self._fragment(self._syncing), fragments=len(self.bounds)
-            )
-            actions.append(Send(boundary, request))
+            actions.append(Send(boundary, self._sync_request()))
         return actions
 
     def receive(self, now: float, sender: str, message: Message) -> list[PlaneAction]:
@@ -149,8 +141,7 @@ class GlobalPlane:
             elif message.HasField("delta"):
                 delta = from_payload(message.delta)
             else:
-                lo, hi = self.bounds[self._fragment(self._syncing)]
-                delta = torch.zeros(hi - lo)
+                delta = self._zero_fragment()
             self._reported[sender] = _Reported(
                 delta, message.tokens, message.contributors, message.middle_step
             )
@@ -257,9 +248,7 @@ class GlobalPlane:
         self.cadence.on_sync()
         self._syncing = self.outer_step + 1
         self._reported = {}
-        request = boundary_pb2.SyncRequest(
-            outer_step=self._syncing, fragment=self._fragment(self._syncing), fragments=len(self.bounds)
-        )
+        request = self._sync_request()
         actions: list[PlaneAction] = [Send(b, request) for b in self.boundaries]
         return actions + [SetTimer(f"{SYNC_TIMER}/{self._syncing}", now + self.sync_timeout_s)]
 
@@ -276,12 +265,10 @@ class GlobalPlane:
             return self._apply_outer(now, -sum(omega[b] * self._reported[b].delta for b in sorted(omega)))
         # +SA: open a SecAgg+ round over the boundaries that have a Delta_b (weights are public).
         weights = {b: w for b, w in omega.items() if self._reported[b].contributors > 0}
-        lo, hi = self.bounds[self._fragment(self._syncing)]
         if not weights:
-            return self._apply_outer(now, torch.zeros(hi - lo))
-        dim = hi - lo
+            return self._apply_outer(now, self._zero_fragment())
         self._outer_round = self.outer_aggregator.server(
-            self._syncing, weights, dim, tensor_pb2.BOUNDARY_AGGREGATE
+            self._syncing, weights, self._zero_fragment().numel(), tensor_pb2.BOUNDARY_AGGREGATE
         )
         return self._after_outer_round(now, self._outer_round.start(now))
 
@@ -303,8 +290,7 @@ class GlobalPlane:
         else:
             # Aborted (too few boundaries left): nothing was revealed and theta_g stays.
             out.append(Emit("outer_aggregation_aborted", {"outer_step": step, "reason": outcome.reason}))
-            lo, hi = self.bounds[self._fragment(step)]
-            pseudo_gradient = torch.zeros(hi - lo)
+            pseudo_gradient = self._zero_fragment()
         return out + self._apply_outer(now, pseudo_gradient)
 
     def _apply_outer(self, now: float, pseudo_gradient: torch.Tensor) -> list[PlaneAction]:
@@ -341,16 +327,34 @@ class GlobalPlane:
         """The fragment outer step `outer_step` (>= 1) synchronises: round robin."""
         return (outer_step - 1) % len(self.bounds)
 
-    def _broadcast_reference(self) -> list[PlaneAction]:
-        """theta_g after the outer step: all of it at the start, else the fragment just stepped."""
-        fragments = len(self.bounds) if self.outer_step > 0 else 1
-        f = self._fragment(self.outer_step) if fragments > 1 else 0
-        lo, hi = self.bounds[f] if fragments > 1 else (0, self.theta_g.numel())
-        ref = boundary_pb2.GlobalReference(
+    def _sync_request(self) -> boundary_pb2.SyncRequest:
+        """The request for the outer step in flight, naming the fragment it synchronises."""
+        fragment = self._fragment(self._syncing)
+        return boundary_pb2.SyncRequest(
+            outer_step=self._syncing, fragment=fragment, fragments=len(self.bounds)
+        )
+
+    def _zero_fragment(self) -> torch.Tensor:
+        """A zero pseudo-gradient for the fragment of the outer step in flight."""
+        lo, hi = self.bounds[self._fragment(self._syncing)]
+        return torch.zeros(hi - lo)
+
+    def _reference(self, whole: bool) -> boundary_pb2.GlobalReference:
+        """theta_g as of the last outer step: `whole`, or only the fragment that step moved."""
+        if whole or len(self.bounds) == 1:
+            f, fragments, (lo, hi) = 0, 1, (0, self.theta_g.numel())
+        else:
+            f, fragments = self._fragment(self.outer_step), len(self.bounds)
+            lo, hi = self.bounds[f]
+        return boundary_pb2.GlobalReference(
             outer_step=self.outer_step,
             parameters=to_payload(self.theta_g[lo:hi], tensor_pb2.GLOBAL),
             final=self.finished,
             fragment=f,
             fragments=fragments,
         )
+
+    def _broadcast_reference(self) -> list[PlaneAction]:
+        """theta_g after the outer step: all of it at the start, else the fragment just stepped."""
+        ref = self._reference(whole=self.outer_step == 0)
         return [Send(b, ref) for b in self.boundaries]

@@ -31,15 +31,13 @@ from echelon.audit.log import AuditLog
 from echelon.config import RunConfig
 from echelon.contract.guard import ContractViolation, EgressGuard, IngressGuard
 from echelon.errors import UserError
-from echelon.planes.boundary import BoundaryPlane
-from echelon.planes.controller import Cadence
 from echelon.planes.coordinator import GlobalPlane
-from echelon.planes.device import DevicePlane, StartLocalRound
-from echelon.runner import make_aggregator, prepare
+from echelon.planes.device import StartLocalRound
+from echelon.runner import make_boundary_plane, make_device_plane, make_global_plane, prepare
 from echelon.runtime.grpc.node import Node, Outbox, chunk
 from echelon.runtime.grpc.tls import Credentials, peer_identity
 from echelon.runtime.sim.engine import GLOBAL, boundary_address, device_address, party_of
-from echelon.strategies import get_strategy
+from echelon.strategies import effective_config, get_strategy
 from echelon.train.model import build_model
 from echelon.v1 import device_pb2, services_pb2
 from echelon.wire import unwrap, wrap_device
@@ -68,6 +66,13 @@ def require_admissible(cfg: RunConfig) -> None:
             f"strategy {cfg.strategy!r} is not admissible under the information-flow contract (per-device "
             "updates would cross a boundary); it runs only in simulation: `echelon train`"
         )
+
+
+def _deployable(cfg: RunConfig) -> RunConfig:
+    """The configuration a party runs for the run file `cfg`: refused unless admissible, then
+    resolved for its strategy exactly as the simulator resolves it."""
+    require_admissible(cfg)
+    return effective_config(cfg)
 
 
 def _server(creds: Credentials, listen: str) -> grpc.aio.Server:
@@ -194,7 +199,7 @@ async def run_global(
     `resume` it continues from the checkpoint, and every boundary that (re)connects is brought up
     to date (`GlobalPlane.peer_rejoined`), so no outer step is lost or applied twice.
     """
-    require_admissible(cfg)
+    cfg = _deployable(cfg)
     wall0 = time.perf_counter()
     prep = prepare(cfg)
     e, strategy = cfg.echelon, get_strategy(cfg.strategy)
@@ -207,20 +212,7 @@ async def run_global(
         # Our own checkpoint, written by this code: a full object, not only tensors.
         state = torch.load(checkpoint_path(run_dir), weights_only=False)
         log.info("resuming from outer step %d", state["plane"].outer_step)
-    plane = (
-        state["plane"]
-        if resume
-        else GlobalPlane(
-            boundaries,
-            prep.trainer.initial_state(),
-            e.outer,
-            Cadence(e.sync, strategy.drift_aware),
-            e.sync.timeout_s,
-            barrier=strategy.synchronous or strategy.barrier,
-            outer_aggregator=make_aggregator(cfg, min_quorum=1) if strategy.secure_outer else None,
-            fragments=e.streaming.fragments,
-        )
-    )
+    plane = state["plane"] if resume else make_global_plane(cfg, prep.trainer.initial_state())
     audit = _open_audit(run_dir, GLOBAL, creds, e.min_quorum)
     egress, ingress = EgressGuard(GLOBAL, e.min_quorum, audit), IngressGuard(GLOBAL, e.min_quorum, audit)
     seeds = np.random.SeedSequence(cfg.seed).spawn(len(boundaries))
@@ -353,7 +345,7 @@ async def run_boundary(
     cfg: RunConfig, creds: Credentials, boundary_id: str, listen: str, global_target: str, run_dir: Path
 ) -> None:
     """Coordinate boundary `boundary_id`: serve its devices, dial the global plane."""
-    require_admissible(cfg)
+    cfg = _deployable(cfg)
     spec = next((b for b in cfg.boundaries if b.id == boundary_id), None)
     if spec is None:
         raise UserError(
@@ -361,19 +353,7 @@ async def run_boundary(
         )
     e = cfg.echelon
     party = party_of(boundary_address(boundary_id))
-    dim = build_model(cfg.model, cfg.seed).dim
-    plane = BoundaryPlane(
-        boundary_id,
-        [device_address(d.id) for d in spec.devices],
-        GLOBAL,
-        e,
-        make_aggregator(cfg),
-        dim,
-        lockstep=get_strategy(cfg.strategy).synchronous,
-        outer_aggregator=make_aggregator(cfg, min_quorum=1)
-        if get_strategy(cfg.strategy).secure_outer
-        else None,
-    )
+    plane = make_boundary_plane(cfg, spec, build_model(cfg.model, cfg.seed).dim)
     audit = _open_audit(run_dir, party, creds, e.min_quorum)
     egress, ingress = EgressGuard(party, e.min_quorum, audit), IngressGuard(party, e.min_quorum, audit)
     seeds = np.random.SeedSequence([cfg.seed, len(boundary_id)]).spawn(len(spec.devices) + 1)
@@ -479,16 +459,13 @@ async def run_boundary(
 
 async def run_device(cfg: RunConfig, creds: Credentials, device_id: str, boundary_target: str) -> None:
     """Train device `device_id` for its boundary until the boundary ends the stream."""
-    require_admissible(cfg)
+    cfg = _deployable(cfg)
     owner = next((b for b, d in cfg.devices if d.id == device_id), None)
     if owner is None:
         raise UserError(f"device {device_id!r} is not in the run file")
     prep = prepare(cfg)
-    e = cfg.echelon
     boundary = boundary_address(owner)
-    plane = DevicePlane(
-        device_id, boundary, make_aggregator(cfg), e.clip, e.reference_ema, model_dim=prep.bundle.dim
-    )
+    plane = make_device_plane(cfg, device_id, owner, prep.bundle.dim)
     outbox = Outbox(cfg.network.lan, np.random.default_rng(cfg.seed))
     compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-round")
     loop = asyncio.get_running_loop()
@@ -514,6 +491,11 @@ async def run_device(cfg: RunConfig, creds: Credentials, device_id: str, boundar
     node = Node(plane, device_address(device_id), route, lambda kind, fields: None, on_other)
     reassembly = _DeviceReassembly()
 
+    def on_connect() -> None:
+        nonlocal reassembly
+        reassembly = _DeviceReassembly()  # a half-received envelope died with the old stream
+        node.call("start")
+
     def on_frame(frame: bytes) -> None:
         envelope = reassembly.add(frame)
         if envelope is not None:
@@ -527,7 +509,7 @@ async def run_device(cfg: RunConfig, creds: Credentials, device_id: str, boundar
             f"boundary.{owner}",
             LOCAL_METHOD,
             outbox,
-            lambda: node.call("start"),
+            on_connect,
             on_frame,
         )
     )
