@@ -125,27 +125,13 @@ class Node:
         self.do(getattr(self.plane, method)(self.now(), *args))
 
     def deliver(self, sender: str, message: Message) -> None:
-        name = message.DESCRIPTOR.name
-        log.log(
-            logging.INFO if name in ("SyncRequest", "BoundaryDelta") else logging.DEBUG,
-            "%s <- %s: %s",
-            self.address,
-            sender,
-            name,
-        )
+        log.debug("%s <- %s: %s", self.address, sender, message.DESCRIPTOR.name)
         self.call("receive", sender, message)
 
     def do(self, actions: list[PlaneAction]) -> None:
         for action in actions:
             if isinstance(action, Send):
-                name = action.message.DESCRIPTOR.name
-                log.log(
-                    logging.INFO if name in ("SyncRequest", "BoundaryDelta") else logging.DEBUG,
-                    "%s -> %s: %s",
-                    self.address,
-                    action.to,
-                    name,
-                )
+                log.debug("%s -> %s: %s", self.address, action.to, action.message.DESCRIPTOR.name)
                 self._route(action.to, action.message)
             elif isinstance(action, SetTimer):
                 self._cancel(action.key)
