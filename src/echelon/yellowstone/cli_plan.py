@@ -63,10 +63,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     fleet = load_fleet(args.fleet)
-    name, shape = resolve_model(args.model)
+    name, shape, source = resolve_model(args.model)
     profile = build_profile(
         name, shape, trainable=args.trainable, dtype=args.dtype, seq_len=args.seq_len,
-        micro_batch=args.micro_batch, lora_rank=args.lora_rank,
+        micro_batch=args.micro_batch, lora_rank=args.lora_rank, source=source,
     )  # fmt: skip
     plan = plan_fleet(fleet, profile, CostSettings(micro_batches=args.micro_batches))
     out = args.out or Path("runs") / f"plan-{fleet.name}"

@@ -53,6 +53,7 @@ class UnitInfo(_Model):
 
 class ModelInfo(_Model):
     name: str
+    source: str  # what the executor builds: a preset name or an absolute checkpoint directory
     trainable: Literal["lora", "full"]
     dtype: str
     seq_len: int

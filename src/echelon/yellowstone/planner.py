@@ -768,7 +768,7 @@ def plan_fleet(
 def model_info(profile: ModelProfile) -> P.ModelInfo:
     s = profile.shape
     return P.ModelInfo(
-        name=profile.name, trainable=profile.trainable, dtype=profile.dtype, seq_len=profile.seq_len,
+        name=profile.name, source=profile.source, trainable=profile.trainable, dtype=profile.dtype, seq_len=profile.seq_len,
         micro_batch=profile.micro_batch, lora_rank=profile.lora_rank, hidden=s.hidden, layers=s.layers,
         vocab=s.vocab,
         units=[
