@@ -20,7 +20,7 @@ from rich.table import Table
 
 from echelon.errors import UserError
 from echelon.rundir import RunDirectory
-from echelon.yellowstone.execute.job import FAILURES, safe_name
+from echelon.yellowstone.execute.job import FAILURES, model_config, safe_name
 from echelon.yellowstone.execute.topology import check_executable, plan_devices, plan_digest
 from echelon.yellowstone.plan import Plan, read_plan
 
@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         for line in torchrun_commands(plan, str(args.plan), str(out), _worker_args(args), args.endpoint):
             print(line)
         return 0
+    model_config(plan, dropout=0.0)  # the model must be buildable here before any process starts
     devices = plan_devices(plan)
     run_dir = _run_directory(out, plan, args)
     threads = args.threads or max(1, (os.cpu_count() or 1) // len(devices))
@@ -105,7 +106,14 @@ def run(args: argparse.Namespace) -> int:
             f"the job failed after {args.max_restarts} restart(s): {failed}; see {run_dir.staging / 'logs'}; "
             f"`echelon execute {args.plan} --resume --out {out}` continues from the last checkpoint"
         )
-    summary = summarise(plan, run_dir.staging)
+    summary = summarise(plan, run_dir.staging, args.steps)
+    stopped = [r["replica"] for r in summary["replicas"] if r["steps"] < args.steps]
+    if len(stopped) == len(summary["replicas"]):
+        run_dir.abandon()
+        raise UserError(
+            f"every replica stopped before {args.steps} steps: "
+            f"{'; '.join(summary['backups_applied']) or 'see the logs'} ({run_dir.staging / 'logs'})"
+        )
     run_dir.write_json("summary.json", summary)
     run_dir.commit()
     render(summary, console)
@@ -131,7 +139,7 @@ def _run_directory(out: Path, plan: Plan, args: argparse.Namespace) -> RunDirect
     return RunDirectory.resume(out)
 
 
-def summarise(plan: Plan, staging: Path) -> dict:
+def summarise(plan: Plan, staging: Path, steps: int) -> dict:
     """Measured against predicted, per replica, from the records the leaders wrote."""
     failures = (
         [json.loads(x) for x in (staging / FAILURES).read_text().splitlines()]
@@ -211,6 +219,9 @@ def render(summary: dict, console: Console) -> None:
     console.print(table)
     for line in summary["backups_applied"]:
         console.print(f"backup applied: {line}")
+    for r in summary["replicas"]:
+        if r["steps"] < summary["steps"]:
+            console.print(f"replica {r['replica']} stopped after {r['steps']} steps (its backup dropped it)")
     for replica in summary["replicas"]:
         for seconds in replica["recovery_s"]:
             console.print(

@@ -345,7 +345,10 @@ class Worker:
         checkpoints = Checkpoints(opts.out, spec, plan_digest(self.plan))
         start = checkpoints.restore(driver)
         batches = StepBatches(
-            _corpus(self.plan, bundle, opts), spec.micro_batch * spec.micro_batches, opts.seed, index
+            corpus_rows(self.plan, bundle.tokenizer, opts),
+            spec.micro_batch * spec.micro_batches,
+            opts.seed,
+            index,
         )
         out = opts.out / "replicas" / safe_name(spec.id)
         out.mkdir(parents=True, exist_ok=True)
@@ -380,7 +383,8 @@ class Worker:
         )
 
 
-def _corpus(plan: Plan, bundle, opts: JobOptions) -> np.ndarray:
+def corpus_rows(plan: Plan, tokenizer, opts: JobOptions) -> np.ndarray:
+    """The training sequences of the built-in corpus at the plan's sequence length."""
     from echelon.config import DataConfig, PartitionConfig
     from echelon.train.data import build_corpus, load_documents
 
@@ -388,7 +392,7 @@ def _corpus(plan: Plan, bundle, opts: JobOptions) -> np.ndarray:
         seq_len=plan.model.seq_len, max_documents=opts.documents, partition=PartitionConfig(kind="iid")
     )
     p2p.data_loaded("corpus")
-    return build_corpus(load_documents(data, opts.seed), bundle.tokenizer, data, opts.seed).train
+    return build_corpus(load_documents(data, opts.seed), tokenizer, data, opts.seed).train
 
 
 def _write_json(path: Path, data: dict) -> None:

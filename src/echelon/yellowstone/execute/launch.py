@@ -4,8 +4,9 @@
 `WorkerSpec` running `python -m echelon.yellowstone.worker`, the `LocalElasticAgent`) with one
 addition: before the agent restarts a failed worker group it writes which device's worker died to
 `failures.jsonl` (`PlanAgent`), so the restarted workers apply that device's backup. A device is
-blamed when its worker died by a signal other than the agent's own SIGTERM (kill -9, a
-segfault); when none did, the earliest failure is blamed. `torchrun_commands` prints the line each host of a real fleet runs instead.
+lost when its worker died by a signal other than the agent's own SIGTERM (kill -9, a segfault);
+a worker that raised is restarted without losing its device, and one that refused its input
+(exit 2) stops the job at once. `torchrun_commands` prints the line each host of a real fleet runs instead.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from echelon.yellowstone.execute.job import FAILURES
 from echelon.yellowstone.plan import Plan
 
 WORKER = "echelon.yellowstone.worker"
+USER_ERROR = 2  # a worker's exit status for bad input (`echelon.errors.UserError`)
 
 
 class PlanAgent(LocalElasticAgent):
@@ -41,23 +43,24 @@ class PlanAgent(LocalElasticAgent):
     def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
         result = super()._monitor_workers(worker_group)
         if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY) and result.failures:
-            self._record(result)
+            if any(f.exitcode == USER_ERROR for f in result.failures.values()):
+                self._remaining_restarts = 0  # bad input fails the same way every time
+            else:
+                self._record(result)
         return result
 
     def _record(self, result: RunResult) -> None:
-        failures = result.failures
-        # SIGTERM is how the agent stops the other workers once one has failed: never a cause.
-        causes = {r: f for r, f in failures.items() if f.exitcode != -signal.SIGTERM} or failures
-        killed = [r for r, f in causes.items() if f.exitcode < 0]
-        blamed = killed or [min(causes, key=lambda r: causes[r].timestamp)]
+        # A device is lost when its process dies by a signal: kill -9, a crash of the process.
+        # SIGTERM is how the agent stops the other workers once one has failed, never a cause;
+        # an exception (a peer's broken connection, a bug) restarts the job without blaming anyone.
+        lost = {r: f for r, f in result.failures.items() if f.exitcode < 0 and f.exitcode != -signal.SIGTERM}
         with (self.out / FAILURES).open("a") as log:
-            for rank in sorted(blamed):
-                f = failures[rank]
+            for rank, f in sorted(lost.items()):
                 entry = {
                     "device": self.devices[rank],
                     "rank": rank,
                     "exitcode": f.exitcode,
-                    "signal": f.signal_name() if f.exitcode < 0 else None,
+                    "signal": f.signal_name(),
                     "time": time.time(),
                     "restarts_left": self._remaining_restarts,
                 }

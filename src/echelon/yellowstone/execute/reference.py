@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import torch
 
-from echelon.yellowstone.execute.job import StepBatches, model_config
+from echelon.yellowstone.execute.job import JobOptions, StepBatches, corpus_rows, model_config
 from echelon.yellowstone.plan import Plan
 
 
-def reference_losses(plan: Plan, train, replica: int, steps: int, seed: int, lr: float) -> list[float]:
+def reference_losses(plan: Plan, options: JobOptions, replica: int = 0) -> list[float]:
     """Per-step mean loss of replica `replica`'s batches trained in one process (fp32)."""
     from echelon.train.model import build_model
 
-    bundle = build_model(model_config(plan, dropout=0.0), seed)
+    bundle = build_model(model_config(plan, dropout=0.0), options.seed)
     rep = [r for b in plan.boundaries for r in b.replicas][replica]
-    batches = StepBatches(train, rep.micro_batch * rep.micro_batches, seed, replica)
-    optimizer = torch.optim.AdamW(bundle.trainable, lr=lr, foreach=True)
+    train = corpus_rows(plan, bundle.tokenizer, options)
+    batches = StepBatches(train, rep.micro_batch * rep.micro_batches, options.seed, replica)
+    optimizer = torch.optim.AdamW(bundle.trainable, lr=options.lr, foreach=True)
     losses = []
-    for step in range(steps):
+    for step in range(options.steps):
         tokens = batches(step)
         loss = bundle.model(input_ids=tokens, labels=tokens).loss
         loss.backward()
