@@ -34,6 +34,7 @@ from echelon.strategies import effective_config, get_strategy
 from echelon.train.data import Corpus, build_corpus, load_documents, partition, partition_skew
 from echelon.train.model import ModelBundle, build_model
 from echelon.train.trainer import LocalTrainer, ScaffoldTrainer
+from echelon.yellowstone.execute.devices import PlannedDevice, PlannedTrainer
 
 
 @dataclass
@@ -47,8 +48,13 @@ class Prepared:
     skew: float
 
 
-def prepare(cfg: RunConfig) -> Prepared:
-    """Model, corpus, shards and the local trainer for `cfg` (an `effective_config`)."""
+def prepare(cfg: RunConfig, workdir: Path | None = None, local_devices: set[str] | None = None) -> Prepared:
+    """Model, corpus, shards and the local trainer for `cfg` (an `effective_config`).
+
+    Devices that are replicas of a Yellowstone plan (`boundaries[].plan`) train on their plan's
+    job, which keeps its checkpoints and logs under `workdir`; call `trainer.close()` after the run.
+    `local_devices` names the devices whose rounds this process runs (None: all, as in simulation).
+    """
     bundle = build_model(cfg.model, cfg.seed)
     corpus = build_corpus(load_documents(cfg.data, cfg.seed), bundle.tokenizer, cfg.data, cfg.seed)
     device_ids = [d.id for _, d in cfg.devices]
@@ -56,8 +62,21 @@ def prepare(cfg: RunConfig) -> Prepared:
         corpus.train_domain, len(device_ids), cfg.data.partition, cfg.seed, cfg.train.micro_batch
     )
     shards = dict(zip(device_ids, parts, strict=True))
-    local = ScaffoldTrainer if get_strategy(cfg.strategy).local == "scaffold" else LocalTrainer
-    trainer = local(bundle, corpus, shards, cfg.train, cfg.echelon.proximal_mu, cfg.seed)
+    planned = [
+        PlannedDevice(d.id, b.plan, d.replica)
+        for b in cfg.boundaries
+        for d in b.devices
+        if d.replica is not None and (local_devices is None or d.id in local_devices)
+    ]
+    if planned:
+        if workdir is None:
+            raise ValueError("a run with planned boundaries needs a working directory for their jobs")
+        trainer: LocalTrainer = PlannedTrainer(
+            bundle, corpus, shards, cfg.train, cfg.echelon.proximal_mu, cfg.seed, planned, workdir
+        )
+    else:
+        local = ScaffoldTrainer if get_strategy(cfg.strategy).local == "scaffold" else LocalTrainer
+        trainer = local(bundle, corpus, shards, cfg.train, cfg.echelon.proximal_mu, cfg.seed)
     return Prepared(bundle, corpus, shards, trainer, partition_skew(corpus.train_domain, parts))
 
 
@@ -189,7 +208,7 @@ def train(run_cfg: RunConfig, run_dir: Path, *, force: bool = False, progress: b
     try:
         out.write_yaml("config.yaml", run_cfg.model_dump(mode="json"))
         cfg = effective_config(run_cfg)
-        prep = prepare(cfg)
+        prep = prepare(cfg, out.staging / "plans")
         evals: list[float] = []
         sim: Simulation | None = None
         bar = RunProgress(cfg.budget, enabled=progress)
@@ -212,6 +231,7 @@ def train(run_cfg: RunConfig, run_dir: Path, *, force: bool = False, progress: b
             with bar:
                 sim.run(cfg.budget)
         finally:
+            prep.trainer.close()
             for log in logs.values():
                 log.close()
         artefact = prep.bundle.save(out.staging, prep.trainer.model_part(sim.global_plane.theta_g))

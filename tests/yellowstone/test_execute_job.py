@@ -28,7 +28,7 @@ HIDDEN = 256  # the tiny preset's hidden size
 
 def reference(plan_path, steps: int) -> list[float]:
     """The same batches trained in one process (the executor's defaults: seed 0, lr 1e-3)."""
-    options = JobOptions(plan_path, plan_path.parent, steps, 0, 1, 1e-3, 60.0, 40, 0.0)
+    options = JobOptions(plan_path, plan_path.parent, steps=steps, documents=40)
     return reference_losses(read_plan(plan_path), options)
 
 

@@ -71,7 +71,19 @@ class Deployment:
             for d in b.devices:
                 self._start(
                     f"device.{d.id}",
-                    [*base, "device", *common, "--id", d.id, "--boundary", at, "--threads", str(threads)],
+                    [
+                        *base,
+                        "device",
+                        *common,
+                        "--id",
+                        d.id,
+                        "--boundary",
+                        at,
+                        "--threads",
+                        str(threads),
+                        "--run-dir",
+                        str(run_dir),
+                    ],
                 )
 
     def _start(self, party: str, argv: list[str]) -> None:

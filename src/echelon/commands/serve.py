@@ -73,8 +73,10 @@ async def _serve(args: argparse.Namespace) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
+        # A device that is a replica of a Yellowstone plan keeps its job's files under the run dir.
+        workdir = args.run_dir / "plans" / args.id if args.run_dir else None
         job = roles.run_device(
-            cfg, load_credentials(args.certs, f"device.{args.id}"), args.id, args.boundary_target
+            cfg, load_credentials(args.certs, f"device.{args.id}"), args.id, args.boundary_target, workdir
         )
     tasks = [asyncio.ensure_future(job)]
     if args.parent_pid is not None:

@@ -201,7 +201,7 @@ async def run_global(
     """
     cfg = _deployable(cfg)
     wall0 = time.perf_counter()
-    prep = prepare(cfg)
+    prep = prepare(cfg, local_devices=set())  # the global plane evaluates; it runs no device
     e, strategy = cfg.echelon, get_strategy(cfg.strategy)
     boundaries = [boundary_address(b.id) for b in cfg.boundaries]
     if resume:
@@ -457,13 +457,18 @@ async def run_boundary(
         audit.close()
 
 
-async def run_device(cfg: RunConfig, creds: Credentials, device_id: str, boundary_target: str) -> None:
-    """Train device `device_id` for its boundary until the boundary ends the stream."""
+async def run_device(
+    cfg: RunConfig, creds: Credentials, device_id: str, boundary_target: str, workdir: Path | None = None
+) -> None:
+    """Train device `device_id` for its boundary until the boundary ends the stream. A device that
+    is a plan's replica runs its rounds on the plan's job, kept under `workdir`."""
     cfg = _deployable(cfg)
     owner = next((b for b, d in cfg.devices if d.id == device_id), None)
     if owner is None:
         raise UserError(f"device {device_id!r} is not in the run file")
-    prep = prepare(cfg)
+    if workdir is None and any(d.id == device_id and d.replica for _, d in cfg.devices):
+        raise UserError(f"device {device_id!r} is a replica of a plan: give --run-dir for its job's files")
+    prep = prepare(cfg, workdir, {device_id})
     boundary = boundary_address(owner)
     plane = make_device_plane(cfg, device_id, owner, prep.bundle.dim)
     outbox = Outbox(cfg.network.lan, np.random.default_rng(cfg.seed))
@@ -524,6 +529,7 @@ async def run_device(cfg: RunConfig, creds: Credentials, device_id: str, boundar
         watch.cancel()
         node.stop()
         compute.shutdown(wait=True, cancel_futures=True)
+        prep.trainer.close()
 
 
 def configure_logging(party: str) -> None:

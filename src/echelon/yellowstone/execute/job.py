@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import io
 import json
 import os
 import resource
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -36,6 +37,7 @@ import torch.distributed as dist
 from echelon.errors import UserError
 from echelon.yellowstone.execute import p2p
 from echelon.yellowstone.execute.replica import Optimisation, Placement, ReplicaRank, make_groups
+from echelon.yellowstone.execute.stages import canonical_name
 from echelon.yellowstone.execute.topology import (
     ReplicaSpec,
     Topology,
@@ -64,23 +66,34 @@ def read_failures(out: Path) -> list[str]:
 
 @dataclass(frozen=True)
 class JobOptions:
-    """What every worker of a job is told (the same on every host)."""
+    """What every worker of a job is told (the same on every host).
+
+    Standalone (`echelon execute`), each replica trains `steps` optimizer steps on the built-in
+    corpus. With `control` (the host:port of an Echelon device's TCPStore), each replica is an
+    Echelon device instead: it trains the local rounds that device sends it (`serve_rounds`), and
+    `model` (a run file's model section as JSON) builds the run's model exactly.
+    """
 
     plan: Path
     out: Path
-    steps: int
-    seed: int
-    checkpoint_every: int
-    lr: float
-    timeout_s: float
-    documents: int
-    lora_dropout: float
+    steps: int = 30
+    seed: int = 0
+    checkpoint_every: int = 1
+    optimisation: Optimisation = field(default_factory=Optimisation)
+    timeout_s: float = 120.0
+    documents: int = 200
+    lora_dropout: float = 0.0
+    control: str | None = None
+    model: Path | None = None
 
 
-def model_config(plan: Plan, dropout: float):
-    """The run-file model section that builds exactly the planned model."""
+def model_config(plan: Plan, dropout: float, given: Path | None = None):
+    """The run-file model section that builds exactly the planned model (`given`: a JSON file of
+    the run's own model section, whose LoRA settings the plan does not record)."""
     from echelon.config import LoraSettings, ModelConfig
 
+    if given is not None:
+        return ModelConfig.model_validate_json(given.read_text())
     source = plan.model.source
     preset = source if source == "tiny" else None
     if preset is None and not Path(source).is_dir():
@@ -145,9 +158,11 @@ class ReplicaDriver:
         p2p.data_loaded("tokens")
         return self.rank.train_step(tokens)
 
-    def set_state(self, theta: torch.Tensor, anchor: torch.Tensor | None) -> None:
-        self._command("set", anchor is not None)
-        self._set(theta, anchor, with_anchor=anchor is not None)
+    def set_state(self, theta: torch.Tensor, anchor: torch.Tensor | None, seed: int = 0) -> None:
+        """The trainable state (and the proximal anchor) on every rank; `seed` seeds each rank's
+        dropout for the round, so a repeated round draws the same masks."""
+        self._command("set", anchor is not None, seed)
+        self._set(theta, anchor, anchor is not None, seed)
 
     def collect(self, names: list[str]) -> torch.Tensor:
         self._command("collect")
@@ -170,9 +185,14 @@ class ReplicaDriver:
         self._command("stop")
 
     # both sides
-    def _set(self, theta: torch.Tensor | None, anchor: torch.Tensor | None, with_anchor: bool = True) -> None:
+    def _set(
+        self, theta: torch.Tensor | None, anchor: torch.Tensor | None, with_anchor: bool, seed: int
+    ) -> None:
+        from echelon.train.trainer import derived_seed
+
         theta = self._vector(theta)
         self.rank.set_state(theta, self._vector(anchor) if with_anchor else None)
+        torch.manual_seed(derived_seed(seed, self.rank.place.rank))
 
     def _collect(self) -> dict[str, torch.Tensor]:
         mine = self.rank.collect_state()
@@ -193,7 +213,7 @@ class ReplicaDriver:
             if op == "step":
                 self.rank.train_step(None)
             elif op == "set":
-                self._set(None, None, with_anchor=bool(args[0]))
+                self._set(None, None, bool(args[0]), int(args[1]))
             elif op == "collect":
                 self._collect()
             elif op == "save":
@@ -329,17 +349,48 @@ class Worker:
         from echelon.train.model import build_model
 
         opts = self.options
-        bundle = build_model(model_config(self.plan, opts.lora_dropout), opts.seed)
-        rank = ReplicaRank(
-            spec, place, groups[spec.id], bundle, self.plan.model.seq_len, Optimisation(lr=opts.lr)
-        )
+        bundle = build_model(model_config(self.plan, opts.lora_dropout, opts.model), opts.seed)
+        rank = ReplicaRank(spec, place, groups[spec.id], bundle, self.plan.model.seq_len, opts.optimisation)
         driver = ReplicaDriver(rank, bundle.dim)
         if not driver.is_leader:
             driver.follow()
-            return
-        self._lead(driver, spec, bundle)
+        elif opts.control is None:
+            self._train_steps(driver, spec, bundle)
+        else:
+            self._serve_rounds(driver, spec, [canonical_name(n) for n in bundle.names])
+        if driver.is_leader:
+            memory = driver.report()
+            driver.stop()
+            _write_json(
+                opts.out / "replicas" / safe_name(spec.id) / "summary.json",
+                {"replica": spec.id, "devices": list(spec.devices), "peak_memory_bytes": memory},
+            )
 
-    def _lead(self, driver: ReplicaDriver, spec: ReplicaSpec, bundle) -> None:
+    def _serve_rounds(self, driver: ReplicaDriver, spec: ReplicaSpec, names: list[str]) -> None:
+        """Train the local rounds an Echelon device sends through its store, until it says stop.
+
+        A round's result is published before its checkpoint: after a restart the job repeats at most
+        the last round, from the state before it, and republishes the same result."""
+        opts = self.options
+        host, port = opts.control.rsplit(":", 1)
+        store = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=opts.timeout_s))
+        checkpoints = Checkpoints(opts.out, spec, plan_digest(self.plan))
+        n = checkpoints.restore(driver) + 1
+        while True:
+            command = _wait_and_get(store, f"round/{spec.id}/{n}")
+            if command.get("stop"):
+                return
+            driver.set_state(command["reference"], command["anchor"], int(command["seed"]))
+            losses = [driver.step(tokens) for tokens in command["tokens"]]
+            theta = driver.collect(names)
+            buffer = io.BytesIO()
+            torch.save({"theta": theta, "loss": float(np.mean(losses))}, buffer)
+            store.set(f"result/{spec.id}/{n}", buffer.getvalue())
+            checkpoints.save(driver, n)
+            n += 1
+
+    def _train_steps(self, driver: ReplicaDriver, spec: ReplicaSpec, bundle) -> None:
+        """Standalone: `steps` optimizer steps on the built-in corpus, a record per committed step."""
         opts = self.options
         index = [r.id for b in self.plan.boundaries for r in b.replicas].index(spec.id)
         checkpoints = Checkpoints(opts.out, spec, plan_digest(self.plan))
@@ -370,17 +421,18 @@ class Worker:
                         metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
                     pending = []
-        memory = driver.report()
-        driver.stop()
-        _write_json(
-            out / "summary.json",
-            {
-                "replica": spec.id,
-                "devices": list(spec.devices),
-                "steps": opts.steps,
-                "peak_memory_bytes": memory,
-            },
-        )
+
+
+def _wait_and_get(store: dist.TCPStore, key: str) -> dict:
+    """The command stored under `key`, waiting for it as long as it takes (the device decides
+    when the next local round starts)."""
+    while True:
+        try:
+            store.wait([key], timedelta(seconds=5))
+            break
+        except dist.DistStoreError:
+            continue
+    return torch.load(io.BytesIO(store.get(key)), weights_only=True)
 
 
 def corpus_rows(plan: Plan, tokenizer, opts: JobOptions) -> np.ndarray:
@@ -420,9 +472,16 @@ def parse(argv: list[str]) -> tuple[JobOptions, str, str]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=1, help="steps between checkpoints")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    parser.add_argument("--mu", type=float, default=0.0, help="proximal weight of the local objective")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a peer")
     parser.add_argument("--documents", type=int, default=200, help="built-in corpus documents to load")
     parser.add_argument("--lora-dropout", type=float, default=0.0)
+    parser.add_argument(
+        "--control", default=None, help="host:port of the Echelon device driving the replicas"
+    )
+    parser.add_argument("--model-config", type=Path, default=None, help="the run's model section (JSON)")
     parser.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process")
     args = parser.parse_args(argv)
@@ -435,9 +494,10 @@ def parse(argv: list[str]) -> tuple[JobOptions, str, str]:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if args.threads:
         torch.set_num_threads(args.threads)
+    optimisation = Optimisation(args.lr, tuple(args.betas), args.weight_decay, args.mu)
     options = JobOptions(
-        args.plan, args.out, args.steps, args.seed, args.checkpoint_every, args.lr, args.timeout,
-        args.documents, args.lora_dropout,
+        args.plan, args.out, args.steps, args.seed, args.checkpoint_every, optimisation, args.timeout,
+        args.documents, args.lora_dropout, args.control, args.model_config,
     )  # fmt: skip
     return options, ids[local], backend
 

@@ -12,9 +12,11 @@ a worker that raised is restarted without losing its device, and one that refuse
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import signal
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -122,3 +124,44 @@ def torchrun_commands(
         ]  # fmt: skip
         lines.append(shlex.join(cmd))
     return lines
+
+
+def _watch_parent(parent: int) -> None:
+    """Stop the job (SIGTERM to this agent, which stops its workers) when the process that started
+    it is gone, so a killed Echelon device never leaves its replicas' workers behind."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m echelon.yellowstone.execute.launch --plan P --out DIR [...] -- WORKER ARGS`: the
+    job of a plan's replicas serving an Echelon device (see `echelon.yellowstone.execute.devices`)."""
+    import argparse
+
+    from echelon.yellowstone.execute.topology import plan_devices
+    from echelon.yellowstone.plan import read_plan
+
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = argparse.ArgumentParser(prog="python -m echelon.yellowstone.execute.launch")
+    parser.add_argument("--plan", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-restarts", type=int, default=3)
+    args = parser.parse_args(argv[:split])
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    args.out.mkdir(parents=True, exist_ok=True)
+    job = LocalJob(
+        args.plan,
+        args.out,
+        plan_devices(read_plan(args.plan)),
+        argv[split + 1 :],
+        args.max_restarts,
+        args.threads,
+    )
+    return 1 if run_local(job).is_failed() else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -22,7 +22,7 @@ def reference_losses(plan: Plan, options: JobOptions, replica: int = 0) -> list[
     rep = [r for b in plan.boundaries for r in b.replicas][replica]
     train = corpus_rows(plan, bundle.tokenizer, options)
     batches = StepBatches(train, rep.micro_batch * rep.micro_batches, options.seed, replica)
-    optimizer = torch.optim.AdamW(bundle.trainable, lr=options.lr, foreach=True)
+    optimizer = torch.optim.AdamW(bundle.trainable, lr=options.optimisation.lr, foreach=True)
     losses = []
     for step in range(options.steps):
         tokens = batches(step)

@@ -298,3 +298,28 @@ def _shrink(rep: ReplicaSpec, device: str) -> ReplicaSpec | None:
     mode = c.parallelism.replace("FSDP", "DDP") if len(devices) == 1 else c.parallelism
     shrunk = replace(c, devices=devices, shares=tuple(shares), head=head, parallelism=mode)
     return replace(rep, clusters=(*rep.clusters[:ci], shrunk, *rep.clusters[ci + 1 :]))
+
+
+def restrict(plan: Plan, replicas: set[str]) -> Plan:
+    """The plan of only `replicas` (one job per Echelon device in a deployment): their boundaries'
+    backups for them, and the standby devices that back them up. A standby device goes to the first
+    replica whose backups name it (unnamed ones to the boundary's first replica), so the jobs of
+    one plan never share a device."""
+    boundaries = []
+    for b in plan.boundaries:
+        kept = [r for r in b.replicas if r.id in replicas]
+        if not kept:
+            continue
+        owner: dict[str, str] = {}
+        for k in b.backups:
+            for name in [
+                k.standby,
+                *(d for c in (k.replacement.clusters if k.replacement else []) for d in c.devices),
+            ]:
+                if name in b.standby:
+                    owner.setdefault(name, k.replica)
+        first = b.replicas[0].id
+        standby = [s for s in b.standby if owner.get(s, first) in replicas]
+        backups = [k for k in b.backups if k.replica in replicas]
+        boundaries.append(b.model_copy(update={"replicas": kept, "standby": standby, "backups": backups}))
+    return plan.model_copy(update={"boundaries": boundaries})
