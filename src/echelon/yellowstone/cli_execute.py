@@ -178,6 +178,7 @@ def summarise(plan: Plan, staging: Path, steps: int) -> dict:
             )
     return {
         "plan": plan_digest(plan),
+        "steps": steps,
         "failures": failures,
         "backups_applied": topo["applied"],
         "replicas": replicas,

@@ -3,6 +3,12 @@
 Compute is the achieved rate of a square matmul timed with torch (fp32 on the CPU, bf16 on CUDA
 devices), in TFLOP/s; memory is the physical memory (CPU) or the device's total memory (CUDA).
 The entries need the user's boundary, site and access tier (flags, or edit the output).
+
+With `--model`, each device also gets a `measured_steps` entry: one training step of that model
+timed on it, which the planner's cost model calibrates against. `--ranks N` splits this machine's
+CPU into N devices (the processes `echelon execute` runs), timed while all N run at once, and
+`--fleet NAME` writes a whole fleet file with this host as one site whose network is measured
+between two local processes over gloo.
 """
 
 from __future__ import annotations
@@ -26,6 +32,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--site", default=None, help="site id (default: this host's name)")
     parser.add_argument("--access-tier", default="internal", help="access tier the devices are cleared for")
     parser.add_argument("--seconds", type=float, default=0.5, help="timing budget per device")
+    parser.add_argument(
+        "--model", default=None, help="time a training step of this model (tiny or a checkpoint dir)"
+    )
+    parser.add_argument("--trainable", choices=("lora", "full"), default="lora")
+    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--micro-batch", type=int, default=4, help="sequences of the timed step")
+    parser.add_argument("--ranks", type=int, default=None, help="split this machine's CPU into N devices")
+    parser.add_argument("--fleet", default=None, help="write a whole fleet file with this name")
 
 
 def matmul_tflops(device: str, seconds: float) -> float:
@@ -76,16 +91,62 @@ def measure(seconds: float) -> list[dict]:
     return out
 
 
+def cpu_ranks(ranks: int, seconds: float) -> list[dict]:
+    """This machine's CPU as `ranks` devices: memory and cores split evenly."""
+    host = socket.gethostname().split(".")[0] or "host"
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    threads = max(1, (os.cpu_count() or 1) // ranks)
+    import torch
+
+    torch.set_num_threads(threads)
+    tflops = round(matmul_tflops("cpu", seconds), 4)
+    return [
+        {"id": f"{host}-cpu{r}", "memory_gib": round(memory / ranks / GIB, 2), "tflops": tflops}
+        for r in range(ranks)
+    ]
+
+
+def _with_steps(devices: list[dict], args: argparse.Namespace) -> list[dict]:
+    from echelon.yellowstone.measure import StepProbe, measure_model_steps
+    from echelon.yellowstone.model_profile import resolve_model
+
+    name, _shape, source = resolve_model(args.model)
+    threads = max(1, (os.cpu_count() or 1) // len(devices)) if args.ranks else (os.cpu_count() or 1)
+    probe = StepProbe(source, args.trainable, args.lora_rank, args.seq_len, args.micro_batch, threads=threads)
+    steps = measure_model_steps(probe, len(devices))
+    measured = dict(model=name, trainable=args.trainable, seq_len=args.seq_len, micro_batch=args.micro_batch)
+    return [
+        {**d, "measured_steps": [{**measured, "step_s": round(s, 5)}]}
+        for d, s in zip(devices, steps, strict=True)
+    ]
+
+
 def run(args: argparse.Namespace) -> int:
     site = args.site or socket.gethostname().split(".")[0] or "site"
+    measured = cpu_ranks(args.ranks, args.seconds) if args.ranks else measure(args.seconds)
+    if args.model is not None:
+        measured = _with_steps(measured, args)
     devices = [
         {**d, "boundary": args.boundary, "site": site, "access_tier": args.access_tier, "reliability": 0.99}
-        for d in measure(args.seconds)
+        for d in measured
     ]
-    text = (
-        f"# measured by `echelon profile` on {site}; paste under `devices:` of a fleet file\n"
-        + yaml.safe_dump({"devices": devices}, sort_keys=False)
-    )
+    if args.fleet is not None:
+        from echelon.yellowstone.measure import measure_local_link
+
+        bandwidth, latency = measure_local_link()
+        fleet = {
+            "name": args.fleet,
+            "access_tiers": sorted({"public", args.access_tier}, key=lambda t: t != "public"),
+            "boundaries": [{"id": args.boundary, "data_tier": args.access_tier}],
+            "sites": [{"id": site, "bandwidth_gbps": round(bandwidth, 3), "latency_ms": round(latency, 4)}],
+            "devices": devices,
+        }
+        text = f"# measured by `echelon profile` on {site}\n" + yaml.safe_dump(fleet, sort_keys=False)
+    else:
+        text = (
+            f"# measured by `echelon profile` on {site}; paste under `devices:` of a fleet file\n"
+            + yaml.safe_dump({"devices": devices}, sort_keys=False)
+        )
     if args.out is None:
         print(text, end="")
     else:
