@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,7 +12,9 @@ from hypothesis import strategies as st
 from echelon.config import LoraSettings, ModelConfig
 from echelon.errors import UserError
 from echelon.train.model import build_model
+from echelon.yellowstone.execute.cluster import PeerTimeout, wait
 from echelon.yellowstone.execute.handmade import HandLayout
+from echelon.yellowstone.execute.job import model_config
 from echelon.yellowstone.execute.schedule import BACKWARD, FORWARD, rank_orders, stage_order
 from echelon.yellowstone.execute.stages import (
     UnitRange,
@@ -181,3 +185,39 @@ def test_unit_ranges_compose_to_the_whole_model(trainable):
     assert {n for s in stages for n, p in s.named_parameters() if p.requires_grad} == trainable_names
     with pytest.raises(ValueError, match="outside a model of 6 units"):
         UnitRange(lm, 2, 7)
+
+
+def test_a_checkpoint_directory_is_planned_from_its_own_config_and_built_from_it(tmp_path):
+    from echelon.yellowstone.cli_plan import configure, run
+
+    bundle = build_model(ModelConfig(preset="tiny", trainable="full"), 0)
+    bundle.model.save_pretrained(tmp_path / "ckpt")
+    bundle.tokenizer.save_pretrained(tmp_path / "ckpt")
+    import argparse
+
+    from tests.yellowstone.execution import cpu_fleet
+
+    (tmp_path / "fleet.yaml").write_text(json.dumps(cpu_fleet().model_dump(mode="json")))
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    args = parser.parse_args(
+        [str(tmp_path / "fleet.yaml"), "--model", str(tmp_path / "ckpt"), "--full", "--seq-len", "32",
+         "--dtype", "fp32", "--out", str(tmp_path / "plan")]
+    )  # fmt: skip
+    assert run(args) == 0
+    plan = read_plan(tmp_path / "plan" / "plan.json")
+    assert plan.model.source == str((tmp_path / "ckpt").resolve())
+    assert (plan.model.hidden, plan.model.layers, plan.model.vocab) == (256, 4, 260)
+    cfg = model_config(plan, 0.0)
+    assert cfg.path == tmp_path.resolve() / "ckpt" and cfg.preset is None and cfg.trainable == "full"
+    rebuilt = build_model(cfg, 0)
+    assert torch.equal(rebuilt.get_vector(), bundle.get_vector())
+
+
+def test_a_transfer_that_fails_names_the_peer_device():
+    class Broken:
+        def wait(self):
+            raise RuntimeError("Connection closed by peer [127.0.0.1]:1234")
+
+    with pytest.raises(PeerTimeout, match="could not receive from device cpu7"):
+        wait(Broken(), "cpu7", "receive from")

@@ -32,6 +32,7 @@ from echelon.config import ModelConfig, TrainConfig
 from echelon.train.data import Corpus
 from echelon.train.model import ModelBundle
 from echelon.train.trainer import LocalResult, LocalTrainer, derived_seed
+from echelon.yellowstone.execute.job import model_config
 from echelon.yellowstone.execute.topology import restrict
 from echelon.yellowstone.plan import read_plan, write_plan
 
@@ -144,6 +145,8 @@ class PlannedTrainer(LocalTrainer):
         workdir: Path,
     ) -> None:
         super().__init__(bundle, corpus, shards, cfg, mu, seed)
+        for plan in {p.plan for p in planned}:
+            model_config(read_plan(plan), 0.0)  # refuses a model its plan cannot run, before any round
         self.planned = {p.device: p for p in planned}
         self.workdir = workdir
         self._jobs: dict[Path, PlanJob] = {}

@@ -92,15 +92,24 @@ def model_config(plan: Plan, dropout: float, given: Path | None = None):
     the run's own model section, whose LoRA settings the plan does not record)."""
     from echelon.config import LoraSettings, ModelConfig
 
-    if given is not None:
-        return ModelConfig.model_validate_json(given.read_text())
     source = plan.model.source
     preset = source if source == "tiny" else None
-    if preset is None and not Path(source).is_dir():
+    if preset is None and not (Path(source) / "config.json").is_file():
         raise UserError(
             f"plan model.source: {source!r} is neither the built-in `tiny` preset nor a checkpoint directory "
             "on this host; shape presets (llama-8b, ...) plan, but only a real checkpoint or `tiny` executes"
         )
+    tied = preset is None and json.loads((Path(source) / "config.json").read_text()).get(
+        "tie_word_embeddings"
+    )
+    if tied and any(r.structure != "single" for b in plan.boundaries for r in b.replicas):
+        raise UserError(
+            f"{source}: the checkpoint ties its embedding and LM head (tie_word_embeddings), which a pipeline "
+            "would split over two stages; plan it so each replica holds the whole model (one cluster), or "
+            "train a checkpoint saved with untied weights"
+        )
+    if given is not None:
+        return ModelConfig.model_validate_json(given.read_text())
     lora = LoraSettings(r=plan.model.lora_rank, alpha=2.0 * plan.model.lora_rank, dropout=dropout)
     return ModelConfig(
         preset=preset, path=None if preset else Path(source), trainable=plan.model.trainable, lora=lora
@@ -148,7 +157,10 @@ class ReplicaDriver:
         return box[0]
 
     def _vector(self, value: torch.Tensor | None) -> torch.Tensor:
-        out = value.float().contiguous() if self.is_leader else torch.empty(self.dim)
+        device = self.rank.place.torch_device  # NCCL moves only GPU tensors
+        out = (
+            value.float().to(device).contiguous() if self.is_leader else torch.empty(self.dim, device=device)
+        )
         dist.broadcast(out, src=self.rank.leader, group=self.rank.group)
         return out
 

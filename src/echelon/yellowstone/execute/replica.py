@@ -264,6 +264,8 @@ class ReplicaRank:
             cs.reset()
         leader = self.place.rank == self.leader
         linear = spec.structure == "linear"
+        device = self.place.torch_device
+        tokens = tokens.to(device) if tokens is not None else None
         labels = tokens
         if linear and leader:
             self._send_labels(tokens)
@@ -275,11 +277,11 @@ class ReplicaRank:
         if self.schedule is None:
             (cs,) = self.cluster_stages
             for mb in tokens.tensor_split(self.m):
-                out = cs(mb.to(self.place.torch_device))
+                out = cs(mb)
                 out.backward()
                 losses.append(out.detach())
         else:
-            args = (tokens.to(self.place.torch_device),) if leader else ()
+            args = (tokens,) if leader else ()
             kwargs: dict[str, Any] = {"target": labels, "losses": losses} if self.is_loss_rank else {}
             kwargs["return_outputs"] = False  # the loss head outputs the loss: nothing to merge
             self.schedule.step(*args, **kwargs)
@@ -303,19 +305,20 @@ class ReplicaRank:
         wait(p2p.isend(tokens, self.place.ranks[self._loss_head]), self._loss_head, "send labels to")
 
     def _receive_labels(self) -> torch.Tensor:
-        out = torch.empty((self.m * self.spec.micro_batch, self.link.seq_len), dtype=torch.long)
+        shape = (self.m * self.spec.micro_batch, self.link.seq_len)
+        out = torch.empty(shape, dtype=torch.long, device=self.place.torch_device)
         wait(p2p.irecv(out, self.leader), self.spec.leader, "receive labels from")
         return out
 
     def _send_loss(self, loss: float | None) -> None:
         wait(
-            p2p.isend(torch.tensor(loss, dtype=torch.float64), self.leader),
+            p2p.isend(torch.tensor(loss, dtype=torch.float64, device=self.place.torch_device), self.leader),
             self.spec.leader,
             "send the loss to",
         )
 
     def _receive_loss(self) -> float:
-        out = torch.zeros((), dtype=torch.float64)
+        out = torch.zeros((), dtype=torch.float64, device=self.place.torch_device)
         wait(p2p.irecv(out, self.place.ranks[self._loss_head]), self._loss_head, "receive the loss from")
         return float(out)
 
