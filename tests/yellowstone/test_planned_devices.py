@@ -91,3 +91,61 @@ def test_planned_replicas_train_like_single_process_devices_and_the_audit_passes
     assert {p.name for p in (job / "replicas").iterdir()} == {"lab-r0", "lab-r1"}
     assert json.loads((job / "topology.json").read_text())["applied"] == []
     assert read_plan(job / "plan.json").boundaries[0].replicas == plan.boundaries[0].replicas
+
+
+@pytest.mark.slow
+def test_a_deployment_runs_planned_devices_as_the_simulator_does(tmp_path):
+    """Lockstep Echelon, so the schedule does not depend on timing: each deployed device process
+    runs a job of its own replica, and the model equals the simulated run's."""
+    import asyncio
+    import socket
+
+    import torch
+    from safetensors.torch import load_file
+
+    from echelon.runtime.grpc import roles
+    from echelon.runtime.grpc.tls import init_certs, load_credentials
+
+    def port() -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return f"127.0.0.1:{s.getsockname()[1]}"
+
+    write_hand_plan(tmp_path / "plan.json", LAYOUTS, devices=5, cleared=2)
+    file = run_file(tmp_path, {"plan": "plan.json"})
+    file |= {
+        "strategy": "echelon-sync",
+        "echelon": {"buffer_size": 2, "buffer_timeout_s": 600, "sync": {"interval": 1}},
+        "network": {"wan": {"latency_ms": 0}, "lan": {"latency_ms": 0}},
+    }
+    cfg = write(tmp_path, "run.yaml", file)
+    certs = tmp_path / "certs"
+    init_certs(certs, {b.id: [d.id for d in b.devices] for b in cfg.boundaries})
+
+    async def deploy(run_dir):
+        run_dir.mkdir()
+        at = port()
+        tasks = [asyncio.create_task(roles.run_global(cfg, load_credentials(certs, "global"), at, run_dir))]
+        for b in cfg.boundaries:
+            b_at = port()
+            creds = load_credentials(certs, f"boundary.{b.id}")
+            tasks.append(asyncio.create_task(roles.run_boundary(cfg, creds, b.id, b_at, at, run_dir)))
+            for d in b.devices:
+                creds = load_credentials(certs, f"device.{d.id}")
+                work = run_dir / "plans" / d.id
+                tasks.append(asyncio.create_task(roles.run_device(cfg, creds, d.id, b_at, work)))
+        return (await asyncio.wait_for(asyncio.gather(*tasks), 900))[0]
+
+    summary = asyncio.run(deploy(tmp_path / "deployed"))
+    simulated = train(cfg, tmp_path / "simulated", progress=False)
+    assert summary["outer_steps"] == simulated["outer_steps"] == 2
+    deployed = load_file(tmp_path / "deployed" / "adapter" / "adapter_model.safetensors")
+    reference = load_file(tmp_path / "simulated" / "adapter" / "adapter_model.safetensors")
+    for name in reference:
+        torch.testing.assert_close(deployed[name], reference[name], rtol=1e-5, atol=1e-6)
+    # One job per deployed device, each serving only its own replica.
+    for device, replica in (("lab-r0", "lab/r0"), ("lab-r1", "lab/r1")):
+        job = read_plan(tmp_path / "deployed" / "plans" / device / "plan-0" / "plan.json")
+        assert [r.id for r in job.boundaries[0].replicas] == [replica]
+    report = verify_run(tmp_path / "deployed")
+    assert report.ok and report.per_device_bytes == 0
