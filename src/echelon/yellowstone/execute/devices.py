@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -36,7 +37,7 @@ from echelon.yellowstone.execute.job import model_config
 from echelon.yellowstone.execute.topology import restrict
 from echelon.yellowstone.plan import read_plan, write_plan
 
-POLL_S = 1.0
+JOB_EXITED = b"job exited"  # what a round's result key holds when the job died before answering
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,17 @@ class PlanJob:
             stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         self.rounds: dict[str, int] = {}
+        self._waiting: set[str] = set()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        """Wake whoever waits for a result when the job exits before giving it."""
+        self.process.wait()
+        with self._lock:
+            for key in self._waiting:
+                if not self.store.check([key]):  # an answer given before the exit stands
+                    self.store.set(key, JOB_EXITED)
 
     def local_round(
         self, replica: str, reference: torch.Tensor, anchor: torch.Tensor, tokens: torch.Tensor, seed: int
@@ -99,20 +111,22 @@ class PlanJob:
         self.store.set(key, buffer.getvalue())
 
     def _take(self, key: str) -> dict:
-        while True:
-            try:
-                self.store.wait([key], timedelta(seconds=POLL_S))
-                break
-            except dist.DistStoreError:
-                if self.process.poll() is not None:
-                    raise RuntimeError(
-                        f"the job of plan {self.plan} exited (status {self.process.returncode}) before "
-                        f"answering {key}; its log: {self.workdir / 'job.log'}, workers' logs under "
-                        f"{self.workdir / 'logs'}"
-                    ) from None
-        value = torch.load(io.BytesIO(self.store.get(key)), weights_only=True)
+        with self._lock:
+            if self.process.poll() is None:
+                self._waiting.add(key)
+            else:
+                self.store.set(key, JOB_EXITED)
+        self.store.wait([key], timedelta(days=7))
+        with self._lock:
+            self._waiting.discard(key)
+        data = self.store.get(key)
         self.store.delete_key(key)
-        return value
+        if data == JOB_EXITED:
+            raise RuntimeError(
+                f"the job of plan {self.plan} exited (status {self.process.returncode}) before answering {key}; "
+                f"its log: {self.workdir / 'job.log'}, workers' logs under {self.workdir / 'logs'}"
+            )
+        return torch.load(io.BytesIO(data), weights_only=True)
 
     def close(self) -> None:
         """Tell every replica to stop, wait for the job, and release the store."""

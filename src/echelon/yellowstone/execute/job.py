@@ -437,13 +437,13 @@ class Worker:
 
 def _wait_and_get(store: dist.TCPStore, key: str) -> dict:
     """The command stored under `key`, waiting for it as long as it takes (the device decides
-    when the next local round starts)."""
+    when the next local round starts; if it dies, the store connection breaks and this raises)."""
     while True:
         try:
-            store.wait([key], timedelta(seconds=5))
+            store.wait([key], timedelta(hours=1))
             break
         except dist.DistStoreError:
-            continue
+            continue  # an hour without a round: keep waiting
     return torch.load(io.BytesIO(store.get(key)), weights_only=True)
 
 
