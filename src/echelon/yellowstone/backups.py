@@ -1,12 +1,13 @@
 """Backups: what each device's failure turns its replica into, precomputed and carried out in full.
 
-For a failed device the options are, first, those that keep the replica's layer split (only the
-failed device's cluster changes, so an executor moves no layers): a standby takes its place (at
-its site, or at another site joined by routes when it was alone in its cluster); its cluster
-shrinks; a lone device's layers join the cluster before or after it. Only when none of these
-fits is the split solved again by the DP: a standby at another site as a new cluster after the
-failed device's; the replica without the device's cluster; another cleared device as cluster 0.
-Else the replica stops. The option with the highest throughput wins. Each entry but
+For a failed device the options are those that keep the replica's layer split (only the failed
+device's cluster changes, so an executor moves no layers): a standby takes its place (at its
+site, or at another site joined by routes when it was alone in its cluster); its cluster shrinks;
+a lone device's layers join the cluster before or after it. And those whose split the DP solves
+again: the same, a standby at another site as a new cluster after the failed device's, the
+replica without the device's cluster, another cleared device as cluster 0 (on boundaries too
+large for the local search, only when nothing keeps the split: that bounds planning time). Else
+the replica stops. The fastest option wins; on a tie, a standby, then an unchanged split. Each entry but
 `drop_replica` carries its whole replacement replica (devices, layer split, parallelism,
 predicted figures over the links as the replica shares them), so an executor applies it without
 planning; `verify` checks every one as it checks the primary plan.
@@ -26,7 +27,7 @@ from echelon.yellowstone import plan as P
 from echelon.yellowstone.cost import Layout, ReplicaCost, evaluate
 from echelon.yellowstone.emit import head_of, replica_plan
 from echelon.yellowstone.network import SharedNetwork
-from echelon.yellowstone.search import Context, Evaluator, Replica
+from echelon.yellowstone.search import LOCAL_SEARCH_DEVICES, Context, Evaluator, Replica
 
 SPARES_TRIED = 3  # kinds of standby tried per failure at its site, and as many at other sites
 
@@ -38,6 +39,11 @@ class Option:
     layout: Layout
     cost: ReplicaCost
     standby: int | None = None
+    moved: bool = False  # the layer split changed
+
+    def rank(self) -> tuple:
+        """Fastest first; on ties a standby (it keeps the replica whole), then an unchanged split."""
+        return (-self.cost.tokens_per_s, self.standby is None, self.moved)
 
 
 def _raw(replica: Replica, layout: Layout) -> set[int]:
@@ -155,11 +161,12 @@ class Backups:
     def options(self, r: int, rep: Replica, layout: Layout, d: int, spares: set[int]) -> list[Option]:
         """Feasible replacements of `rep` without device d, best first (standby first on ties).
 
-        First those that keep the layer split: a standby in d's place (at d's site, or at
-        another site when d was alone in its cluster), the cluster without d, or, for a lone
-        device, its units joined to the cluster before or after. Only when none of them fits is
-        the split solved again: a standby at another site as a new cluster after d's, the replica
-        without d's cluster, or another cleared device as cluster 0.
+        Those that keep the layer split: a standby in d's place (at d's site, or at another site
+        when d was alone in its cluster), the cluster without d, or, for a lone device, its units
+        joined to the cluster before or after. Then, with the split solved again by the DP: the
+        same, a standby at another site as a new cluster after d's, the replica without d's
+        cluster, or another cleared device as cluster 0; on boundaries too large for the local
+        search only when nothing keeps the split.
         """
         devs = self.ctx.devices
         c = next(k for k, cl in enumerate(rep) if d in cl)
@@ -179,21 +186,22 @@ class Backups:
                 merged.append((*cuts[:c], (cuts[c][0], cuts[c + 1][1]), *cuts[c + 2 :]))
             kept += [("replan", without, tuple(m), None) for m in merged]
         out = [o for kind, t, cuts, s in kept if (o := self._fixed(r, kind, t, layout, cuts, s)) is not None]
-        if not out:
-            solved: list[tuple[str, Replica, int | None]] = []
-            if left:
-                solved += [
-                    ("standby", (*rep[:c], left, (s,), *rep[c + 1 :]), s)
-                    for s in self._kinds(spares, lambda x: x.site != site)
-                ]
-            elif c > 0:
-                solved.append(("replan", (*rep[:c], *rep[c + 1 :]), None))
-            else:  # cluster 0 lost its only device: another cleared device takes over
-                for e in sorted(i for cl in rep[1:] for i in cl if devs[i].cleared):
-                    rest = (tuple(i for i in cl if i != e) for cl in rep[1:])
-                    solved.append(("replan", ((e,), *(x for x in rest if x)), None))
-            out = [o for kind, t, s in solved if (o := self._solved(r, kind, t, s)) is not None]
-        return sorted(out, key=lambda o: (-o.cost.tokens_per_s, o.standby is None))
+        if out and len(devs) > LOCAL_SEARCH_DEVICES:
+            return sorted(out, key=Option.rank)
+        solved: list[tuple[str, Replica, int | None]] = [(kind, t, s) for kind, t, _, s in kept]
+        if left:
+            solved += [
+                ("standby", (*rep[:c], left, (s,), *rep[c + 1 :]), s)
+                for s in self._kinds(spares, lambda x: x.site != site)
+            ]
+        elif c > 0:
+            solved.append(("replan", (*rep[:c], *rep[c + 1 :]), None))
+        else:  # cluster 0 lost its only device: another cleared device takes over
+            for e in sorted(i for cl in rep[1:] for i in cl if devs[i].cleared):
+                rest = (tuple(i for i in cl if i != e) for cl in rep[1:])
+                solved.append(("replan", ((e,), *(x for x in rest if x)), None))
+        out += [o for kind, t, s in solved if (o := self._solved(r, kind, t, s)) is not None]
+        return sorted(out, key=Option.rank)
 
     def _fixed(
         self, r: int, kind: str, trial: Replica, layout: Layout, cuts: tuple, s: int | None
@@ -218,7 +226,7 @@ class Backups:
         layout = self.ev.layout(trial)
         cost = evaluate(layout, self.ctx.tables, self.shared[r][1], self.ctx.settings)
         assert cost is not None  # the DP found it feasible; sharing only slows links
-        return Option(kind, self.ev.canonical(trial), layout, cost, s)
+        return Option(kind, self.ev.canonical(trial), layout, cost, s, moved=True)
 
 
 def backups(

@@ -30,7 +30,8 @@ from highspy.highs import _Highs
 from echelon.yellowstone.search import Context, Evaluator, Replica
 
 Pattern = tuple[tuple[int, ...], ...]  # class ids per cluster, sorted within a cluster
-MILP_SECONDS = 5.0  # HiGHS time limit; it returns its best solution so far (never below the start)
+MILP_NODES = 2000  # branch-and-bound nodes HiGHS may explore: a work limit, so the result is repeatable
+MILP_SECONDS = 60.0  # a safety limit only (hit, the result would depend on the machine's speed)
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def sub_fleet(classes: Classes, k: int) -> list[int]:
     return sorted(i for m in classes.members for i in m[: len(m) // k])
 
 
-def pack(ev: Evaluator, candidates: list[list[Replica]], seconds: float = MILP_SECONDS) -> list[Replica]:
+def pack(ev: Evaluator, candidates: list[list[Replica]]) -> list[Replica]:
     """The best combination of the candidates' replica patterns (see the module docstring)."""
     classes = Classes.of_context(ev.ctx)
     value: dict[Pattern, float] = {}
@@ -86,16 +87,15 @@ def pack(ev: Evaluator, candidates: list[list[Replica]], seconds: float = MILP_S
     patterns = sorted(value, key=lambda p: (-value[p], p))
     best = max(candidates, key=lambda plan: (sum(ev.score(r) for r in plan), -len(plan)))
     start = Counter(classes.pattern(r) for r in best if ev.score(r) > 0)
-    x = _solve(patterns, value, classes, start, seconds)
+    x = _solve(patterns, value, classes, start)
     chosen = (
         x if sum(value[p] * n for p, n in x.items()) > sum(value[p] * n for p, n in start.items()) else start
     )
     return _instantiate(chosen, patterns, example, classes)
 
 
-def _solve(
-    patterns: list[Pattern], value: dict[Pattern, float], classes: Classes, start: Counter, seconds: float
-) -> Counter:
+def _solve(patterns: list[Pattern], value: dict[Pattern, float], classes: Classes, start: Counter) -> Counter:
+    """Integer copies of each pattern (HiGHS, one thread, a node limit), started from `start`."""
     counts = [Counter(c for cluster in p for c in cluster) for p in patterns]
     available = [len(m) for m in classes.members]
     lp = highspy.HighsLp()
@@ -119,7 +119,9 @@ def _solve(
     lp.integrality_ = [highspy.HighsVarType.kInteger] * len(patterns)
     h = _Highs()
     h.setOptionValue("output_flag", False)
-    h.setOptionValue("time_limit", float(seconds))
+    h.setOptionValue("time_limit", MILP_SECONDS)
+    h.setOptionValue("mip_max_nodes", MILP_NODES)
+    h.setOptionValue("mip_rel_gap", 1e-6)
     h.setOptionValue("threads", 1)
     h.setOptionValue("random_seed", 0)
     h.passModel(lp)

@@ -197,8 +197,12 @@ def plan_boundary(
             one = _sub_plan(ctx, ev, sub_fleet(classes, k), data_tier, budget)
             candidates.append(one)
             explain.append(
-                f"the boundary splits into {k} equal copies of {len(ctx.devices) // k} devices: one copy's plan "
-                f"gives {total(ev, one):,.0f} tokens/s, {k} x that = {k * total(ev, one):,.0f}"
+                f"the boundary splits into {k} equal copies of {len(ctx.devices) // k} devices: "
+                + (
+                    f"one copy's plan gives {total(ev, one):,.0f} tokens/s, {k} x that = {k * total(ev, one):,.0f}"
+                    if one
+                    else "one copy alone cannot train"
+                )
             )
     packed = pack(ev, candidates)
     if all(sorted(packed) != sorted(plan) for plan in candidates):
