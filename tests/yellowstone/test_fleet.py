@@ -35,7 +35,7 @@ def _fleet() -> dict:
         ),
         (lambda f: f["links"][0].update(sites=["room-101", "moon"]), "links[0].sites", "unknown site 'moon'"),
         (lambda f: f["devices"][3].update(id="r101-4090-0"), "devices[3].id", "used twice"),
-        (lambda f: f["devices"][0].update(memory_bytes=10), "devices[0]", "exactly one of memory_gib"),
+        (lambda f: f["devices"][0].update(memory_bytes=2**33), "devices[0]", "exactly one of memory_gib"),
         (lambda f: f["devices"][0].update(tflops=0), "devices[0].tflops", "greater than 0"),
         (lambda f: f["devices"][0].update(speed=3), "devices[0].speed", "unknown field"),
     ],
