@@ -3,6 +3,10 @@
 Compute is the achieved rate of a square matmul timed with torch (fp32 on the CPU, bf16 on CUDA
 devices), in TFLOP/s; memory is the physical memory (CPU) or the device's total memory (CUDA).
 The entries need the user's boundary, site and access tier (flags, or edit the output).
+
+With `--peer`, it measures the link to another host instead (`probe`): run
+`echelon profile --peer :PORT --site A` on one host and `echelon profile --peer HOST:PORT --site B`
+on the other; both print the same `links` entry.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from echelon.errors import UserError
 from echelon.rundir import write_atomic
 
 GIB = 1024**3
@@ -25,7 +30,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--boundary", default="my-boundary", help="boundary id for the entries")
     parser.add_argument("--site", default=None, help="site id (default: this host's name)")
     parser.add_argument("--access-tier", default="internal", help="access tier the devices are cleared for")
-    parser.add_argument("--seconds", type=float, default=0.5, help="timing budget per device")
+    parser.add_argument(
+        "--seconds", type=float, default=0.5, help="timing budget per device (per direction with --peer)"
+    )
+    parser.add_argument(
+        "--peer",
+        default=None,
+        metavar="HOST:PORT",
+        help="measure the link to another host instead: HOST:PORT dials a peer waiting with --peer :PORT",
+    )
 
 
 def matmul_tflops(device: str, seconds: float) -> float:
@@ -76,8 +89,39 @@ def measure(seconds: float) -> list[dict]:
     return out
 
 
+def run_peer(args: argparse.Namespace, site: str) -> int:
+    """Measure the link to a peer and print (or write) it as a fleet `links` entry."""
+    from echelon.yellowstone.probe import dial, parse_peer, wait
+
+    if not 0 < args.seconds <= 60:
+        raise UserError(f"--seconds {args.seconds}: give from more than 0 to 60 seconds per direction")
+    host, port = parse_peer(args.peer)
+    if host:
+        measured = dial(host, port, site, args.seconds)
+    else:
+        print(f"waiting for a peer on port {port} (run `echelon profile --peer THIS_HOST:{port}` there)")
+        measured = wait(port, site, args.seconds)
+    text = (
+        f"# measured by `echelon profile --peer`: {measured.gbps_out:.3f} Gbit/s {measured.sites[0]} -> "
+        f"{measured.sites[1]}, {measured.gbps_back:.3f} back; paste under `links:` of a fleet file\n"
+        + yaml.safe_dump({"links": [measured.entry()]}, sort_keys=False, default_flow_style=None)
+    )
+    _emit(args, text, "1 link entry")
+    return 0
+
+
+def _emit(args: argparse.Namespace, text: str, what: str) -> None:
+    if args.out is None:
+        print(text, end="")
+    else:
+        write_atomic(args.out, text)
+        print(f"wrote {what} to {args.out}")
+
+
 def run(args: argparse.Namespace) -> int:
     site = args.site or socket.gethostname().split(".")[0] or "site"
+    if args.peer is not None:
+        return run_peer(args, site)
     devices = [
         {**d, "boundary": args.boundary, "site": site, "access_tier": args.access_tier, "reliability": 0.99}
         for d in measure(args.seconds)
@@ -86,9 +130,5 @@ def run(args: argparse.Namespace) -> int:
         f"# measured by `echelon profile` on {site}; paste under `devices:` of a fleet file\n"
         + yaml.safe_dump({"devices": devices}, sort_keys=False)
     )
-    if args.out is None:
-        print(text, end="")
-    else:
-        write_atomic(args.out, text)
-        print(f"wrote {len(devices)} device entries to {args.out}")
+    _emit(args, text, f"{len(devices)} device entries")
     return 0
