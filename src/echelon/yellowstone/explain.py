@@ -141,7 +141,7 @@ def explain_standby(
     if idle:
         out.append(
             f"boundary {b}: standby {', '.join(idle[:12])}{' ...' if len(idle) > 12 else ''} back up no device "
-            "(no replica trains faster with them in a failed device's place than the alternatives)"
+            "(for no failure is taking one of them the fastest option)"
         )
     groups = standby_groups(ctx, standby)
     for group in groups[:EXPLAINED_GROUPS]:

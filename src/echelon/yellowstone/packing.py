@@ -95,28 +95,45 @@ def pack(ev: Evaluator, candidates: list[list[Replica]]) -> list[Replica]:
 
 
 def _solve(patterns: list[Pattern], value: dict[Pattern, float], classes: Classes, start: Counter) -> Counter:
-    """Integer copies of each pattern (HiGHS, one thread, a node limit), started from `start`."""
-    counts = [Counter(c for cluster in p for c in cluster) for p in patterns]
-    available = [len(m) for m in classes.members]
+    """Integer copies of each pattern, started from `start`."""
+    columns = [Counter(c for cluster in p for c in cluster) for p in patterns]
+    x, _ = integer_packing(
+        [value[p] for p in patterns],
+        columns,
+        [len(m) for m in classes.members],
+        [start.get(p, 0) for p in patterns],
+    )
+    return Counter({p: n for p, n in zip(patterns, x, strict=True) if n > 0})
+
+
+def integer_packing(
+    values: list[float], columns: list[Counter], capacity: list[int], start: list[int] | None = None
+) -> tuple[list[int], float]:
+    """max sum_j values[j] x_j subject to sum_j columns[j][i] x_j <= capacity[i], x integer >= 0.
+
+    HiGHS on one thread with a node limit (repeatable); `start` is a feasible starting point.
+    Returns the best solution found (zeros if none) and HiGHS's bound on the optimum (equal to the
+    solution's value when solved to optimality).
+    """
     lp = highspy.HighsLp()
-    lp.num_col_, lp.num_row_ = len(patterns), len(available)
+    lp.num_col_, lp.num_row_ = len(values), len(capacity)
     lp.sense_ = highspy.ObjSense.kMaximize
-    lp.col_cost_ = np.array([value[p] for p in patterns])
-    lp.col_lower_ = np.zeros(len(patterns))
-    lp.col_upper_ = np.array([min(available[c] // n for c, n in cnt.items()) for cnt in counts], dtype=float)
-    lp.row_lower_ = np.full(len(available), -highspy.kHighsInf)
-    lp.row_upper_ = np.array(available, dtype=float)
+    lp.col_cost_ = np.array(values, dtype=float)
+    lp.col_lower_ = np.zeros(len(values))
+    lp.col_upper_ = np.array([min(capacity[i] // n for i, n in col.items()) for col in columns], dtype=float)
+    lp.row_lower_ = np.full(len(capacity), -highspy.kHighsInf)
+    lp.row_upper_ = np.array(capacity, dtype=float)
     starts, index, entries = [0], [], []
-    for cnt in counts:
-        for c in sorted(cnt):
-            index.append(c)
-            entries.append(float(cnt[c]))
+    for col in columns:
+        for i in sorted(col):
+            index.append(i)
+            entries.append(float(col[i]))
         starts.append(len(index))
     lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
     lp.a_matrix_.start_ = np.array(starts)
     lp.a_matrix_.index_ = np.array(index)
     lp.a_matrix_.value_ = np.array(entries)
-    lp.integrality_ = [highspy.HighsVarType.kInteger] * len(patterns)
+    lp.integrality_ = [highspy.HighsVarType.kInteger] * len(values)
     h = _Highs()
     h.setOptionValue("output_flag", False)
     h.setOptionValue("time_limit", MILP_SECONDS)
@@ -125,14 +142,15 @@ def _solve(patterns: list[Pattern], value: dict[Pattern, float], classes: Classe
     h.setOptionValue("threads", 1)
     h.setOptionValue("random_seed", 0)
     h.passModel(lp)
-    sol = highspy.HighsSolution()
-    sol.col_value = [float(start.get(p, 0)) for p in patterns]
-    h.setSolution(sol)
+    if start is not None:
+        sol = highspy.HighsSolution()
+        sol.col_value = [float(x) for x in start]
+        h.setSolution(sol)
     h.run()
-    if h.getInfo().primal_solution_status != 2:  # 2 = feasible
-        return Counter()
-    found = h.getSolution().col_value
-    return Counter({p: round(v) for p, v in zip(patterns, found, strict=True) if round(v) > 0})
+    info = h.getInfo()
+    if info.primal_solution_status != 2:  # 2 = feasible
+        return [0] * len(values), float(info.mip_dual_bound)
+    return [round(v) for v in h.getSolution().col_value], float(info.mip_dual_bound)
 
 
 def _instantiate(

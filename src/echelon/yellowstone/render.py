@@ -120,6 +120,25 @@ def _boundary_text(b: BoundaryPlan, console: Console) -> None:
     console.print(bt)
 
 
+def left_out(plan: Plan) -> list[str]:
+    """What the diagram does not draw, by boundary."""
+    out = []
+    for b in plan.boundaries:
+        if len(b.replicas) > SHOW_REPLICAS:
+            hidden = b.replicas[SHOW_REPLICAS:]
+            out.append(f"{b.id}: {len(hidden)} replicas ({hidden[0].id} to {hidden[-1].id})")
+        crowded = sum(
+            max(len(c.devices) - SHOW_DEVICES, 0) for r in b.replicas[:SHOW_REPLICAS] for c in r.clusters
+        )
+        if crowded:
+            out.append(f"{b.id}: {crowded} device names in crowded clusters (counted in their boxes)")
+        if len(b.standby) > 12:
+            out.append(f"{b.id}: {len(b.standby) - 12} standby names (counted)")
+        if b.backups:
+            out.append(f"{b.id}: {len(b.backups)} backup entries")
+    return out
+
+
 def render_png(plan: Plan, path: Path) -> None:
     """Draw boundaries (frames), replicas (rows), clusters (boxes, raw-data ones orange),
     pipeline edges (arrows labelled with bandwidth), the head's return to cluster 0 (routed in a
