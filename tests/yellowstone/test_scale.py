@@ -91,3 +91,9 @@ def test_groups_of_sites_without_routes_are_planned_apart():
     sites = {c.site for r in plan.boundaries[0].replicas for c in r.clusters}
     assert sites == {"s0", "s1"} and all(c.ok for c in plan.checks)
     assert all(len({c.site for c in r.clusters}) == 1 for r in plan.boundaries[0].replicas)
+
+
+def test_the_same_fleet_gives_the_same_plan():
+    fleet = replicate(random_fleet(9, 4, sites=2, memory_scale=0.5), 2)
+    first, second = (plan_fleet(fleet, SMALL, SETTINGS, budget=200) for _ in range(2))
+    assert first.model_dump_json() == second.model_dump_json()
