@@ -225,7 +225,9 @@ class DeviceConfig(Strict):
     tokens_per_s: float = Field(gt=0, description="compute profile: training tokens per second")
     speed_jitter_pct: float = Field(0.0, ge=0, lt=100, description="per-round straggling, +/- percent")
     memory_gb: float | None = Field(None, gt=0)
-    replica: str | None = Field(None, description="the plan replica this device is (set from boundaries[].plan)")
+    replica: str | None = Field(
+        None, description="the plan replica this device is (set from boundaries[].plan)"
+    )
 
 
 class BoundaryConfig(Strict):
@@ -243,7 +245,9 @@ class BoundaryConfig(Strict):
         if not isinstance(data, dict) or data.get("plan") is None:
             return data
         if data.get("devices"):
-            raise ValueError("give `devices` or `plan`, not both: a plan's replicas are the boundary's devices")
+            raise ValueError(
+                "give `devices` or `plan`, not both: a plan's replicas are the boundary's devices"
+            )
         path = _resolve(Path(data["plan"]), info)
         return {**data, "plan": path, "devices": plan_replicas(path, str(data.get("id")))}
 

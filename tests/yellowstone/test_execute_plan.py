@@ -24,7 +24,7 @@ from echelon.yellowstone.execute.stages import (
     token_loss_sum,
 )
 from echelon.yellowstone.execute.topology import check_executable, plan_devices, topology
-from echelon.yellowstone.plan import Backup, read_plan
+from echelon.yellowstone.plan import SCHEMA_VERSION, Backup, read_plan
 from tests.yellowstone.execution import write_hand_plan
 
 U = HandLayout((("cpu0", "cpu1"), ("cpu2", "cpu3")), "U", ((0, 3), (3, 5)))
@@ -66,8 +66,10 @@ def test_a_hand_edited_plan_is_refused_naming_the_field(u_plan, edit, field, pro
 
 def test_another_schema_version_is_refused(u_plan, tmp_path):
     path = tmp_path / "old.json"
-    path.write_text(u_plan.model_dump_json().replace('"schema_version":1', '"schema_version":0'))
-    with pytest.raises(UserError, match="not a schema_version 1 plan"):
+    path.write_text(
+        u_plan.model_dump_json().replace(f'"schema_version":{SCHEMA_VERSION}', '"schema_version":1')
+    )
+    with pytest.raises(UserError, match=f"reads schema_version {SCHEMA_VERSION} plans"):
         read_plan(path)
 
 

@@ -9,6 +9,10 @@ timed on it, which the planner's cost model calibrates against. `--ranks N` spli
 CPU into N devices (the processes `echelon execute` runs), timed while all N run at once, and
 `--fleet NAME` writes a whole fleet file with this host as one site whose network is measured
 between two local processes over gloo.
+
+With `--peer`, it measures the link to another host instead (`probe`): run
+`echelon profile --peer :PORT --site A` on one host and `echelon profile --peer HOST:PORT --site B`
+on the other; both print the same `links` entry.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from echelon.errors import UserError
 from echelon.rundir import write_atomic
 
 GIB = 1024**3
@@ -31,7 +36,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--boundary", default="my-boundary", help="boundary id for the entries")
     parser.add_argument("--site", default=None, help="site id (default: this host's name)")
     parser.add_argument("--access-tier", default="internal", help="access tier the devices are cleared for")
-    parser.add_argument("--seconds", type=float, default=0.5, help="timing budget per device")
+    parser.add_argument(
+        "--seconds", type=float, default=0.5, help="timing budget per device (per direction with --peer)"
+    )
+    parser.add_argument(
+        "--peer",
+        default=None,
+        metavar="HOST:PORT",
+        help="measure the link to another host instead: HOST:PORT dials a peer waiting with --peer :PORT",
+    )
     parser.add_argument(
         "--model", default=None, help="time a training step of this model (tiny or a checkpoint dir)"
     )
@@ -121,8 +134,39 @@ def _with_steps(devices: list[dict], args: argparse.Namespace) -> list[dict]:
     ]
 
 
+def run_peer(args: argparse.Namespace, site: str) -> int:
+    """Measure the link to a peer and print (or write) it as a fleet `links` entry."""
+    from echelon.yellowstone.probe import dial, parse_peer, wait
+
+    if not 0 < args.seconds <= 60:
+        raise UserError(f"--seconds {args.seconds}: give from more than 0 to 60 seconds per direction")
+    host, port = parse_peer(args.peer)
+    if host:
+        measured = dial(host, port, site, args.seconds)
+    else:
+        print(f"waiting for a peer on port {port} (run `echelon profile --peer THIS_HOST:{port}` there)")
+        measured = wait(port, site, args.seconds)
+    text = (
+        f"# measured by `echelon profile --peer`: {measured.gbps_out:.3f} Gbit/s {measured.sites[0]} -> "
+        f"{measured.sites[1]}, {measured.gbps_back:.3f} back; paste under `links:` of a fleet file\n"
+        + yaml.safe_dump({"links": [measured.entry()]}, sort_keys=False, default_flow_style=None)
+    )
+    _emit(args, text, "1 link entry")
+    return 0
+
+
+def _emit(args: argparse.Namespace, text: str, what: str) -> None:
+    if args.out is None:
+        print(text, end="")
+    else:
+        write_atomic(args.out, text)
+        print(f"wrote {what} to {args.out}")
+
+
 def run(args: argparse.Namespace) -> int:
     site = args.site or socket.gethostname().split(".")[0] or "site"
+    if args.peer is not None:
+        return run_peer(args, site)
     measured = cpu_ranks(args.ranks, args.seconds) if args.ranks else measure(args.seconds)
     if args.model is not None:
         measured = _with_steps(measured, args)
@@ -147,9 +191,5 @@ def run(args: argparse.Namespace) -> int:
             f"# measured by `echelon profile` on {site}; paste under `devices:` of a fleet file\n"
             + yaml.safe_dump({"devices": devices}, sort_keys=False)
         )
-    if args.out is None:
-        print(text, end="")
-    else:
-        write_atomic(args.out, text)
-        print(f"wrote {len(devices)} device entries to {args.out}")
+    _emit(args, text, f"{len(devices)} device entries")
     return 0

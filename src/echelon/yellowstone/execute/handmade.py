@@ -23,9 +23,9 @@ from echelon.yellowstone.cost import (
     evaluate,
     make_cluster,
 )
+from echelon.yellowstone.emit import model_info, replica_plan
 from echelon.yellowstone.fleet import Fleet
 from echelon.yellowstone.model_profile import ModelProfile
-from echelon.yellowstone.planner import model_info, replica_plan
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def hand_plan(
     used = {d for r in replicas for c in r.clusters for d in c.devices}
     return P.Plan(
         fleet=fleet.name,
-        model=model_info(profile),
+        model=model_info(profile, tables),
         settings=P.Settings(
             micro_batches=settings.micro_batches,
             memory_headroom=settings.memory_headroom,
