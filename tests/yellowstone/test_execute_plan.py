@@ -223,3 +223,37 @@ def test_a_transfer_that_fails_names_the_peer_device():
 
     with pytest.raises(PeerTimeout, match="could not receive from device cpu7"):
         wait(Broken(), "cpu7", "receive from")
+
+
+def test_a_taken_standby_uses_the_fallback_and_a_second_failure_the_then_entries(tmp_path):
+    plan = write_hand_plan(
+        tmp_path / "plan.json",
+        [HandLayout((("cpu0", "cpu1"), ("cpu2",)), "U", ((0, 3), (3, 5)))],
+        devices=5,
+        cleared=2,
+    )
+    b = plan.boundaries[0]
+
+    def on(device: str):
+        replica = b.replicas[0].model_copy(deep=True)
+        replica.clusters[1].devices, replica.clusters[1].head = [device], device
+        return replica
+
+    fallback = Backup(
+        device="cpu2", kind="replan", replica="lab/r0", replacement=on("cpu4"), tokens_per_s_after=1.0
+    )
+    # cpu3 heads cluster 1 after the standby swap: the entry plans for its failure too.
+    then = Backup(
+        device="cpu3", kind="replan", replica="lab/r0", replacement=on("cpu4"), tokens_per_s_after=1.0
+    )
+    b.backups = [
+        Backup(device="cpu2", kind="standby", replica="lab/r0", standby="cpu3", replacement=on("cpu3"),
+               tokens_per_s_after=1.0, fallback=fallback, then=[then]),
+    ]  # fmt: skip
+    (rep,) = topology(plan, ["cpu2"]).replicas
+    assert rep.clusters[1].devices == ("cpu3",)
+    topo = topology(plan, ["cpu3", "cpu2"])  # the standby was lost first: the fallback
+    assert topo.replicas[0].clusters[1].devices == ("cpu4",) and topo.applied[-1].startswith("cpu2: replan")
+    topo = topology(plan, ["cpu2", "cpu3"])  # the new head fails too: its `then` entry
+    assert topo.replicas[0].clusters[1].devices == ("cpu4",)
+    assert [line.split(": ")[1] for line in topo.applied] == ["standby", "replan"]

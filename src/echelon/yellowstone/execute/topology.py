@@ -4,12 +4,14 @@ Pure (no torch.distributed): `check_executable` refuses a plan.json that cannot 
 and the field; `topology` turns the plan and the devices that have failed so far into replicas of
 clusters and stages; `plan_devices` fixes the rank order of a local execution.
 
-Backups are applied in the order the devices failed. A backup entry was computed against the
-primary plan: its replacement replica (standby swapped in, shrunken cluster, re-planned split) is
-used when none of its devices has failed and each is free (in that replica, or idle). Otherwise,
-as after a second failure in the same replica, the failed device leaves its cluster and its share
-goes to the cluster's other devices (largest shares first), or, if it was alone, the replica is
-dropped; `Topology.applied` says what was done for each failure.
+Backups are applied in the order the devices failed. An entry's replacement replica (standby
+swapped in, shrunken cluster, re-planned split) is used when none of its devices has failed and
+each is free (in that replica, or idle); a standby entry whose standby an earlier failure took
+uses its `fallback`. After an entry is carried out, its `then` entries (planned for a second
+failure of the head or raw-data devices that took over) come first for that replica. When no
+planned entry applies, the failed device leaves its cluster and its share goes to the cluster's
+other devices (largest shares first), or, if it was alone, the replica is dropped.
+`Topology.applied` says what was done for each failure.
 """
 
 from __future__ import annotations
@@ -210,13 +212,13 @@ def topology(plan: Plan, failed: list[str]) -> Topology:
     primary: dict[str, ReplicaSpec] = {}
     owner: dict[str, str] = {}
     idle: list[str] = []
-    backups: dict[str, Backup] = {}
+    planned: dict[str, dict[str, Backup]] = {}  # replica -> device -> the entry to try first
     for b in plan.boundaries:
         for r in b.replicas:
             primary[r.id] = current[r.id] = _replica_spec(b.id, r)
             owner[r.id] = b.id
+            planned[r.id] = {k.device: k for k in b.backups if k.replica == r.id}
         idle += b.standby
-        backups.update({k.device: k for k in b.backups})
     gone: set[str] = set()
     applied: list[str] = []
     for device in failed:
@@ -229,8 +231,13 @@ def topology(plan: Plan, failed: list[str]) -> Topology:
                 idle.remove(device)
                 applied.append(f"{device}: standby lost, nothing to change")
             continue
-        rep = current[rid]
-        carried = _carry_out(backups.get(device), rep, rep == primary[rid], owner[rid], set(idle), gone)
+        rep, entry = current[rid], planned[rid].get(device)
+        carried = _carry_out(entry, rep, rep == primary[rid], owner[rid], set(idle), gone)
+        if carried is None and entry is not None and entry.fallback is not None:
+            entry = entry.fallback
+            carried = _carry_out(entry, rep, rep == primary[rid], owner[rid], set(idle), gone)
+        if carried is not None and entry is not None:
+            planned[rid] = {**planned[rid], **{k.device: k for k in entry.then}}
         if carried is None:
             new = _shrink(rep, device)
             kind = "shrink (fallback)" if new is not None else "drop_replica (fallback)"
