@@ -66,7 +66,7 @@ def test_a_secure_outer_run_passes_the_audit_and_only_masked_aggregates_cross(tm
     out = tmp_path / "out"
     assert main(["train", str(run_file), "--out", str(out), "--no-progress"]) == 0
     capsys.readouterr()
-    assert main(["audit", str(out), "--json"]) == 0
+    assert main(["audit", str(out), "--json", "--trust-run-keys"]) == 0
     report = json.loads(capsys.readouterr().out)
     types = report["traffic"]["by_type"]
     assert "echelon.v1.OuterAggregation" in types
