@@ -74,6 +74,10 @@ class Signer:
         return cls(cert.public_bytes(serialization.Encoding.DER), key)
 
     @cached_property
+    def public_key(self) -> PublicKey:
+        return self.key.public_key()
+
+    @cached_property
     def names(self) -> tuple[str, str | None]:
         """(common name, organizational unit) of the certificate: the party and its boundary."""
         return _names(x509.load_der_x509_certificate(self.certificate))
@@ -96,8 +100,7 @@ class Verifier:
     def from_pem(cls, ca_pem: bytes) -> Verifier:
         return cls(x509.load_pem_x509_certificate(ca_pem))
 
-    def key(self, certificate: bytes) -> PublicKey:
-        """The public key of a certificate the CA issued; ValueError otherwise."""
+    def _issued(self, certificate: bytes) -> tuple[x509.Certificate, PublicKey]:
         try:
             cert = x509.load_der_x509_certificate(certificate)
             cert.verify_directly_issued_by(self.ca)
@@ -108,13 +111,17 @@ class Verifier:
         key = cert.public_key()
         if not isinstance(key, Ed25519PublicKey | ec.EllipticCurvePublicKey):
             raise ValueError(f"a certificate for a {type(key).__name__}, which cannot sign")
-        return key
+        return cert, key
+
+    def key(self, certificate: bytes) -> PublicKey:
+        """The public key of a certificate the CA issued; ValueError otherwise."""
+        return self._issued(certificate)[1]
 
     def peer(self, certificate: bytes, own: Signer) -> PublicKey:
         """The public key of a peer of `own`: issued by the CA, another party of the same kind
         (a device of the same boundary, or another boundary). ValueError otherwise."""
-        key = self.key(certificate)
-        (cn, ou), (own_cn, own_ou) = _names(x509.load_der_x509_certificate(certificate)), own.names
+        cert, key = self._issued(certificate)
+        (cn, ou), (own_cn, own_ou) = _names(cert), own.names
         if cn == own_cn or ou != own_ou or cn.split(".", 1)[0] != own_cn.split(".", 1)[0]:
             raise ValueError(f"the certificate of {cn!r} ({ou}) is not a peer of {own_cn!r} ({own_ou})")
         return key

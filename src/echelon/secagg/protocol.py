@@ -781,7 +781,9 @@ class SecAggPlusClient(AggregationClient):
         self._mask_key: X25519PrivateKey | None = None
         self._seed = bytearray()
         self._peers: dict[int, tuple[bytes, bytes]] = {}  # neighbour -> (c_pk, s_pk)
-        self._certificates: dict[int, bytes] = {}  # defended: neighbour -> its certificate
+        self._certificates: dict[
+            int, tuple[bytes, PublicKey]
+        ] = {}  # defended: neighbour -> its certified key
         self._survivors: frozenset[int] | None = None  # defended: the survivor set it signed
         self._seed_shares: dict[int, int] = {}  # owner -> the share of owner's seed held here
         self._key_shares: dict[int, int] = {}
@@ -893,7 +895,7 @@ class SecAggPlusClient(AggregationClient):
         """A defended round: the neighbour's keys are signed by a certified peer of this one,
         and no certificate stands for two participants."""
         mine = fingerprint(self._signer.certificate)
-        seen = {fingerprint(c) for c in self._certificates.values()}
+        seen = {fingerprint(c) for c, _ in self._certificates.values()}
         if fingerprint(nb.certificate) in seen | {mine}:
             raise ValueError(f"#{nb.index} presents a certificate of another participant")
         key = self._verifier.peer(nb.certificate, self._signer)
@@ -901,7 +903,7 @@ class SecAggPlusClient(AggregationClient):
             verify_signature(key, nb.signature, keys_message(self._round, nb))
         except ValueError:
             raise ValueError(f"the keys of #{nb.index} do not carry its signature (substituted?)") from None
-        self._certificates[nb.index] = nb.certificate
+        self._certificates[nb.index] = (nb.certificate, key)
 
     def _on_forwarded(self, forwarded: secagg_pb2.SecAggForwardedShares) -> list[PlaneAction]:
         assert self._cipher_key is not None and self._params is not None
@@ -1010,17 +1012,13 @@ class SecAggPlusClient(AggregationClient):
             if entry.index not in self._survivors or entry.index in indices:
                 raise ValueError(f"a signature of #{entry.index}: not a survivor, or repeated")
             known = (
-                self._signer.certificate
+                (self._signer.certificate, self._signer.public_key)
                 if entry.index == self._index
                 else self._certificates.get(entry.index)
             )
-            if known is not None and entry.certificate != known:
+            if known is not None and entry.certificate != known[0]:
                 raise ValueError(f"the signature of #{entry.index} comes with another certificate")
-            key = (
-                self._verifier.key(entry.certificate)
-                if entry.index == self._index
-                else self._verifier.peer(entry.certificate, self._signer)
-            )
+            key = known[1] if known is not None else self._verifier.peer(entry.certificate, self._signer)
             if fingerprint(entry.certificate) in certificates:
                 raise ValueError("one certificate signed for two participants")
             verify_signature(key, entry.signature, message)
