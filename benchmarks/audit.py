@@ -53,6 +53,13 @@ class TimedLog:
         finally:
             self.spent[0] += time.perf_counter() - t0
 
+    def head(self) -> tuple[int, str]:
+        t0 = time.perf_counter()
+        try:
+            return self.log.head()
+        finally:
+            self.spent[0] += time.perf_counter() - t0
+
     def close(self) -> None:
         t0 = time.perf_counter()
         self.log.close()

@@ -11,6 +11,7 @@
 2. Per-message overhead: an empty BoundaryDelta's frame on the wire (its CrossBoundaryEnvelope)
    against the body's own serialization, and its round trip through egress guard, gRPC, ingress
    guard and back (a SyncRequest) the same way, against a raw gRPC echo of the same frame bytes.
+   Each guarded send is synced to disk by its audit log before it leaves (`AuditLog`).
 3. The demo run file (token budget --demo-tokens) trained once in simulation (`runner.train`, this
    process) and once deployed (`echelon launch`: global, boundaries and devices as processes on
    loopback); wall times and their ratio. Mind the cores: the deployment runs 9 processes.
@@ -178,7 +179,7 @@ class Boundary:
         if body.outer_step != self.step:
             raise RuntimeError(f"answer for step {body.outer_step}, expected {self.step}")
 
-    async def send_guarded(self, body: boundary_pb2.BoundaryDelta | boundary_pb2.SyncRequest) -> dict:
+    async def send_guarded(self, body: boundary_pb2.BoundaryDelta) -> dict:
         """Seconds from the first send to the answer, seconds in EgressGuard.send, and wire bytes."""
         self.step += 1
         body.outer_step = self.step
@@ -368,7 +369,7 @@ def main() -> None:
         "",
     )
     table.add_row(
-        "SyncRequest, bytes on the wire",
+        "empty BoundaryDelta, bytes on the wire",
         f"{t['sync_frame']} B",
         f"{t['sync_body']} B",
         "the body serialized alone",
@@ -376,7 +377,7 @@ def main() -> None:
         "",
     )
     table.add_row(
-        f"SyncRequest round trip (N = {t['pings']})",
+        f"empty BoundaryDelta round trip (N = {t['pings']})",
         f"{t['ping_guarded_us']:,.0f} µs",
         f"{t['ping_raw_us']:,.0f} µs",
         "raw gRPC echo of the same frame",
