@@ -137,6 +137,17 @@ class SecAggConfig(Strict):
     scale_bits: int = Field(20, ge=1, le=40, description="fixed-point scale 2^scale_bits")
     bits: Literal[32, 64] | None = Field(None, description="ring Z_(2^bits); null picks from the headroom")
     stage_timeout_s: float = Field(30.0, gt=0, description="deadline of each protocol stage")
+    malicious_server: bool | None = Field(
+        None,
+        description="defences against a malicious server (signed keys, a consistency round, t > n/2); "
+        "null: on in a deployment, off in simulation",
+    )
+    outer_clip: float | None = Field(
+        None,
+        gt=0,
+        description="+SA: the range (and L2 bound) of a boundary's weighted Delta_b in the outer round; "
+        "null: echelon.clip x middle_lr x the largest outer interval",
+    )
 
 
 class StreamingConfig(Strict):

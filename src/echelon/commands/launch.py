@@ -2,7 +2,8 @@
 
 Creates throwaway certificates, starts the global plane, one process per boundary and one per
 device on loopback, shows one progress bar (from the global plane's metrics), and gathers one
-run directory. Any process failing, or Ctrl-C, stops every process (SIGTERM, then SIGKILL) and
+run directory. The certificates and keys are discarded after the run; their pinned audit public
+keys stay beside the run directory (`RUN.audit-keys.json`, for `echelon audit RUN --keys`). Any process failing, or Ctrl-C, stops every process (SIGTERM, then SIGKILL) and
 leaves only the marked `.partial` directory; children also exit if this process dies.
 """
 
@@ -20,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from echelon.audit.anchor import PINS_FILE
 from echelon.commands.train import add_run_options, print_summary
 from echelon.config import RunConfig, load_run
 from echelon.errors import UserError
@@ -166,6 +168,9 @@ def launch(cfg: RunConfig, run_file: Path, out: Path, *, force: bool, progress: 
                 time.sleep(0.2)
         deployment.stop()  # devices left reconnecting to a finished boundary
         summary = json.loads((run_dir.staging / "summary.json").read_text())
+        pins = out.with_name(f"{out.name}.{PINS_FILE}")
+        pins.unlink(missing_ok=True)  # a forced rerun's; the run directory it pinned is replaced too
+        shutil.copyfile(keys / "certs" / PINS_FILE, pins)
     except BaseException:
         if deployment is not None:
             deployment.stop()

@@ -18,11 +18,11 @@ import torch
 from google.protobuf.message import Message
 
 from echelon.config import BudgetConfig, OuterConfig
-from echelon.contract.provenance import fragment_bounds
-from echelon.planes.aggregation import AggregateResult, AggregationServer, Aggregator
+from echelon.contract.provenance import AggregateResult, RoundSeal
+from echelon.planes.aggregation import AggregationServer, Aggregator
 from echelon.planes.controller import Cadence
-from echelon.planes.tensors import from_payload, to_payload
 from echelon.sansio import Emit, PlaneAction, Send, SetTimer
+from echelon.tensors import encode, float_problem, fragment_bounds, to_tensor
 from echelon.v1 import boundary_pb2, device_pb2, tensor_pb2
 
 SYNC_TIMER = "sync-timeout"
@@ -78,6 +78,7 @@ class GlobalPlane:
         each fragment with its own outer optimizer state."""
         self.outer_aggregator = outer_aggregator
         self._outer_round: AggregationServer | None = None
+        self._outer_seal: RoundSeal | None = None
         self.boundaries = list(boundaries)
         self.bounds = fragment_bounds(theta0.numel(), fragments)
         self.outers = [OuterOptimizer(theta0[lo:hi], outer) for lo, hi in self.bounds]
@@ -136,10 +137,19 @@ class GlobalPlane:
         if isinstance(message, boundary_pb2.BoundaryDelta):
             if message.outer_step != self._syncing or sender in self._reported:
                 return []  # late (an outer step already applied without it) or duplicate
+            if self.outer_aggregator is None and message.HasField("delta"):
+                problem = float_problem(message.delta, self._zero_fragment().numel())
+                if problem is not None:
+                    fields = {
+                        "sender": sender,
+                        "message_type": message.DESCRIPTOR.full_name,
+                        "reason": problem,
+                    }
+                    return [Emit("refused", fields)]
             if self.outer_aggregator is not None:
                 delta = None
             elif message.HasField("delta"):
-                delta = from_payload(message.delta)
+                delta = to_tensor(message.delta)
             else:
                 delta = self._zero_fragment()
             self._reported[sender] = _Reported(
@@ -267,8 +277,13 @@ class GlobalPlane:
         weights = {b: w for b, w in omega.items() if self._reported[b].contributors > 0}
         if not weights:
             return self._apply_outer(now, self._zero_fragment())
+        self._outer_seal = RoundSeal.open(self._syncing, len(weights))
         self._outer_round = self.outer_aggregator.server(
-            self._syncing, weights, self._zero_fragment().numel(), tensor_pb2.BOUNDARY_AGGREGATE
+            self._syncing,
+            weights,
+            self._zero_fragment().numel(),
+            tensor_pb2.BOUNDARY_AGGREGATE,
+            self._outer_seal,
         )
         return self._after_outer_round(now, self._outer_round.start(now))
 
@@ -286,6 +301,7 @@ class GlobalPlane:
             return out
         self._outer_round = None
         if isinstance(outcome, AggregateResult):
+            self._outer_seal.verify(outcome)
             pseudo_gradient = -torch.from_numpy(outcome.weighted_sum / outcome.weight_sum).float()
         else:
             # Aborted (too few boundaries left): nothing was revealed and theta_g stays.
@@ -348,7 +364,7 @@ class GlobalPlane:
             lo, hi = self.bounds[f]
         return boundary_pb2.GlobalReference(
             outer_step=self.outer_step,
-            parameters=to_payload(self.theta_g[lo:hi], tensor_pb2.GLOBAL),
+            parameters=encode(self.theta_g[lo:hi], tensor_pb2.GLOBAL),
             final=self.finished,
             fragment=f,
             fragments=fragments,

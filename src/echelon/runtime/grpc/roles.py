@@ -26,14 +26,15 @@ import torch
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from echelon.audit.anchor import RunBinding, config_digest, deployment_id
 from echelon.audit.layout import audit_dir, log_path
 from echelon.audit.log import AuditLog
 from echelon.config import RunConfig
-from echelon.contract.guard import ContractViolation, EgressGuard, IngressGuard
+from echelon.contract.guard import ContractViolation
 from echelon.errors import UserError
 from echelon.planes.coordinator import GlobalPlane
 from echelon.planes.device import StartLocalRound
-from echelon.runner import make_boundary_plane, make_device_plane, make_global_plane, prepare
+from echelon.runner import make_boundary_plane, make_device_plane, make_global_plane, make_guards, prepare
 from echelon.runtime.grpc.node import Node, Outbox, chunk
 from echelon.runtime.grpc.tls import Credentials, peer_identity
 from echelon.runtime.sim.engine import GLOBAL, boundary_address, device_address, party_of
@@ -168,13 +169,25 @@ def _device_frames(device_id: str, body: Message) -> list[bytes]:
     return [services_pb2.DeviceChunk(data=c, last=last).SerializeToString() for c, last in chunk(data)]
 
 
-def _open_audit(run_dir: Path, party: str, creds: Credentials, min_quorum: int) -> AuditLog:
-    """The party's audit log: continued after a restart (a torn last line is cut, and recorded)."""
+def _open_audit(run_dir: Path, party: str, creds: Credentials, cfg: RunConfig) -> AuditLog:
+    """The party's audit log, bound to the deployment (its CA) and the configuration: continued
+    after a restart (a torn last line is cut, and recorded)."""
     audit_dir(run_dir).mkdir(parents=True, exist_ok=True)
     path = log_path(run_dir, party)
+    binding = RunBinding(deployment_id(creds.ca), config_digest(cfg))
     if path.exists():
-        return AuditLog.open(path, creds.audit_key(), repair=True)
-    return AuditLog.create(path, party, creds.audit_key(), "wall", min_quorum=min_quorum)
+        return AuditLog.open(path, creds.audit_key(), repair=True, binding=binding)
+    return AuditLog.create(path, party, creds.audit_key(), "wall", binding, min_quorum=cfg.echelon.min_quorum)
+
+
+def _log_event(kind: str, fields: dict) -> None:
+    """A boundary's or device's telemetry: refusals and SecAgg+ failures go to its log."""
+    log.log(
+        logging.WARNING if "refused" in kind or "failure" in kind or "rejected" in kind else logging.DEBUG,
+        "%s %s",
+        kind,
+        json.dumps(fields, sort_keys=True),
+    )
 
 
 def checkpoint_path(run_dir: Path) -> Path:
@@ -202,7 +215,7 @@ async def run_global(
     cfg = _deployable(cfg)
     wall0 = time.perf_counter()
     prep = prepare(cfg, local_devices=set())  # the global plane evaluates; it runs no device
-    e, strategy = cfg.echelon, get_strategy(cfg.strategy)
+    strategy = get_strategy(cfg.strategy)
     boundaries = [boundary_address(b.id) for b in cfg.boundaries]
     if resume:
         if not checkpoint_path(run_dir).exists():
@@ -212,9 +225,11 @@ async def run_global(
         # Our own checkpoint, written by this code: a full object, not only tensors.
         state = torch.load(checkpoint_path(run_dir), weights_only=False)
         log.info("resuming from outer step %d", state["plane"].outer_step)
-    plane = state["plane"] if resume else make_global_plane(cfg, prep.trainer.initial_state())
-    audit = _open_audit(run_dir, GLOBAL, creds, e.min_quorum)
-    egress, ingress = EgressGuard(GLOBAL, e.min_quorum, audit), IngressGuard(GLOBAL, e.min_quorum, audit)
+    plane = (
+        state["plane"] if resume else make_global_plane(cfg, prep.trainer.initial_state(), creds.identity())
+    )
+    audit = _open_audit(run_dir, GLOBAL, creds, cfg)
+    egress, ingress = make_guards(cfg, GLOBAL, plane.theta_g.numel(), audit)
     seeds = np.random.SeedSequence(cfg.seed).spawn(len(boundaries))
     links = {boundary_address(b.id): b.wan or cfg.network.wan for b in cfg.boundaries}
     outboxes = {a: Outbox(links[a], np.random.default_rng(s)) for a, s in zip(links, seeds, strict=True)}
@@ -351,11 +366,10 @@ async def run_boundary(
         raise UserError(
             f"boundary {boundary_id!r} is not in the run file (boundaries: {[b.id for b in cfg.boundaries]})"
         )
-    e = cfg.echelon
     party = party_of(boundary_address(boundary_id))
-    plane = make_boundary_plane(cfg, spec, build_model(cfg.model, cfg.seed).dim)
-    audit = _open_audit(run_dir, party, creds, e.min_quorum)
-    egress, ingress = EgressGuard(party, e.min_quorum, audit), IngressGuard(party, e.min_quorum, audit)
+    plane = make_boundary_plane(cfg, spec, build_model(cfg.model, cfg.seed).dim, creds.identity())
+    audit = _open_audit(run_dir, party, creds, cfg)
+    egress, ingress = make_guards(cfg, party, plane.dim, audit, plane.ledger)
     seeds = np.random.SeedSequence([cfg.seed, len(boundary_id)]).spawn(len(spec.devices) + 1)
     to_global = Outbox(spec.wan or cfg.network.wan, np.random.default_rng(seeds[0]))
     to_device = {
@@ -380,7 +394,7 @@ async def run_boundary(
         elif to in live:
             to_device[to].put(_device_frames(to.split("/", 1)[1], message))
 
-    node = Node(plane, boundary_address(boundary_id), route, lambda kind, fields: None)
+    node = Node(plane, boundary_address(boundary_id), route, _log_event)
 
     async def exchange(
         requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -470,7 +484,7 @@ async def run_device(
         raise UserError(f"device {device_id!r} is a replica of a plan: give --run-dir for its job's files")
     prep = prepare(cfg, workdir, {device_id})
     boundary = boundary_address(owner)
-    plane = make_device_plane(cfg, device_id, owner, prep.bundle.dim)
+    plane = make_device_plane(cfg, device_id, owner, prep.bundle.dim, creds.identity())
     outbox = Outbox(cfg.network.lan, np.random.default_rng(cfg.seed))
     compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-round")
     loop = asyncio.get_running_loop()
@@ -493,7 +507,7 @@ async def run_device(
             node.failed = err
             failure.set()
 
-    node = Node(plane, device_address(device_id), route, lambda kind, fields: None, on_other)
+    node = Node(plane, device_address(device_id), route, _log_event, on_other)
     reassembly = _DeviceReassembly()
 
     def on_connect() -> None:
