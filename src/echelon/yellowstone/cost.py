@@ -96,8 +96,10 @@ def modelled_units(profile: ModelProfile) -> tuple[Unit, ...]:
 def calibrate(fleet: Fleet, profile: ModelProfile) -> dict[str, float]:
     """eta per device id from its measured steps (1.0 without measurements).
 
-    A measured step of `micro_batch` x `seq_len` tokens of a known model is worth that many tokens
-    times the model's FLOPs per token; eta is the mean of (FLOPs / step_s) / declared FLOP/s.
+    A measured step of `micro_batches` x `micro_batch` x `seq_len` tokens of a known model is worth
+    that many tokens times the model's FLOPs per token; eta is the mean of (FLOPs / step_s) /
+    declared FLOP/s. The step's one optimizer update is spread over its micro-batches, so a step
+    measured with the plan's micro-batch count calibrates that plan's steps exactly.
     """
     out: dict[str, float] = {}
     for i, d in enumerate(fleet.devices):
@@ -113,7 +115,8 @@ def calibrate(fleet: Fleet, profile: ModelProfile) -> dict[str, float]:
                     f"({', '.join(PRESETS)}) or the planned model's name {profile.name!r}"
                 )
             p = build_profile(m.model, shape, trainable=m.trainable, dtype=profile.dtype, seq_len=m.seq_len)
-            ratios.append(p.flops_per_token * m.seq_len * m.micro_batch / m.step_s / d.flops)
+            tokens = m.seq_len * m.micro_batch * m.micro_batches
+            ratios.append(p.flops_per_token * tokens / m.step_s / d.flops)
         out[d.id] = float(np.mean(ratios)) if ratios else 1.0
     return out
 
