@@ -48,7 +48,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default=None, help="time a training step of this model (tiny or a checkpoint dir)"
     )
-    parser.add_argument("--trainable", choices=("lora", "full"), default="lora")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--lora", dest="trainable", action="store_const", const="lora", help="time LoRA training"
+    )
+    mode.add_argument(
+        "--full", dest="trainable", action="store_const", const="full", help="time full training"
+    )
+    parser.set_defaults(trainable="lora")
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument(
