@@ -1,12 +1,14 @@
 """Contiguous layer partition over an ordered list of clusters: a dynamic program.
 
-The step time sum_g G_g + (m - 1) max_g G_g + max_g AR_g mixes a sum and a maximum, so the program
-is parametric: for a threshold tau on each cluster's bottleneck contribution G' = G + AR/(m - 1)
-it finds the partition with the least sum of G under G' <= tau (a min-sum DP over contiguous
-ranges, O(K N^2) with N units), for tau from the smallest achievable bottleneck (a min-max DP) up
-to where a larger bottleneck can no longer pay for itself. Every candidate partition is scored
-with the exact step time. With at most `MAX_THRESHOLDS` distinct thresholds in that window the
-search is exact for the surrogate; above, thresholds are sampled evenly by rank.
+The step time sum_g G_g + (m - 1) max_g G_g + max_g AR_g mixes a sum and two maxima, so the
+program is parametric in both: for thresholds tau on every cluster's G and alpha on its AR it
+finds the partition with the least sum of G under G <= tau and AR <= alpha (a min-sum DP over
+contiguous ranges, O(K N^2) with N units, all threshold pairs at once). The optimum's own maxima
+are such a pair, so the least sum there is optimal. tau runs from the smallest achievable maximum
+(a min-max DP) up to where a larger maximum can no longer pay for itself, alpha up to the same
+bound; every candidate is scored with the exact step time. With at most `MAX_THRESHOLDS` values
+of tau and `MAX_AR_THRESHOLDS` of alpha in those windows the search is exact; above, the values
+are sampled evenly by rank.
 Memory limits enter as infinite cost; the fastest parallelism mode that fits is chosen per cell.
 """
 
@@ -28,6 +30,7 @@ from echelon.yellowstone.cost import (
 )
 
 MAX_THRESHOLDS = 40
+MAX_AR_THRESHOLDS = 4
 
 
 def cells(
@@ -37,9 +40,8 @@ def cells(
     net: AnyNetwork,
     settings: CostSettings,
     memo: dict | None = None,
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
-    """Per cluster: (G, AR, G') matrices over unit ranges [i, j), G = inf where the cell is not
-    allowed, G' = G + AR / (m - 1) the cluster's contribution to the bottleneck.
+) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """Per cluster: (G, AR) matrices over unit ranges [i, j), G = inf where the cell is not allowed.
 
     None when a link between consecutive clusters is missing. `memo` caches cells across calls.
     """
@@ -66,8 +68,7 @@ def cells(
 def _cell(cl, role, structure, fl, fl_head, send, tables: Tables, settings: CostSettings):
     valid, seg = _grid(role, structure, fl, fl_head, tables)
     g, ar, _ = group_cost(cl, seg, send, settings, tables.profile.seq_len)
-    g, ar = np.where(valid, g, INF), np.where(valid, ar, 0.0)
-    return g, ar, g + ar / max(settings.micro_batches - 1, 1)
+    return np.where(valid, g, INF), np.where(valid, ar, 0.0)
 
 
 def _grid(role: str, structure: Structure, fl: int, fl_head: int, tables: Tables):
@@ -104,53 +105,69 @@ def best_split(
     if found is None:
         return None
     m = settings.micro_batches
-    n = tables.n_units
-    end = n - 1 if structure == "U" else n
-    gp = [x[2] for x in found]
+    end = tables.n_units - 1 if structure == "U" else tables.n_units
+    gs, ars = [g for g, _ in found], [ar for _, ar in found]
 
-    def solve(taus: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        """The min-sum DP for every threshold at once: sums (T,) and argmin tables per cluster."""
-        dp = np.where(gp[0][0][None, :] <= taus[:, None], found[0][0][0][None, :], INF)
+    def solve(taus: np.ndarray, alphas: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The min-sum DP for every (tau, alpha) pair at once: least sum of G with every G <= tau
+        and every AR <= alpha; the sums and the argmin tables per cluster."""
+        t, a = taus[:, None], alphas[:, None]
+        dp = np.where((gs[0][0][None] <= t) & (ars[0][0][None] <= a), gs[0][0][None], INF)
         args = []
-        for (g, _, _), p in zip(found[1:], gp[1:], strict=True):
-            tot = dp[:, :, None] + np.where(p[None] <= taus[:, None, None], g[None], INF)
+        for g, ar in zip(gs[1:], ars[1:], strict=True):
+            allowed = (g[None] <= t[:, :, None]) & (ar[None] <= a[:, :, None])
+            tot = dp[:, :, None] + np.where(allowed, g[None], INF)
             arg = tot.argmin(axis=1)
             dp = np.take_along_axis(tot, arg[:, None, :], axis=1)[:, 0, :]
             args.append(arg)
         return dp[:, end], args
 
-    def cuts_of(t: int, args: list[np.ndarray]) -> tuple[tuple[int, int], ...]:
+    def cuts_of(k: int, args: list[np.ndarray]) -> tuple[tuple[int, int], ...]:
         cuts, j = [], end
         for arg in reversed(args):
-            i = int(arg[t, j])
+            i = int(arg[k, j])
             cuts.append((i, j))
             j = i
         cuts.append((0, j))
         return tuple(reversed(cuts))
 
-    mm = gp[0][0]
-    for p in gp[1:]:
-        mm = np.maximum(mm[:, None], p).min(axis=0)
+    def step_of(cuts) -> float:
+        g = [float(gs[c][i, j]) for c, (i, j) in enumerate(cuts)]
+        return sum(g) + (m - 1) * max(g) + max(float(ars[c][i, j]) for c, (i, j) in enumerate(cuts))
+
+    mm = gs[0][0]
+    for g in gs[1:]:
+        mm = np.maximum(mm[:, None], g).min(axis=0)
     tau_lo = float(mm[end])
     if tau_lo == INF:
         return None
-    (sum_lo, sum_free), _ = solve(np.array([tau_lo, INF]))
-    tau_hi = tau_lo + (sum_lo - sum_free) / max(m - 1, 1)
-    values = np.unique(np.concatenate([p[np.isfinite(p)].ravel() for p in gp]))
-    values = values[(values >= tau_lo) & (values <= tau_hi)]
-    if len(values) > MAX_THRESHOLDS:
-        values = values[np.linspace(0, len(values) - 1, MAX_THRESHOLDS).round().astype(int)]
-    taus = np.unique(np.concatenate([[tau_lo], values]))
-    sums, args = solve(taus)
+    (_, sum_free), args = solve(np.array([tau_lo, INF]), np.array([INF, INF]))
+    step_lo = step_of(cuts_of(0, args))
+    # The optimum has max G <= tau_hi and max AR <= alpha_hi, or the partition at tau_lo beats it.
+    tau_hi = INF if m == 1 else (step_lo - sum_free) / (m - 1)
+    alpha_hi = step_lo - sum_free - (m - 1) * tau_lo
+    taus = _thresholds(gs, tau_lo, tau_hi, MAX_THRESHOLDS, [tau_lo])
+    alphas = _thresholds([np.where(np.isfinite(g), ar, INF) for g, ar in zip(gs, ars, strict=True)], 0.0, alpha_hi,
+                         MAX_AR_THRESHOLDS, [INF])  # fmt: skip
+    pairs_t, pairs_a = (x.ravel() for x in np.meshgrid(taus, alphas, indexing="ij"))
+    sums, args = solve(pairs_t, pairs_a)
     best: tuple[tuple[tuple[int, int], ...], float] | None = None
-    for t in np.flatnonzero(np.isfinite(sums)):
-        cuts = cuts_of(int(t), args)
-        g = [float(found[c][0][i, j]) for c, (i, j) in enumerate(cuts)]
-        ar = [float(found[c][1][i, j]) for c, (i, j) in enumerate(cuts)]
-        step = sum(g) + (m - 1) * max(g) + max(ar)
+    for k in np.flatnonzero(np.isfinite(sums)):
+        cuts = cuts_of(int(k), args)
+        step = step_of(cuts)
         if best is None or step < best[1] - 1e-12 or (abs(step - best[1]) <= 1e-12 and cuts < best[0]):
             best = (cuts, step)
     return best
+
+
+def _thresholds(mats: list[np.ndarray], low: float, high: float, most: int, extra: list[float]) -> np.ndarray:
+    """Distinct finite values of the matrices in [low, high], evenly sampled by rank down to
+    `most`, plus `extra`."""
+    values = np.unique(np.concatenate([x[np.isfinite(x)].ravel() for x in mats]))
+    values = values[(values >= low) & (values <= high)]
+    if len(values) > most:
+        values = values[np.linspace(0, len(values) - 1, most).round().astype(int)]
+    return np.unique(np.concatenate([extra, values]))
 
 
 def best_layout(
