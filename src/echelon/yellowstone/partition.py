@@ -1,15 +1,18 @@
 """Contiguous layer partition over an ordered list of clusters: a dynamic program.
 
 The step time sum_g G_g + (m - 1) max_g G_g + max_g AR_g mixes a sum and two maxima, so the
-program is parametric in both: for thresholds tau on every cluster's G and alpha on its AR it
-finds the partition with the least sum of G under G <= tau and AR <= alpha (a min-sum DP over
-contiguous ranges, O(K N^2) with N units, all threshold pairs at once). The optimum's own maxima
-are such a pair, so the least sum there is optimal. tau runs from the smallest achievable maximum
-(a min-max DP) up to where a larger maximum can no longer pay for itself, alpha up to the same
-bound; every candidate is scored with the exact step time. With at most `MAX_THRESHOLDS` values
-of tau and `MAX_AR_THRESHOLDS` of alpha in those windows the search is exact; above, the values
-are sampled evenly by rank.
-Memory limits enter as infinite cost; the fastest parallelism mode that fits is chosen per cell.
+program is parametric: for thresholds on what each cluster may contribute it finds the partition
+with the least sum of G (a min-sum DP over contiguous ranges, O(K N^2) with N units, all
+thresholds at once), and every candidate is scored with the exact step time.
+- The surrogate family bounds each cluster's G' = G + AR / (m - 1) by one threshold tau, from the
+  smallest achievable maximum (a min-max DP) up to where a larger one can no longer pay for
+  itself: exact when the slowest cluster also has the slowest all-reduce (single devices, FSDP).
+- The exact family bounds G by tau and AR by alpha separately; the optimum's own maxima are such
+  a pair, so the least sum there is optimal. It runs where its work fits `PAIR_CELLS` (models of
+  up to about 20 units, the exhaustive references' sizes), exact while the pairs in the windows
+  fit and tau takes at most `MAX_THRESHOLDS` values.
+Beyond those counts the values are sampled evenly by rank. Memory limits enter as infinite cost;
+the fastest parallelism mode that fits is chosen per cell.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from echelon.yellowstone.cost import (
 )
 
 MAX_THRESHOLDS = 40
-MAX_AR_THRESHOLDS = 4
+PAIR_CELLS = 50_000  # DP cells per cluster the exact family may spend: 1,020 pairs at 6 units, 0 at 34
 
 
 def cells(
@@ -107,67 +110,92 @@ def best_split(
     m = settings.micro_batches
     end = tables.n_units - 1 if structure == "U" else tables.n_units
     gs, ars = [g for g, _ in found], [ar for _, ar in found]
+    gps = [g + ar / max(m - 1, 1) for g, ar in found]
 
-    def solve(taus: np.ndarray, alphas: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        """The min-sum DP for every (tau, alpha) pair at once: least sum of G with every G <= tau
-        and every AR <= alpha; the sums and the argmin tables per cluster."""
-        t, a = taus[:, None], alphas[:, None]
-        dp = np.where((gs[0][0][None] <= t) & (ars[0][0][None] <= a), gs[0][0][None], INF)
+    def solve(limits: list[tuple[list[np.ndarray], np.ndarray]]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The min-sum DP for P rows of thresholds at once: least sum of G with every cluster's
+        matrices under their row's threshold for each limit (matrices, thresholds of shape (P,))."""
+
+        def allowed(c: int) -> np.ndarray:
+            ok = np.ones((1, 1, 1), bool)
+            for mats, th in limits:
+                ok = ok & (mats[c][None] <= th[:, None, None])
+            return ok
+
+        dp = np.where(allowed(0)[:, 0, :], gs[0][0][None], INF)
         args = []
-        for g, ar in zip(gs[1:], ars[1:], strict=True):
-            allowed = (g[None] <= t[:, :, None]) & (ar[None] <= a[:, :, None])
-            tot = dp[:, :, None] + np.where(allowed, g[None], INF)
+        for c in range(1, len(gs)):
+            tot = dp[:, :, None] + np.where(allowed(c), gs[c][None], INF)
             arg = tot.argmin(axis=1)
             dp = np.take_along_axis(tot, arg[:, None, :], axis=1)[:, 0, :]
             args.append(arg)
         return dp[:, end], args
 
-    def cuts_of(k: int, args: list[np.ndarray]) -> tuple[tuple[int, int], ...]:
-        cuts, j = [], end
-        for arg in reversed(args):
-            i = int(arg[k, j])
-            cuts.append((i, j))
-            j = i
-        cuts.append((0, j))
-        return tuple(reversed(cuts))
+    def candidates(limits) -> list[tuple[tuple[int, int], ...]]:
+        sums, args = solve(limits)
+        out = []
+        for k in np.flatnonzero(np.isfinite(sums)):
+            cuts, j = [], end
+            for arg in reversed(args):
+                i = int(arg[k, j])
+                cuts.append((i, j))
+                j = i
+            cuts.append((0, j))
+            out.append(tuple(reversed(cuts)))
+        return out
 
     def step_of(cuts) -> float:
         g = [float(gs[c][i, j]) for c, (i, j) in enumerate(cuts)]
         return sum(g) + (m - 1) * max(g) + max(float(ars[c][i, j]) for c, (i, j) in enumerate(cuts))
 
-    mm = gs[0][0]
-    for g in gs[1:]:
-        mm = np.maximum(mm[:, None], g).min(axis=0)
-    tau_lo = float(mm[end])
-    if tau_lo == INF:
+    def min_max(mats: list[np.ndarray]) -> float:
+        mm = mats[0][0]
+        for x in mats[1:]:
+            mm = np.maximum(mm[:, None], x).min(axis=0)
+        return float(mm[end])
+
+    if min_max(gs) == INF:
         return None
-    (_, sum_free), args = solve(np.array([tau_lo, INF]), np.array([INF, INF]))
-    step_lo = step_of(cuts_of(0, args))
-    # The optimum has max G <= tau_hi and max AR <= alpha_hi, or the partition at tau_lo beats it.
-    tau_hi = INF if m == 1 else (step_lo - sum_free) / (m - 1)
-    alpha_hi = step_lo - sum_free - (m - 1) * tau_lo
-    taus = _thresholds(gs, tau_lo, tau_hi, MAX_THRESHOLDS, [tau_lo])
-    alphas = _thresholds([np.where(np.isfinite(g), ar, INF) for g, ar in zip(gs, ars, strict=True)], 0.0, alpha_hi,
-                         MAX_AR_THRESHOLDS, [INF])  # fmt: skip
-    pairs_t, pairs_a = (x.ravel() for x in np.meshgrid(taus, alphas, indexing="ij"))
-    sums, args = solve(pairs_t, pairs_a)
+    # The surrogate family: every cluster's G + AR / (m - 1) under one threshold tau.
+    tau_lo = min_max(gps)
+    (sum_lo, sum_free), _ = solve([(gps, np.array([tau_lo, INF]))])
+    taus = _sample(_values(gps, tau_lo, tau_lo + (sum_lo - sum_free) / max(m - 1, 1)), MAX_THRESHOLDS)
+    found_cuts = candidates([(gps, np.unique(np.concatenate([[tau_lo], taus])))])
+    # The exact family, where the work allows: G and AR under their own thresholds (the optimum's
+    # maxima are one such pair), each up to where a larger maximum cannot pay for itself.
+    pairs = PAIR_CELLS // (tables.n_units + 1) ** 2
+    if pairs >= 2 * MAX_THRESHOLDS:
+        step_lo = min(step_of(c) for c in found_cuts)
+        g_lo = min_max(gs)
+        g_hi = INF if m == 1 else (step_lo - sum_free) / (m - 1)
+        g_taus = _values(gs, g_lo, g_hi)
+        alphas = _values([np.where(np.isfinite(g), ar, INF) for g, ar in zip(gs, ars, strict=True)], 0.0,
+                         step_lo - sum_free - (m - 1) * g_lo)  # fmt: skip
+        n_tau = min(len(g_taus) + 1, MAX_THRESHOLDS)
+        n_alpha = max(1, min(len(alphas), pairs // n_tau))
+        g_taus = np.unique(np.concatenate([[g_lo], _sample(g_taus, n_tau)]))
+        alphas = np.unique(np.concatenate([[INF], _sample(alphas, n_alpha)]))
+        t, a = (x.ravel() for x in np.meshgrid(g_taus, alphas, indexing="ij"))
+        found_cuts += candidates([(gs, t), (ars, a)])
     best: tuple[tuple[tuple[int, int], ...], float] | None = None
-    for k in np.flatnonzero(np.isfinite(sums)):
-        cuts = cuts_of(int(k), args)
+    for cuts in found_cuts:
         step = step_of(cuts)
         if best is None or step < best[1] - 1e-12 or (abs(step - best[1]) <= 1e-12 and cuts < best[0]):
             best = (cuts, step)
     return best
 
 
-def _thresholds(mats: list[np.ndarray], low: float, high: float, most: int, extra: list[float]) -> np.ndarray:
-    """Distinct finite values of the matrices in [low, high], evenly sampled by rank down to
-    `most`, plus `extra`."""
+def _values(mats: list[np.ndarray], low: float, high: float) -> np.ndarray:
+    """Distinct finite values of the matrices in [low, high], sorted."""
     values = np.unique(np.concatenate([x[np.isfinite(x)].ravel() for x in mats]))
-    values = values[(values >= low) & (values <= high)]
-    if len(values) > most:
-        values = values[np.linspace(0, len(values) - 1, most).round().astype(int)]
-    return np.unique(np.concatenate([extra, values]))
+    return values[(values >= low) & (values <= high)]
+
+
+def _sample(values: np.ndarray, most: int) -> np.ndarray:
+    """At most `most` of sorted values, evenly by rank (the smallest and largest kept)."""
+    if len(values) <= most:
+        return values
+    return values[np.linspace(0, len(values) - 1, most).round().astype(int)]
 
 
 def best_layout(

@@ -176,7 +176,7 @@ def plan_boundary(
         phases = [
             ([(start, everyone - {i for r in start for c in r for i in c}) for start in starts], budget)
         ]
-        if len(ctx.devices) <= RANDOM_START_DEVICES:  # random starts, with a budget of their own
+        if decompose and len(ctx.devices) <= RANDOM_START_DEVICES:  # random starts, a budget of their own
             phases.append((random_starts(ctx, RANDOM_STARTS), budget // 2))
         best: list[Replica] = starts[0] if starts else []
         for origins, allowance in phases:
