@@ -140,15 +140,20 @@ def devices_of(fleet: Fleet, boundary: str, settings: CostSettings, eta: dict[st
     ]
 
 
-def split_shares(speeds: list[float], micro_batch: int) -> list[int]:
-    """Whole sequences per device, at least one each, minimising max(share / speed); sums to B."""
+def split_shares(speeds: list[float], micro_batch: int, capacities: list[float] | None = None) -> list[int]:
+    """Whole sequences per device, at least one each, minimising max(share / speed); sums to B.
+
+    Ties (the same time either way) go to the device with fewer sequences so far, then to the one
+    with more memory, so the split does not depend on the order the devices are listed in.
+    """
+    room = capacities or [0.0] * len(speeds)
     shares = [1] * len(speeds)
-    heap = [(2 / s, i) for i, s in enumerate(speeds)]
+    heap = [(2 / s, 1, -room[i], i) for i, s in enumerate(speeds)]
     heapq.heapify(heap)
     for _ in range(micro_batch - len(speeds)):
-        _, i = heapq.heappop(heap)
+        _, _, _, i = heapq.heappop(heap)
         shares[i] += 1
-        heapq.heappush(heap, ((shares[i] + 1) / speeds[i], i))
+        heapq.heappush(heap, ((shares[i] + 1) / speeds[i], shares[i], -room[i], i))
     return shares
 
 
@@ -176,7 +181,7 @@ class Cluster:
 
 
 def make_cluster(devices: tuple[Device, ...], lan: Link, profile: ModelProfile) -> Cluster:
-    shares = split_shares([d.speed for d in devices], profile.micro_batch)
+    shares = split_shares([d.speed for d in devices], profile.micro_batch, [d.capacity for d in devices])
     spf = max(s * profile.seq_len / d.speed for s, d in zip(shares, devices, strict=True))
     return Cluster(devices, tuple(shares), lan, spf)
 
