@@ -16,7 +16,7 @@
    loopback); wall times and their ratio. Mind the cores: the deployment runs 9 processes.
 
 The guards write signed audit logs exactly as a deployment does. Both ends use the deployment's
-own helpers (`roles._server`, `roles._channel`, `roles._handler`) and stream items are the exact
+own transport (`transport.make_server`, `make_channel`, `stream_handler`) and stream items are the exact
 frames the guards produce.
 
     .venv/bin/python benchmarks/transport.py [--megabytes 100] [--reps 5] [--pings 2000]
@@ -44,8 +44,8 @@ from echelon.audit.log import AuditLog
 from echelon.commands.launch import _free_port
 from echelon.contract.guard import EgressGuard, IngressGuard
 from echelon.planes.aggregation import encode_f32
-from echelon.runtime.grpc.node import chunk
-from echelon.runtime.grpc.roles import CROSS_METHOD, _channel, _handler, _server
+from echelon.runtime.grpc.framing import chunk
+from echelon.runtime.grpc.transport import CROSS_METHOD, make_channel, make_server, stream_handler
 from echelon.runtime.grpc.tls import Credentials, init_certs, load_credentials, peer_identity
 from echelon.v1 import boundary_pb2, tensor_pb2
 
@@ -114,13 +114,14 @@ async def _serve(certs: Path, listen: str, run_dir: Path, ready: mp.Event, stop:
         async for item in requests:
             yield item
 
-    server = _server(creds, listen)
-    server.add_generic_rpc_handlers(
+    server = make_server(
+        creds,
+        listen,
         [
-            _handler("echelon.v1.CrossBoundary", guarded),
-            _handler(RAW_BULK, raw_bulk),
-            _handler(RAW_ECHO, raw_echo),
-        ]
+            stream_handler("echelon.v1.CrossBoundary", guarded),
+            stream_handler(RAW_BULK, raw_bulk),
+            stream_handler(RAW_ECHO, raw_echo),
+        ],
     )
     await server.start()
     ready.set()
@@ -151,7 +152,7 @@ class Boundary:
         return time.monotonic() - self.t0
 
     async def __aenter__(self) -> Boundary:
-        self.channel = _channel(self.creds, self.target, GLOBAL)
+        self.channel = make_channel(self.creds, self.target, GLOBAL)
         await asyncio.wait_for(self.channel.channel_ready(), 30)
         self.guarded = self.channel.stream_stream(CROSS_METHOD)()
         self.bulk = self.channel.stream_stream(f"/{RAW_BULK}/Exchange")()

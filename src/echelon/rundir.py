@@ -2,7 +2,8 @@
 
 A run is built in `<dir>.partial/` and renamed to `<dir>` only when it completed. An existing
 `<dir>` is refused unless the caller forces its replacement; an interrupted run leaves only the
-clearly marked `.partial` directory, which the next run of the same name replaces.
+clearly marked `.partial` directory, which the next run of the same name replaces (or continues,
+for a deployment resumed with `echelon launch --resume`).
 """
 
 from __future__ import annotations
@@ -25,19 +26,26 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 class RunDirectory:
-    def __init__(self, path: str | Path, force: bool = False) -> None:
+    def __init__(self, path: str | Path, force: bool = False, resume: bool = False) -> None:
+        """Stage the run at `path` in `<path>.partial/` (replaced, or kept with `resume`); UserError
+        naming the path when it exists (without `force`), is not a directory or cannot be written."""
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"{self.path} exists and is not a directory; choose another --out")
         if self.path.exists() and not force:
             raise UserError(
                 f"run directory {self.path} already exists; pass --force to replace it, or choose --out"
             )
-        if self.path.exists() and not self.path.is_dir():
-            raise UserError(f"{self.path} exists and is not a directory")
         self.staging = self.path.with_name(self.path.name + ".partial")
-        if self.staging.exists():
-            shutil.rmtree(self.staging)
-        self.staging.mkdir(parents=True)
-        self._metrics = (self.staging / "metrics.jsonl").open("a")
+        if resume and not self.staging.is_dir():
+            raise UserError(f"cannot resume: there is no interrupted run at {self.staging}")
+        try:
+            if not resume and self.staging.exists():
+                shutil.rmtree(self.staging)
+            self.staging.mkdir(parents=True, exist_ok=resume)
+            self._metrics = (self.staging / "metrics.jsonl").open("a")
+        except OSError as e:
+            raise UserError(f"cannot write the run directory {self.staging}: {e.strerror or e}") from None
 
     def __truediv__(self, name: str) -> Path:
         return self.staging / name

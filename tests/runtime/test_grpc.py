@@ -21,8 +21,11 @@ from safetensors.torch import load_file
 from echelon.config import RunConfig
 from echelon.errors import UserError
 from echelon.runner import train
-from echelon.runtime.grpc import roles
+from echelon.runtime.grpc.boundary_role import run_boundary
+from echelon.runtime.grpc.device_role import run_device
+from echelon.runtime.grpc.global_role import run_global
 from echelon.runtime.grpc.tls import init_certs, load_credentials
+from echelon.runtime.grpc.transport import LOCAL_METHOD
 from tests.conftest import small_run
 
 
@@ -41,14 +44,14 @@ async def _deploy(cfg: RunConfig, certs: Path, run_dir: Path) -> dict:
     """Every party of `cfg` as a task of this event loop, over loopback gRPC with mTLS."""
     run_dir.mkdir()
     at = _port()
-    tasks = [asyncio.create_task(roles.run_global(cfg, load_credentials(certs, "global"), at, run_dir))]
+    tasks = [asyncio.create_task(run_global(cfg, load_credentials(certs, "global"), at, run_dir))]
     for b in cfg.boundaries:
         b_at = _port()
         creds = load_credentials(certs, f"boundary.{b.id}")
-        tasks.append(asyncio.create_task(roles.run_boundary(cfg, creds, b.id, b_at, at, run_dir)))
+        tasks.append(asyncio.create_task(run_boundary(cfg, creds, b.id, b_at, at, run_dir)))
         for d in b.devices:
             creds = load_credentials(certs, f"device.{d.id}")
-            tasks.append(asyncio.create_task(roles.run_device(cfg, creds, d.id, b_at)))
+            tasks.append(asyncio.create_task(run_device(cfg, creds, d.id, b_at)))
     results = await asyncio.wait_for(asyncio.gather(*tasks), 240)
     return results[0]
 
@@ -110,7 +113,7 @@ async def _with_boundary(cfg, certs, boundary_id, probe, run_dir: Path):
     at = _port()
     creds = load_credentials(certs, f"boundary.{boundary_id}")
     # The global plane is unreachable: the boundary serves its devices while it keeps dialling.
-    task = asyncio.create_task(roles.run_boundary(cfg, creds, boundary_id, at, _port(), run_dir))
+    task = asyncio.create_task(run_boundary(cfg, creds, boundary_id, at, _port(), run_dir))
     await asyncio.sleep(1.5)
     try:
         return await asyncio.wait_for(probe(at), 20)
@@ -132,7 +135,7 @@ def test_a_device_of_another_boundary_is_refused_with_a_log_line(deployment, cap
             cfg,
             certs,
             "b1",
-            lambda at: _call(_tls(certs, "device.d0"), at, "boundary.b1", roles.LOCAL_METHOD),
+            lambda at: _call(_tls(certs, "device.d0"), at, "boundary.b1", LOCAL_METHOD),
             tmp_path,
         )
     )
@@ -146,8 +149,8 @@ def test_an_unknown_certificate_and_plaintext_are_refused(deployment, tmp_path):
 
     async def probe(at):
         return (
-            await _call(_tls(foreign, "device.d2"), at, "boundary.b1", roles.LOCAL_METHOD),
-            await _call(None, at, "boundary.b1", roles.LOCAL_METHOD),
+            await _call(_tls(foreign, "device.d2"), at, "boundary.b1", LOCAL_METHOD),
+            await _call(None, at, "boundary.b1", LOCAL_METHOD),
         )
 
     foreign_code, plaintext_code = asyncio.run(_with_boundary(cfg, certs, "b1", probe, tmp_path))
@@ -160,7 +163,7 @@ def test_a_party_with_a_foreign_certificate_stops_with_a_clear_error(deployment,
     foreign = load_credentials(_certs(tmp_path / "other", cfg), "device.d2")
 
     async def probe(at):
-        return await roles.run_device(cfg, foreign, "d2", at)
+        return await run_device(cfg, foreign, "d2", at)
 
     with pytest.raises(UserError, match="TLS handshake"):
         asyncio.run(_with_boundary(cfg, certs, "b1", probe, tmp_path))

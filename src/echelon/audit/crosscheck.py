@@ -4,7 +4,9 @@ For every directed link (sender, receiver, channel) the sender's "sent" records 
 "received" records are aligned in order by their content (type, flow class, wire bytes, payload
 SHA-256, round, quorum, provenance). A record left without a partner is a violation, unless one
 of the two parties crashed where the partner would be: then it is reported as in flight at a
-crash (a message lost with a connection, or a record lost with unsynced data), not as tampering.
+crash (a message lost with a connection, or a record lost with unsynced data), or where one of them
+recorded an interruption (a stream ended, or the party was stopped before the run ended), not as
+tampering.
 """
 
 from __future__ import annotations
@@ -92,6 +94,15 @@ def _check_link(link: Link, sender: LogReport, receiver: LogReport, out: CrossCh
             sender.crash_points, crossing[0], sent_next
         ):
             reason = f"sent on {channel}, not received: in flight when {sender.party} or {to} crashed"
+            out.in_flight.append(Finding(sender.party, crossing[0], IN_FLIGHT, reason, record))
+            continue
+        if _crashed(receiver.interruptions, low, high) or _crashed(
+            sender.interruptions, crossing[0], sent_next
+        ):
+            reason = (
+                f"sent on {channel}, not received: in flight when a stream of {sender.party} or {to} "
+                "ended or the party was interrupted"
+            )
             out.in_flight.append(Finding(sender.party, crossing[0], IN_FLIGHT, reason, record))
             continue
         reason = f"recorded sent on {channel} but {to} recorded no matching receipt"

@@ -256,21 +256,31 @@ class AuditLog:
                 self._checkpoint("interval")
         return record
 
-    def checkpoint(self) -> None:
-        """Sign the current head and fsync: everything recorded so far is durable and authenticated."""
+    def checkpoint(self, trigger: str = "explicit") -> None:
+        """Sign the current head and fsync: everything recorded so far is durable and authenticated.
+
+        `trigger` "disconnect" also marks that a stream to a peer ended here, so messages on it may
+        have been lost in flight (the verifier reports them as such, not as violations)."""
+        if trigger not in ("explicit", "disconnect"):
+            raise ValueError(f"checkpoint trigger {trigger!r} is not explicit or disconnect")
         with self._lock:
             if self._fd < 0:
                 raise ValueError(f"audit log {self.path} is closed")
-            self._checkpoint("explicit")
+            self._checkpoint(trigger)
 
-    def close(self) -> None:
-        """Sign the head with a close checkpoint, fsync and release the log. Idempotent."""
+    def close(self, trigger: str = "close") -> None:
+        """Sign the head with a close checkpoint, fsync and release the log. Idempotent.
+
+        `trigger` "interrupted": the party was stopped before the run ended (messages may be in
+        flight); "close": it ended with the run."""
+        if trigger not in ("close", "interrupted"):
+            raise ValueError(f"close trigger {trigger!r} is not close or interrupted")
         with self._lock:
             if self._fd < 0:
                 return
             try:
                 if self._broken is None:
-                    self._checkpoint("close")
+                    self._checkpoint(trigger)
             finally:
                 os.close(self._fd)
                 self._fd = -1

@@ -51,7 +51,11 @@ FIELDS: dict[str, frozenset[str]] = {
     "repair": frozenset((*CHAINED, "removed_bytes", "removed_sha256")),
 }
 CLOCKS = frozenset({"virtual", "wall"})
-TRIGGERS = frozenset({"open", "interval", "explicit", "close", "reopen"})
+TRIGGERS = frozenset({"open", "interval", "explicit", "close", "reopen", "disconnect", "interrupted"})
+# Checkpoints that mark where messages may have been lost in flight without a crash: a stream
+# to a peer ended ("disconnect"), or the party was stopped before the run ended ("interrupted",
+# which also closes the log).
+INTERRUPTIONS = frozenset({"disconnect", "interrupted"})
 # (direction, outcome) pairs a message record may carry.
 OUTCOMES = frozenset({("out", "sent"), ("out", "refused"), ("in", "received"), ("in", "refused")})
 PARTY = re.compile(r"global|boundary\.[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")

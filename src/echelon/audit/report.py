@@ -134,6 +134,8 @@ class LogReport:
     refused_incoming: dict[Link, list[int]] = field(default_factory=dict)
     # Seqs at which the party crashed (a reopen after no close, a repair; inf: the log never closed).
     crash_points: list[float] = field(default_factory=list)
+    # Seqs of "disconnect" and "interrupted" checkpoints: messages may have been lost in flight there.
+    interruptions: list[float] = field(default_factory=list)
 
     def flag(self, category: str, seq: int | None, reason: str, record: dict | None = None) -> None:
         self.violations.append(Finding(self.party, seq, category, reason, record))

@@ -25,6 +25,7 @@ from echelon.audit.record import (
     FORMAT,
     GENESIS,
     HEX64,
+    INTERRUPTIONS,
     TRIGGERS,
     RecordError,
     checkpoint_message,
@@ -216,18 +217,20 @@ class _Scanner:
             rep.flag(SCHEMA, seq, f"checkpoint trigger {trigger!r} is not one of {sorted(TRIGGERS)}", rec)
         if trigger == "reopen":
             rep.restarts += 1
-            if self.last_trigger != "close":  # the writer stopped without closing: a crash
+            if self.last_trigger not in ("close", "interrupted"):  # stopped without closing: a crash
                 rep.crashes += 1
                 rep.crash_points.append(seq)
                 rep.countersigned_after_restart += self.pending
             self.after_close = False
         elif self.after_close:
             rep.flag(INTEGRITY, seq, "a checkpoint after the close checkpoint without a reopen", rec)
+        if trigger in INTERRUPTIONS:
+            rep.interruptions.append(seq)
         if self._signature_ok(rec, seq, trigger):
             rep.signed_through = seq
             self.pending = 0
         self.last_trigger = trigger
-        self.after_close = self.after_close or trigger == "close"
+        self.after_close = self.after_close or trigger in ("close", "interrupted")
 
     def _signature_ok(self, rec: dict, seq: int, trigger: object) -> bool:
         if self.key is None or type(trigger) is not str or type(rec["signature"]) is not str:
@@ -257,7 +260,11 @@ class _Scanner:
     def finish(self) -> None:
         rep = self.rep
         rep.unsigned = self.pending
-        rep.closed = rep.torn_bytes == 0 and self.last_kind == "checkpoint" and self.last_trigger == "close"
+        rep.closed = (
+            rep.torn_bytes == 0
+            and self.last_kind == "checkpoint"
+            and self.last_trigger in ("close", "interrupted")
+        )
         if rep.last_seq < 0 and rep.torn_bytes == 0:
             rep.flag(INTEGRITY, None, "the log holds no record (not even its header)")
         if not rep.closed:

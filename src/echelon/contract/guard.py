@@ -132,6 +132,10 @@ class IngressGuard(_Guard):
         super().__init__(party, min_quorum, audit)
         self._partial: dict[str, tuple[Reassembler, list[bytes]]] = {}
 
+    def forget(self, peer: str) -> None:
+        """Drop what a half-received message from `peer` left (its stream ended)."""
+        self._partial.pop(peer, None)
+
     def receive(self, now: float, frame: bytes, peer: str) -> Message | None:
         """Check one frame from `peer`; the message body once its last frame arrived, else None.
 

@@ -8,6 +8,7 @@ use these slices, so simulated and deployed byte counts agree.
 
 from __future__ import annotations
 
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from echelon.contract.rules import ITEMSIZE
@@ -16,33 +17,37 @@ from echelon.v1 import boundary_pb2, tensor_pb2
 MAX_SLICE_BYTES = 1 << 20
 
 
-def _tensor_field(body: Message) -> str | None:
-    for field, value in body.ListFields():
+def _find_tensor(message: Message) -> tensor_pb2.TensorPayload | None:
+    """The first tensor in `message`, at any depth of its singular fields (+SA's masked Delta_b sits
+    in OuterAggregation.secagg.masked_input.masked); the message's own, so setting it edits it."""
+    for field, value in message.ListFields():
         if isinstance(value, tensor_pb2.TensorPayload):
-            return field.name
+            return value
+        if field.type == FieldDescriptor.TYPE_MESSAGE and not field.is_repeated:
+            found = _find_tensor(value)
+            if found is not None:
+                return found
     return None
 
 
 def slice_envelope(envelope: boundary_pb2.CrossBoundaryEnvelope) -> list[boundary_pb2.CrossBoundaryEnvelope]:
     """`envelope` itself, or its slices when its tensor exceeds MAX_SLICE_BYTES."""
-    body = getattr(envelope, envelope.WhichOneof("body"))
-    name = _tensor_field(body)
-    if name is None or len(getattr(body, name).data) <= MAX_SLICE_BYTES:
+    tensor = _find_tensor(getattr(envelope, envelope.WhichOneof("body")))
+    if tensor is None or len(tensor.data) <= MAX_SLICE_BYTES:
         return [envelope]
-    tensor = getattr(body, name)
     data, numel = memoryview(tensor.data), tensor.numel  # read once: each read copies the bytes
     itemsize = ITEMSIZE[tensor.dtype]
     per_slice = MAX_SLICE_BYTES // itemsize
     # A template without the data, so each slice copies only the small fields, not the tensor.
     template = boundary_pb2.CrossBoundaryEnvelope()
     template.CopyFrom(envelope)
-    getattr(getattr(template, template.WhichOneof("body")), name).ClearField("data")
+    _find_tensor(template).ClearField("data")
     slices = []
     for start in range(0, numel, per_slice):
         count = min(per_slice, numel - start)
         part = boundary_pb2.CrossBoundaryEnvelope()
         part.CopyFrom(template)
-        part_tensor = getattr(getattr(part, part.WhichOneof("body")), name)
+        part_tensor = _find_tensor(part)
         part_tensor.data = bytes(data[start * itemsize : (start + count) * itemsize])
         part_tensor.numel, part_tensor.offset, part_tensor.total_numel = count, start, numel
         slices.append(part)
@@ -57,14 +62,12 @@ class Reassembler:
 
     def add(self, part: boundary_pb2.CrossBoundaryEnvelope) -> boundary_pb2.CrossBoundaryEnvelope | None:
         """The whole message once `part` completes it, else None. ValueError on a slice out of order."""
-        body = getattr(part, part.WhichOneof("body"))
-        name = _tensor_field(body)
-        tensor = getattr(body, name) if name else None
+        tensor = _find_tensor(getattr(part, part.WhichOneof("body")))
         if tensor is None or tensor.total_numel == 0:
             if self._parts:
                 raise ValueError("an unsliced message arrived in the middle of a sliced one")
             return part
-        expected = sum(getattr(getattr(p, p.WhichOneof("body")), name).numel for p in self._parts)
+        expected = sum(_find_tensor(p).numel for p in self._parts)
         if tensor.offset != expected:
             raise ValueError(f"slice at element {tensor.offset}, expected {expected}")
         self._parts.append(part)
@@ -72,10 +75,8 @@ class Reassembler:
             return None
         whole = boundary_pb2.CrossBoundaryEnvelope()
         whole.CopyFrom(self._parts[0])
-        whole_tensor = getattr(getattr(whole, whole.WhichOneof("body")), name)
-        whole_tensor.data = b"".join(
-            getattr(getattr(p, p.WhichOneof("body")), name).data for p in self._parts
-        )
+        whole_tensor = _find_tensor(whole)
+        whole_tensor.data = b"".join(_find_tensor(p).data for p in self._parts)
         whole_tensor.numel, whole_tensor.offset, whole_tensor.total_numel = tensor.total_numel, 0, 0
         self._parts = []
         return whole

@@ -26,25 +26,10 @@ from transformers import (
 
 from echelon.config import ModelConfig
 from echelon.errors import UserError
+from echelon.train.presets import TINY_LLAMA
 
 # peft calls a transformers API that transformers 5 deprecates; the warning is not the user's to act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-
-# The `tiny` preset: a few million parameters, trainable on two CPU cores.
-TINY_LLAMA = dict(
-    vocab_size=260,
-    hidden_size=256,
-    intermediate_size=688,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=8,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-    bos_token_id=256,
-    eos_token_id=257,
-    pad_token_id=258,
-)
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
