@@ -45,8 +45,8 @@ from echelon.commands.launch import _free_port
 from echelon.contract.guard import EgressGuard, IngressGuard
 from echelon.planes.aggregation import encode_f32
 from echelon.runtime.grpc.framing import chunk
-from echelon.runtime.grpc.transport import CROSS_METHOD, make_channel, make_server, stream_handler
 from echelon.runtime.grpc.tls import Credentials, init_certs, load_credentials, peer_identity
+from echelon.runtime.grpc.transport import CROSS_METHOD, make_channel, make_server, stream_handler
 from echelon.v1 import boundary_pb2, tensor_pb2
 
 GLOBAL = "global"
