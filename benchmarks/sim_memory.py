@@ -4,11 +4,12 @@ In simulation all devices share one copy of the frozen weights, so a device cost
 trainable vector, AdamW state and activations. Each size runs in a fresh process (so peak RSS is
 its own); the larger must stay within 1.5x the smaller.
 
-    .venv/bin/python benchmarks/sim_memory.py
+    .venv/bin/python benchmarks/sim_memory.py [--quick]      (--quick: 2 x 3 against 2 x 12)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import subprocess
@@ -63,8 +64,11 @@ def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
         _child(int(sys.argv[2]))
         return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 x 3 against 2 x 12 devices")
+    args = parser.parse_args()
     rows = []
-    for per_boundary in (3, 32):
+    for per_boundary in (3, 12 if args.quick else 32):
         out = subprocess.run(
             [sys.executable, __file__, "--child", str(per_boundary)],
             check=True,

@@ -68,11 +68,11 @@ def _run_dir(path: Path) -> Path:
 
 def _party(args: argparse.Namespace, cfg: RunConfig) -> str:
     """The party the flags name, its id checked against the run file; every flag checked."""
-    from echelon.runtime.grpc.transport import parse_address
+    from echelon.runtime.grpc.transport import check_listen, parse_address
 
     if args.role == "global":
         _need(args, "run_dir")
-        parse_address(args.listen, "--listen")
+        check_listen(args.listen)
         return "global"
     if args.role == "boundary":
         _need(args, "id", "global_target", "run_dir")
@@ -81,7 +81,7 @@ def _party(args: argparse.Namespace, cfg: RunConfig) -> str:
             raise UserError(
                 f"--id {args.id!r} is not a boundary of {args.config} (boundaries: {', '.join(known)})"
             )
-        parse_address(args.listen, "--listen")
+        check_listen(args.listen)
         parse_address(args.global_target, "--global")
         return f"boundary.{args.id}"
     _need(args, "id", "boundary_target")

@@ -223,7 +223,7 @@ class GlobalRole:
                     raise self.node.failed
                 self.after_event()  # time budgets and patience advance without messages
             deadline = time.monotonic() + DRAIN_S
-            while not all(o.empty for o in self.outboxes.values()) and time.monotonic() < deadline:
+            while self._sending() and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             await self.server.stop(grace=HALF_CLOSE_S)
         finally:
@@ -233,9 +233,17 @@ class GlobalRole:
             self.audit.close("close" if self.done.is_set() else "interrupted")
         return self.finish()
 
+    def _sending(self) -> bool:
+        """Frames are still queued for a boundary that is connected."""
+        return any(not o.empty for a, o in self.outboxes.items() if a in self.streams)
+
     def finish(self) -> dict:
         """Write the final model and the summary; UserError (the checkpoint kept) when the disk refuses."""
         plane, prep = self.plane, self.prep
+        if not self.evals:  # the run ended before it started (no boundary came): the initial model
+            self.evals.append(
+                prep.trainer.evaluate(plane.theta_g, self.cfg.eval.sequences, self.cfg.eval.batch)
+            )
         try:
             artefact = prep.bundle.save(self.run_dir, prep.trainer.model_part(plane.theta_g))
             strategy = get_strategy(self.cfg.strategy)
@@ -259,7 +267,7 @@ class GlobalRole:
                     sorted((self.egress.bytes_by_type + self.ingress.bytes_by_type).items())
                 ),
                 "intra_boundary_bytes": {},  # each boundary's own business: not seen by the global plane
-                "refused": self.ingress.refused + self.refused,
+                "refused": self.refused,  # every message refused on arrival, by the guard or the plane
                 "artefact": artefact.name,
             }
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")

@@ -96,6 +96,7 @@ def _check_bindable(host: str, port: int, flag: str, address: str) -> None:
         ) from None
     family, kind, proto, _, sockaddr = infos[0]
     with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: a restart may reuse it
         try:
             s.bind(sockaddr)
         except OSError as e:
@@ -103,10 +104,15 @@ def _check_bindable(host: str, port: int, flag: str, address: str) -> None:
             raise UserError(f"{flag} {address}: cannot listen there: {why}") from None
 
 
-def make_server(creds: Credentials, listen: str, handlers: list[grpc.GenericRpcHandler]) -> grpc.aio.Server:
-    """A mutual-TLS server on `listen` with `handlers` and a health service; UserError if it cannot bind."""
+def check_listen(listen: str) -> None:
+    """UserError unless a server can listen on `listen` (given as --listen) now."""
     host, port = parse_address(listen, "--listen")
     _check_bindable(host, port, "--listen", listen)
+
+
+def make_server(creds: Credentials, listen: str, handlers: list[grpc.GenericRpcHandler]) -> grpc.aio.Server:
+    """A mutual-TLS server on `listen` with `handlers` and a health service; UserError if it cannot bind."""
+    check_listen(listen)
     server = grpc.aio.server(options=SERVER_OPTIONS)
     tls = grpc.ssl_server_credentials(
         [(creds.key, creds.cert)], root_certificates=creds.ca, require_client_auth=True
