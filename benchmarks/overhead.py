@@ -36,7 +36,9 @@ def _config(trainable: str, inner_steps: int) -> RunConfig:
             "data": {"max_documents": 80, "seq_len": 128},
             "train": {"inner_steps": inner_steps, "micro_batch": 8},
             # Two devices: a boundary aggregate needs min_quorum (2) contributors. Only "d" is measured.
-            "boundaries": [{"id": "b", "devices": [{"id": "d", "tokens_per_s": 1}, {"id": "e", "tokens_per_s": 1}]}],
+            "boundaries": [
+                {"id": "b", "devices": [{"id": "d", "tokens_per_s": 1}, {"id": "e", "tokens_per_s": 1}]}
+            ],
             "budget": {"outer_steps": 1},
         }
     )

@@ -154,7 +154,9 @@ def stress_table(data: dict[tuple, RunData], seeds: int) -> Table:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one seed, 3,000 tokens: every setting runs (CI)")
+    parser.add_argument(
+        "--quick", action="store_true", help="one seed, 3,000 tokens: every setting runs (CI)"
+    )
     parser.add_argument("--target", type=float, default=TARGET_LOSS, help="validation loss to reach")
     parser.add_argument(
         "--seeds", type=int, default=None, help="seeds per setting (default 3; 1 with --quick)"

@@ -23,7 +23,14 @@ from echelon.errors import UserError
 from echelon.preflight import deployable
 from echelon.runner import make_boundary_plane
 from echelon.runtime.grpc import evidence
-from echelon.runtime.grpc.framing import DeviceReassembly, FrameRefused, device_frames, envelope_cap
+from echelon.runtime.grpc.framing import (
+    DeviceReassembly,
+    FrameRefused,
+    MessageTooLarge,
+    Reassembly,
+    device_frames,
+    envelope_cap,
+)
 from echelon.runtime.grpc.node import Node, Outbox
 from echelon.runtime.grpc.tls import Credentials, peer_identity
 from echelon.runtime.grpc.transport import (
@@ -31,6 +38,7 @@ from echelon.runtime.grpc.transport import (
     LOCAL_SERVICE,
     Dialer,
     LiveStreams,
+    StreamClosed,
     make_server,
     read_frames,
     serve_stream,
@@ -90,6 +98,9 @@ class BoundaryRole:
         self.streams = LiveStreams()
         self.finishing = False
         self.node = Node(self.plane, self.address, self.route, lambda kind, fields: None)
+        self.from_global_reassembly = Reassembly(
+            envelope_cap(self.plane.dim, len(cfg.boundaries)), self.node.now
+        )
         self._progress = self._progress_mark()
         self.server = make_server(creds, listen, [stream_handler(LOCAL_SERVICE, self.exchange)])
 
@@ -127,10 +138,14 @@ class BoundaryRole:
         """One frame from the global plane; any exception is a recorded refusal, raised for the count."""
         body = None
         try:
+            self.from_global_reassembly.take(len(frame))
             body = self.ingress.receive(self.node.now(), frame, GLOBAL)
             if body is not None:
+                self.from_global_reassembly.reset()
                 self.node.deliver(GLOBAL, body)
         except Exception as err:
+            self.from_global_reassembly.reset()
+            self.ingress.forget(GLOBAL)
             log.error("refused a message from the global plane: %s", err)
             if not isinstance(err, ContractViolation):
                 reason = f"{type(err).__name__}: {err}"
@@ -143,6 +158,7 @@ class BoundaryRole:
 
     def global_lost(self, why: str) -> None:
         self.ingress.forget(GLOBAL)  # a half-received message died with the stream
+        self.from_global_reassembly.reset()
         self.audit.checkpoint("disconnect")
 
     # -- the devices' streams --------------------------------------------------------------------
@@ -180,6 +196,8 @@ class BoundaryRole:
                 self.node.deliver(address, unwrap(envelope))
             except Exception as err:
                 log.error("refused a message from %s: %s", peer, err)
+                if isinstance(err, MessageTooLarge):
+                    raise StreamClosed(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)) from None
                 raise
             self.after_event()
 

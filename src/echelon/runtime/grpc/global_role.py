@@ -26,11 +26,13 @@ from echelon.errors import UserError
 from echelon.preflight import deployable
 from echelon.runner import make_global_plane, prepare
 from echelon.runtime.grpc import evidence
+from echelon.runtime.grpc.framing import MessageTooLarge, Reassembly, envelope_cap
 from echelon.runtime.grpc.node import Node, Outbox
 from echelon.runtime.grpc.tls import Credentials, peer_identity
 from echelon.runtime.grpc.transport import (
     CROSS_SERVICE,
     LiveStreams,
+    StreamClosed,
     make_server,
     read_frames,
     serve_stream,
@@ -82,6 +84,8 @@ class GlobalRole:
         self.refused = 0
         self.metrics = (run_dir / "metrics.jsonl").open("a")
         self.node = Node(self.plane, GLOBAL, self.route, self.on_emit)
+        cap = envelope_cap(self.plane.theta_g.numel(), len(cfg.boundaries))
+        self.reassembly = {a: Reassembly(cap, self.node.now) for a in self.outboxes}
         self.heard_at = self.node.now()  # the last time any boundary connected or sent a frame
         self.done = asyncio.Event()
         self.server = make_server(creds, listen, [stream_handler(CROSS_SERVICE, self.exchange)])
@@ -145,15 +149,21 @@ class GlobalRole:
     def on_frame(self, address: str, frame: bytes) -> None:
         """One frame from the boundary at `address`: through the ingress guard, then to the plane.
         Any exception is a refusal, recorded, and raised for the stream's count."""
-        peer = party_of(address)
+        peer, reassembly = party_of(address), self.reassembly[address]
         self.heard_at = self.node.now()
         body = None
         try:
+            reassembly.take(len(frame))
             body = self.ingress.receive(self.node.now(), frame, peer)
             if body is not None:
+                reassembly.reset()
                 self.node.deliver(address, body)
         except Exception as err:
+            reassembly.reset()
+            self.ingress.forget(peer)
             self.refuse(peer, frame, body, err)
+            if isinstance(err, MessageTooLarge):
+                raise StreamClosed(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)) from None
             raise
         self.after_event()
 
@@ -192,6 +202,7 @@ class GlobalRole:
         finally:
             self.streams.release(address, token)
             self.ingress.forget(party)  # a half-received message died with the stream
+            self.reassembly[address].reset()
             if not self.done.is_set():
                 log.warning("%s disconnected", party)
                 self.audit.checkpoint("disconnect")
