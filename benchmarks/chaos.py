@@ -35,6 +35,7 @@ import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -109,14 +110,17 @@ class Boundary:
         return await asyncio.wait_for(wait(), within)
 
 
-def _delta(step: int, values: np.ndarray) -> boundary_pb2.BoundaryDelta:
+def delta(step: int, values: np.ndarray) -> boundary_pb2.BoundaryDelta:
+    """A boundary's Delta_b for outer step `step` (2 contributors)."""
     payload = encode_f32(values.astype(np.float32), tensor_pb2.BOUNDARY_AGGREGATE, contributors=2)
     return boundary_pb2.BoundaryDelta(
         outer_step=step, tokens=256, middle_step=1, delta=payload, contributors=2
     )
 
 
-def _mutations(frames: list[bytes], n: int, rng: np.random.Generator) -> list[bytes]:
+def mutations(frames: list[bytes], n: int, seed: int) -> list[bytes]:
+    """`n` frames, each a real frame with a few bytes flipped, cut short or extended (seeded)."""
+    rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
         frame = bytearray(frames[rng.integers(len(frames))])
@@ -132,8 +136,20 @@ def _mutations(frames: list[bytes], n: int, rng: np.random.Generator) -> list[by
     return out
 
 
-async def _global_faults(tmp: Path, mutations: int) -> list[tuple[str, str, str]]:
-    """Mutated frames, a bad delta, a NaN delta and an impostor stream against one global plane."""
+@dataclass
+class GlobalFaults:
+    """What the global plane did with `count` mutated frames, two bad deltas and an impostor."""
+
+    count: int
+    summary: dict  # the run's summary
+    refused: list[str]  # the reasons of the refusals in its audit log
+    impostor: str  # the status the impostor's stream got
+    finite: bool  # theta_g is finite at the end
+
+
+async def global_faults(tmp: Path, count: int) -> GlobalFaults:
+    """Mutated frames, a bad delta, a NaN delta and an impostor stream against one global plane,
+    then a regular outer step: the run must complete it."""
     cfg = RunConfig.model_validate(
         {**RUN, "budget": {"outer_steps": 1}, "echelon": {**RUN["echelon"], "sync": {"interval": 1}}}
     )
@@ -151,10 +167,8 @@ async def _global_faults(tmp: Path, mutations: int) -> list[tuple[str, str, str]
     for b in (b0, b1):
         await b.expect(boundary_pb2.GlobalReference)
     cadence = boundary_pb2.CadenceUpdate(interval=7)
-    rng = np.random.default_rng(0)
-    for i, frame in enumerate(
-        _mutations(b0.frames(cadence) + b0.frames(_delta(9, np.ones(dim))), mutations, rng)
-    ):
+    genuine = b0.frames(cadence) + b0.frames(delta(9, np.ones(dim)))
+    for i, frame in enumerate(mutations(genuine, count, seed=0)):
         await b0.call.write(frame)
         if i % 16 == 15:
             await b0.send(cadence)
@@ -168,10 +182,10 @@ async def _global_faults(tmp: Path, mutations: int) -> list[tuple[str, str, str]
     await impostor.channel.close()
     await b0.send(boundary_pb2.BoundaryStatus(middle_step=1, drift=0.1, tokens_total=128))
     request = await b0.expect(boundary_pb2.SyncRequest)
-    await b0.send(_delta(request.outer_step, np.ones(dim + 1)))
-    await b0.send(_delta(request.outer_step, np.full(dim, np.nan)))
-    await b0.send(_delta(request.outer_step, np.full(dim, 0.01)))
-    await b1.send(_delta(request.outer_step, np.full(dim, -0.01)))
+    await b0.send(delta(request.outer_step, np.ones(dim + 1)))
+    await b0.send(delta(request.outer_step, np.full(dim, np.nan)))
+    await b0.send(delta(request.outer_step, np.full(dim, 0.01)))
+    await b1.send(delta(request.outer_step, np.full(dim, -0.01)))
     await b0.expect(boundary_pb2.GlobalReference)
     for b in (b0, b1):
         await b.call.done_writing()
@@ -179,32 +193,36 @@ async def _global_faults(tmp: Path, mutations: int) -> list[tuple[str, str, str]
     for b in (b0, b1):
         await b.channel.close()
     refused = [f.reason for f in verify_log(run_dir / "audit" / "global.jsonl", None, "global").refused]
-    finite = bool(np.isfinite(role.plane.theta_g.numpy()).all())
-    done = (
-        f"run completed {summary['outer_steps']} outer step" if summary["outer_steps"] == 1 else "RUN STALLED"
+    return GlobalFaults(
+        count, summary, refused, impostor_code, bool(np.isfinite(role.plane.theta_g.numpy()).all())
     )
+
+
+def _global_rows(r: GlobalFaults) -> list[tuple[str, str, str]]:
+    steps = r.summary["outer_steps"]
+    done = f"run completed {steps} outer step" if steps == 1 else "RUN STALLED"
     return [
         (
-            f"{mutations:,} mutated frames from an authenticated boundary",
+            f"{r.count:,} mutated frames from an authenticated boundary",
             "each refused and recorded; the stream stays open",
-            f"{summary['refused'] - 2:,} refused ({len(refused) - 3:,} on record), the rest harmless; {done}",
+            f"{r.summary['refused'] - 2:,} refused ({len(r.refused) - 3:,} on record), the rest harmless; {done}",
         ),
         (
             "BoundaryDelta one element too long",
             "refused and recorded",
-            "refused and recorded" if any("elements" in r for r in refused) else "ACCEPTED",
+            "refused and recorded" if any("elements" in x for x in r.refused) else "ACCEPTED",
         ),
         (
             "BoundaryDelta full of NaN",
             "refused and recorded; theta_g finite",
-            ("refused and recorded" if any("NaN" in r for r in refused) else "ACCEPTED")
-            + ("; theta_g finite" if finite else "; theta_g NOT FINITE"),
+            ("refused and recorded" if any("NaN" in x for x in r.refused) else "ACCEPTED")
+            + ("; theta_g finite" if r.finite else "; theta_g NOT FINITE"),
         ),
         (
             "second stream with a live boundary's certificate",
             "refused (ALREADY_EXISTS), recorded; the real one goes on",
-            f"{impostor_code}"
-            + ("; recorded" if any("stream refused" in r for r in refused) else "; NOT RECORDED"),
+            r.impostor
+            + ("; recorded" if any("stream refused" in x for x in r.refused) else "; NOT RECORDED"),
         ),
     ]
 
@@ -273,10 +291,12 @@ async def _patience(tmp: Path) -> tuple[str, str, str]:
 
 
 class Launch:
-    def __init__(self, tmp: Path, *extra: str) -> None:
+    """`echelon launch` of `spec` in a subprocess under `tmp`, and its parties' processes."""
+
+    def __init__(self, tmp: Path, spec: dict, *extra: str) -> None:
         self.tmp, self.run_file, self.out = tmp, tmp / "run.yaml", tmp / "out"
-        if not self.run_file.exists():
-            self.run_file.write_text(yaml.safe_dump(RUN))
+        self.partial = tmp / "out.partial"
+        self.run_file.write_text(yaml.safe_dump(spec))
         argv = [
             sys.executable,
             "-m",
@@ -292,25 +312,50 @@ class Launch:
         )
         self.t0 = time.monotonic()
 
-    def step(self) -> int:
-        metrics = (self.out if self.out.exists() else self.tmp / "out.partial") / "metrics.jsonl"
+    def steps(self) -> list[int]:
+        """The outer steps recorded so far (a step repeated after a restart appears twice)."""
+        metrics = (self.out if self.out.exists() else self.partial) / "metrics.jsonl"
         if not metrics.exists():
-            return -1
+            return []
         lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.endswith("}")]
-        return max((r["outer_step"] for r in lines if r["kind"] == "outer_step"), default=-1)
+        return [r["outer_step"] for r in lines if r["kind"] == "outer_step"]
 
-    def wait_for(self, step: int) -> None:
-        while self.step() < step and self.proc.poll() is None:
+    def wait_for(self, step: int, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while max(self.steps(), default=-1) < step:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"outer step {step} not reached: {self.proc.communicate()[1][-2000:]}")
             time.sleep(0.3)
 
-    def kill(self, party: str) -> None:
+    def pid(self, party: str) -> int:
         role, _, ident = party.partition(".")
         pattern = f"serve {role} --config {self.run_file}" + (f" .*--id {ident} " if ident else "")
-        pid = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()[0]
-        os.kill(int(pid), signal.SIGKILL)
+        found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+        if len(found) != 1:
+            raise RuntimeError(f"{len(found)} processes of {party}")
+        return int(found[0])
 
-    def finish(self) -> tuple[int, str]:
-        _, err = self.proc.communicate(timeout=600)
+    def kill(self, party: str) -> None:
+        os.kill(self.pid(party), signal.SIGKILL)
+
+    def leftovers(self, wait_s: float = 30) -> list[str]:
+        """Processes of this run still alive after up to `wait_s` seconds."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            left = subprocess.run(
+                ["pgrep", "-f", str(self.run_file)], capture_output=True, text=True
+            ).stdout.split()
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.5)
+
+    def finish(self, timeout: float = 600) -> tuple[int, str]:
+        """Launch's exit code and stderr (it is killed past `timeout`)."""
+        try:
+            _, err = self.proc.communicate(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
         return self.proc.returncode, err
 
     def audit(self, where: Path) -> str:
@@ -320,7 +365,7 @@ class Launch:
 
 
 def _killed(tmp: Path, party: str) -> tuple[str, str, str]:
-    launch = Launch(tmp)
+    launch = Launch(tmp, RUN)
     launch.wait_for(1)
     launch.kill(party)
     code, err = launch.finish()
@@ -362,8 +407,7 @@ def _launch_killed(tmp: Path) -> tuple[str, str, str]:
 
 
 def _interrupted(tmp: Path) -> tuple[str, str, str]:
-    (tmp / "run.yaml").write_text(yaml.safe_dump({**RUN, "budget": {"outer_steps": 1000}}))
-    launch = Launch(tmp)
+    launch = Launch(tmp, {**RUN, "budget": {"outer_steps": 1000}})
     launch.wait_for(2)
     launch.proc.send_signal(signal.SIGINT)
     code, _ = launch.finish()
@@ -391,7 +435,7 @@ def main() -> None:
             (root / name).mkdir()
             return root / name
 
-        rows += asyncio.run(_global_faults(fresh("global"), args.mutations))
+        rows += _global_rows(asyncio.run(global_faults(fresh("global"), args.mutations)))
         rows.append(asyncio.run(_flood(fresh("flood"), args.flood_mib)))
         rows.append(asyncio.run(_patience(fresh("patience"))))
         if not args.quick:
