@@ -1,0 +1,52 @@
+"""`echelon audit` on a deployment's interruptions: a message lost where a party was stopped
+(Ctrl-C) or where a stream ended is in flight, not a violation; the same loss with no
+interruption on record stays a violation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from echelon.audit.verify import verify_run
+from tests.audit.runs import GLOBAL, cross, fields, open_logs, training_messages
+
+B = "boundary.b0"
+
+
+def _run(tmp_path, interruption: str | None):
+    """One outer step crossed, then the global plane's next reference lost on the way."""
+    logs = open_logs(tmp_path, {GLOBAL: Ed25519PrivateKey.generate(), B: Ed25519PrivateKey.generate()})
+    messages = training_messages(B, 1, np.random.default_rng(0))
+    for sender, receiver, body in messages:
+        cross(logs, 1.0, sender, receiver, body)
+    _, _, reference = messages[-1]
+    logs[GLOBAL].append(**fields(2.0, GLOBAL, B, "out", reference, "b0"))  # sent, never received
+    if interruption == "disconnect":
+        logs[GLOBAL].checkpoint("disconnect")  # the global plane's stream to b0 ended
+    ending = "interrupted" if interruption == "interrupted" else "close"
+    for log in logs.values():
+        log.close(ending)
+    return verify_run(tmp_path)
+
+
+@pytest.mark.parametrize("interruption", ["interrupted", "disconnect"])
+def test_a_message_lost_at_an_interruption_is_in_flight(tmp_path, interruption):
+    report = _run(tmp_path, interruption)
+    assert report.ok, [v.reason for v in report.violations]
+    assert len(report.in_flight) == 1 and "in flight" in report.in_flight[0].reason
+    assert all(log.closed and log.crashes == 0 for log in report.logs.values())
+
+
+def test_the_same_loss_without_an_interruption_on_record_is_a_violation(tmp_path):
+    report = _run(tmp_path, None)
+    assert not report.ok
+    assert any("no matching receipt" in v.reason for v in report.violations)
+
+
+def test_only_known_triggers_are_written(tmp_path):
+    logs = open_logs(tmp_path, {GLOBAL: Ed25519PrivateKey.generate()})
+    with pytest.raises(ValueError, match="explicit or disconnect"):
+        logs[GLOBAL].checkpoint("close")
+    with pytest.raises(ValueError, match="close or interrupted"):
+        logs[GLOBAL].close("reopen")
