@@ -7,7 +7,8 @@
    `EgressGuard.send` to the answer read back, so the slicing, checks, audit records and
    reassembly are all inside it. Baseline: the same payload as raw 1 MiB chunks over a stream of
    the same connection, joined on the server, without guards. Repetitions alternate (raw,
-   guarded, ...) and medians are reported. Target >= 300 MB/s.
+   guarded, ...) and medians are reported. Target: at least 0.8 of raw gRPC on the same connection
+   (the ratio), with the absolute figure beside it.
 2. Per-message overhead: a SyncRequest's frame on the wire (its CrossBoundaryEnvelope) against the
    body's own serialization, and the round trip of a SyncRequest through egress guard, gRPC,
    ingress guard and back the same way, against a raw gRPC echo of the same frame bytes.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import multiprocessing as mp
 import os
 import statistics
@@ -336,14 +338,14 @@ def main() -> None:
     )
     for col in ("figure", "echelon", "baseline", "baseline is", "ratio", "target"):
         table.add_column(col, justify="right" if col in ("echelon", "baseline", "ratio") else "left")
-    met = t["guarded_mb_s"] >= 300
+    ratio = t["guarded_mb_s"] / t["raw_mb_s"]
     table.add_row(
         f"{mb:g} MB aggregate, throughput",
         f"{t['guarded_mb_s']:,.0f} MB/s",
         f"{t['raw_mb_s']:,.0f} MB/s",
         "raw 1 MiB chunks, same connection",
-        f"{t['guarded_mb_s'] / t['raw_mb_s']:.3f}",
-        f">= 300 MB/s: {'met' if met else 'MISSED'}",
+        f"{ratio:.3f}",
+        f">= 0.8 of raw: {'met' if ratio >= 0.8 else 'MISSED'}",
     )
     table.add_row(
         "  of which preparing the frames",
@@ -408,6 +410,8 @@ def main() -> None:
             "torch thread each) on these cores, and its wall time includes their start-up; the "
             "simulation runs every party in one process.[/dim]"
         )
+    figures = {"guarded_mb_s": t["guarded_mb_s"], "raw_mb_s": t["raw_mb_s"], "ratio": ratio}
+    print(json.dumps({k: round(v, 3) for k, v in figures.items()}))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ pickled objects), a boundary delta of the wrong size or with NaN, the end of a r
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,3 +195,42 @@ def test_a_boundary_checkpoint_cannot_launder_a_lone_update_into_an_aggregate():
     fresh = BoundaryPlane("b", [device_address(d) for d in "pq"], GLOBAL, bp.cfg, PlainAggregator(2, 60), 6)
     with pytest.raises(ValueError, match="quorum"):
         fresh.load_state_dict(state)
+
+
+def test_a_failed_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):
+    from echelon.rundir import load_checkpoint, save_checkpoint
+
+    path = tmp_path / "checkpoints" / "global.pt"
+    assert save_checkpoint(path, {"step": 1, "theta": torch.ones(3)})
+
+    def full_disk(obj, f):
+        Path(f).write_bytes(b"partial")
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert not save_checkpoint(path, {"step": 2, "theta": torch.zeros(3)})
+    assert [p.name for p in path.parent.iterdir()] == ["global.pt"]  # no torn temporary file left
+    assert load_checkpoint(path)["step"] == 1
+
+
+@pytest.mark.slow
+def test_a_simulation_that_cannot_write_its_model_keeps_its_last_checkpoint(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from echelon.config import RunConfig
+    from echelon.errors import UserError
+    from echelon.rundir import load_checkpoint
+    from echelon.runner import train
+    from echelon.train.model import ModelBundle
+    from tests.conftest import small_run
+
+    def full_disk(self, out_dir, theta):
+        raise SafetensorError("Error while serializing: IoError(No space left on device)")
+
+    monkeypatch.setattr(ModelBundle, "save", full_disk)
+    with pytest.raises(UserError, match="the last synchronised model \\(outer step 2\\) is in"):
+        train(
+            RunConfig.model_validate(small_run(budget={"outer_steps": 2})), tmp_path / "run", progress=False
+        )
+    state = load_checkpoint(tmp_path / "run.partial" / "checkpoints" / "global.pt")
+    assert state["plane"]["outer_step"] == 2 and len(state["evals"]) == 3

@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.message import Message
 
+from echelon import rundir
 from echelon.config import RunConfig
 from echelon.contract.guard import ContractViolation, EgressGuard, IngressGuard
 from echelon.errors import UserError
@@ -78,10 +79,10 @@ class BoundaryRole:
         e = cfg.echelon
         dim = build_model(cfg.model, cfg.seed).dim
         self.plane = make_boundary_plane(cfg, spec, dim)
-        self.checkpoint = evidence.checkpoint_path(run_dir, self.party)
+        self.checkpoint = rundir.checkpoint_path(run_dir, self.party)
         if resume and self.checkpoint.exists():
             try:
-                self.plane.load_state_dict(evidence.load_checkpoint(self.checkpoint)["plane"])
+                self.plane.load_state_dict(rundir.load_checkpoint(self.checkpoint)["plane"])
             except (KeyError, ValueError, RuntimeError) as err:
                 raise UserError(f"cannot resume from {self.checkpoint}: {err}") from None
             log.info("resuming at middle step %d", self.plane.middle_step)
@@ -130,7 +131,7 @@ class BoundaryRole:
         mark = self._progress_mark()
         if mark != self._progress:
             self._progress = mark
-            evidence.save_checkpoint(self.checkpoint, {"plane": self.plane.state_dict()})
+            rundir.save_checkpoint(self.checkpoint, {"plane": self.plane.state_dict()})
 
     # -- the global plane's stream ---------------------------------------------------------------
 

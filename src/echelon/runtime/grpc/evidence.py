@@ -1,26 +1,16 @@
-"""What a deployed party keeps on disk as it goes: its audit log (with the refusals its guards
-did not record themselves) and checkpoints of its plane.
-
-Checkpoints are state dicts (`plane.state_dict()`: tensors and plain values), loaded with
-`torch.load(weights_only=True)`: no pickled object is ever executed on resume. A checkpoint is
-written to a temporary file and renamed; when writing fails (a full disk), the temporary file is
-removed and the last good checkpoint stays.
-"""
+"""A deployed party's audit log, and the refusals its guards did not record themselves."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
-import torch
 from google.protobuf.message import Message
 
 from echelon.audit.layout import audit_dir, log_path
 from echelon.audit.log import AuditLog
 from echelon.contract.rules import flow_class_name, round_of, tensor_summary
-from echelon.errors import UserError
 from echelon.runtime.grpc.tls import Credentials
 from echelon.v1 import boundary_pb2
 
@@ -65,32 +55,3 @@ def record_refusal(
         )
     except ValueError as e:  # e.g. a peer that is no party name: the log line is the record
         log.debug("refusal not recorded in the audit log: %s", e)
-
-
-def checkpoint_path(run_dir: Path, party: str) -> Path:
-    return run_dir / "checkpoints" / f"{party}.pt"
-
-
-def save_checkpoint(path: Path, state: dict) -> bool:
-    """Write `state` to `path` atomically; False (logged, last good checkpoint kept) when it fails."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(exist_ok=True)
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        kept = "the last good checkpoint stays" if path.exists() else "no checkpoint yet"
-        log.error("could not write the checkpoint %s (%s); %s", path, e.strerror or e, kept)
-        return False
-    return True
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A checkpoint written by `save_checkpoint`; UserError when missing or unreadable."""
-    if not path.is_file():
-        raise UserError(f"cannot resume: {path} does not exist (start without --resume)")
-    try:
-        return torch.load(path, weights_only=True)
-    except Exception as e:  # a torn or foreign file: torch raises several kinds
-        raise UserError(f"cannot resume from {path}: not a readable checkpoint ({e})") from None

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import grpc
 from google.protobuf.message import Message
+from safetensors import SafetensorError
 
+from echelon import rundir
 from echelon.config import RunConfig
 from echelon.contract.guard import ContractViolation, EgressGuard, IngressGuard
 from echelon.errors import UserError
@@ -59,9 +61,9 @@ class GlobalRole:
         self.prep = prepare(cfg)
         self.plane = make_global_plane(cfg, self.prep.trainer.initial_state())
         self.evals: list[float] = []
-        path = evidence.checkpoint_path(run_dir, GLOBAL)
+        path = rundir.checkpoint_path(run_dir, GLOBAL)
         if resume:
-            state = evidence.load_checkpoint(path)
+            state = rundir.load_checkpoint(path)
             try:
                 self.plane.load_state_dict(state["plane"])
             except (KeyError, ValueError, RuntimeError) as e:
@@ -111,7 +113,7 @@ class GlobalRole:
             # After the record, before the step's reference leaves (the outbox releases it only
             # when this callback returns): a crash in between repeats the record, never the step.
             state = {"plane": plane.state_dict(), "evals": list(self.evals)}
-            evidence.save_checkpoint(evidence.checkpoint_path(self.run_dir, GLOBAL), state)
+            rundir.save_checkpoint(rundir.checkpoint_path(self.run_dir, GLOBAL), state)
 
     def route(self, to: str, message: Message) -> None:
         try:
@@ -282,11 +284,11 @@ class GlobalRole:
                 "artefact": artefact.name,
             }
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-        except OSError as e:
+        except (OSError, SafetensorError) as e:
             raise UserError(
-                f"could not write the final model or summary in {self.run_dir} ({e.strerror or e}); the last "
+                f"could not write the final model or summary in {self.run_dir} ({e}); the last "
                 f"synchronised model (outer step {plane.outer_step}) is in "
-                f"{evidence.checkpoint_path(self.run_dir, GLOBAL)}: free space and run `echelon serve global "
+                f"{rundir.checkpoint_path(self.run_dir, GLOBAL)}: free space and run `echelon serve global "
                 "--resume`"
             ) from None
         return summary
