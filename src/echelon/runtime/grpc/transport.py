@@ -259,20 +259,22 @@ class Dialer:
         delay, waiting_since = BACKOFF_S[0], time.monotonic()
         while True:
             channel = make_channel(self.creds, self.target, self.server_party)
+            connected = False
             try:
                 call = channel.stream_stream(self.method)(self.outbox.frames())
                 await call.wait_for_connection()
-                connected_at = time.monotonic()
+                connected = True
                 if await self._hold(call):
                     return
                 problem = "ended the stream without saying the run is over"
             except grpc.aio.AioRpcError as e:
-                connected_at = None
                 problem = self._problem(e)
+                # A stream refused as it opened was never ours: no loss, and the backoff grows.
+                connected = connected and e.code() != grpc.StatusCode.ALREADY_EXISTS
             finally:
                 await channel.close()
-            if connected_at is not None:
-                delay, waiting_since = BACKOFF_S[0], connected_at
+            if connected:  # patience counts from the loss of a stream
+                delay, waiting_since = BACKOFF_S[0], time.monotonic()
                 self._on_lost(problem)
             waited = time.monotonic() - waiting_since
             if waited > self.patience_s:
