@@ -173,8 +173,8 @@ async def global_faults(tmp: Path, count: int) -> GlobalFaults:
         if i % 16 == 15:
             await b0.send(cadence)
     impostor = Boundary(certs, "b1", at)
-    await impostor.send(status)
     try:
+        await impostor.send(status)  # refused as it opens: the write may already fail
         await impostor.call.read()
         impostor_code = "admitted"
     except grpc.aio.AioRpcError as e:
