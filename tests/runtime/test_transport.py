@@ -243,3 +243,30 @@ def test_a_client_gives_up_after_its_patience_with_a_clear_error(certs):
     )
     with pytest.raises(UserError, match=r"gave up on boundary\.b0 .*\(deployment\.patience_s is 0\.5\)"):
         asyncio.run(asyncio.wait_for(dialer.run(), 30))
+
+
+def test_a_masked_boundary_delta_crosses_in_slices_like_every_other_tensor():
+    """+SA: the masked Delta_b sits nested in OuterAggregation; it is sliced below gRPC's limits."""
+    import numpy as np
+
+    from echelon.contract.guard import EgressGuard, IngressGuard
+    from echelon.contract.slicing import MAX_SLICE_BYTES
+    from echelon.v1 import boundary_pb2, secagg_pb2, tensor_pb2
+
+    ring = np.random.default_rng(0).integers(0, 2**63, size=600_000, dtype=np.uint64)
+    masked = tensor_pb2.TensorPayload(
+        provenance=tensor_pb2.BOUNDARY_AGGREGATE,
+        contributors=2,
+        dtype=tensor_pb2.UINT64,
+        numel=ring.size,
+        data=ring.astype("<u8").tobytes(),
+    )
+    body = boundary_pb2.OuterAggregation(
+        outer_step=3,
+        secagg=secagg_pb2.SecAggMessage(round_id=3, masked_input=secagg_pb2.SecAggMaskedInput(masked=masked)),
+    )
+    frames = EgressGuard("boundary.b0", 2, None).send(0.0, body, "global")
+    assert len(frames) == 5 and max(len(f) for f in frames) < MAX_SLICE_BYTES + 1024
+    ingress = IngressGuard("global", 2, None)
+    received = [ingress.receive(0.0, f, "boundary.b0") for f in frames]
+    assert received[:-1] == [None] * 4 and received[-1] == body
