@@ -235,6 +235,7 @@ class BoundaryRole:
                 await asyncio.wait([dial], timeout=0.5)
                 if self.node.failed:
                     raise self.node.failed
+                self.after_event()  # progress a timer made (a round ended by its deadline)
             dial.result()
             finished = True
             self.finishing = True
