@@ -116,7 +116,7 @@ async def _with_boundary(cfg, certs, boundary_id, probe, run_dir: Path):
     task = asyncio.create_task(run_boundary(cfg, creds, boundary_id, at, _port(), run_dir))
     await asyncio.sleep(1.5)
     try:
-        return await asyncio.wait_for(probe(at), 20)
+        return await asyncio.wait_for(probe(at), 90)  # generous: these machines are loaded
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
