@@ -23,9 +23,11 @@ from echelon.errors import UserError
 from echelon.runner import train
 from echelon.runtime.grpc.boundary_role import run_boundary
 from echelon.runtime.grpc.device_role import run_device
+from echelon.runtime.grpc.framing import device_frames
 from echelon.runtime.grpc.global_role import run_global
 from echelon.runtime.grpc.tls import init_certs, load_credentials
 from echelon.runtime.grpc.transport import LOCAL_METHOD
+from echelon.v1 import device_pb2
 from tests.conftest import small_run
 
 
@@ -271,3 +273,35 @@ def test_kill_9_and_a_restart_lose_no_outer_step(tmp_path, victim):
     assert report.per_device_bytes == 0
     assert not [v for v in report.violations if v.category in (INTEGRITY, SIGNATURE)]
     assert report.logs[victim].restarts == 1 and report.logs[victim].closed
+
+
+def test_a_cloned_device_stream_is_refused_and_the_real_one_is_not_retired(deployment, caplog, tmp_path):
+    """The issue's impostor: a second stream with a device's own certificate used to retire the
+    real stream, whose device then exited 0 with nothing logged."""
+    cfg, certs = deployment
+    caplog.set_level(logging.WARNING, logger="echelon.serve")
+
+    async def probe(at):
+        hello = device_frames("d2", device_pb2.Hello(device_id="d2"))
+        real = grpc.aio.secure_channel(
+            at, _tls(certs, "device.d2"), [("grpc.ssl_target_name_override", "boundary.b1")]
+        )
+        clone = grpc.aio.secure_channel(
+            at, _tls(certs, "device.d2"), [("grpc.ssl_target_name_override", "boundary.b1")]
+        )
+        try:
+            first = real.stream_stream(LOCAL_METHOD)()
+            await first.write(hello[0])
+            await asyncio.sleep(0.5)  # admitted: the boundary holds its stream
+            second = clone.stream_stream(LOCAL_METHOD)()
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await second.write(hello[0])
+                await second.read()
+            assert first.done() is False  # the real stream goes on
+            return refused.value.code()
+        finally:
+            await real.close()
+            await clone.close()
+
+    assert asyncio.run(_with_boundary(cfg, certs, "b1", probe, tmp_path)) == grpc.StatusCode.ALREADY_EXISTS
+    assert "refused a stream from device.d2: it already holds a live stream" in caplog.text
