@@ -305,3 +305,56 @@ def test_a_cloned_device_stream_is_refused_and_the_real_one_is_not_retired(deplo
 
     assert asyncio.run(_with_boundary(cfg, certs, "b1", probe, tmp_path)) == grpc.StatusCode.ALREADY_EXISTS
     assert "refused a stream from device.d2: it already holds a live stream" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_served_party_logs_every_refused_tls_handshake(deployment, tmp_path):
+    """Plaintext, another CA's certificate and no certificate are refused by gRPC core before our
+    code runs; the party's log still says so, in its own words."""
+    cfg, certs = deployment
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(yaml.safe_dump(small_run()))
+    at = _port()
+    argv = [
+        sys.executable,
+        "-m",
+        "echelon",
+        "serve",
+        "boundary",
+        "--config",
+        str(run_file),
+        "--certs",
+        str(certs),
+    ]
+    argv += ["--id", "b1", "--listen", at, "--global", _port(), "--run-dir", str(tmp_path / "run")]
+    log = tmp_path / "boundary.log"
+    with log.open("wb") as out:
+        party = subprocess.Popen(argv, stderr=out)
+    try:
+        deadline = time.monotonic() + 120
+        while "listening on" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ours, theirs = (
+            load_credentials(certs, "device.d2"),
+            load_credentials(_certs(tmp_path / "o", cfg), "device.d2"),
+        )
+        # Trusting our server, presenting a certificate of another CA (or none).
+        foreign = grpc.ssl_channel_credentials(ours.ca, private_key=theirs.key, certificate_chain=theirs.cert)
+        no_cert = grpc.ssl_channel_credentials(root_certificates=ours.ca)
+
+        async def probe():
+            for creds in (None, foreign, no_cert):
+                assert await _call(creds, at, "boundary.b1", LOCAL_METHOD) == grpc.StatusCode.UNAVAILABLE
+
+        asyncio.run(probe())
+        time.sleep(1)
+    finally:
+        party.send_signal(signal.SIGTERM)
+        party.wait(timeout=60)
+    text = log.read_text()
+    for why in (
+        "not TLS",
+        "a certificate this deployment's CA did not sign",
+        "the client presented no certificate",
+    ):
+        assert f"boundary.b1 WARNING refused a TLS handshake: {why}" in text, text[-3000:]

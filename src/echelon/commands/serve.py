@@ -137,11 +137,12 @@ async def _serve(args: argparse.Namespace, cfg: RunConfig, party: str) -> int:
     return 0
 
 
+def log_format(party: str) -> str:
+    return f"%(asctime)s {party} %(levelname)s %(message)s"
+
+
 def configure_logging(party: str) -> None:
-    logging.basicConfig(
-        level=os.environ.get("ECHELON_LOG", "INFO"),
-        format=f"%(asctime)s {party} %(levelname)s %(message)s",
-    )
+    logging.basicConfig(level=os.environ.get("ECHELON_LOG", "INFO"), format=log_format(party))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -153,11 +154,19 @@ def run(args: argparse.Namespace) -> int:
         _run_dir(args.run_dir)
     preflight(cfg, args.config, args.run_dir if args.role == "global" else None, deploy=True)
     configure_logging(party)
+    tap = None
+    if args.role != "device":  # a server: TLS handshakes refused by gRPC core become our warnings
+        from echelon.runtime.grpc.handshakes import HandshakeTap
+
+        tap = HandshakeTap(log_format(party))
     try:
         code = asyncio.run(_serve(args, cfg, party))
     except asyncio.CancelledError:
         print(f"{party}: stopped", file=sys.stderr)
         code = 143
+    finally:
+        if tap is not None:
+            tap.close()
     # gRPC and compute threads must not keep a finished party alive: everything durable (audit
     # log, metrics, summary, weights) was closed by the role before this point.
     logging.shutdown()

@@ -1,0 +1,66 @@
+"""Refused TLS handshakes, logged as the party's own warnings.
+
+gRPC core refuses a connection that fails mutual TLS (plaintext, a certificate of another CA,
+no client certificate) before any of our code runs, and says so only in an INFO line of its own
+on the process's stderr, without the peer's identity (there is none to give). `HandshakeTap`
+passes the process's stderr through a pipe; a thread copies every line on unchanged and turns
+each such line into a warning of the party's log ("refused a TLS handshake: ..."), counted in
+`refused`. Such a peer names no party, so there is nothing to record in the audit log, which
+holds crossings and refused attempts by parties.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+
+FAILED = re.compile(
+    rb"Handshake failed with error [A-Z_]+: (?:error:[0-9a-fA-F]+:)?(?:[A-Za-z ]+routines:)?(?:OPENSSL_internal:)?([A-Z_]+)"
+)
+WHY = {
+    b"WRONG_VERSION_NUMBER": "not TLS (a plaintext client?)",
+    b"PEER_DID_NOT_RETURN_A_CERTIFICATE": "the client presented no certificate",
+    b"BAD_SIGNATURE": "a certificate this deployment's CA did not sign",
+    b"CERTIFICATE_VERIFY_FAILED": "a certificate this deployment's CA did not sign",
+}
+
+
+class HandshakeTap:
+    """Routes stderr (fd 2) through a pipe while open; `close` restores it and drains the pipe."""
+
+    def __init__(self, log_format: str) -> None:
+        self.refused = 0
+        self._stderr = os.dup(2)
+        read, write = os.pipe()
+        os.dup2(write, 2)
+        os.close(write)
+        # Our warnings go straight to the real stderr: the pump must never write into its own pipe.
+        self._log = logging.getLogger("echelon.serve.tls")
+        self._log.propagate = False
+        handler = logging.StreamHandler(os.fdopen(os.dup(self._stderr), "w"))
+        handler.setFormatter(logging.Formatter(log_format))
+        self._log.addHandler(handler)
+        self._pump = threading.Thread(target=self._copy, args=(read,), name="stderr-tap", daemon=True)
+        self._pump.start()
+
+    def _copy(self, read: int) -> None:
+        with os.fdopen(read, "rb") as pipe:
+            for line in pipe:
+                os.write(self._stderr, line)
+                match = FAILED.search(line)
+                if match:
+                    self.refused += 1
+                    why = WHY.get(match.group(1), match.group(1).decode(errors="replace"))
+                    self._log.warning("refused a TLS handshake: %s (%s)", why, match.group(1).decode())
+
+    def close(self) -> None:
+        """Put stderr back; the pipe then ends and everything written before is passed on."""
+        import sys
+
+        sys.stderr.flush()
+        os.dup2(self._stderr, 2)
+        self._pump.join(timeout=5)
+        for handler in self._log.handlers:
+            handler.flush()
