@@ -9,6 +9,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from echelon.audit.verify import verify_run
+from echelon.v1 import boundary_pb2
 from tests.audit.runs import GLOBAL, cross, fields, open_logs, training_messages
 
 B = "boundary.b0"
@@ -50,3 +51,22 @@ def test_only_known_triggers_are_written(tmp_path):
         logs[GLOBAL].checkpoint("close")
     with pytest.raises(ValueError, match="close or interrupted"):
         logs[GLOBAL].close("reopen")
+
+
+def test_a_reference_lost_with_a_stream_and_sent_again_on_rejoin_is_one_crossing_and_one_in_flight(tmp_path):
+    """The issue's "unreceived references" after a restart: the copy sent before the break was
+    lost, the identical copy sent when the boundary came back arrived."""
+    logs = open_logs(tmp_path, {GLOBAL: Ed25519PrivateKey.generate(), B: Ed25519PrivateKey.generate()})
+    messages = training_messages(B, 1, np.random.default_rng(0))
+    for sender, receiver, body in messages[:-1]:
+        cross(logs, 1.0, sender, receiver, body)
+    _, _, reference = messages[-1]
+    logs[GLOBAL].append(**fields(2.0, GLOBAL, B, "out", reference, "b0"))  # lost with the stream
+    logs[GLOBAL].checkpoint("disconnect")
+    cross(logs, 3.0, GLOBAL, B, reference)  # the boundary is back: the same reference again
+    cross(logs, 4.0, GLOBAL, B, boundary_pb2.CadenceUpdate(interval=2))
+    for log in logs.values():
+        log.close()
+    report = verify_run(tmp_path)
+    assert report.ok, [v.reason for v in report.violations]
+    assert [f.seq for f in report.in_flight] == [report.logs[GLOBAL].interruptions[0] - 1]
