@@ -100,10 +100,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--inner-steps", type=int, default=8)
-    parser.add_argument("--quick", action="store_true", help="LoRA only, 3 rounds of 4 steps")
+    parser.add_argument("--quick", action="store_true", help="LoRA only, 2 rounds of 4 steps")
     args = parser.parse_args()
     if args.quick:
-        args.rounds, args.inner_steps = 3, 4
+        args.rounds, args.inner_steps = 2, 4
     torch.manual_seed(0)
     table = Table(
         title=f"device plane vs plain PyTorch loop (K = {args.inner_steps}, micro-batch 8 x 128 tokens)"
