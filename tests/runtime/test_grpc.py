@@ -181,6 +181,7 @@ def test_a_non_admissible_strategy_is_refused_by_the_deployment(tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_process_and_leaves_no_run_directory(tmp_path):
     run_file = tmp_path / "run.yaml"
     run_file.write_text(yaml.safe_dump(small_run(budget={"outer_steps": 10_000})))
@@ -202,6 +203,7 @@ def test_ctrl_c_stops_every_process_and_leaves_no_run_directory(tmp_path):
     assert not out.exists() and out.with_name(out.name + ".partial").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", ["global", "boundary.b0"])
 def test_kill_9_and_a_restart_lose_no_outer_step(tmp_path, victim):
     from echelon.audit.report import INTEGRITY, SIGNATURE
