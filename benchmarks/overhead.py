@@ -21,10 +21,11 @@ from rich.console import Console
 from rich.table import Table
 
 from echelon.config import RunConfig
-from echelon.planes.aggregation import PlainAggregator, encode_f32
+from echelon.planes.aggregation import PlainAggregator
 from echelon.planes.device import DevicePlane
 from echelon.runner import prepare
 from echelon.sansio import Send
+from echelon.tensors import payload
 from echelon.v1 import device_pb2, tensor_pb2
 
 
@@ -65,7 +66,7 @@ def measure(trainable: str, rounds: int, inner_steps: int) -> dict:
 
     # The boundary's work (building the reference) is not the device's: serialise it once.
     reference_bytes = device_pb2.BoundaryReference(
-        version=1, parameters=encode_f32(theta.numpy(), tensor_pb2.BOUNDARY_AGGREGATE)
+        version=1, parameters=payload(theta.numpy(), tensor_pb2.BOUNDARY_AGGREGATE)
     ).SerializeToString()
 
     def device_round(version: int) -> None:

@@ -8,10 +8,13 @@ weighted float sum. When `flwr` is importable, the same
 round through Flower's SecAgg+ primitives (the computations of its secaggplus mod and workflow:
 EC keys, Fernet, pycryptodome Shamir, its quantizer and its numpy PRG) on the same neighbour
 graph, side by side (target: SecAgg+ faster at every size, >= 3x at n = 16, d = 1e6).
-Also: mask PRG speed as a fraction of the raw ChaCha20 keystream (target >= 0.8), and the peak
-RSS of a server process at the largest n and d against 3 x d x 8 bytes above its baseline.
+Also: mask PRG speed as a fraction of the raw ChaCha20 keystream (target >= 0.8), the peak RSS
+of a server process at the largest n and d against 3 x d x 8 bytes above its baseline, and the
+malicious-server defences the deployment turns on (certificate-signed keys checked by every
+participant, the consistency round, t > m/2) against the same round without them, at n = 16 and
+d = 1e6 (--quick: d = 1e5), with the deployment's own certificates (ECDSA P-256, `certs init`).
 
-    .venv/bin/python benchmarks/secagg.py [--quick]
+    .venv/bin/python benchmarks/secagg.py [--quick] [--defences]
     (an environment with `pip install -e .[peers]` adds the Flower columns)
 """
 
@@ -22,6 +25,7 @@ import math
 import multiprocessing as mp
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +36,9 @@ from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
 
-from echelon.planes.aggregation import AggregateResult, Aggregator, PlainAggregator
+from echelon.contract.provenance import AggregateResult, RoundSeal
+from echelon.planes.aggregation import Aggregator, PlainAggregator
+from echelon.runtime.grpc.tls import init_certs, load_credentials
 from echelon.sansio import Send
 from echelon.secagg import SecAggPlusAggregator, neighbour_graph
 from echelon.secagg.primitives import MaskStream, apply_masks
@@ -60,17 +66,35 @@ def secagg_degree(n: int) -> int:
     return min(n - 1, 2 * math.ceil(math.log2(n)))
 
 
-def secagg_aggregator(n: int) -> SecAggPlusAggregator:
-    return SecAggPlusAggregator(threshold=0.5, degree=secagg_degree(n), clip=1.0)
+def secagg_aggregator(n: int, **kw) -> SecAggPlusAggregator:
+    return SecAggPlusAggregator(threshold=0.5, degree=secagg_degree(n), clip=1.0, **kw)
+
+
+def defended(n: int, certs: str) -> tuple[SecAggPlusAggregator, dict[str, SecAggPlusAggregator]]:
+    """A round's server and participants with the deployment's defences and certificates."""
+    init_certs(certs, {"b0": [f"d{i:03d}" for i in range(n)]})
+    verifier = load_credentials(certs, "boundary.b0").identity().verifier
+    joins = {
+        f"device/d{i:03d}": secagg_aggregator(n, defended=True, verifier=verifier, signer=identity.signer)
+        for i in range(n)
+        for identity in [load_credentials(certs, f"device.d{i:03d}").identity()]
+    }
+    return secagg_aggregator(n, defended=True, verifier=verifier), joins
 
 
 def drive(
-    aggregator: Aggregator, vector: np.ndarray, weights: dict[str, float]
+    aggregator: Aggregator,
+    vector: np.ndarray,
+    weights: dict[str, float],
+    joins: dict[str, Aggregator] | None = None,
 ) -> tuple[AggregateResult, Cost]:
-    """One round, no dropouts, delivering depth-first (one masked input in flight at a time)."""
+    """One round, no dropouts, delivering depth-first (one masked input in flight at a time).
+
+    `joins`: each participant's own aggregator (its signer, in a defended round).
+    """
     cost = Cost()
     t0 = time.perf_counter()
-    server = aggregator.server(1, weights, vector.size, tensor_pb2.DEVICE)
+    server = aggregator.server(1, weights, vector.size, tensor_pb2.DEVICE, RoundSeal.open(1, len(weights)))
     stack: list[tuple[str, Send]] = [(SERVER, a) for a in reversed(server.start(0.0)) if isinstance(a, Send)]
     cost.server_s += time.perf_counter() - t0
     clients = {}
@@ -82,7 +106,8 @@ def drive(
             cost.server_s += time.perf_counter() - t0
         else:
             if isinstance(send.message, device_pb2.AggregationRequest):
-                clients[send.to] = aggregator.join(SERVER, send.message, vector, tensor_pb2.DEVICE)
+                joined = (joins or {}).get(send.to, aggregator)
+                clients[send.to] = joined.join(SERVER, send.message, vector, tensor_pb2.DEVICE)
                 actions = clients[send.to].start(0.0)
             else:
                 actions = clients[send.to].receive(0.0, send.message)
@@ -269,7 +294,7 @@ def _rss(field: str) -> int:
 
 def _server_process(conn, n: int, dim: int, weights: dict[str, float]) -> None:
     """A SecAgg+ server alone in a process, fed serialized messages; reports its peak RSS."""
-    server = secagg_aggregator(n).server(1, weights, dim, tensor_pb2.DEVICE)
+    server = secagg_aggregator(n).server(1, weights, dim, tensor_pb2.DEVICE, RoundSeal.open(1, len(weights)))
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak to the current RSS: import-time peaks are not the server's
     baseline = _rss("VmRSS")
@@ -327,12 +352,61 @@ def server_peak_rss(n: int, dim: int) -> tuple[int, int, bool]:
     return result
 
 
+def defences_table(n: int, d: int, repeat: int, quick: bool) -> Table:
+    """One round with and without the malicious-server defences, alternating; fastest kept."""
+    vector = np.random.default_rng(1).uniform(-0.05, 0.05, d).astype(np.float32)
+    weights = {f"device/d{i:03d}": 1.0 for i in range(n)}
+    with tempfile.TemporaryDirectory() as tmp:
+        server, joins = defended(n, f"{tmp}/certs")
+        runs: dict[str, list[Cost]] = {"off": [], "on": []}
+        for _ in range(repeat):
+            runs["off"].append(drive(secagg_aggregator(n), vector, weights)[1])
+            outcome, cost = drive(server, vector, weights, joins)
+            runs["on"].append(cost)
+    off, on = fastest(runs["off"]), fastest(runs["on"])
+    params = server.parameters(n)
+    title = f"Malicious-server defences, one SecAgg+ round at n = {n}, d = {d:.0e}"
+    table = Table(title=title + (" (--quick: d = 1e5, not 1e6)" if quick else ""))
+    for col in (
+        "defences",
+        "k",
+        "t",
+        "client s (mean)",
+        "server s",
+        "round s (clients + server)",
+        "up B/client",
+        "down B/client",
+    ):
+        table.add_column(col, justify="right")
+    for name, c, t in (
+        ("off", off, secagg_aggregator(n).parameters(n).threshold),
+        ("on", on, params.threshold),
+    ):
+        table.add_row(
+            name,
+            str(params.degree),
+            str(t),
+            f"{c.client_s / n:.4f}",
+            f"{c.server_s:.4f}",
+            f"{c.client_s + c.server_s:.3f}",
+            f"{c.up // n:,}",
+            f"{c.down // n:,}",
+        )
+    ratio = (on.client_s + on.server_s) / (off.client_s + off.server_s)
+    table.caption = f"defences cost {ratio:.2f}x the round's compute; result exact: {isinstance(outcome, AggregateResult)}"
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="d in {1e4, 1e5}; RSS at d = 1e6")
     parser.add_argument("--repeat", type=int, default=3, help="rounds per size, alternating; fastest kept")
+    parser.add_argument("--defences", action="store_true", help="only the malicious-server defences table")
     args = parser.parse_args()
     console = Console(width=240)
+    if args.defences:
+        console.print(defences_table(16, 10**5 if args.quick else 10**6, args.repeat, args.quick))
+        return
     try:
         import flwr  # noqa: F401
 
@@ -405,6 +479,7 @@ def main() -> None:
     )
     if have_flwr:
         console.print(f"Flower pseudo_rand_gen: {flower_prg_speed():.2f} GB/s of 32-bit words")
+    console.print(defences_table(16, 10**5 if args.quick else 10**6, args.repeat, args.quick))
     n, d = 64, sizes[-1] * (10 if args.quick else 1)
     baseline, peak, ok = server_peak_rss(n, d)
     console.print(

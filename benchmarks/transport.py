@@ -9,9 +9,10 @@
    the same connection, joined on the server, without guards. Repetitions alternate (raw,
    guarded, ...) and medians are reported. Target: at least 0.8 of raw gRPC on the same connection
    (the ratio), with the absolute figure beside it.
-2. Per-message overhead: a SyncRequest's frame on the wire (its CrossBoundaryEnvelope) against the
-   body's own serialization, and the round trip of a SyncRequest through egress guard, gRPC,
-   ingress guard and back the same way, against a raw gRPC echo of the same frame bytes.
+2. Per-message overhead: an empty BoundaryDelta's frame on the wire (its CrossBoundaryEnvelope)
+   against the body's own serialization, and its round trip through egress guard, gRPC, ingress
+   guard and back (a SyncRequest) the same way, against a raw gRPC echo of the same frame bytes.
+   Each guarded send is synced to disk by its audit log before it leaves (`AuditLog`).
 3. The demo run file (token budget --demo-tokens) trained once in simulation (`runner.train`, this
    process) and once deployed (`echelon launch`: global, boundaries and devices as processes on
    loopback); wall times and their ratio. Mind the cores: the deployment runs 9 processes.
@@ -37,19 +38,22 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 from rich.console import Console
 from rich.table import Table
 
+from echelon.audit.anchor import RunBinding, deployment_id
 from echelon.audit.layout import audit_dir, log_path
 from echelon.audit.log import AuditLog
 from echelon.commands.launch import _free_port
 from echelon.contract.guard import EgressGuard, IngressGuard
-from echelon.planes.aggregation import encode_f32
+from echelon.contract.policy import Terms
+from echelon.contract.provenance import BoundaryModel
 from echelon.runtime.grpc.framing import chunk
 from echelon.runtime.grpc.tls import Credentials, init_certs, load_credentials, peer_identity
 from echelon.runtime.grpc.transport import CROSS_METHOD, make_channel, make_server, stream_handler
-from echelon.v1 import boundary_pb2, tensor_pb2
+from echelon.v1 import boundary_pb2
 
 GLOBAL = "global"
 BOUNDARY = "boundary.hospital-a"
@@ -57,29 +61,32 @@ QUORUM = 2
 RAW_BULK = "bench.RawBulk"  # raw bytes: an 8-byte length, then the chunks; answered with ACK
 RAW_ECHO = "bench.RawEcho"  # raw bytes echoed item by item
 ACK = b"\x01"
-WARMUP_BYTES = 8 << 20
 PING_BLOCKS = 4  # ping-pong runs in alternating blocks (guarded, raw, ...) of pings / PING_BLOCKS
 
 
 def _open_audit(run_dir: Path, creds: Credentials) -> AuditLog:
-    """The party's signed audit log, as a deployed role opens it (`roles._open_audit`)."""
+    """The party's signed audit log, as a deployed role opens it (`evidence.open_audit`)."""
     audit_dir(run_dir).mkdir(parents=True, exist_ok=True)
+    binding = RunBinding(deployment_id(creds.ca), "0" * 64)  # no run configuration: a benchmark
     return AuditLog.create(
-        log_path(run_dir, creds.party), creds.party, creds.audit_key(), "wall", min_quorum=QUORUM
+        log_path(run_dir, creds.party), creds.party, creds.audit_key(), "wall", binding, min_quorum=QUORUM
     )
 
 
 # The global plane's side, in its own process. -------------------------------------------------
 
 
-def serve(certs: str, listen: str, run_dir: str, ready: mp.Event, stop: mp.Event) -> None:
-    asyncio.run(_serve(Path(certs), listen, Path(run_dir), ready, stop))
+def serve(certs: str, listen: str, run_dir: str, numel: int, ready: mp.Event, stop: mp.Event) -> None:
+    asyncio.run(_serve(Path(certs), listen, Path(run_dir), numel, ready, stop))
 
 
-async def _serve(certs: Path, listen: str, run_dir: Path, ready: mp.Event, stop: mp.Event) -> None:
+async def _serve(
+    certs: Path, listen: str, run_dir: Path, numel: int, ready: mp.Event, stop: mp.Event
+) -> None:
     creds = load_credentials(certs, GLOBAL)
     audit = _open_audit(run_dir, creds)
-    egress, ingress = EgressGuard(GLOBAL, QUORUM, audit), IngressGuard(GLOBAL, QUORUM, audit)
+    terms = Terms(QUORUM, numel)
+    egress, ingress = EgressGuard(GLOBAL, terms, audit), IngressGuard(GLOBAL, terms, audit)
     loop = asyncio.get_running_loop()
     t0 = loop.time()
 
@@ -141,11 +148,12 @@ async def _serve(certs: Path, listen: str, run_dir: Path, ready: mp.Event, stop:
 class Boundary:
     """Boundary `hospital-a` dialled to the global plane: one guarded and two raw streams."""
 
-    def __init__(self, certs: Path, target: str, run_dir: Path) -> None:
+    def __init__(self, certs: Path, target: str, run_dir: Path, model: BoundaryModel) -> None:
         self.creds = load_credentials(certs, BOUNDARY)
         self.audit = _open_audit(run_dir, self.creds)
-        self.egress = EgressGuard(BOUNDARY, QUORUM, self.audit)
-        self.ingress = IngressGuard(BOUNDARY, QUORUM, self.audit)
+        terms = Terms(QUORUM, model.since_sync.numel())
+        self.egress = EgressGuard(BOUNDARY, terms, self.audit, model.ledger)
+        self.ingress = IngressGuard(BOUNDARY, terms, self.audit)
         self.target = target
         self.t0 = time.monotonic()
         self.step = 0
@@ -174,7 +182,7 @@ class Boundary:
         if body.outer_step != self.step:
             raise RuntimeError(f"answer for step {body.outer_step}, expected {self.step}")
 
-    async def send_guarded(self, body: boundary_pb2.BoundaryDelta | boundary_pb2.SyncRequest) -> dict:
+    async def send_guarded(self, body: boundary_pb2.BoundaryDelta) -> dict:
         """Seconds from the first send to the answer, seconds in EgressGuard.send, and wire bytes."""
         self.step += 1
         body.outer_step = self.step
@@ -200,10 +208,10 @@ class Boundary:
         return {"s": time.perf_counter() - t0, "prepare_s": t1 - t0, "wire": wire, "frames": 1 + len(pieces)}
 
     async def ping_guarded(self, n: int) -> float:
-        """Microseconds per SyncRequest round trip through both guards."""
+        """Microseconds per empty BoundaryDelta round trip through both guards."""
         t0 = time.perf_counter()
         for _ in range(n):
-            await self.send_guarded(boundary_pb2.SyncRequest())
+            await self.send_guarded(boundary_pb2.BoundaryDelta())
         return (time.perf_counter() - t0) / n * 1e6
 
     async def ping_raw(self, frame: bytes, n: int) -> float:
@@ -216,25 +224,24 @@ class Boundary:
         return (time.perf_counter() - t0) / n * 1e6
 
 
-def aggregate(numel: int) -> boundary_pb2.BoundaryDelta:
-    vector = np.random.default_rng(0).standard_normal(numel, dtype=np.float32)
-    return boundary_pb2.BoundaryDelta(
-        tokens=numel,
-        delta=encode_f32(vector, tensor_pb2.BOUNDARY_AGGREGATE, contributors=QUORUM),
-    )
+def aggregate(numel: int) -> tuple[boundary_pb2.BoundaryDelta, BoundaryModel]:
+    """A BoundaryDelta of `numel` elements, minted by a boundary model from one sealed round."""
+    model = BoundaryModel(torch.zeros(numel), QUORUM)
+    vector = np.random.default_rng(0).standard_normal(numel)
+    model.apply_aggregate(model.open_round(1, QUORUM).seal(vector, 1.0, QUORUM), lr=1.0)
+    return boundary_pb2.BoundaryDelta(tokens=numel, contributors=QUORUM, delta=model.delta_payload()), model
 
 
 async def _transport(
     certs: Path, target: str, run_dir: Path, megabytes: float, reps: int, pings: int
 ) -> dict:
-    numel = int(megabytes * 1e6) // 4
-    body, warm = aggregate(numel), aggregate(WARMUP_BYTES // 4)
-    sync = boundary_pb2.SyncRequest(outer_step=1)
-    frame = EgressGuard(BOUNDARY, QUORUM, None).send(0.0, sync, GLOBAL)[0]
-    async with Boundary(certs, target, run_dir) as b:
+    body, model = aggregate(int(megabytes * 1e6) // 4)
+    sync = boundary_pb2.BoundaryDelta(outer_step=1)
+    frame = EgressGuard(BOUNDARY, Terms(QUORUM, model.since_sync.numel()), None).send(0.0, sync, GLOBAL)[0]
+    async with Boundary(certs, target, run_dir, model) as b:
         # Warm up the connection (TLS session, flow-control windows) on every stream.
-        await b.send_raw(warm.delta.data)
-        await b.send_guarded(warm)
+        await b.send_raw(body.delta.data)
+        await b.send_guarded(body)
         await b.ping_guarded(50)
         await b.ping_raw(frame, 50)
         raw, guarded = [], []
@@ -274,7 +281,8 @@ def transport(megabytes: float, reps: int, pings: int, tmp: Path) -> dict:
     target = f"127.0.0.1:{_free_port()}"
     ctx = mp.get_context("spawn")
     ready, stop = ctx.Event(), ctx.Event()
-    server = ctx.Process(target=serve, args=(str(certs), target, str(tmp / "global"), ready, stop))
+    numel = int(megabytes * 1e6) // 4
+    server = ctx.Process(target=serve, args=(str(certs), target, str(tmp / "global"), numel, ready, stop))
     server.start()
     try:
         deadline = time.monotonic() + 60
@@ -364,7 +372,7 @@ def main() -> None:
         "",
     )
     table.add_row(
-        "SyncRequest, bytes on the wire",
+        "empty BoundaryDelta, bytes on the wire",
         f"{t['sync_frame']} B",
         f"{t['sync_body']} B",
         "the body serialized alone",
@@ -372,7 +380,7 @@ def main() -> None:
         "",
     )
     table.add_row(
-        f"SyncRequest round trip (N = {t['pings']})",
+        f"empty BoundaryDelta round trip (N = {t['pings']})",
         f"{t['ping_guarded_us']:,.0f} µs",
         f"{t['ping_raw_us']:,.0f} µs",
         "raw gRPC echo of the same frame",

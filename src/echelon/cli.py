@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("echelon.commands.train", "train a run file in simulation"),
     "demo": ("echelon.commands.demo", "train the built-in demo run"),
     "plan": ("echelon.yellowstone.cli_plan", "compile a fleet and a model into a training plan"),
+    "execute": ("echelon.yellowstone.cli_execute", "run a plan on this machine with torch.distributed"),
     "profile": ("echelon.yellowstone.cli_profile", "measure this machine's devices as fleet entries"),
     "audit": ("echelon.audit.cli", "verify a run's audit logs offline"),
     "serve": ("echelon.commands.serve", "run one plane member (global, boundary or device) over gRPC"),

@@ -137,6 +137,17 @@ class SecAggConfig(Strict):
     scale_bits: int = Field(20, ge=1, le=40, description="fixed-point scale 2^scale_bits")
     bits: Literal[32, 64] | None = Field(None, description="ring Z_(2^bits); null picks from the headroom")
     stage_timeout_s: float = Field(30.0, gt=0, description="deadline of each protocol stage")
+    malicious_server: bool | None = Field(
+        None,
+        description="defences against a malicious server (signed keys, a consistency round, t > n/2); "
+        "null: on in a deployment, off in simulation",
+    )
+    outer_clip: float | None = Field(
+        None,
+        gt=0,
+        description="+SA: the range (and L2 bound) of a boundary's weighted Delta_b in the outer round; "
+        "null: echelon.clip x middle_lr x the largest outer interval",
+    )
 
 
 class StreamingConfig(Strict):
@@ -239,12 +250,58 @@ class DeviceConfig(Strict):
     tokens_per_s: float = Field(gt=0, description="compute profile: training tokens per second")
     speed_jitter_pct: float = Field(0.0, ge=0, lt=100, description="per-round straggling, +/- percent")
     memory_gb: float | None = Field(None, gt=0)
+    replica: str | None = Field(
+        None, description="the plan replica this device is (set from boundaries[].plan)"
+    )
 
 
 class BoundaryConfig(Strict):
+    """A boundary's devices, listed, or the replicas of a Yellowstone plan (`plan`): each replica
+    of the plan's boundary with this id is one device, its compute profile the plan's prediction."""
+
     id: str = Identifier
-    devices: tuple[DeviceConfig, ...] = Field(min_length=1)
+    devices: tuple[DeviceConfig, ...] = ()
+    plan: Path | None = Field(None, description="plan.json from `echelon plan`: its replicas are the devices")
     wan: LinkConfig | None = Field(None, description="this boundary's link to the global plane")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _devices_from_plan(cls, data: object, info: ValidationInfo) -> object:
+        if not isinstance(data, dict) or data.get("plan") is None:
+            return data
+        if data.get("devices"):
+            raise ValueError(
+                "give `devices` or `plan`, not both: a plan's replicas are the boundary's devices"
+            )
+        path = _resolve(Path(data["plan"]), info)
+        return {**data, "plan": path, "devices": plan_replicas(path, str(data.get("id")))}
+
+    @model_validator(mode="after")
+    def _some_devices(self) -> BoundaryConfig:
+        if not self.devices:
+            raise ValueError("list the boundary's `devices`, or name a `plan` whose replicas are its devices")
+        return self
+
+
+def plan_replicas(path: Path, boundary: str) -> list[dict]:
+    """The devices a plan gives `boundary`: one per replica, named after it (`acme/r0` -> `acme-r0`),
+    computing at the plan's predicted tokens per second."""
+    from echelon.errors import UserError
+    from echelon.yellowstone.plan import read_plan
+
+    try:
+        plan = read_plan(path)
+    except UserError as e:
+        raise ValueError(str(e)) from None
+    found = next((b for b in plan.boundaries if b.id == boundary), None)
+    if found is None:
+        raise ValueError(f"{path} plans boundaries {[b.id for b in plan.boundaries]}, not {boundary!r}")
+    if not found.replicas:
+        raise ValueError(f"{path}: boundary {boundary!r} has no replica to train")
+    return [
+        {"id": r.id.replace("/", "-"), "tokens_per_s": r.predicted.tokens_per_s, "replica": r.id}
+        for r in found.replicas
+    ]
 
 
 class BudgetConfig(Strict):
@@ -316,10 +373,51 @@ class RunConfig(Strict):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _plans_match_the_run(self) -> RunConfig:
+        for b in self.boundaries:
+            if b.plan is not None:
+                problem = plan_mismatch(self, b.plan)
+                if problem:
+                    raise ValueError(f"boundaries[{b.id}].plan {b.plan}: {problem}")
+        return self
+
     @property
     def devices(self) -> list[tuple[str, DeviceConfig]]:
         """(boundary id, device) pairs in file order."""
         return [(b.id, d) for b in self.boundaries for d in b.devices]
+
+
+def plan_mismatch(cfg: RunConfig, path: Path) -> str | None:
+    """Why a plan cannot run as devices of `cfg` (its model, sequence and batch), or None."""
+    from echelon.yellowstone.plan import read_plan
+
+    plan = read_plan(path)
+    m = plan.model
+    if cfg.model.path is not None and m.source != str(cfg.model.path):
+        return f"it plans {m.source}, the run trains {cfg.model.path}: re-plan with --model {cfg.model.path}"
+    if cfg.model.path is None and m.source != "tiny":
+        return f"it plans {m.source!r}, the run trains the tiny preset: re-plan with --model tiny"
+    if m.trainable != cfg.model.trainable or (m.trainable == "lora" and m.lora_rank != cfg.model.lora.r):
+        return (
+            f"it plans {m.trainable} training (LoRA rank {m.lora_rank}), the run {cfg.model.trainable} "
+            f"(rank {cfg.model.lora.r}): re-plan with --{cfg.model.trainable} --lora-rank {cfg.model.lora.r}"
+        )
+    if m.seq_len != cfg.data.seq_len:
+        return f"it plans sequences of {m.seq_len} tokens, data.seq_len is {cfg.data.seq_len}"
+    batch = cfg.train.micro_batch * cfg.train.grad_accum
+    for b in plan.boundaries:
+        for r in b.replicas:
+            if r.micro_batch * r.micro_batches != batch:
+                return (
+                    f"replica {r.id} trains {r.micro_batches} x {r.micro_batch} sequences per step, the run "
+                    f"{cfg.train.micro_batch} x {cfg.train.grad_accum} (train.micro_batch x grad_accum)"
+                )
+    from echelon.strategies import get_strategy
+
+    if get_strategy(cfg.strategy).local == "scaffold":
+        return f"strategy {cfg.strategy!r} trains with its own local optimizer; planned devices run AdamW"
+    return None
 
 
 def load_run(path: str | Path) -> RunConfig:

@@ -51,6 +51,17 @@ class RunDirectory:
         except OSError as e:
             raise UserError(f"cannot write the run directory {self.staging}: {e.strerror or e}") from None
 
+    @classmethod
+    def resume(cls, path: str | Path) -> RunDirectory:
+        """Continue filling the `.partial` directory an interrupted run left (it must exist)."""
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        self.staging = self.path.with_name(self.path.name + ".partial")
+        if not self.staging.is_dir():
+            raise UserError(f"{self.staging} does not exist: there is no interrupted run to continue")
+        self._metrics = (self.staging / "metrics.jsonl").open("a")
+        return self
+
     def __truediv__(self, name: str) -> Path:
         return self.staging / name
 

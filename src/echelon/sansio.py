@@ -48,8 +48,3 @@ class Emit:
 
 
 PlaneAction = Action | Emit
-
-
-class RefusedMessage(ValueError):
-    """A received message the protocol refuses (wrong size, non-finite values, ...); the protocol's
-    state is unchanged. The driver records the refusal and goes on."""

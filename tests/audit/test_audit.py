@@ -16,14 +16,15 @@ from echelon.audit.keys import write_public_key
 from echelon.audit.layout import log_path
 from echelon.audit.log import AuditLog
 from echelon.audit.record import decode, encode
-from echelon.audit.report import CONTRACT, CROSSCHECK, INCOMPLETE, INTEGRITY, SIGNATURE
+from echelon.audit.report import CONTRACT, CROSSCHECK, INCOMPLETE, INTEGRITY, SIGNATURE, UNANCHORED
 from echelon.audit.verify import verify_run
 from echelon.cli import main
 from echelon.contract.guard import ContractViolation, EgressGuard
+from echelon.contract.policy import Terms
 from echelon.errors import UserError
-from echelon.planes.tensors import to_payload
+from echelon.tensors import encode as encode_tensor
 from echelon.v1 import boundary_pb2, tensor_pb2
-from tests.audit.runs import cross, fields, tensor, write_run
+from tests.audit.runs import BINDING, cross, fields, pin, tensor, write_run
 from tests.conftest import small_run
 
 PARTIES = ("global", "boundary.b0", "boundary.b1")
@@ -32,8 +33,10 @@ PARTIES = ("global", "boundary.b0", "boundary.b1")
 @pytest.fixture
 def clean_run(tmp_path: Path) -> Path:
     keys = {p: Ed25519PrivateKey.generate() for p in PARTIES}
-    write_run(tmp_path, keys, steps=3)
-    return tmp_path
+    run = tmp_path / "run"
+    write_run(run, keys, steps=3)
+    pin(tmp_path / "audit-keys.json", keys)
+    return run
 
 
 def _lines(path: Path) -> list[bytes]:
@@ -45,8 +48,9 @@ def _categories(run: Path) -> set[str]:
 
 
 def test_a_clean_run_verifies_with_zero_per_device_bytes(clean_run):
-    report = verify_run(clean_run)
-    assert report.ok, [v.reason for v in report.violations]
+    report = verify_run(clean_run, clean_run.parent / "audit-keys.json")
+    assert report.ok, [v.reason for v in report.failures]
+    assert report.anchor.startswith("pinned by")
     assert report.per_device_bytes == 0
     # 3 steps x 2 boundaries x 4 message types, each counted once.
     assert report.traffic.total_messages == 24
@@ -129,15 +133,15 @@ def test_a_torn_log_reopens_only_with_repair_and_keeps_what_it_removed(tmp_path)
 def test_refused_attempts_are_recorded_and_the_log_still_verifies(tmp_path):
     keys = {p: Ed25519PrivateKey.generate() for p in PARTIES}
     logs = write_run(tmp_path, keys, steps=1, close=False)
-    guard = EgressGuard("boundary.b0", 2, logs["boundary.b0"])
+    guard = EgressGuard("boundary.b0", Terms(2, 8), logs["boundary.b0"])
     delta = boundary_pb2.BoundaryDelta(
-        outer_step=2, tokens=1, delta=to_payload(torch.ones(8), tensor_pb2.DEVICE)
+        outer_step=2, tokens=1, delta=encode_tensor(torch.ones(8), tensor_pb2.DEVICE)
     )
     with pytest.raises(ContractViolation):
         guard.send(9.0, delta, "global")
     for log in logs.values():
         log.close()
-    report = verify_run(tmp_path)
+    report = verify_run(tmp_path, accept=frozenset({UNANCHORED}))
     assert report.ok and report.per_device_bytes == 0
     assert len(report.refused) == 1 and "DEVICE" in report.refused[0].reason
 
@@ -156,7 +160,9 @@ def test_a_recorded_per_device_crossing_fails_the_audit(tmp_path):
 
 
 def test_audit_refuses_extra_fields_such_as_member_lists(tmp_path):
-    log = AuditLog.create(tmp_path / "global.jsonl", "global", Ed25519PrivateKey.generate())
+    log = AuditLog.create(
+        tmp_path / "global.jsonl", "global", Ed25519PrivateKey.generate(), "virtual", BINDING
+    )
     record = fields(1.0, "global", "boundary.b0", "out", boundary_pb2.SyncRequest(outer_step=1), "b0")
     with pytest.raises(TypeError):
         log.append(**record, members=["d0", "d1"])
@@ -176,7 +182,9 @@ def _train(tmp_path: Path, **overrides) -> Path:
 def test_a_simulated_run_passes_echelon_audit_with_zero_per_device_bytes(tmp_path, capsys):
     out = _train(tmp_path)
     capsys.readouterr()
-    assert main(["audit", str(out), "--json"]) == 0
+    assert main(["audit", str(out), "--json"]) == 1  # the keys in the run directory are not pinned
+    assert json.loads(capsys.readouterr().out)["unanchored"]
+    assert main(["audit", str(out), "--json", "--trust-run-keys"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] and report["per_device_payload_bytes"] == 0 and report["violations"] == []
     summary = json.loads((out / "summary.json").read_text())
@@ -187,7 +195,7 @@ def test_a_simulated_run_passes_echelon_audit_with_zero_per_device_bytes(tmp_pat
 def test_a_non_admissible_strategy_fails_the_audit(tmp_path, capsys):
     out = _train(tmp_path, strategy="fedavg")
     capsys.readouterr()
-    assert main(["audit", str(out)]) == 1
+    assert main(["audit", str(out), "--trust-run-keys"]) == 1
     assert "below the quorum" in capsys.readouterr().out
 
 

@@ -8,23 +8,13 @@ import torch
 
 from echelon.config import RunConfig
 from echelon.contract.guard import ContractViolation, EgressGuard, IngressGuard
+from echelon.contract.policy import Terms
 from echelon.contract.provenance import BoundaryModel, QuorumNotMet
-from echelon.planes.aggregation import AggregateResult, encode_f32
-from echelon.planes.tensors import to_payload
 from echelon.runner import prepare
+from echelon.tensors import encode, payload
 from echelon.v1 import boundary_pb2, device_pb2, tensor_pb2
 from tests.conftest import small_run
-
-
-class Recorder:
-    """An audit sink that keeps the records in memory."""
-
-    def __init__(self) -> None:
-        self.records: list[dict] = []
-
-    def append(self, **fields):
-        self.records.append(fields)
-        return fields
+from tests.contract.kit import TERMS, Recorder, envelope, model_with_aggregate
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +30,9 @@ def device_state():
     return {"delta": result.theta - theta, "activations": hidden.reshape(-1), "optimizer_state": moments}
 
 
-def _guard(party: str = "boundary.b0", quorum: int = 2) -> tuple[EgressGuard, Recorder]:
+def _guard(party: str = "boundary.b0", terms: Terms = TERMS) -> tuple[EgressGuard, Recorder]:
     rec = Recorder()
-    return EgressGuard(party, quorum, rec), rec
+    return EgressGuard(party, terms, rec), rec
 
 
 def _refused(guard: EgressGuard, rec: Recorder, body, match: str) -> None:
@@ -55,9 +45,9 @@ def _refused(guard: EgressGuard, rec: Recorder, body, match: str) -> None:
 
 @pytest.mark.parametrize("kind", ["delta", "activations", "optimizer_state"])
 def test_device_tensor_with_device_provenance_is_refused(device_state, kind):
-    guard, rec = _guard()
+    guard, rec = _guard(terms=Terms(2, device_state[kind].numel()))
     body = boundary_pb2.BoundaryDelta(
-        outer_step=1, tokens=10, delta=to_payload(device_state[kind], tensor_pb2.DEVICE)
+        outer_step=1, tokens=10, delta=encode(device_state[kind], tensor_pb2.DEVICE)
     )
     _refused(guard, rec, body, "provenance DEVICE may not cross")
     assert rec.records[-1]["provenance"] == "DEVICE"
@@ -65,9 +55,10 @@ def test_device_tensor_with_device_provenance_is_refused(device_state, kind):
 
 @pytest.mark.parametrize("kind", ["delta", "activations", "optimizer_state"])
 def test_one_device_tensor_posing_as_an_aggregate_is_refused_by_the_quorum(device_state, kind):
-    guard, rec = _guard(quorum=2)
-    payload = encode_f32(device_state[kind].numpy(), tensor_pb2.BOUNDARY_AGGREGATE, contributors=1)
-    _refused(guard, rec, boundary_pb2.BoundaryDelta(outer_step=1, delta=payload), "below the quorum")
+    guard, rec = _guard(terms=Terms(2, device_state[kind].numel()))
+    posing = payload(device_state[kind].numpy(), tensor_pb2.BOUNDARY_AGGREGATE, contributors=1)
+    body = boundary_pb2.BoundaryDelta(outer_step=1, contributors=1, delta=posing)
+    _refused(guard, rec, body, "below the quorum")
 
 
 @pytest.mark.parametrize(
@@ -84,44 +75,40 @@ def test_one_device_tensor_posing_as_an_aggregate_is_refused_by_the_quorum(devic
 def test_device_local_message_types_have_no_way_across(body):
     guard, rec = _guard()
     _refused(guard, rec, body, "has no way across a boundary")
-    assert rec.records[-1]["flow_class"] == "DEVICE_LOCAL"
+    # AggregationRequest is CONTROL (the outer round nests it), but never an envelope body itself.
+    expected = "CONTROL" if isinstance(body, device_pb2.AggregationRequest) else "DEVICE_LOCAL"
+    assert rec.records[-1]["flow_class"] == expected
 
 
 def test_member_list_in_the_routing_field_is_refused():
     # Egress: the guard, not the plane, writes the routing field, from the channel's own boundary.
     guard, _ = _guard()
-    (data,) = guard.send(1.0, boundary_pb2.SyncRequest(outer_step=3), "global")
+    (data,) = guard.send(1.0, boundary_pb2.BoundaryStatus(middle_step=3), "global")
     assert boundary_pb2.CrossBoundaryEnvelope.FromString(data).boundary_id == "b0"
     # Ingress: crafted bytes that list members in it are refused and recorded.
     rec = Recorder()
-    ingress = IngressGuard("global", 2, rec)
-    envelope = boundary_pb2.CrossBoundaryEnvelope(
-        boundary_id="d0,d1,d2", sync_request=boundary_pb2.SyncRequest()
-    )
+    ingress = IngressGuard("global", TERMS, rec)
+    crafted = envelope("d0,d1,d2", status=boundary_pb2.BoundaryStatus(middle_step=1))
     with pytest.raises(ContractViolation, match="the channel's is 'b0'"):
-        ingress.receive(1.0, envelope.SerializeToString(), "boundary.b0")
+        ingress.receive(1.0, crafted.SerializeToString(), "boundary.b0")
     assert rec.records[-1]["outcome"] == "refused"
 
 
 def test_tensor_smuggled_into_a_string_field_is_refused(device_state):
     rec = Recorder()
-    ingress = IngressGuard("global", 2, rec)
+    ingress = IngressGuard("global", TERMS, rec)
     smuggled = device_state["delta"][:64].numpy().tobytes().hex()
-    envelope = boundary_pb2.CrossBoundaryEnvelope(
-        boundary_id=smuggled, status=boundary_pb2.BoundaryStatus(middle_step=1)
-    )
+    crafted = envelope(smuggled, status=boundary_pb2.BoundaryStatus(middle_step=1))
     with pytest.raises(ContractViolation, match="exceeds its declared limit of 128 B"):
-        ingress.receive(1.0, envelope.SerializeToString(), "boundary.b0")
+        ingress.receive(1.0, crafted.SerializeToString(), "boundary.b0")
     assert ingress.refused == 1 and rec.records[-1]["outcome"] == "refused"
 
 
 def test_ingress_mirror_refuses_bytes_that_bypassed_an_egress_guard(device_state):
     rec = Recorder()
-    ingress = IngressGuard("global", 2, rec)
-    rogue = boundary_pb2.CrossBoundaryEnvelope(
-        boundary_id="b0",
-        boundary_delta=boundary_pb2.BoundaryDelta(delta=to_payload(device_state["delta"], tensor_pb2.DEVICE)),
-    )
+    ingress = IngressGuard("global", Terms(2, device_state["delta"].numel()), rec)
+    delta = encode(device_state["delta"], tensor_pb2.DEVICE)
+    rogue = envelope(boundary_delta=boundary_pb2.BoundaryDelta(outer_step=1, delta=delta))
     with pytest.raises(ContractViolation, match="provenance DEVICE"):
         ingress.receive(2.0, rogue.SerializeToString(), "boundary.b0")
     assert rec.records[-1]["outcome"] == "refused" and rec.records[-1]["direction"] == "in"
@@ -130,29 +117,34 @@ def test_ingress_mirror_refuses_bytes_that_bypassed_an_egress_guard(device_state
 
 
 def test_allowed_messages_cross_and_their_exact_wire_bytes_are_counted():
-    guard, rec = _guard()
-    model = BoundaryModel(torch.zeros(10), min_quorum=2)
-    model.apply_aggregate(AggregateResult(np.ones(10), 2.0, 2), lr=1.0)
-    body = boundary_pb2.BoundaryDelta(outer_step=1, tokens=64, middle_step=1, delta=model.delta_payload())
+    model = model_with_aggregate()
+    rec = Recorder()
+    guard = EgressGuard("boundary.b0", TERMS, rec, model.ledger)
+    body = boundary_pb2.BoundaryDelta(
+        outer_step=1, tokens=64, middle_step=1, contributors=2, delta=model.delta_payload()
+    )
     (data,) = guard.send(1.0, body, "global")
-    envelope = boundary_pb2.CrossBoundaryEnvelope.FromString(data)
-    assert envelope.boundary_id == "b0" and envelope.WhichOneof("body") == "boundary_delta"
-    assert guard.bytes_total == len(data) == envelope.ByteSize()
+    env = boundary_pb2.CrossBoundaryEnvelope.FromString(data)
+    assert env.boundary_id == "b0" and env.WhichOneof("body") == "boundary_delta"
+    assert guard.bytes_total == len(data) == env.ByteSize()
     assert (
         rec.records[-1]["outcome"] == "sent" and rec.records[-1]["message_type"] == "echelon.v1.BoundaryDelta"
     )
     assert rec.records[-1]["wire_bytes"] == len(data) and rec.records[-1]["quorum"] == 2
-    back = IngressGuard("global", 2, Recorder()).receive(1.0, data, "boundary.b0")
+    back = IngressGuard("global", TERMS, Recorder()).receive(1.0, data, "boundary.b0")
     assert back == body
+    # The envelope carried the sender's chain head; the receiver keeps it to countersign.
+    assert env.audit_head.seq == 0
 
 
 def test_boundary_aggregates_are_minted_only_above_quorum():
     model = BoundaryModel(torch.zeros(4), min_quorum=3)
+    seal = model.open_round(1, 2)
     with pytest.raises(QuorumNotMet):
-        model.apply_aggregate(AggregateResult(np.ones(4), 2.0, 2), lr=1.0)
+        model.apply_aggregate(seal.seal(np.ones(4), 2.0, 2), lr=1.0)
     assert model.delta_payload() is None  # nothing to send: no aggregate below quorum exists
-    with pytest.raises(ValueError, match="boundary aggregates come from BoundaryModel"):
-        to_payload(torch.zeros(4), tensor_pb2.BOUNDARY_AGGREGATE)
+    with pytest.raises(ValueError, match="minted only by"):
+        encode(torch.zeros(4), tensor_pb2.BOUNDARY_AGGREGATE)
 
 
 def test_a_rogue_boundary_in_a_running_simulation_is_refused_and_the_run_goes_on():
@@ -179,7 +171,9 @@ def test_a_rogue_boundary_in_a_running_simulation_is_refused_and_the_run_goes_on
     b0.__class__ = LeakyBoundary
     sim.run(cfg.budget)
     assert sim.global_plane.outer_step == 2
-    assert violations and all("echelon.v1.SecAggMessage (DEVICE_LOCAL)" in v["reason"] for v in violations)
+    assert violations and all(
+        "echelon.v1.SecAggMessage (SECURE_AGGREGATION) has no way across" in v["reason"] for v in violations
+    )
     assert len(sim.traffic.refused) == len(violations)
     assert "echelon.v1.SecAggMessage" not in sim.cross_boundary_by_type()
 
@@ -187,19 +181,20 @@ def test_a_rogue_boundary_in_a_running_simulation_is_refused_and_the_run_goes_on
 def test_large_tensors_cross_as_typed_slices_and_reassemble_exactly():
     from echelon.contract.slicing import MAX_SLICE_BYTES
 
-    rng = np.random.default_rng(0)
     n = 3 * MAX_SLICE_BYTES // 4 + 1234  # just over three slices of float32
-    model = BoundaryModel(torch.zeros(n), min_quorum=2)
-    model.apply_aggregate(AggregateResult(rng.standard_normal(n), 2.0, 2), lr=1.0)
-    body = boundary_pb2.BoundaryDelta(outer_step=4, tokens=9, middle_step=3, delta=model.delta_payload())
+    terms = Terms(2, n)
+    model = model_with_aggregate(n)
+    body = boundary_pb2.BoundaryDelta(
+        outer_step=4, tokens=9, middle_step=3, contributors=2, delta=model.delta_payload()
+    )
     out_rec, in_rec = Recorder(), Recorder()
-    frames = EgressGuard("boundary.b0", 2, out_rec).send(1.0, body, "global")
+    frames = EgressGuard("boundary.b0", terms, out_rec, model.ledger).send(1.0, body, "global")
     assert len(frames) == 4
     for f in frames:  # every frame is a typed, bounded message on its own
         part = boundary_pb2.CrossBoundaryEnvelope.FromString(f)
         assert part.WhichOneof("body") == "boundary_delta"
         assert len(part.boundary_delta.delta.data) <= MAX_SLICE_BYTES
-    ingress = IngressGuard("global", 2, in_rec)
+    ingress = IngressGuard("global", terms, in_rec)
     results = [ingress.receive(2.0, f, "boundary.b0") for f in frames]
     assert results[:-1] == [None, None, None] and results[-1] == body
     assert out_rec.records[-1]["wire_bytes"] == in_rec.records[-1]["wire_bytes"] == sum(map(len, frames))

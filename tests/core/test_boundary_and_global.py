@@ -18,6 +18,7 @@ from echelon.config import (
     SyncConfig,
 )
 from echelon.contract.guard import EgressGuard, IngressGuard
+from echelon.contract.policy import Terms
 from echelon.planes.aggregation import PlainAggregator
 from echelon.planes.boundary import BoundaryPlane, staleness_weight
 from echelon.planes.controller import Cadence
@@ -62,7 +63,7 @@ def test_outer_lr_one_momentum_zero_is_averaging_weighted_by_tokens():
         60,
     )
     plane.start(0.0)
-    from echelon.planes.aggregation import encode_f32
+    from echelon.tensors import payload
     from echelon.v1 import boundary_pb2, tensor_pb2
 
     plane.receive(0.0, "b/x", boundary_pb2.BoundaryStatus(middle_step=1))
@@ -71,7 +72,7 @@ def test_outer_lr_one_momentum_zero_is_averaging_weighted_by_tokens():
             outer_step=1,
             tokens=tokens,
             middle_step=1,
-            delta=encode_f32(np.array(delta), tensor_pb2.BOUNDARY_AGGREGATE, 2),
+            delta=payload(np.array(delta), tensor_pb2.BOUNDARY_AGGREGATE, 2),
         )
         plane.receive(1.0, b, msg)
     torch.testing.assert_close(plane.theta_g, torch.tensor([0.75, 0.25]))
@@ -97,9 +98,13 @@ def _protocol_sim(speeds: dict[str, float], echelon: EchelonConfig, on_emit, dim
     )
     bp = BoundaryPlane("b", [device_address(d) for d in speeds], GLOBAL, echelon, agg, dim)
     devices = {d: DevicePlane(d, boundary_address("b"), agg, echelon.clip, None) for d in speeds}
+    terms = Terms(echelon.min_quorum, dim)
     guards = {
-        p: (EgressGuard(p, 1, None), IngressGuard(p, 1, None))
-        for p in (GLOBAL, party_of(boundary_address("b")))
+        GLOBAL: (EgressGuard(GLOBAL, terms, None), IngressGuard(GLOBAL, terms, None)),
+        party_of(boundary_address("b")): (
+            EgressGuard("boundary.b", terms, None, bp.ledger),
+            IngressGuard("boundary.b", terms, None),
+        ),
     }
     sim = Simulation(
         global_plane=gp,

@@ -81,11 +81,13 @@ def test_deployment_and_simulation_reach_the_same_parameters(tmp_path):
     assert deployed.keys() == reference.keys()
     for name in reference:
         torch.testing.assert_close(deployed[name], reference[name], rtol=1e-5, atol=1e-6)
-    # The deployed run leaves the same evidence: `echelon audit` passes on it.
+    # The deployed run leaves the same evidence: `echelon audit` passes on it, against the keys
+    # `certs init` pinned, for the configuration (config.yaml, as `echelon launch` writes it).
     from echelon.audit.verify import verify_run
 
-    report = verify_run(tmp_path / "deployed")
-    assert report.ok, [v.reason for v in report.violations][:3]
+    (tmp_path / "deployed" / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    report = verify_run(tmp_path / "deployed", tmp_path / "certs")
+    assert report.ok, [v.reason for v in report.failures][:3]
     assert report.per_device_bytes == 0
 
 

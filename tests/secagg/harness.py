@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from google.protobuf.message import Message
 
+from echelon.contract.provenance import RoundSeal
 from echelon.planes.aggregation import AggregationClient, AggregationServer, Aggregator
-from echelon.sansio import Action, CancelTimer, Send, SetTimer
+from echelon.sansio import CancelTimer, Emit, PlaneAction, Send, SetTimer
 from echelon.secagg.protocol import Entropy
 from echelon.v1 import device_pb2, secagg_pb2, tensor_pb2
 
@@ -23,8 +24,9 @@ SERVER = "boundary/b0"
 # The stage of each participant message: a participant dropping at stage s sends none from s on.
 SENDS_AT = {"advertise_keys": 0, "share_keys": 1, "masked_input": 2, "unmask_response": 3}
 
-Hook = Callable[[str, str, Message], list[tuple[str, Message]]]
-"""hook(origin, to, message) -> the (origin, message) pairs delivered to `to` in its place."""
+Hook = Callable[[str, str, Message], list[tuple]]
+"""hook(origin, to, message) -> the (origin, message) pairs delivered to `to` in its place, or
+(origin, message, recipient) triples delivered to another recipient (a malicious server's)."""
 
 
 def seeded_entropy(seed: int) -> Entropy:
@@ -37,6 +39,7 @@ class Run:
     server: AggregationServer
     clients: dict[str, AggregationClient] = field(default_factory=dict)
     delivered: list[tuple[str, str, Message]] = field(default_factory=list)
+    events: list[tuple[str, Emit]] = field(default_factory=list)  # (participant, event)
     now: float = 0.0
 
     def sent(self, kind: str) -> list[tuple[str, str, secagg_pb2.SecAggMessage]]:
@@ -56,18 +59,24 @@ def run_round(
     hook: Hook | None = None,
     round_id: int = 7,
     provenance: int = tensor_pb2.DEVICE,
+    joins: Mapping[str, Aggregator] | None = None,
 ) -> Run:
-    """Run a round until the server has an outcome (or nothing is left to deliver)."""
+    """Run a round until the server has an outcome (or nothing is left to deliver).
+
+    `joins` gives a participant its own aggregator to join with (its own signer, say).
+    """
     drop_at = drop_at or {}
     dim = len(next(iter(vectors.values())))
-    run = Run(aggregator.server(round_id, weights, dim, provenance))
+    run = Run(aggregator.server(round_id, weights, dim, provenance, RoundSeal.open(round_id, len(weights))))
     queue: deque[tuple[str, str, Message]] = deque()
     timers: dict[str, float] = {}
     dead: set[str] = set()
 
-    def dispatch(origin: str, actions: list[Action]) -> None:
+    def dispatch(origin: str, actions: list[PlaneAction]) -> None:
         for a in actions:
-            if isinstance(a, Send):
+            if isinstance(a, Emit):
+                run.events.append((origin, a))
+            elif isinstance(a, Send):
                 kind = (
                     a.message.WhichOneof("body") if isinstance(a.message, secagg_pb2.SecAggMessage) else None
                 )
@@ -91,7 +100,7 @@ def run_round(
             if drop_at.get(to, 99) <= 0:
                 dead.add(to)
                 return
-            run.clients[to] = aggregator.join(SERVER, parsed, vectors[to], provenance)
+            run.clients[to] = (joins or {}).get(to, aggregator).join(SERVER, parsed, vectors[to], provenance)
             dispatch(to, run.clients[to].start(run.now))
         elif to in run.clients:
             dispatch(to, run.clients[to].receive(run.now, parsed))
@@ -100,8 +109,9 @@ def run_round(
     while run.server.outcome is None:
         if queue:
             origin, to, message = queue.popleft()
-            for sender, msg in hook(origin, to, message) if hook else [(origin, message)]:
-                deliver(sender, to, msg)
+            for item in hook(origin, to, message) if hook else [(origin, message)]:
+                sender, msg, recipient = item if len(item) == 3 else (*item, to)
+                deliver(sender, recipient, msg)
         elif timers:
             key, at = min(timers.items(), key=lambda kv: kv[1])
             del timers[key]

@@ -62,10 +62,15 @@ def test_extreme_sums_decode_exactly_at_the_headroom_limit():
         assert np.array_equal(codec.decode(_ring_sum(codec, encodings)), np.full(3, sign * n))
 
 
-def test_clipping_and_nan():
+def test_values_beyond_the_clip_nan_and_inf_are_counted_and_refused_never_clipped():
     codec = FixedPoint(2.0, 2.0**10, 32)
-    out = codec.decode(codec.encode(np.array([5.0, -7.0, np.inf, -np.inf, np.nan, 0.5])))
-    assert out.tolist() == [2.0, -2.0, 2.0, -2.0, 0.0, 0.5]
+    bad = np.array([5.0, -7.0, np.inf, -np.inf, np.nan, 0.5, 2.0, -2.0])
+    assert codec.out_of_range(bad) == (1, 2, 2)
+    with pytest.raises(ValueError, match="1 NaN, 2 infinite and 2 values beyond"):
+        codec.encode(bad)
+    edges = np.array([0.5, 2.0, -2.0])  # the range's edges are in range
+    assert codec.out_of_range(edges).total == 0
+    assert codec.decode(codec.encode(edges)).tolist() == [0.5, 2.0, -2.0]
 
 
 def test_stochastic_rounding_is_unbiased():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from echelon.cli import main
@@ -66,7 +67,7 @@ def test_a_secure_outer_run_passes_the_audit_and_only_masked_aggregates_cross(tm
     out = tmp_path / "out"
     assert main(["train", str(run_file), "--out", str(out), "--no-progress"]) == 0
     capsys.readouterr()
-    assert main(["audit", str(out), "--json"]) == 0
+    assert main(["audit", str(out), "--json", "--trust-run-keys"]) == 0
     report = json.loads(capsys.readouterr().out)
     types = report["traffic"]["by_type"]
     assert "echelon.v1.OuterAggregation" in types
@@ -74,3 +75,21 @@ def test_a_secure_outer_run_passes_the_audit_and_only_masked_aggregates_cross(tm
     summary = json.loads((out / "summary.json").read_text())
     # No Delta_b crossed in the clear: BoundaryDelta messages carry metadata only.
     assert summary["cross_boundary_bytes"]["echelon.v1.BoundaryDelta"] < 100 * summary["outer_steps"] * 2
+
+
+@pytest.mark.slow
+def test_a_simulation_with_the_malicious_server_defences_reaches_the_same_model():
+    """Signed keys, the consistency round and t > m/2 (inside the boundaries and in the +SA round)
+    change what a malicious server can do, not the sums: the same run reaches the same model."""
+    thetas = []
+    for defended in (False, True):
+        spec = small_run(strategy="echelon+sa", budget={"outer_steps": 2})
+        spec["echelon"] = {**spec["echelon"], "secagg": {"malicious_server": defended}}
+        cfg = RunConfig.model_validate(spec)
+        events: list[str] = []
+        sim = build_simulation(cfg, prepare(cfg), lambda kind, fields, seen=events: seen.append(kind))
+        sim.run(cfg.budget)
+        assert sim.global_plane.outer_step == 2
+        assert not [k for k in events if any(w in k for w in ("failure", "refused", "aborted", "violation"))]
+        thetas.append(sim.global_plane.theta_g)
+    assert torch.equal(thetas[0], thetas[1])

@@ -9,7 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from echelon.planes.aggregation import AggregateResult, AggregationAborted
+from echelon.contract.provenance import AggregateResult, RoundSeal
+from echelon.planes.aggregation import AggregationAborted
+from echelon.sansio import Emit
 from echelon.secagg import SecAggPlusAggregator, SecAggPlusClient, SecAggPlusServer, neighbour_graph
 from echelon.secagg.protocol import connected, effective_degree
 from echelon.v1 import device_pb2, secagg_pb2, tensor_pb2
@@ -443,13 +445,14 @@ def test_participant_ignores_stray_messages_and_unusable_requests():
     assert client.receive(0.0, _message(round_id=8, roster=secagg_pb2.SecAggRoster())) == []
     assert client.receive(0.0, _message(unmask_request=secagg_pb2.SecAggUnmaskRequest())) == []
     assert len(client.log) == 2 and not client.done
-    assert (
-        client.receive(0.0, _message(roster=secagg_pb2.SecAggRoster(threshold=2, degree=2, bits=32, index=9)))
-        == []
-    )
+    # A malformed roster ends its participation, and the failure is an event, not only an attribute.
+    roster = secagg_pb2.SecAggRoster(threshold=2, degree=2, bits=32, index=9)
+    (event,) = client.receive(0.0, _message(roster=roster))
     assert client.done and "outside" in client.failure
+    assert event == Emit("secagg_client_failure", {"round_id": 7, "reason": client.failure})
     broken = agg.join(SERVER, device_pb2.AggregationRequest(round_id=7, participants=0), np.zeros(4), 1)
-    assert broken.start(0.0) == [] and broken.done
+    (event,) = broken.start(0.0)
+    assert broken.done and event.kind == "secagg_client_failure" and "unusable" in event.fields["reason"]
 
 
 def test_aggregator_rejects_unusable_parameters():
@@ -458,7 +461,9 @@ def test_aggregator_rejects_unusable_parameters():
             SecAggPlusAggregator(**kw)
     with pytest.raises(ValueError):
         SecAggPlusAggregator(threshold=5, degree=2).parameters(10)
-    server = SecAggPlusAggregator(threshold=5).server(7, {"device/a": 1.0, "device/b": 1.0}, 4, 1)
+    server = SecAggPlusAggregator(threshold=5).server(
+        7, {"device/a": 1.0, "device/b": 1.0}, 4, 1, RoundSeal.open(7, 2)
+    )
     assert server.start(0.0) == [] and "exceeds the 2 shares" in server.outcome.reason
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -123,7 +125,7 @@ def test_a_run_stops_at_the_first_budget_reached_and_records_which(budget, reaso
 
 class _Recording(EgressGuard):
     def __init__(self, inner: EgressGuard, sent: list) -> None:
-        super().__init__(inner.party, inner.min_quorum, None)
+        super().__init__(inner.party, inner.terms, None, inner.ledger)
         self.sent = sent
 
     def send(self, now, body, peer):
@@ -158,8 +160,10 @@ def test_flat_strategies_are_not_admissible_and_a_real_boundary_guard_refuses_th
     assert strict >= 2
     for party, body in updates:
         assert _update_tensor(body).contributors == 1
+        egress = sim._guards[party][0]
+        guard = EgressGuard(party, dataclasses.replace(egress.terms, min_quorum=strict), None, egress.ledger)
         with pytest.raises(ContractViolation, match="quorum"):
-            EgressGuard(party, strict, None).send(0.0, body, "global")
+            guard.send(0.0, body, "global")
 
 
 def test_admissible_strategies_are_hierarchical():

@@ -8,7 +8,6 @@ import torch
 
 from echelon.config import RunConfig
 from echelon.contract.provenance import BoundaryModel, fragment_bounds
-from echelon.planes.aggregation import AggregateResult
 from echelon.planes.boundary import BoundaryPlane
 from echelon.planes.coordinator import GlobalPlane
 from echelon.runner import build_simulation, prepare
@@ -25,7 +24,8 @@ def test_fragments_partition_the_vector():
 
 def test_mixing_merges_the_global_fragment_with_the_local_one():
     model = BoundaryModel(torch.zeros(6), min_quorum=1, fragments=2)
-    model.apply_aggregate(AggregateResult(torch.arange(6.0).numpy().astype("f8"), 1.0, 1), lr=1.0)
+    seal = model.open_round(1, invited=1)
+    model.apply_aggregate(seal.seal(torch.arange(6.0).numpy().astype("f8"), 1.0, 1), lr=1.0)
     model.start_sync(fragment=1)  # fragment 1 (elements 3..5) sent: base there is theta_b
     model.adopt(torch.full((3,), 10.0), keep_since_send=True, fragment=1, mixing=0.25)
     # (1 - alpha) * global + alpha * local-as-sent; fragment 0 keeps its own state untouched.

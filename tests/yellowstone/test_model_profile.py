@@ -41,7 +41,8 @@ def test_local_config(tmp_path):
         "vocab_size": 1000,
     }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    _name, shape = resolve_model(str(tmp_path))
+    _name, shape, source = resolve_model(str(tmp_path))
+    assert source == str(tmp_path.resolve())
     assert shape.layers == 3 and shape.kv_heads == 4 and shape.head_dim == 64
     del cfg["vocab_size"]
     (tmp_path / "config.json").write_text(json.dumps(cfg))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,8 @@ import yaml
 
 from echelon.cli import main
 from echelon.errors import UserError
-from echelon.yellowstone.fleet import Fleet, load_fleet
+from echelon.yellowstone import probe
+from echelon.yellowstone.fleet import Fleet, LinkEntry, load_fleet
 from echelon.yellowstone.model_profile import PRESETS, build_profile
 from echelon.yellowstone.plan import SCHEMA_VERSION, Plan, read_plan, write_plan
 from echelon.yellowstone.planner import plan_fleet
@@ -83,3 +86,91 @@ def test_cli_profile_writes_fleet_entries(tmp_path):
         }
     )
     assert fleet.devices[0].boundary == "lab"
+
+
+def test_an_old_plan_is_refused_with_the_fix(tmp_path, hospital_plan):
+    path = tmp_path / "plan.json"
+    write_plan(hospital_plan, path)
+    data = json.loads(path.read_text())
+    data["schema_version"] = 1
+    path.write_text(json.dumps(data))
+    with pytest.raises(
+        UserError, match=r"schema_version 1, but .* reads schema_version 2 .* re-run `echelon plan`"
+    ):
+        read_plan(path)
+
+
+def test_plans_never_hold_non_finite_numbers(hospital_plan):
+    text = hospital_plan.model_dump_json()
+    assert "null" not in text.replace('"standby":null', "").replace('"replacement":null', "").replace(
+        '"fallback":null', ""
+    )
+    bad = hospital_plan.model_copy(deep=True)
+    with pytest.raises(ValueError, match="finite"):
+        Plan.model_validate({**bad.model_dump(), "tokens_per_s": float("inf")})
+
+
+def _uncleared_hospital_b(tmp_path: Path) -> Path:
+    data = yaml.safe_load((EXAMPLES / "hospital_pair.yaml").read_text())
+    for d in data["devices"]:
+        if d["boundary"] == "hospital-b":
+            d["access_tier"] = "staff"
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_a_boundary_that_cannot_be_planned_refuses_only_itself(tmp_path, capsys):
+    fleet = load_fleet(_uncleared_hospital_b(tmp_path))
+    plan = plan_fleet(fleet, build_profile("llama-8b", PRESETS["llama-8b"], trainable="lora"))
+    assert [b.id for b in plan.boundaries] == ["hospital-a"] and plan.tokens_per_s > 0
+    assert [(r.boundary, r.reason) for r in plan.refused] == [("hospital-b", "no_cleared_device")]
+    assert "hospital-b" in plan.refused[0].message and all(c.ok for c in plan.checks)
+    out = tmp_path / "out"
+    code = main(["plan", str(tmp_path / "fleet.yaml"), "--model", "llama-8b", "--lora", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 3 and "refused" in printed and "hospital-b" in printed
+    assert read_plan(out / "plan.json").refused[0].boundary == "hospital-b"
+
+
+def test_profile_peer_measures_a_link_from_both_ends(tmp_path):
+    port: list[int] = []
+    ready = threading.Event()
+    result: dict = {}
+
+    def waiting() -> None:
+        result["wait"] = probe.wait(
+            0, "a", 0.05, host="127.0.0.1", ready=lambda p: (port.append(p), ready.set())
+        )
+
+    thread = threading.Thread(target=waiting)
+    thread.start()
+    assert ready.wait(10)
+    dialled = probe.dial("127.0.0.1", port[0], "b", 0.05)
+    thread.join(10)
+    waited = result["wait"]
+    assert dialled.entry()["bandwidth_gbps"] == waited.entry()["bandwidth_gbps"] > 0
+    assert dialled.sites == ("b", "a") and waited.sites == ("a", "b")
+    assert dialled.latency_ms == pytest.approx(waited.latency_ms) and 0 <= dialled.latency_ms < 100
+    assert LinkEntry.model_validate(dialled.entry()).bandwidth_gbps > 0
+
+
+def test_profile_peer_refuses_what_is_not_a_probe(capsys):
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def talk_http() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.sendall(b"HTTP/1.1 200 OK\r\n\r\n")
+            conn.recv(1024)
+
+    thread = threading.Thread(target=talk_http)
+    thread.start()
+    port = server.getsockname()[1]
+    assert main(["profile", "--peer", f"127.0.0.1:{port}", "--seconds", "0.05"]) == 2
+    thread.join(10)
+    server.close()
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port}" in err and "not an echelon probe" in err
+    assert main(["profile", "--peer", "no-port-here"]) == 2
+    assert "HOST:PORT" in capsys.readouterr().err

@@ -71,6 +71,10 @@ def test_examples_plan(name, model, trainable, micro_batch):
     if name == "seed":
         assert profile.state_bytes > max(d.memory for d in fleet.devices)  # too large for any one device
         assert all(len(r.clusters) >= 2 for r in plan.boundaries[0].replicas)
+    for standby in (s for b in plan.boundaries for s in b.standby):  # weak devices: used, or why not
+        assert any(
+            standby in line and "stay on standby" in line and "tokens/s" in line for line in plan.explain
+        )
 
 
 @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))

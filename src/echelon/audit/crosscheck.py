@@ -2,11 +2,18 @@
 
 For every directed link (sender, receiver, channel) the sender's "sent" records and the receiver's
 "received" records are aligned in order by their content (type, flow class, wire bytes, payload
-SHA-256, round, quorum, provenance). A record left without a partner is a violation, unless one
-of the two parties crashed where the partner would be: then it is reported as in flight at a
-crash (a message lost with a connection, or a record lost with unsynced data), or where one of them
-recorded an interruption (a stream ended, or the party was stopped before the run ended), not as
-tampering.
+SHA-256, round, quorum, provenance). A record left without a partner is a violation, with one
+exception: a message sent but never recorded received where one of the two parties crashed (lost
+with a connection, or a receipt lost with unsynced data) or recorded an interruption (a stream
+ended, or the party was stopped before the run ended) is reported as in flight, which fails the
+audit unless the user accepts it. A receipt without its send is always a
+violation: a send is on disk before the message leaves.
+
+Countersigned heads: every received record keeps the sender's chain head (seq, hash) the message
+carried. The sender's log must still hold that record with that hash (its hash commits to the
+whole log before it), the heads of one link must increase, and the sender's record of the send
+must be the very next one. A party that truncates, rewrites or re-creates its own log, even
+under its own key and with a reopen, contradicts the heads its peers countersigned.
 """
 
 from __future__ import annotations
@@ -18,8 +25,10 @@ from dataclasses import dataclass, field
 
 from echelon.audit.report import (
     CONTENT_FIELDS,
+    COUNTERSIGN,
     CROSSCHECK,
     EVIDENCE,
+    IN_FLIGHT,
     Content,
     Crossing,
     Finding,
@@ -27,8 +36,6 @@ from echelon.audit.report import (
     LogReport,
     Tally,
 )
-
-IN_FLIGHT = "in_flight"
 
 
 @dataclass
@@ -75,6 +82,39 @@ def _record(link: Link, crossing: Crossing) -> dict:
     return {"channel": link[2], "seq": crossing[0], **dict(zip(CONTENT_FIELDS, crossing[1], strict=True))}
 
 
+def _check_heads(
+    link: Link, sender: LogReport, receiver: LogReport, pairs: list[tuple[int, int]], out: CrossCheck
+) -> None:
+    """Every head `receiver` countersigned on `link` is in `sender`'s log, in order."""
+    sent, received = sender.outgoing.get(link, []), receiver.incoming.get(link, [])
+    paired = {j: i for i, j in pairs}
+    last = -1
+    for j, (seq, _, _, head) in enumerate(received):
+        assert head is not None  # the record format requires one on every received record
+        peer_seq, peer_head = head
+        held = sender.hash_at(peer_seq)
+        record = _record(link, received[j])
+        if held != peer_head:
+            what = "holds no such record" if held is None else "holds another record there"
+            reason = (
+                f"{receiver.party} countersigned {sender.party}'s chain head at seq {peer_seq}, and "
+                f"{sender.party}'s log {what}: it was truncated, rewritten or re-created after the fact"
+            )
+            out.violations.append(Finding(receiver.party, seq, COUNTERSIGN, reason, record))
+        elif peer_seq <= last:
+            reason = (
+                f"{sender.party}'s chain head went back from seq {last} to {peer_seq}: a replayed message"
+            )
+            out.violations.append(Finding(receiver.party, seq, COUNTERSIGN, reason, record))
+        elif j in paired and sent[paired[j]][0] != peer_seq + 1:
+            reason = (
+                f"the message carried {sender.party}'s head at seq {peer_seq}, but {sender.party} recorded "
+                f"sending it at seq {sent[paired[j]][0]}"
+            )
+            out.violations.append(Finding(receiver.party, seq, COUNTERSIGN, reason, record))
+        last = max(last, peer_seq)
+
+
 def _lost_at(
     i: int, pairs: list[tuple[int, int]], sent: list[Crossing], received: list[Crossing], points: tuple
 ) -> bool:
@@ -115,6 +155,7 @@ def _check_link(link: Link, sender: LogReport, receiver: LogReport, out: CrossCh
     pairs = _prefer_resends(pairs, sent, received, breaks)
     sent_pos, received_pos = [p[0] for p in pairs], [p[1] for p in pairs]
     _, to, channel = link
+    _check_heads(link, sender, receiver, pairs, out)
 
     paired = set(sent_pos)
     for i, crossing in enumerate(sent):
@@ -147,16 +188,11 @@ def _check_link(link: Link, sender: LogReport, receiver: LogReport, out: CrossCh
             continue
         out.traffic.add(crossing[1][1], crossing[1][0], crossing[1][2])  # its sender counted none
         out.per_device_bytes += crossing[2]
-        k = bisect_left(received_pos, j)
-        low = sent[pairs[k - 1][0]][0] if k else -1
-        high = sent[pairs[k][0]][0] if k < len(pairs) else math.inf
-        record = _record(link, crossing)
-        if _crashed(sender.crash_points, low, high):
-            reason = f"received on {channel}; {sender.party}'s record of sending it was lost in its crash"
-            out.in_flight.append(Finding(receiver.party, crossing[0], IN_FLIGHT, reason, record))
-        else:
-            reason = f"recorded received on {channel} but {sender.party} recorded no matching send"
-            out.violations.append(Finding(receiver.party, crossing[0], CROSSCHECK, reason, record))
+        # A send is on disk before it leaves (`AuditLog`): no crash of the sender loses its record.
+        reason = f"recorded received on {channel} but {sender.party} recorded no matching send"
+        out.violations.append(
+            Finding(receiver.party, crossing[0], CROSSCHECK, reason, _record(link, crossing))
+        )
 
 
 def cross_check(logs: dict[str, LogReport]) -> CrossCheck:

@@ -25,7 +25,7 @@ def fingerprint(key: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def _write_new(path: Path, data: bytes, mode: int) -> None:
+def write_new(path: Path, data: bytes, mode: int) -> None:
     """Create `path` holding `data` (mode `mode`) whole or not at all; never replaces a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -54,7 +54,7 @@ def generate_signing_key(key_dir: Path, party: str) -> Ed25519PrivateKey:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     try:
-        _write_new(path, pem, 0o600)
+        write_new(path, pem, 0o600)
     except FileExistsError:
         raise UserError(f"{path} already exists; load it instead of generating a new key") from None
     return key
@@ -89,7 +89,7 @@ def write_public_key(path: Path, key: Ed25519PublicKey) -> None:
             raise UserError(f"{path} holds a different public key; refusing to replace it")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_new(path, pem, 0o644)
+    write_new(path, pem, 0o644)
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:

@@ -1,18 +1,21 @@
 """The append-only audit log one party (the global plane, or one boundary) writes.
 
-    log = AuditLog.create(log_path(run, "boundary.b0"), "boundary.b0", key, clock="virtual")
+    log = AuditLog.create(log_path(run, "boundary.b0"), "boundary.b0", key, "virtual", binding)
     record = log.append(time=..., channel=..., ...)   # one call per cross-boundary attempt
+    seq, head = log.head()                            # what the party's next message carries
     log.checkpoint()                                  # at the run's own checkpoints (optional)
     log.close()                                       # signs the head; or use `with`
     log = AuditLog.open(path, key)                    # continue after a restart
 
 Durability: each record is one `write` of one whole line straight to the kernel (no user-space
-buffer), so a process crash loses nothing that `append` returned. Every `checkpoint_every`
-records, at `checkpoint()` and at `close()`, the log appends a checkpoint (an Ed25519 signature
-over the chain head) and fsyncs; a machine crash can lose at most the records since the last one,
-and those carry no signature yet, which the verifier reports. Signing every record instead would
-cost an Ed25519 signature per record to write and a verification per record to audit (the
-benchmark measures both), and an fsync per record would cost milliseconds per message.
+buffer), so a process crash loses nothing that `append` returned. A record of a sent message is
+also synced to disk before `append` returns (before the message leaves): its peer countersigns
+the chain head the message carries, so no crash may lose what the peer holds evidence of. Every
+`checkpoint_every` records, at `checkpoint()` and at `close()`, the log appends a checkpoint (an
+Ed25519 signature over the chain head) and fsyncs; a machine crash can lose at most the receipts
+and refusals since the last sync, and those carry no signature yet, which the verifier reports.
+Signing every record instead would cost an Ed25519 signature per record to write and a
+verification per record to audit (the benchmark measures both).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from types import TracebackType
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from echelon.audit.anchor import RunBinding
 from echelon.audit.keys import fingerprint, write_public_key
 from echelon.audit.layout import LOG_SUFFIX, check_party, party_of_log, public_key_path
 from echelon.audit.record import (
@@ -61,8 +65,10 @@ def _lock(fd: int, path: Path) -> None:
         raise UserError(f"{path} is being written by another process") from None
 
 
-def _checkpoint_record(key: Ed25519PrivateKey, party: str, seq: int, trigger: str, head: str) -> dict:
-    signature = key.sign(checkpoint_message(party, seq, trigger, head))
+def _checkpoint_record(
+    key: Ed25519PrivateKey, party: str, binding: RunBinding, seq: int, trigger: str, head: str
+) -> dict:
+    signature = key.sign(checkpoint_message(party, seq, trigger, head, binding.run_id, binding.config_sha256))
     return {
         "kind": "checkpoint",
         "seq": seq,
@@ -79,9 +85,17 @@ class AuditLog:
     """
 
     def __init__(
-        self, path: Path, party: str, key: Ed25519PrivateKey, fd: int, seq: int, head: str, every: int
+        self,
+        path: Path,
+        party: str,
+        key: Ed25519PrivateKey,
+        binding: RunBinding,
+        fd: int,
+        seq: int,
+        head: str,
+        every: int,
     ) -> None:
-        self.path, self.party, self.checkpoint_every = path, party, every
+        self.path, self.party, self.binding, self.checkpoint_every = path, party, binding, every
         self._key, self._fd, self._seq, self._head = key, fd, seq, head
         self._since_checkpoint = 0
         self._lock = threading.Lock()
@@ -93,7 +107,8 @@ class AuditLog:
         path: Path,
         party: str,
         signing_key: Ed25519PrivateKey,
-        clock: str = "virtual",
+        clock: str,
+        binding: RunBinding,
         *,
         min_quorum: int | None = None,
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
@@ -102,8 +117,9 @@ class AuditLog:
 
         `clock` says what the records' `time` is: "virtual" (simulation) or "wall" (deployment)
         seconds. `min_quorum`, when given, lets the verifier check every boundary aggregate's
-        contributor count against it. Publishes the public key as `<party>.pub.pem` beside the
-        log. UserError when the log exists (continue it with `open`).
+        contributor count against it. `binding` (run id, configuration digest) goes into the
+        header and every checkpoint signature. Publishes the public key as `<party>.pub.pem`
+        beside the log. UserError when the log exists (continue it with `open`).
         """
         path = Path(path)
         check_party(party)
@@ -126,10 +142,12 @@ class AuditLog:
             "key_fingerprint": fingerprint(public),
             "checkpoint_every": checkpoint_every,
             "min_quorum": min_quorum,
+            "run_id": binding.run_id,
+            "config_sha256": binding.config_sha256,
             "prev_hash": GENESIS,
         }
         first, head = encode(header)
-        second, head = encode(_checkpoint_record(signing_key, party, 1, "open", head))
+        second, head = encode(_checkpoint_record(signing_key, party, binding, 1, "open", head))
         # The log appears whole (header and first checkpoint, synced) or not at all.
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -151,11 +169,19 @@ class AuditLog:
             os.close(dir_fd)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND)
         _lock(fd, path)
-        return cls(path, party, signing_key, fd, 2, head, checkpoint_every)
+        return cls(path, party, signing_key, binding, fd, 2, head, checkpoint_every)
 
     @classmethod
-    def open(cls, path: Path, signing_key: Ed25519PrivateKey, *, repair: bool = False) -> AuditLog:
-        """Continue an existing log after a restart, once it verifies under `signing_key`.
+    def open(
+        cls,
+        path: Path,
+        signing_key: Ed25519PrivateKey,
+        *,
+        repair: bool = False,
+        binding: RunBinding | None = None,
+    ) -> AuditLog:
+        """Continue an existing log after a restart, once it verifies under `signing_key` (and
+        belongs to the run `binding` names, when given).
 
         The whole log is verified first (chain, signatures, record fields). A torn last line (a
         write cut short by a crash) is refused unless `repair`: then it is truncated and a repair
@@ -178,13 +204,28 @@ class AuditLog:
             if altered:
                 lines = "\n".join(f"  seq {v.seq}: {v.reason}" for v in altered[:10])
                 raise UserError(f"{path} does not verify; refusing to continue it:\n{lines}")
+            if binding is not None and (rep.run_id, rep.config_sha256) != (
+                binding.run_id,
+                binding.config_sha256,
+            ):
+                raise UserError(
+                    f"{path} belongs to run {rep.run_id} (configuration {rep.config_sha256}), not to "
+                    f"{binding.run_id} ({binding.config_sha256}); refusing to continue it"
+                )
             if rep.torn_bytes and not repair:
                 raise UserError(
                     f"{path} ends with a torn record ({rep.torn_bytes} bytes); reopen with repair=True to "
                     "truncate it (the log records what was removed)"
                 )
             log = cls(
-                path, party, signing_key, fd, rep.last_seq + 1, rep.head or GENESIS, rep.checkpoint_every or 1
+                path,
+                party,
+                signing_key,
+                RunBinding(rep.run_id, rep.config_sha256),
+                fd,
+                rep.last_seq + 1,
+                rep.head or GENESIS,
+                rep.checkpoint_every or 1,
             )
             if rep.torn_bytes:
                 log._truncate_torn(rep.torn_bytes)
@@ -223,7 +264,7 @@ class AuditLog:
         return digest
 
     def _checkpoint(self, trigger: str) -> None:
-        self._write(_checkpoint_record(self._key, self.party, self._seq, trigger, self._head))
+        self._write(_checkpoint_record(self._key, self.party, self.binding, self._seq, trigger, self._head))
         os.fsync(self._fd)
         self._since_checkpoint = 0
 
@@ -251,10 +292,18 @@ class AuditLog:
             if problems:
                 raise ValueError(f"audit record refused: {'; '.join(problems)}")
             record["hash"] = self._write(record)
+            if fields["outcome"] == "sent":
+                os.fdatasync(self._fd)  # durable before it leaves: the peer will countersign it
             self._since_checkpoint += 1
             if self._since_checkpoint >= self.checkpoint_every:
                 self._checkpoint("interval")
         return record
+
+    def head(self) -> tuple[int, str]:
+        """(seq, hash) of the last record written: the chain head the party's next message
+        carries, for its peer to countersign."""
+        with self._lock:
+            return self._seq - 1, self._head
 
     def checkpoint(self, trigger: str = "explicit") -> None:
         """Sign the current head and fsync: everything recorded so far is durable and authenticated.

@@ -7,10 +7,13 @@ first record (the header, seq 0) chains to GENESIS. So the verifier hashes the e
 line (no re-encoding) and any change to any byte of any line breaks the chain.
 
 Record kinds, by their exact field sets (no other field is allowed, see `FIELDS`):
-- header (seq 0): the party, the format version, the clock, the public key fingerprint;
-- message: one cross-boundary message attempt (see `MESSAGE_FIELDS`);
-- checkpoint: an Ed25519 signature over the chain head (the `prev_hash` it carries), which
-  authenticates every record before it through the chain;
+- header (seq 0): the party, the format version, the clock, the public key fingerprint, the run
+  id and the configuration digest (`echelon.audit.anchor.RunBinding`);
+- message: one cross-boundary message attempt (see `MESSAGE_FIELDS`); a received one also keeps
+  the sender's chain head the message carried (`peer_seq`, `peer_head`), countersigning it;
+- checkpoint: an Ed25519 signature over the chain head (the `prev_hash` it carries), the party,
+  the run id and the configuration digest, which authenticates every record before it through
+  the chain;
 - repair: a torn tail was truncated on reopen; its size and SHA-256 are kept.
 """
 
@@ -22,7 +25,7 @@ import json
 import math
 import re
 
-FORMAT = "echelon-audit/1"
+FORMAT = "echelon-audit/2"
 GENESIS = "0" * 64
 
 # Fields a caller passes to `AuditLog.append`; the log adds kind, seq, prev_hash and hash.
@@ -40,11 +43,23 @@ MESSAGE_FIELDS = (
     "provenance",
     "outcome",
     "reason",
+    "peer_seq",
+    "peer_head",
 )
 CHAINED = ("kind", "seq", "prev_hash", "hash")
 FIELDS: dict[str, frozenset[str]] = {
     "header": frozenset(
-        (*CHAINED, "format", "party", "clock", "key_fingerprint", "checkpoint_every", "min_quorum")
+        (
+            *CHAINED,
+            "format",
+            "party",
+            "clock",
+            "key_fingerprint",
+            "checkpoint_every",
+            "min_quorum",
+            "run_id",
+            "config_sha256",
+        )
     ),
     "message": frozenset((*CHAINED, *MESSAGE_FIELDS)),
     "checkpoint": frozenset((*CHAINED, "trigger", "signature")),
@@ -107,9 +122,19 @@ def decode(line: bytes) -> dict:
     return record
 
 
-def checkpoint_message(party: str, seq: int, trigger: str, prev_hash: str) -> bytes:
-    """The bytes a checkpoint's Ed25519 signature covers: everything in it but the signature."""
-    fields = {"party": party, "seq": seq, "trigger": trigger, "prev_hash": prev_hash}
+def checkpoint_message(
+    party: str, seq: int, trigger: str, prev_hash: str, run_id: object, config_sha256: object
+) -> bytes:
+    """The bytes a checkpoint's Ed25519 signature covers: everything in it but the signature,
+    and the run id and configuration digest of the log's header."""
+    fields = {
+        "party": party,
+        "seq": seq,
+        "trigger": trigger,
+        "prev_hash": prev_hash,
+        "run_id": run_id,
+        "config_sha256": config_sha256,
+    }
     return FORMAT.encode() + b" checkpoint\n" + canonical(fields)
 
 
@@ -149,6 +174,7 @@ def _sound(r: dict) -> bool:
         r["outcome"],
     )
     sha, peer = r["payload_sha256"], r["peer"]
+    peer_seq, peer_head = r["peer_seq"], r["peer_head"]
     return (
         type(t) in _NUMBER
         and 0 <= t < math.inf
@@ -167,6 +193,11 @@ def _sound(r: dict) -> bool:
         and type(outcome) is str
         and (direction, outcome) in OUTCOMES
         and (_is_text(reason, MAX_REASON) if outcome == "refused" else reason is None)
+        and (
+            (peer_seq is None and peer_head is None)
+            if outcome != "received"
+            else (_is_int(peer_seq) and type(peer_head) is str and HEX64.fullmatch(peer_head) is not None)
+        )
     )
 
 
@@ -208,4 +239,10 @@ def message_problems(r: dict) -> list[str]:
         out.append(f"a refused attempt must state its reason (at most {MAX_REASON} characters)")
     if outcome != "refused" and reason is not None:
         out.append("only a refused attempt carries a reason")
+    peer_seq, peer_head = r["peer_seq"], r["peer_head"]
+    if outcome == "received":
+        if not _is_int(peer_seq) or type(peer_head) is not str or not HEX64.fullmatch(peer_head):
+            out.append("a received message keeps the sender's chain head (peer_seq, peer_head)")
+    elif peer_seq is not None or peer_head is not None:
+        out.append("only a received message keeps the sender's chain head")
     return out

@@ -40,6 +40,12 @@ def _notes(log: LogReport) -> str:
     return "; ".join(notes)
 
 
+def _accepted(count: int, accepted: bool) -> str:
+    if count == 0:
+        return "0"
+    return f"{count} (accepted)" if accepted else f"[bold red]{count}[/]"
+
+
 def _findings(title: str, findings: list[Finding], style: str, with_record: bool) -> Table:
     table = Table(title=f"{title} ({len(findings)})", title_justify="left", title_style=style)
     for name in ("Party", "Seq", "Category", "Reason"):
@@ -55,13 +61,14 @@ def _findings(title: str, findings: list[Finding], style: str, with_record: bool
 
 
 def render(report: AuditReport, console: Console) -> None:
-    violations, refused = report.violations, report.refused
+    violations, refused, failures = report.violations, report.refused, report.failures
     verdict = Table(title=f"Information-flow audit of {escape(str(report.run_dir))}", title_justify="left")
     for name in (
         "Per-device payload observed",
         "Audit violations",
         "Refused attempts",
         "In flight at a crash",
+        "Reopened after a crash",
     ):
         verdict.add_column(name, justify="right")
     verdict.add_column("Crossings", justify="right")
@@ -72,11 +79,14 @@ def render(report: AuditReport, console: Console) -> None:
         f"[{device_style}]{_n(report.per_device_bytes)} B[/]",
         f"[{violation_style}]{len(violations)}[/]",
         str(len(refused)),
-        str(len(report.in_flight)),
+        _accepted(len(report.in_flight), "in_flight" in report.accepted),
+        _accepted(len(report.crashes), "crash" in report.accepted),
         _n(report.traffic.total_messages),
         _n(report.traffic.total_bytes),
     )
     console.print(verdict)
+    pinned = "[yellow]" if report.unanchored else "[green]"
+    console.print(f"Public keys: {pinned}{escape(report.anchor)}[/]")
 
     parties = Table(title="Logs", title_justify="left")
     for name in ("Party", "Clock", "Records", "Chain", "Signatures", "Closed", "Key (SHA-256)", "Notes"):
@@ -132,16 +142,25 @@ def render(report: AuditReport, console: Console) -> None:
         console.print(
             _findings("Refused attempts: the guard stopped these, nothing crossed", refused, "yellow", False)
         )
-    if report.in_flight:
-        console.print(_findings("In flight at a crash", report.in_flight, "yellow", True))
+    if report.conditional:
+        console.print(
+            _findings(
+                "Accepted only with a flag (--accept-..., --trust-run-keys)",
+                report.conditional,
+                "yellow",
+                True,
+            )
+        )
     if violations:
         console.print(_findings("Violations", violations, "bold red", True))
     if report.ok:
         console.print(
-            "[bold green]AUDIT PASSED[/]: 0 B of per-device payload crossed; chains, signatures and both ends agree"
+            "[bold green]AUDIT PASSED[/]: 0 B of per-device payload crossed; chains, signatures, countersigned "
+            "heads and both ends agree"
         )
     else:
+        unaccepted = len(failures) - len(violations)
         console.print(
             f"[bold red]AUDIT FAILED[/]: {_n(report.per_device_bytes)} B of per-device payload, "
-            f"{len(violations)} violation(s)"
+            f"{len(violations)} violation(s), {unaccepted} finding(s) not accepted"
         )

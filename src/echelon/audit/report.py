@@ -17,8 +17,14 @@ SIGNATURE = "signature"  # a checkpoint signature that does not verify under the
 SCHEMA = "schema"  # a record with unknown, missing, list-valued or ill-typed fields
 CONTRACT = "contract"  # a recorded crossing the information-flow contract forbids
 CROSSCHECK = "crosscheck"  # the two ends of a link disagree
-EVIDENCE = "evidence"  # a log or key the audit needs is missing
+EVIDENCE = "evidence"  # a log, key or config the audit needs is missing, or names another run
 INCOMPLETE = "incomplete"
+COUNTERSIGN = "countersign"  # a peer countersigned a chain head this log no longer holds
+# Findings that fail the audit unless the user accepts them (`echelon audit --accept-...`).
+IN_FLIGHT = "in_flight"  # a message one end recorded and the other did not, at a crash
+CRASH = "crash"  # a party stopped without closing its log and reopened it
+UNANCHORED = "unanchored"  # the public keys came from the run directory, not from pinned keys
+ACCEPTABLE = (IN_FLIGHT, CRASH, UNANCHORED)
 
 
 @dataclass(frozen=True)
@@ -84,10 +90,11 @@ class Tally:
         }
 
 
-# One crossing as the verifier keeps it for the cross-check: (seq, content, per-device bytes).
+# One crossing as the verifier keeps it for the cross-check: (seq, content, per-device bytes, and
+# for a received one the sender's chain head it countersigned: (peer_seq, peer_head) or None).
 # The content is every recorded field derived from the wire bytes: both ends must record it alike.
 Content = tuple[str, str, int, str, int, int, str | None]
-Crossing = tuple[int, Content, int]
+Crossing = tuple[int, Content, int, tuple[int, str] | None]
 CONTENT_FIELDS = (
     "message_type",
     "flow_class",
@@ -108,6 +115,8 @@ class LogReport:
     party: str
     path: Path
     fingerprint: str | None = None  # of the key the log was checked against
+    run_id: str | None = None
+    config_sha256: str | None = None
     clock: str | None = None
     min_quorum: int | None = None
     checkpoint_every: int | None = None
@@ -136,6 +145,16 @@ class LogReport:
     crash_points: list[float] = field(default_factory=list)
     # Seqs of "disconnect" and "interrupted" checkpoints: messages may have been lost in flight there.
     interruptions: list[float] = field(default_factory=list)
+    reopened_after_crash: list[Finding] = field(default_factory=list)
+    # The hash of every record by seq (32 bytes each), while the chain is intact: what a peer's
+    # countersigned head is checked against.
+    hashes: bytearray = field(default_factory=bytearray)
+
+    def hash_at(self, seq: int) -> str | None:
+        """The hash of record `seq`, or None when the log holds no such (intact) record."""
+        if not 0 <= seq < len(self.hashes) // 32:
+            return None
+        return self.hashes[32 * seq : 32 * seq + 32].hex()
 
     def flag(self, category: str, seq: int | None, reason: str, record: dict | None = None) -> None:
         self.violations.append(Finding(self.party, seq, category, reason, record))
@@ -155,6 +174,8 @@ class LogReport:
         return {
             "log": str(self.path),
             "key_fingerprint": self.fingerprint,
+            "run_id": self.run_id,
+            "config_sha256": self.config_sha256,
             "clock": self.clock,
             "min_quorum": self.min_quorum,
             "records": self.records,
@@ -183,7 +204,9 @@ class AuditReport:
     """A run's audit: every party's log, the cross-check of their links, and the totals.
 
     `traffic` counts each crossing once (by its sender's record, or by its receiver's when the
-    sender recorded none). `ok` holds only when there is no violation and no per-device byte.
+    sender recorded none). `ok` holds only when there is no violation, no per-device byte, and
+    no finding of an acceptable kind (in flight at a crash, a reopen after a crash, keys that
+    are not pinned) that the user did not accept (`accepted`).
     """
 
     run_dir: Path
@@ -192,6 +215,23 @@ class AuditReport:
     in_flight: list[Finding] = field(default_factory=list)
     traffic: Tally = field(default_factory=Tally)
     per_device_bytes: int = 0
+    anchor: str = "the run directory"  # where the public keys came from
+    unanchored: list[Finding] = field(default_factory=list)
+    accepted: frozenset[str] = frozenset()
+
+    @property
+    def crashes(self) -> list[Finding]:
+        return [c for log in self.logs.values() for c in log.reopened_after_crash]
+
+    @property
+    def conditional(self) -> list[Finding]:
+        """Findings of the kinds a user may accept: in flight, crashes, unpinned keys."""
+        return self.in_flight + self.crashes + self.unanchored
+
+    @property
+    def failures(self) -> list[Finding]:
+        """Violations, and the conditional findings the user did not accept."""
+        return self.violations + [f for f in self.conditional if f.category not in self.accepted]
 
     @property
     def violations(self) -> list[Finding]:
@@ -203,13 +243,18 @@ class AuditReport:
 
     @property
     def ok(self) -> bool:
-        return not self.violations and self.per_device_bytes == 0
+        return not self.failures and self.per_device_bytes == 0
 
     def to_json(self) -> dict:
         violations = self.violations
         return {
             "run": str(self.run_dir),
             "ok": self.ok,
+            "keys_from": self.anchor,
+            "accepted": sorted(self.accepted),
+            "failures": [f.to_json() for f in self.failures],
+            "crashes": [f.to_json() for f in self.crashes],
+            "unanchored": [f.to_json() for f in self.unanchored],
             "per_device_payload_bytes": self.per_device_bytes,
             "violation_count": len(violations),
             "violations_by_category": dict(sorted(Counter(v.category for v in violations).items())),

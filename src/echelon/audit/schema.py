@@ -1,9 +1,11 @@
 """What the wire schema says about a recorded message type, read from the proto descriptors.
 
 A crossing is allowed only for a type declared in the `echelon.v1` descriptors that is one of the
-`CrossBoundaryEnvelope.body` fields, whose declared flow class crosses and equals the recorded
-one, and whose tensor (if any) has BOUNDARY_AGGREGATE or GLOBAL provenance. Nothing here is a
-hard-coded list of types: new messages added to the protos are judged by their own options.
+`CrossBoundaryEnvelope.body` fields, that the sending party's role may send (the contract's table,
+`echelon.contract.policy`), whose declared flow class crosses and equals the recorded one, and
+whose tensor (if any, at any depth) has the provenance the contract gives it there: a boundary
+never sends GLOBAL, the global plane never a boundary aggregate. Types and classes are read from
+the descriptors: new messages added to the protos are judged by their own options.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import Descriptor
 
 import echelon.v1
+from echelon.contract.policy import SENDS, TENSORS, role_of
+from echelon.contract.rules import CROSSING_CLASSES as CROSSING_CLASS_VALUES
 from echelon.v1 import options_pb2, tensor_pb2
 from echelon.wire import CROSS_BOUNDARY_BODIES
 
 PACKAGE = "echelon.v1"
-CROSSING_CLASSES = frozenset({"AGGREGATE", "CONTROL", "TELEMETRY", "AUDIT"})
+CROSSING_CLASSES = frozenset(options_pb2.FlowClass.Name(c) for c in CROSSING_CLASS_VALUES)
 PER_DEVICE_CLASS = "DEVICE_LOCAL"
-CROSSING_PROVENANCE = frozenset({"BOUNDARY_AGGREGATE", "GLOBAL"})
 PER_DEVICE_PROVENANCE = "DEVICE"
 FLOW_CLASSES = frozenset(options_pb2.FlowClass.keys())
 PROVENANCES = frozenset(tensor_pb2.Provenance.keys())
@@ -58,17 +61,19 @@ def declared_flow_class(desc: Descriptor) -> str:
     return options_pb2.FlowClass.Name(desc.GetOptions().Extensions[options_pb2.flow_class])
 
 
-def _holds_tensor(desc: Descriptor) -> bool:
-    return any(
-        f.message_type is not None
-        and f.message_type.full_name == tensor_pb2.TensorPayload.DESCRIPTOR.full_name
-        for f in desc.fields
+def _sender_provenances(message_type: str, sender: str) -> frozenset[str]:
+    """The provenances a tensor in a `message_type` body sent by `sender` may carry."""
+    field = CROSS_BOUNDARY_BODIES.get(message_type)
+    return frozenset(
+        tensor_pb2.Provenance.Name(t.provenance)
+        for path, t in TENSORS.items()
+        if path.split(".", 1)[0] == field and t.sender == sender
     )
 
 
 @cache
-def judge_crossing(message_type: str, flow_class: str, provenance: str | None) -> Verdict:
-    """The contract's verdict on a message of `message_type` recorded as sent or received.
+def judge_crossing(message_type: str, flow_class: str, provenance: str | None, sender: str) -> Verdict:
+    """The contract's verdict on a message of `message_type` recorded as sent by party `sender`.
 
     A crossing counts as per-device payload when the type or the recorded class is DEVICE_LOCAL,
     the provenance is DEVICE, or the type is unknown to the schema (nothing shows it aggregate-only).
@@ -87,17 +92,19 @@ def judge_crossing(message_type: str, flow_class: str, provenance: str | None) -
         return Verdict(tuple(problems), True)
     declared = declared_flow_class(desc)
     per_device = per_device or declared == PER_DEVICE_CLASS
+    role = role_of(sender)
     if message_type not in CROSS_BOUNDARY_BODIES:
         problems.append(f"{message_type} ({declared}) is not a CrossBoundaryEnvelope body: it may not cross")
     elif declared not in CROSSING_CLASSES:
         problems.append(f"{message_type} declares flow class {declared}, which may not cross")
+    elif CROSS_BOUNDARY_BODIES[message_type] not in SENDS[role]:
+        problems.append(f"a {role} party may not send {message_type}")
     if flow_class != declared:
         problems.append(f"recorded flow class {flow_class} but {message_type} declares {declared}")
     if provenance is not None:
-        if not _holds_tensor(desc):
-            problems.append(f"provenance {provenance} recorded for {message_type}, which holds no tensor")
+        allowed = _sender_provenances(message_type, role)
         if provenance == PER_DEVICE_PROVENANCE:
             problems.append("a DEVICE tensor (one device's state or update) crossed a boundary")
-        elif provenance not in CROSSING_PROVENANCE:
-            problems.append(f"tensor provenance {provenance} may not cross a boundary")
+        elif provenance not in allowed:
+            problems.append(f"a {role} party may not send a {provenance} tensor in {message_type}")
     return Verdict(tuple(problems), per_device)

@@ -1,11 +1,15 @@
 """Offline verification of audit logs: one party's log (`verify_log`) or a whole run (`verify_run`).
 
 For every log: each line's hash over its exact bytes, the chain (`seq` consecutive, `prev_hash`
-equal to the previous record's hash), the header (format, party, clock, key fingerprint), every
-checkpoint's Ed25519 signature over the chain head, the exact field set and types of every record
-(no extra or list-valued field), and what each recorded crossing claims against the wire schema
-(`echelon.audit.schema`). A torn last line and a log without a close checkpoint are reported.
-For a run: the cross-check of every link's two ends (`echelon.audit.crosscheck`) and the totals.
+equal to the previous record's hash), the header (format, party, clock, key fingerprint, run id,
+configuration digest), every checkpoint's Ed25519 signature over the chain head and the run
+binding, the exact field set and types of every record (no extra or list-valued field), and what
+each recorded crossing claims against the wire schema and the contract's sender table
+(`echelon.audit.schema`). A torn last line and a log without a close checkpoint are violations; a
+reopen after a crash is a finding the user must accept.
+For a run: the parties against RUN/config.yaml (every one has a log, no other has one, all name
+this run and its configuration), the keys against pinned ones (`--keys`), the cross-check of every
+link's two ends and of every countersigned chain head (`echelon.audit.crosscheck`), the totals.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from echelon.audit.anchor import PINS_FILE, Pins, config_digest, load_pins, parties_of
 from echelon.audit.crosscheck import cross_check
 from echelon.audit.keys import fingerprint, load_public_key
 from echelon.audit.layout import audit_dir, party_of_log, public_key_path
@@ -34,17 +39,21 @@ from echelon.audit.record import (
     message_problems,
 )
 from echelon.audit.report import (
+    ACCEPTABLE,
     CONTRACT,
+    CRASH,
     EVIDENCE,
     INCOMPLETE,
     INTEGRITY,
     SCHEMA,
     SIGNATURE,
+    UNANCHORED,
     AuditReport,
     Finding,
     LogReport,
 )
 from echelon.audit.schema import FLOW_CLASSES, PROVENANCES, judge_crossing
+from echelon.config import load_run
 from echelon.errors import UserError
 
 REFUSED = "refused"
@@ -142,6 +151,8 @@ class _Scanner:
             rep.flag(INTEGRITY, seq, f"line {self.lineno}: the header must be the first record and only it")
         self.prev, self.expect = rec["hash"], seq + 1
         rep.last_seq, rep.head = seq, rec["hash"]
+        if seq == len(rep.hashes) // 32:  # while consecutive: what countersigned heads are checked against
+            rep.hashes += bytes.fromhex(rec["hash"])
 
     def _header(self, rec: dict, seq: int) -> None:
         rep = self.rep
@@ -157,6 +168,11 @@ class _Scanner:
             problems.append(f"checkpoint_every {every!r} is not a positive integer")
         if quorum is not None and (type(quorum) is not int or quorum < 1):
             problems.append(f"min_quorum {quorum!r} is neither null nor a positive integer")
+        run_id, config = rec["run_id"], rec["config_sha256"]
+        if type(run_id) is not str or not 0 < len(run_id) <= 128:
+            problems.append(f"run_id {run_id!r} is not a run id")
+        if type(config) is not str or not HEX64.fullmatch(config):
+            problems.append("config_sha256 is not a SHA-256")
         if problems:
             rep.flag(INTEGRITY, seq, "header: " + "; ".join(problems), rec)
         if rep.fingerprint is not None and rec["key_fingerprint"] != rep.fingerprint:
@@ -169,6 +185,7 @@ class _Scanner:
             )
         self.signer = rec["party"] if type(rec["party"]) is str else rep.party
         rep.clock, rep.min_quorum, rep.checkpoint_every = rec["clock"], quorum, every
+        rep.run_id, rep.config_sha256 = run_id, config
         if type(quorum) is int:
             self.quorum_floor = max(1, quorum)
 
@@ -182,19 +199,22 @@ class _Scanner:
         cls, mtype, prov, peer = rec["flow_class"], rec["message_type"], rec["provenance"], rec["peer"]
         if peer == rep.party:
             problems.append("a party cannot cross a boundary to itself")
-        if not problems and (cls not in FLOW_CLASSES or (prov is not None and prov not in PROVENANCES)):
-            problems.append(f"flow class {cls!r} or provenance {prov!r} is not declared in the schema")
         if problems:
             rep.flag(SCHEMA, seq, "; ".join(problems), rec)
             return
         outgoing = rec["direction"] == "out"
         link = (rep.party, peer, rec["channel"]) if outgoing else (peer, rep.party, rec["channel"])
-        if rec["outcome"] == REFUSED:
+        if rec["outcome"] == REFUSED:  # what was attempted, as the guard saw it: refused, not judged
             rep.refused.append(Finding(rep.party, seq, REFUSED, rec["reason"], rec))
             if not outgoing:
                 rep.refused_incoming.setdefault(link, []).append(seq)
             return
-        verdict = judge_crossing(mtype, cls, prov)
+        if cls not in FLOW_CLASSES or (prov is not None and prov not in PROVENANCES):
+            rep.flag(
+                SCHEMA, seq, f"flow class {cls!r} or provenance {prov!r} is not declared in the schema", rec
+            )
+            return
+        verdict = judge_crossing(mtype, cls, prov, link[0])
         wire_bytes, quorum = rec["wire_bytes"], rec["quorum"]
         if verdict.problems or (prov == "BOUNDARY_AGGREGATE" and quorum < self.quorum_floor):
             reasons = list(verdict.problems)
@@ -207,7 +227,10 @@ class _Scanner:
         rep.per_device_bytes += device_bytes
         (rep.sent if outgoing else rep.received).add(cls, mtype, wire_bytes)
         content = (mtype, cls, wire_bytes, rec["payload_sha256"], rec["round_id"], quorum, prov)
-        (rep.outgoing if outgoing else rep.incoming).setdefault(link, []).append((seq, content, device_bytes))
+        head = None if outgoing else (rec["peer_seq"], rec["peer_head"])
+        (rep.outgoing if outgoing else rep.incoming).setdefault(link, []).append(
+            (seq, content, device_bytes, head)
+        )
 
     def _checkpoint(self, rec: dict, seq: int) -> None:
         rep = self.rep
@@ -221,6 +244,16 @@ class _Scanner:
                 rep.crashes += 1
                 rep.crash_points.append(seq)
                 rep.countersigned_after_restart += self.pending
+                rep.reopened_after_crash.append(
+                    Finding(
+                        rep.party,
+                        seq,
+                        CRASH,
+                        f"the log was reopened at seq {seq} without having been closed: a crash (or a party "
+                        "cutting its own log and reopening it); records after its last checkpoint were signed "
+                        "only on reopen",
+                    )
+                )
             self.after_close = False
         elif self.after_close:
             rep.flag(INTEGRITY, seq, "a checkpoint after the close checkpoint without a reopen", rec)
@@ -237,7 +270,10 @@ class _Scanner:
             return False
         try:
             signature = decode_signature(rec["signature"])
-            self.key.verify(signature, checkpoint_message(self.signer, seq, trigger, rec["prev_hash"]))
+            message = checkpoint_message(
+                self.signer, seq, trigger, rec["prev_hash"], self.rep.run_id, self.rep.config_sha256
+            )
+            self.key.verify(signature, message)
         except (RecordError, InvalidSignature):
             self.rep.flag(
                 SIGNATURE,
@@ -299,22 +335,105 @@ def verify_log(path: Path, public_key: Ed25519PublicKey | None, party: str | Non
     return rep
 
 
-def verify_run(run_dir: Path, key_dir: Path | None = None) -> AuditReport:
-    """Verify every log of a run, cross-check the two ends of every link, and total the traffic.
+def _trusted_keys(adir: Path, keys: Path | None) -> tuple[str, Pins | None, Path]:
+    """Where the public keys come from: (description, pins or None, directory of .pub.pem)."""
+    if keys is None:
+        return "the run directory (not pinned)", None, adir
+    if keys.is_file() or (keys / PINS_FILE).is_file():
+        pins = load_pins(keys)
+        return f"pinned by {pins.path}", pins, adir
+    if not keys.is_dir():
+        raise UserError(
+            f"--keys {keys}: no such file or directory (give the {PINS_FILE} of `echelon certs init`)"
+        )
+    return f"trusted public keys in {keys}", None, keys
 
-    Public keys come from the run's audit directory, or from `key_dir` (keys the auditor trusts).
-    UserError when `run_dir` is not a run directory with audit logs.
+
+def _expected_parties(run_dir: Path, report: AuditReport) -> tuple[list[str] | None, str | None]:
+    """The parties RUN/config.yaml names and its configuration digest (None when unreadable)."""
+    from echelon.strategies import effective_config
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        report.run_violations.append(
+            Finding(
+                "run",
+                None,
+                EVIDENCE,
+                f"{path} is missing: the parties and the configuration cannot be checked",
+            )
+        )
+        return None, None
+    try:
+        cfg = effective_config(load_run(path))
+    except UserError as e:
+        report.run_violations.append(Finding("run", None, EVIDENCE, f"{path} does not load: {e}"))
+        return None, None
+    return parties_of(cfg), config_digest(cfg)
+
+
+def _check_binding(report: AuditReport, digest: str | None, pins: Pins | None) -> None:
+    """Every log names one run (the pinned deployment's, when pinned) and config.yaml's digest."""
+    run_ids = {log.run_id for log in report.logs.values()}
+    if len(run_ids) > 1:
+        report.run_violations.append(
+            Finding(
+                "run",
+                None,
+                EVIDENCE,
+                f"the logs name {len(run_ids)} different runs: {sorted(map(str, run_ids))}",
+            )
+        )
+    if pins is not None and pins.deployment is not None and run_ids - {pins.deployment}:
+        report.run_violations.append(
+            Finding("run", None, EVIDENCE, f"the logs' run is not the pinned deployment {pins.deployment}")
+        )
+    for party, log in sorted(report.logs.items()):
+        if digest is not None and log.config_sha256 != digest:
+            report.run_violations.append(
+                Finding(
+                    party, 0, EVIDENCE, "the log was written for another configuration than RUN/config.yaml"
+                )
+            )
+
+
+def verify_run(
+    run_dir: Path, key_dir: Path | None = None, accept: frozenset[str] = frozenset()
+) -> AuditReport:
+    """Verify every log of a run, check the parties and binding against RUN/config.yaml and the
+    keys against `key_dir` (a pins file, a directory holding one, or of trusted `<party>.pub.pem`;
+    None: the run directory's keys, a finding to accept), cross-check both ends of every link
+    and every countersigned head, and total the traffic.
+
+    `accept` names the conditional findings the user accepts (`report.ACCEPTABLE`). UserError
+    when `run_dir` is not a run directory with audit logs, or `key_dir` cannot be read.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"no run directory at {run_dir}")
+    unknown = set(accept) - set(ACCEPTABLE)
+    if unknown:
+        raise ValueError(f"cannot accept {sorted(unknown)}; acceptable: {ACCEPTABLE}")
     adir = audit_dir(run_dir)
     paths = sorted(adir.glob("*.jsonl")) if adir.is_dir() else []
     if not paths:
         raise UserError(
             f"{run_dir} holds no audit logs (expected {adir}/global.jsonl and boundary.<id>.jsonl)"
         )
-    report = AuditReport(run_dir, {})
+    anchor, pins, pem_dir = _trusted_keys(adir, key_dir)
+    report = AuditReport(run_dir, {}, anchor=anchor, accepted=frozenset(accept))
+    if key_dir is None:
+        report.unanchored.append(
+            Finding(
+                "run",
+                None,
+                UNANCHORED,
+                "the public keys were read from the run directory, where whoever rewrites the logs can "
+                "replace them: pass --keys with the audit-keys.json of `echelon certs init` (or "
+                "--trust-run-keys to accept that the audit then shows only that the logs agree)",
+            )
+        )
+    expected, digest = _expected_parties(run_dir, report)
     for path in paths:
         party = party_of_log(path)
         if party is None:
@@ -322,13 +441,32 @@ def verify_run(run_dir: Path, key_dir: Path | None = None) -> AuditReport:
                 Finding(path.name, None, EVIDENCE, f"{path.name} is not named like a party's log")
             )
             continue
-        key_path = public_key_path(key_dir or adir, party)
+        if expected is not None and party not in expected:
+            report.run_violations.append(
+                Finding(party, None, EVIDENCE, f"{path.name} is the log of a party config.yaml does not name")
+            )
         try:
-            key = load_public_key(key_path)
+            if pins is not None:
+                if party not in pins.keys:
+                    raise UserError(f"{pins.path} pins no key for {party}")
+                key = pins.keys[party]
+            else:
+                key = load_public_key(public_key_path(pem_dir, party))
         except UserError as e:
             key = None
             report.run_violations.append(Finding(party, None, EVIDENCE, f"{e}: no signature can be verified"))
         report.logs[party] = verify_log(path, key, party)
+    for party in expected or []:
+        if party not in report.logs:
+            report.run_violations.append(
+                Finding(
+                    party,
+                    None,
+                    EVIDENCE,
+                    f"{party} is a party of config.yaml but has no audit log in this run",
+                )
+            )
+    _check_binding(report, digest, pins)
     result = cross_check(report.logs)
     report.run_violations += result.violations
     report.in_flight = result.in_flight

@@ -1,4 +1,5 @@
-"""`echelon certs init RUN.yaml --out DIR`: the deployment CA and one certificate per party."""
+"""`echelon certs init RUN.yaml --out DIR`: the deployment CA, one certificate per party, and the
+pinned audit keys (DIR/audit-keys.json) an auditor verifies the run's logs against."""
 
 from __future__ import annotations
 
@@ -20,12 +21,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from echelon.audit.anchor import PINS_FILE
     from echelon.runtime.grpc.tls import init_certs
 
     cfg = load_run(args.run_file)
     parties = init_certs(args.out, {b.id: [d.id for d in b.devices] for b in cfg.boundaries})
     Console().print(
         f"created a deployment CA and {len(parties)} party certificates in {args.out} "
-        "(the CA key was discarded: no further certificate can be minted)"
+        "(the CA key was discarded: no further certificate can be minted).\n"
+        f"Give {args.out / PINS_FILE} to the auditor now: `echelon audit RUN --keys {PINS_FILE}` "
+        "checks every log against these keys."
     )
     return 0

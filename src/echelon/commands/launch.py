@@ -5,11 +5,12 @@ deployment's certificates and private keys go to `<out>.keys/` (mode 0700), besi
 directory, never inside it and never in /tmp. Then the global plane, one process per boundary
 and one per device start on loopback, under one progress bar. Launch supervises them: a party
 that dies is restarted (the global plane and the boundaries from their checkpoints), up to
-`deployment.max_restarts` times each, and the run goes on. A completed run is moved into place
-and its keys are deleted. Ctrl-C, or a party past its restarts, stops every process (SIGTERM,
-then SIGKILL): their audit logs close as interrupted, and the `.partial` run directory and the
-keys stay, so `echelon launch --resume` continues the run. Children exit when this process dies,
-even by kill -9.
+`deployment.max_restarts` times each, and the run goes on. A completed run is moved into place,
+its keys are deleted and their pinned audit public keys stay beside it (`RUN.audit-keys.json`,
+for `echelon audit RUN --keys`). Ctrl-C, or a party past its restarts, stops every process
+(SIGTERM, then SIGKILL): their audit logs close as interrupted, and the `.partial` run directory
+and the keys stay, so `echelon launch --resume` continues the run. Children exit when this
+process dies, even by kill -9.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from echelon.audit.anchor import PINS_FILE
 from echelon.commands.serve import positive_int
 from echelon.commands.train import add_run_options, print_summary
 from echelon.config import RunConfig, load_run
@@ -82,7 +84,8 @@ class Deployment:
             ]
             for d in b.devices:
                 self.argv[f"device.{d.id}"] = [
-                    *[*base, "device", *common, "--id", d.id, "--boundary", at, "--threads", str(threads)]
+                    *[*base, "device", *common, "--id", d.id, "--boundary", at, "--threads", str(threads)],
+                    *["--run-dir", str(run_dir)],
                 ]
         for party in self.argv:
             self._start(party, resume)
@@ -218,6 +221,9 @@ def launch(
                 time.sleep(0.2)
         deployment.stop()  # devices left reconnecting to a finished boundary
         summary = json.loads((run_dir.staging / "summary.json").read_text())
+        pins = out.with_name(f"{out.name}.{PINS_FILE}")
+        pins.unlink(missing_ok=True)  # a forced rerun's; the run directory it pinned is replaced too
+        shutil.copyfile(keys / "certs" / PINS_FILE, pins)
     except BaseException as e:
         run_dir.abandon()
         if deployment is None:

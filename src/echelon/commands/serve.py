@@ -122,7 +122,9 @@ async def _serve(args: argparse.Namespace, cfg: RunConfig, party: str) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        job = run_device(cfg, creds, args.id, args.boundary_target)
+        # A device that is a replica of a Yellowstone plan keeps its job's files under the run dir.
+        workdir = args.run_dir / "plans" / args.id if args.run_dir else None
+        job = run_device(cfg, creds, args.id, args.boundary_target, workdir)
     tasks = [asyncio.ensure_future(job)]
     if args.parent_pid is not None:
         tasks.append(asyncio.ensure_future(_watch_parent(args.parent_pid)))

@@ -1,31 +1,122 @@
-"""Tensor provenance: who may have produced a tensor, decided by construction.
+"""Tensor provenance: a boundary aggregate is bound to the aggregation rounds that produced it.
 
-A BOUNDARY_AGGREGATE payload can only be built by `BoundaryModel`, and the only way to put device
-information into a `BoundaryModel` is `apply_aggregate`, which accepts an aggregation result
-only when its contributor count meets the quorum. Plain tensors encode as DEVICE or GLOBAL only
-(`echelon.planes.tensors.to_payload` refuses BOUNDARY_AGGREGATE). So a boundary aggregate on the
-wire always descends from finalised aggregation rounds that met quorum.
+A label anyone can write proves nothing, so provenance is decided by construction:
+
+- An aggregation round is opened by the party that will use its result (`BoundaryModel.open_round`,
+  or `RoundSeal.open` for the global plane's outer round); the round's server gets its
+  `RoundSeal`, and the only `AggregateResult` that party accepts carries the seal's HMAC-SHA256
+  tag over the round id, the contributor count, the weight sum and the SHA-256 of the weighted
+  sum. A result built by hand, altered, replayed or from another round is refused.
+- `BoundaryModel.apply_aggregate` folds a sealed result into theta_b only when its contributors
+  meet the quorum; `delta_payload` then mints the BOUNDARY_AGGREGATE payload of Delta_b and
+  records its digest in the boundary's `Ledger`.
+- The boundary's egress guard sends a BOUNDARY_AGGREGATE tensor only when that ledger minted it
+  (`echelon.contract.guard`). `echelon.tensors.encode` refuses the label outright.
+
+So a boundary aggregate on the wire always descends from sealed rounds that met the quorum.
 """
 
 from __future__ import annotations
 
-import itertools
+import hashlib
+import hmac
+import secrets
+from collections import deque
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from echelon.planes.aggregation import AggregateResult, encode_f32
-from echelon.planes.tensors import encode_tensor
+from echelon.tensors import fragment_bounds, payload
 from echelon.v1 import tensor_pb2
+
+LEDGER_SIZE = 8  # minted payloads a ledger keeps (one per fragment in flight, and a resend)
 
 
 class QuorumNotMet(ValueError):
     """An aggregation result with fewer contributors than the quorum cannot become boundary state."""
 
 
-def fragment_bounds(dim: int, fragments: int) -> list[tuple[int, int]]:
-    """[lo, hi) of each of `fragments` contiguous, near-equal fragments of a `dim`-vector."""
-    edges = [round(i * dim / fragments) for i in range(fragments + 1)]
-    return list(itertools.pairwise(edges))
+class UnsealedResult(ValueError):
+    """An aggregation result that no round opened by this party produced (forged, altered, replayed)."""
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    """The only thing a server learns: sum_i w_i v_i over `contributors` participants of round
+    `round_id`, sealed by that round (`tag`)."""
+
+    round_id: int
+    weighted_sum: np.ndarray  # float64, shape (dim,)
+    weight_sum: float
+    contributors: int
+    tag: bytes
+
+
+def _message(round_id: int, weighted_sum: np.ndarray, weight_sum: float, contributors: int) -> bytes:
+    digest = hashlib.sha256(np.ascontiguousarray(weighted_sum, dtype="<f8").data).digest()
+    return b"".join(
+        (
+            b"echelon/aggregate/v1",
+            round_id.to_bytes(8, "little"),
+            contributors.to_bytes(4, "little"),
+            np.float64(weight_sum).tobytes(),
+            digest,
+        )
+    )
+
+
+class RoundSeal:
+    """The key of one aggregation round: its server seals the result, its opener verifies it.
+
+    `invited` is the number of participants the round was opened for: no result may claim more.
+    """
+
+    def __init__(self, round_id: int, invited: int, key: bytes) -> None:
+        self.round_id, self.invited, self._key = round_id, invited, key
+
+    @classmethod
+    def open(cls, round_id: int, invited: int) -> RoundSeal:
+        """A fresh seal with a random 256-bit key."""
+        return cls(round_id, invited, secrets.token_bytes(32))
+
+    def seal(self, weighted_sum: np.ndarray, weight_sum: float, contributors: int) -> AggregateResult:
+        """The sealed result of this round; ValueError when it claims more than were invited."""
+        if not 0 < contributors <= self.invited:
+            raise ValueError(f"a result of {contributors} contributors from a round of {self.invited}")
+        tag = hmac.digest(
+            self._key, _message(self.round_id, weighted_sum, weight_sum, contributors), "sha256"
+        )
+        return AggregateResult(self.round_id, weighted_sum, float(weight_sum), contributors, tag)
+
+    def verify(self, result: AggregateResult) -> None:
+        """UnsealedResult unless this round's server sealed `result` exactly as it is."""
+        if not isinstance(result, AggregateResult) or result.round_id != self.round_id:
+            raise UnsealedResult(f"not a result of aggregation round {self.round_id}")
+        expected = hmac.digest(
+            self._key,
+            _message(result.round_id, result.weighted_sum, result.weight_sum, result.contributors),
+            "sha256",
+        )
+        if not hmac.compare_digest(expected, result.tag) or result.contributors > self.invited:
+            raise UnsealedResult(
+                f"the result of round {self.round_id} does not carry its seal (built by hand or altered)"
+            )
+
+
+class Ledger:
+    """The BOUNDARY_AGGREGATE payloads one boundary minted (the last LEDGER_SIZE, kept whole:
+    comparing is cheaper than hashing, and a boundary has only a few in flight)."""
+
+    def __init__(self) -> None:
+        self._minted: deque[tensor_pb2.TensorPayload] = deque(maxlen=LEDGER_SIZE)
+
+    def record(self, t: tensor_pb2.TensorPayload) -> None:
+        self._minted.append(t)
+
+    def minted(self, t: tensor_pb2.TensorPayload) -> bool:
+        """Whether `t` (a whole tensor, every field as minted) is a payload this ledger recorded."""
+        return any(t == m for m in reversed(self._minted))
 
 
 class BoundaryModel:
@@ -40,13 +131,17 @@ class BoundaryModel:
     middle steps would let one device's repeated updates pass for a quorum.
     """
 
-    def __init__(self, theta_g: torch.Tensor, min_quorum: int, fragments: int = 1) -> None:
+    def __init__(
+        self, theta_g: torch.Tensor, min_quorum: int, fragments: int = 1, ledger: Ledger | None = None
+    ) -> None:
         self.min_quorum = min_quorum
         self.theta_g = theta_g
         self.base = theta_g
         self.since_sync = torch.zeros_like(theta_g)
         self.bounds = fragment_bounds(theta_g.numel(), fragments)
         self.contributors = [0] * fragments
+        self.ledger = ledger if ledger is not None else Ledger()
+        self._rounds: dict[int, RoundSeal] = {}  # opened, not yet applied
 
     @property
     def theta_b(self) -> torch.Tensor:
@@ -56,10 +151,33 @@ class BoundaryModel:
         """||theta_b - theta_g||_2, the instantaneous input of the drift proxy."""
         return float(torch.linalg.vector_norm(self.theta_b - self.theta_g))
 
+    def open_round(self, round_id: int, invited: int) -> RoundSeal:
+        """The seal of a new aggregation round over `invited` participants, for its server."""
+        seal = RoundSeal.open(round_id, invited)
+        self._rounds[round_id] = seal
+        return seal
+
+    def close_round(self, round_id: int) -> None:
+        """Forget round `round_id` (it aborted): its result can never be applied."""
+        self._rounds.pop(round_id, None)
+
     def apply_aggregate(self, result: AggregateResult, lr: float) -> torch.Tensor:
-        """Middle step: theta_b += lr * sum(w delta) / sum(w); returns delta_b."""
+        """Middle step: theta_b += lr * sum(w delta) / sum(w); returns delta_b.
+
+        UnsealedResult unless `result` is the sealed result of a round opened here and not yet
+        applied; QuorumNotMet below the quorum; ValueError on the wrong dimension.
+        """
+        seal = self._rounds.pop(getattr(result, "round_id", None), None)
+        if seal is None:
+            raise UnsealedResult("no open aggregation round produced this result (forged or replayed)")
+        seal.verify(result)
         if result.contributors < self.min_quorum:
             raise QuorumNotMet(f"{result.contributors} contributors, quorum {self.min_quorum}")
+        if result.weighted_sum.shape != (self.since_sync.numel(),) or not result.weight_sum > 0:
+            raise ValueError(
+                f"an aggregate of shape {result.weighted_sum.shape} and weight {result.weight_sum} "
+                f"for a model of {self.since_sync.numel()} parameters"
+            )
         delta_b = torch.from_numpy(result.weighted_sum / result.weight_sum).float()
         self.since_sync = self.since_sync + lr * delta_b
         n = result.contributors
@@ -77,15 +195,17 @@ class BoundaryModel:
         self, fragment: int = 0, dtype: int = tensor_pb2.FLOAT32
     ) -> tensor_pb2.TensorPayload | None:
         """Fragment `fragment` of Delta_b as a BOUNDARY_AGGREGATE payload (FLOAT32 or BFLOAT16),
-        or None when no device contributed to it."""
+        recorded in the ledger; None when no device contributed to it."""
         delta = self.delta(fragment)
         if delta is None:
             return None
-        return encode_tensor(delta, tensor_pb2.BOUNDARY_AGGREGATE, self.contributors[fragment], dtype)
+        minted = payload(delta.numpy(), tensor_pb2.BOUNDARY_AGGREGATE, self.contributors[fragment], dtype)
+        self.ledger.record(minted)
+        return minted
 
     def reference_payload(self) -> tensor_pb2.TensorPayload:
         """theta_b for the boundary's own devices (it never leaves the boundary)."""
-        return encode_f32(self.theta_b.numpy(), tensor_pb2.BOUNDARY_AGGREGATE, min(self.contributors))
+        return payload(self.theta_b.numpy(), tensor_pb2.BOUNDARY_AGGREGATE, min(self.contributors))
 
     def start_sync(self, fragment: int = 0) -> None:
         """Fragment `fragment` of Delta_b was sent: later middle steps accumulate afresh, so they
@@ -132,13 +252,16 @@ class BoundaryModel:
         }
 
     @classmethod
-    def from_state_dict(cls, state: dict, min_quorum: int, fragments: int = 1) -> BoundaryModel:
-        """A model continued from `state_dict()`; QuorumNotMet when a fragment's count is below the
-        quorum (a checkpoint cannot turn a lone device's update into an aggregate)."""
+    def from_state_dict(
+        cls, state: dict, min_quorum: int, fragments: int = 1, ledger: Ledger | None = None
+    ) -> BoundaryModel:
+        """A model continued from `state_dict()`, minting into `ledger` (the boundary's, which its
+        egress guard checks); QuorumNotMet when a fragment's count is below the quorum (a
+        checkpoint cannot turn a lone device's update into an aggregate)."""
         counts = [int(c) for c in state["contributors"]]
         if len(counts) != fragments or any(0 < c < min_quorum for c in counts):
             raise QuorumNotMet(f"checkpoint contributor counts {counts} under quorum {min_quorum}")
-        model = cls(state["theta_g"].clone(), min_quorum, fragments)
+        model = cls(state["theta_g"].clone(), min_quorum, fragments, ledger)
         model.base, model.since_sync, model.contributors = (
             state["base"].clone(),
             state["since_sync"].clone(),

@@ -1,94 +1,178 @@
-"""The information-flow contract as pure checks on cross-boundary messages.
+"""The rules the schema declares, checked at every depth of a cross-boundary envelope.
 
-`contract_problems` lists every way an envelope breaks the contract (empty when it may cross):
-- it is a `CrossBoundaryEnvelope` whose body type is one of its oneof fields, and whose
-  `boundary_id` names the boundary end of the channel it travels on;
-- the body's declared flow class is AGGREGATE, CONTROL, TELEMETRY or AUDIT (never DEVICE_LOCAL);
-- every tensor inside has provenance BOUNDARY_AGGREGATE (with at least `min_quorum`
-  contributors) or GLOBAL, a known dtype and exactly numel * itemsize bytes;
-- every string or bytes field outside a tensor declares `max_bytes` in the schema and respects it,
-  so no free-form field can smuggle a tensor.
+`schema_problems` lists every way an envelope breaks them (empty when it keeps them all):
+- it is a `CrossBoundaryEnvelope` with a body;
+- every message in it, at any depth, declares a flow class that may cross (AGGREGATE, CONTROL,
+  TELEMETRY, AUDIT, SECURE_AGGREGATION; never DEVICE_LOCAL or none), tensors aside;
+- no message in it holds unknown fields (bytes the schema does not declare);
+- every string or bytes field declares `max_bytes` and respects it, every repeated field declares
+  `max_count` and respects it, so no free-form or unbounded field can carry a tensor;
+- every enum holds a declared value and every float is finite;
+- it holds at most one tensor, of a declared dtype, with exactly numel x itemsize bytes, and a
+  slice lies within its whole.
+Who may send what, provenance and dimensions are the run's terms: `echelon.contract.policy`.
 """
 
 from __future__ import annotations
 
+import math
+from functools import cache
+
+from google.protobuf import unknown_fields
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
+from echelon.tensors import ITEMSIZE
 from echelon.v1 import boundary_pb2, options_pb2, tensor_pb2
 
 CROSSING_CLASSES = frozenset(
-    {options_pb2.AGGREGATE, options_pb2.CONTROL, options_pb2.TELEMETRY, options_pb2.AUDIT}
+    {
+        options_pb2.AGGREGATE,
+        options_pb2.CONTROL,
+        options_pb2.TELEMETRY,
+        options_pb2.AUDIT,
+        options_pb2.SECURE_AGGREGATION,
+    }
 )
-CROSSING_PROVENANCE = frozenset({tensor_pb2.BOUNDARY_AGGREGATE, tensor_pb2.GLOBAL})
-ITEMSIZE = {tensor_pb2.FLOAT32: 4, tensor_pb2.UINT32: 4, tensor_pb2.UINT64: 8, tensor_pb2.BFLOAT16: 2}
 ROUND_FIELDS = ("outer_step", "round_id", "middle_step")
+TENSOR = tensor_pb2.TensorPayload.DESCRIPTOR
+_TEXT = (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES)
+_FLOAT = (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE)
 
 
+@cache
 def flow_class(descriptor: Descriptor) -> int:
     """The flow class a message type declares in the schema (FLOW_CLASS_UNSPECIFIED if none)."""
     return descriptor.GetOptions().Extensions[options_pb2.flow_class]
+
+
+@cache
+def holds_tensor(descriptor: Descriptor) -> bool:
+    """Whether a message of this type can hold a tensor at some depth."""
+    return descriptor is TENSOR or any(
+        f.message_type is not None and f.message_type is not descriptor and holds_tensor(f.message_type)
+        for f in descriptor.fields
+    )
 
 
 def flow_class_name(descriptor: Descriptor) -> str:
     return options_pb2.FlowClass.Name(flow_class(descriptor))
 
 
-def _tensor_problems(t: tensor_pb2.TensorPayload, min_quorum: int) -> list[str]:
+@cache
+def limits(field: FieldDescriptor) -> tuple[int, int]:
+    """(max_bytes, max_count) a field declares (0: none)."""
+    options = field.GetOptions()
+    return options.Extensions[options_pb2.max_bytes], options.Extensions[options_pb2.max_count]
+
+
+def enum_name(value: int, enum: type) -> str:
+    """The declared name of `value` in a generated enum, or `UNDECLARED_<value>`."""
+    return enum.Name(value) if value in enum.values() else f"UNDECLARED_{value}"
+
+
+def tensors(msg: Message, path: str = "") -> list[tuple[str, tensor_pb2.TensorPayload]]:
+    """Every tensor in `msg` with its path (field names joined by '.', `[i]` for repeated)."""
+    out: list[tuple[str, tensor_pb2.TensorPayload]] = []
+    if not holds_tensor(msg.DESCRIPTOR):
+        return out
+    for field, value in msg.ListFields():
+        if field.type != FieldDescriptor.TYPE_MESSAGE or not holds_tensor(field.message_type):
+            continue
+        where = f"{path}.{field.name}" if path else field.name
+        values = list(enumerate(value)) if field.is_repeated else [(None, value)]
+        for i, v in values:
+            at = where if i is None else f"{where}[{i}]"
+            if v.DESCRIPTOR is TENSOR:
+                out.append((at, v))
+            else:
+                out += tensors(v, at)
+    return out
+
+
+def tensor_problems(t: tensor_pb2.TensorPayload) -> list[str]:
+    """A tensor's own consistency: declared enums, dtype, byte count, slice bounds."""
     out = []
-    if t.provenance not in CROSSING_PROVENANCE:
-        out.append(f"tensor provenance {tensor_pb2.Provenance.Name(t.provenance)} may not cross a boundary")
-    elif t.provenance == tensor_pb2.BOUNDARY_AGGREGATE and t.contributors < min_quorum:
-        out.append(f"boundary aggregate of {t.contributors} contributors is below the quorum of {min_quorum}")
+    if t.provenance not in tensor_pb2.Provenance.values():
+        out.append(f"tensor provenance {t.provenance} is not declared in the schema")
     if t.dtype not in ITEMSIZE:
-        out.append(f"tensor dtype {t.dtype} is unknown")
+        out.append(f"tensor dtype {enum_name(t.dtype, tensor_pb2.DType)} is not a wire dtype")
     elif len(t.data) != t.numel * ITEMSIZE[t.dtype]:
         out.append(f"tensor holds {len(t.data)} B, not numel {t.numel} x {ITEMSIZE[t.dtype]} B")
+    if t.total_numel and t.offset + t.numel > t.total_numel:
+        out.append(f"slice [{t.offset}, {t.offset + t.numel}) exceeds its whole of {t.total_numel}")
+    elif not t.total_numel and t.offset:
+        out.append("tensor has an offset but no total_numel (a slice of nothing)")
     return out
 
 
-def _field_problems(msg: Message, min_quorum: int, path: str) -> list[str]:
-    if isinstance(msg, tensor_pb2.TensorPayload):
-        return [f"{path}: {p}" for p in _tensor_problems(msg, min_quorum)]
-    out = []
+def walk_problems(msg: Message, path: str = "message") -> list[str]:
+    """Every way `msg` and the messages in it, at any depth, break the schema's declarations."""
+    out: list[str] = []
+    _walk(msg, path, out)
+    return out
+
+
+def _walk(msg: Message, path: str, out: list[str]) -> None:
+    desc = msg.DESCRIPTOR
+    unknown = unknown_fields.UnknownFieldSet(msg)
+    if len(unknown):
+        numbers = sorted({f.field_number for f in unknown})
+        out.append(f"{path}: unknown fields {numbers[:8]} ({desc.full_name} declares no such field)")
+    if desc is TENSOR:
+        out += [f"{path}: {p}" for p in tensor_problems(msg)]
+        return
+    cls = flow_class(desc)
+    if cls not in CROSSING_CLASSES:
+        name = options_pb2.FlowClass.Name(cls)
+        out.append(f"{path}: {desc.full_name} has flow class {name}, which may not cross a boundary")
     for field, value in msg.ListFields():
         where = f"{path}.{field.name}"
-        if field.type == FieldDescriptor.TYPE_MESSAGE:
-            values = value if field.is_repeated else [value]
+        max_bytes, max_count = limits(field)
+        values = value if field.is_repeated else (value,)
+        if field.is_repeated:
+            if max_count == 0:
+                out.append(f"{where}: repeated field without a declared max_count may not cross")
+            elif len(values) > max_count:
+                out.append(f"{where}: {len(values)} elements exceed its declared limit of {max_count}")
+        kind = field.type
+        if kind == FieldDescriptor.TYPE_MESSAGE:
             for i, v in enumerate(values):
-                out += _field_problems(v, min_quorum, where if len(values) == 1 else f"{where}[{i}]")
-        elif field.type in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES):
-            limit = field.GetOptions().Extensions[options_pb2.max_bytes]
-            values = value if field.is_repeated else [value]
+                _walk(v, where if not field.is_repeated else f"{where}[{i}]", out)
+        elif kind in _TEXT:
             for v in values:
                 size = len(v.encode() if isinstance(v, str) else v)
-                if limit == 0:
+                if max_bytes == 0:
                     out.append(f"{where}: free-form field without a declared max_bytes may not cross")
-                elif size > limit:
-                    out.append(f"{where}: {size} B exceeds its declared limit of {limit} B")
-    return out
+                elif size > max_bytes:
+                    out.append(f"{where}: {size} B exceeds its declared limit of {max_bytes} B")
+        elif kind == FieldDescriptor.TYPE_ENUM:
+            declared = field.enum_type.values_by_number
+            out += [
+                f"{where}: value {v} is not declared in {field.enum_type.name}"
+                for v in values
+                if v not in declared
+            ]
+        elif kind in _FLOAT:
+            out += [f"{where}: {v} is not a finite number" for v in values if not math.isfinite(v)]
 
 
-def contract_problems(envelope: Message, min_quorum: int, boundary_id: str | None = None) -> list[str]:
-    """Every way `envelope` breaks the cross-boundary contract (empty when it may cross).
+def schema_problems(
+    envelope: Message, found: list[tuple[str, tensor_pb2.TensorPayload]] | None = None
+) -> list[str]:
+    """Every way `envelope` breaks the rules the schema declares (empty when it keeps them).
 
-    `boundary_id`, when given, is the boundary end of the channel the envelope travels on.
+    `found`: `tensors(envelope)`, when the caller has it already.
     """
     if not isinstance(envelope, boundary_pb2.CrossBoundaryEnvelope):
         return [f"{type(envelope).__name__} is not a CrossBoundaryEnvelope"]
-    field = envelope.WhichOneof("body")
-    if field is None:
+    if envelope.WhichOneof("body") is None:
         return ["envelope carries no body"]
-    body = getattr(envelope, field)
-    cls = flow_class(body.DESCRIPTOR)
-    problems = []
-    if boundary_id is not None and envelope.boundary_id != boundary_id:
-        problems.append(
-            f"envelope names boundary {envelope.boundary_id[:32]!r}, the channel's is {boundary_id!r}"
-        )
-    if cls not in CROSSING_CLASSES:
-        problems.append(f"{body.DESCRIPTOR.full_name} has flow class {options_pb2.FlowClass.Name(cls)}")
-    return problems + _field_problems(envelope, min_quorum, "envelope")
+    out = walk_problems(envelope, "envelope")
+    found = tensors(envelope) if found is None else found
+    if len(found) > 1:
+        out.append(f"envelope holds {len(found)} tensors; a message crosses with at most one")
+    return out
 
 
 def round_of(body: Message) -> int:
@@ -100,8 +184,10 @@ def round_of(body: Message) -> int:
 
 
 def tensor_summary(body: Message) -> tuple[str | None, int]:
-    """Provenance and contributor count of the first tensor in `body` (None, 0 without one)."""
-    for _, value in body.ListFields():
-        if isinstance(value, tensor_pb2.TensorPayload):
-            return tensor_pb2.Provenance.Name(value.provenance), value.contributors
-    return None, 0
+    """Provenance name and contributor count of the tensor in `body`, at any depth (None, 0
+    without one); an undeclared provenance is named `UNDECLARED_<n>`."""
+    found = tensors(body)
+    if not found:
+        return None, 0
+    t = found[0][1]
+    return enum_name(t.provenance, tensor_pb2.Provenance), t.contributors

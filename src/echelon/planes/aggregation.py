@@ -4,15 +4,17 @@ One aggregation round is a small protocol between one server (the boundary coord
 the participants it invited (devices, or boundaries for a cross-boundary round). Both sides are
 sans-IO objects. The server is handed only what the protocol puts on the wire and, at the end,
 exposes an `AggregateResult`: the weighted sum sum_i w_i * delta_i, the public sum of weights,
-and the contributor count. The weights w_i are assigned by the server (they are metadata it
-already knows); each participant pre-scales its own vector, so with secure aggregation the
-server learns the weighted sum and nothing else.
+and the contributor count, sealed with the `RoundSeal` the round was opened with
+(`echelon.contract.provenance`), so its user can tell it from a result built by hand. The weights
+w_i are assigned by the server (they are metadata it already knows); each participant pre-scales
+its own vector, so with secure aggregation the server learns the weighted sum and nothing else.
 
 Protocol shape, shared by every implementation:
+  server = aggregator.server(round_id, weights, dim, provenance, seal)
   server.start(now)           -> Send(participant, AggregationRequest) to each participant
   client = aggregator.join(participant, request, vector)  (on the participant)
   client.start(now)           -> the participant's first message(s)
-  server.receive / client.receive / on_timer             -> further actions
+  server.receive / client.receive / on_timer             -> further actions (and Emit events)
   server.outcome              -> AggregateResult | AggregationAborted once finished
 """
 
@@ -25,17 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 from google.protobuf.message import Message
 
-from echelon.sansio import Action, Send, SetTimer
-from echelon.v1 import device_pb2, tensor_pb2
-
-
-@dataclass(frozen=True)
-class AggregateResult:
-    """The only thing a server learns: sum_i w_i v_i over `contributors` participants."""
-
-    weighted_sum: np.ndarray  # float64, shape (dim,)
-    weight_sum: float
-    contributors: int
+from echelon.contract.provenance import AggregateResult, RoundSeal
+from echelon.sansio import Action, PlaneAction, Send, SetTimer
+from echelon.tensors import decode, encode
+from echelon.v1 import device_pb2
 
 
 @dataclass(frozen=True)
@@ -77,10 +72,11 @@ class AggregationClient(ABC):
     """Participant side of one aggregation round (sans-IO). `server` is the coordinator's address."""
 
     @abstractmethod
-    def start(self, now: float) -> list[Action]: ...
+    def start(self, now: float) -> list[PlaneAction]: ...
 
     @abstractmethod
-    def receive(self, now: float, message: Message) -> list[Action]: ...
+    def receive(self, now: float, message: Message) -> list[PlaneAction]:
+        """Further messages, and an `Emit` for every refusal (a failed check, a rejected share)."""
 
     @property
     @abstractmethod
@@ -95,12 +91,12 @@ class Aggregator(ABC):
 
     @abstractmethod
     def server(
-        self, round_id: int, weights: Mapping[str, float], dim: int, provenance: int
+        self, round_id: int, weights: Mapping[str, float], dim: int, provenance: int, seal: RoundSeal
     ) -> AggregationServer:
         """Open round `round_id` over `weights` (participant address -> w_i) of `dim`-vectors.
 
         `provenance` is the tensor_pb2.Provenance the participants' vectors have (DEVICE inside a
-        boundary, BOUNDARY_AGGREGATE across boundaries).
+        boundary, BOUNDARY_AGGREGATE across boundaries); `seal` seals the round's result.
         """
 
     @abstractmethod
@@ -118,27 +114,6 @@ class Aggregator(ABC):
         """
 
 
-def encode_f32(vector: np.ndarray, provenance: int, contributors: int = 0) -> tensor_pb2.TensorPayload:
-    """A float32 TensorPayload from a 1-D array."""
-    v = np.ascontiguousarray(vector, dtype="<f4").reshape(-1)
-    return tensor_pb2.TensorPayload(
-        provenance=provenance,
-        contributors=contributors,
-        dtype=tensor_pb2.FLOAT32,
-        numel=v.size,
-        data=v.tobytes(),
-    )
-
-
-def decode_f32(payload: tensor_pb2.TensorPayload) -> np.ndarray:
-    """The 1-D float32 array in a FLOAT32 TensorPayload (a read-only view of the bytes)."""
-    if payload.dtype != tensor_pb2.FLOAT32 or len(payload.data) != 4 * payload.numel:
-        raise ValueError(
-            f"malformed FLOAT32 payload: dtype {payload.dtype}, {len(payload.data)} B, numel {payload.numel}"
-        )
-    return np.frombuffer(payload.data, dtype="<f4")
-
-
 class PlainServer(AggregationServer):
     """Weighted sum of pre-scaled float vectors sent in the clear (no secrecy; a baseline).
 
@@ -152,10 +127,12 @@ class PlainServer(AggregationServer):
         weights: Mapping[str, float],
         dim: int,
         provenance: int,
+        seal: RoundSeal,
         min_quorum: int,
         timeout_s: float,
     ) -> None:
         self.round_id = round_id
+        self._seal = seal
         self._weights = dict(weights)
         self._dim = dim
         self._provenance = provenance
@@ -164,7 +141,6 @@ class PlainServer(AggregationServer):
         self._sum = np.zeros(dim, dtype=np.float64)
         self._received: set[str] = set()
         self._excluded: dict[str, str] = {}
-        self._log: list[tuple[str, str]] = []
         self._outcome: Outcome | None = None
 
     def start(self, now: float) -> list[Action]:
@@ -184,15 +160,14 @@ class PlainServer(AggregationServer):
         elif sender not in self._weights:
             self._excluded.setdefault(sender, "not invited to this round")
         elif sender in self._received or sender in self._excluded:
-            # The first input stays counted; the duplicate is refused and logged.
-            self._log.append((sender, "duplicate input ignored"))
+            pass  # the first input stays counted; a duplicate changes nothing
         elif (
             message.weighted_delta.provenance != self._provenance or message.weighted_delta.numel != self._dim
         ):
             self._exclude(sender, "input has the wrong provenance or dimension")
         else:
             try:
-                self._sum += decode_f32(message.weighted_delta)
+                self._sum += decode(message.weighted_delta)
                 self._received.add(sender)
             except ValueError as e:
                 self._exclude(sender, str(e))
@@ -209,9 +184,7 @@ class PlainServer(AggregationServer):
         return []
 
     def _exclude(self, sender: str, reason: str) -> None:
-        if sender in self._received:
-            self._log.append((sender, f"{reason} (ignored; its first input stays counted)"))
-        else:
+        if sender not in self._received:  # an input already counted stays counted
             self._excluded.setdefault(sender, reason)
 
     def _finish(self) -> None:
@@ -221,7 +194,7 @@ class PlainServer(AggregationServer):
             )
         else:
             w = sum(self._weights[p] for p in sorted(self._received))
-            self._outcome = AggregateResult(self._sum, w, len(self._received))
+            self._outcome = self._seal.seal(self._sum, w, len(self._received))
         self._sum = np.zeros(0)
 
     @property
@@ -243,9 +216,9 @@ class PlainClient(AggregationClient):
         contributors: int = 0,
     ) -> None:
         self._server = server
+        # Plain inputs are device deltas inside a boundary (DEVICE); encode refuses anything else.
         self._message = device_pb2.PlainInput(
-            round_id=request.round_id,
-            weighted_delta=encode_f32(request.weight * vector, provenance, contributors),
+            round_id=request.round_id, weighted_delta=encode(request.weight * vector, provenance)
         )
         self._done = False
 
@@ -270,8 +243,10 @@ class PlainAggregator(Aggregator):
         self.min_quorum = min_quorum
         self.timeout_s = timeout_s
 
-    def server(self, round_id: int, weights: Mapping[str, float], dim: int, provenance: int) -> PlainServer:
-        return PlainServer(round_id, weights, dim, provenance, self.min_quorum, self.timeout_s)
+    def server(
+        self, round_id: int, weights: Mapping[str, float], dim: int, provenance: int, seal: RoundSeal
+    ) -> PlainServer:
+        return PlainServer(round_id, weights, dim, provenance, seal, self.min_quorum, self.timeout_s)
 
     def join(
         self,

@@ -30,10 +30,10 @@ import torch
 from google.protobuf.message import Message
 
 from echelon.config import EchelonConfig
-from echelon.contract.provenance import BoundaryModel
-from echelon.planes.aggregation import AggregateResult, AggregationClient, AggregationServer, Aggregator
-from echelon.planes.tensors import from_payload
+from echelon.contract.provenance import AggregateResult, BoundaryModel, Ledger, QuorumNotMet
+from echelon.planes.aggregation import AggregationClient, AggregationServer, Aggregator
 from echelon.sansio import Emit, PlaneAction, Send, SetTimer
+from echelon.tensors import float_problem, fragment_bounds, to_tensor
 from echelon.v1 import boundary_pb2, device_pb2, tensor_pb2
 
 BUFFER_TIMER = "buffer"
@@ -91,6 +91,7 @@ class BoundaryPlane:
         self._aggregator = aggregator
         self._devices = {d: _Device() for d in devices}
         self.model: BoundaryModel | None = None  # theta_b and Delta_b, with their provenance
+        self.ledger = Ledger()  # the aggregates this boundary minted: its egress guard checks them
         self.version = 0
         self.middle_step = 0
         self.drift = 0.0
@@ -118,6 +119,10 @@ class BoundaryPlane:
     # -- events ---------------------------------------------------------------------------------
 
     def receive(self, now: float, sender: str, message: Message) -> list[PlaneAction]:
+        reason = self._refusal(sender, message)
+        if reason is not None:
+            fields = {"boundary": self.boundary_id, "sender": sender, "reason": reason}
+            return [Emit("refused", {**fields, "message_type": message.DESCRIPTOR.full_name})]
         if isinstance(message, device_pb2.Hello):
             return self._on_hello(now, sender)
         if isinstance(message, device_pb2.UpdateReady):
@@ -136,6 +141,28 @@ class BoundaryPlane:
             actions = list(self._round.server.receive(now, sender, message))
             return actions + self._after_round_event(now)
         return []
+
+    def _refusal(self, sender: str, message: Message) -> str | None:
+        """Why a received message cannot be applied (checked before any use), or None."""
+        from_global = isinstance(message, boundary_pb2.GlobalReference | boundary_pb2.SyncRequest)
+        from_global |= isinstance(message, boundary_pb2.OuterAggregation | boundary_pb2.CadenceUpdate)
+        if from_global != (sender == self.global_address):
+            return f"{message.DESCRIPTOR.name} may not come from {sender}"
+        fragments = self.cfg.streaming.fragments
+        if isinstance(message, boundary_pb2.SyncRequest):
+            if (message.fragments > 1 or fragments > 1) and (
+                message.fragments != fragments or message.fragment >= fragments
+            ):
+                return f"fragment {message.fragment} of {message.fragments} in a run of {fragments}"
+        elif isinstance(message, boundary_pb2.GlobalReference):
+            if message.fragments > 1 and (message.fragments != fragments or message.fragment >= fragments):
+                return f"fragment {message.fragment} of {message.fragments} in a run of {fragments}"
+            whole = message.fragments <= 1
+            lo, hi = (0, self.dim) if whole else fragment_bounds(self.dim, fragments)[message.fragment]
+            return float_problem(message.parameters, hi - lo)
+        elif isinstance(message, boundary_pb2.CadenceUpdate) and message.interval < 1:
+            return "an outer interval H of 0 middle steps"
+        return None
 
     def on_timer(self, now: float, key: str) -> list[PlaneAction]:
         if key == BUFFER_TIMER:
@@ -171,7 +198,7 @@ class BoundaryPlane:
         return self._arm_buffer_timer(now) + self._try_fire(now)
 
     def _on_global_reference(self, now: float, msg: boundary_pb2.GlobalReference) -> list[PlaneAction]:
-        theta_g = from_payload(msg.parameters)
+        theta_g = to_tensor(msg.parameters)
         actions: list[PlaneAction] = []
         fragment = msg.fragment if msg.fragments > 1 else None  # None: the whole vector
         if msg.final:
@@ -182,7 +209,9 @@ class BoundaryPlane:
             return []
         if self.model is None:
             # The initial reference (or the current one, after a restart): devices that said hello start.
-            self.model = BoundaryModel(theta_g, self.cfg.min_quorum, self.cfg.streaming.fragments)
+            self.model = BoundaryModel(
+                theta_g, self.cfg.min_quorum, self.cfg.streaming.fragments, self.ledger
+            )
             self.adopted_step = msg.outer_step
             for d, info in self._devices.items():
                 if info.live:
@@ -313,7 +342,8 @@ class BoundaryPlane:
         }
         round_id = self._next_round_id
         self._next_round_id += 1
-        server = self._aggregator.server(round_id, weights, self.dim, tensor_pb2.DEVICE)
+        seal = self.model.open_round(round_id, len(weights))
+        server = self._aggregator.server(round_id, weights, self.dim, tensor_pb2.DEVICE, seal)
         self._round = _Round(
             server,
             {a.device: a for a in fresh},
@@ -392,6 +422,7 @@ class BoundaryPlane:
                 "drift": self.drift,
             }
         else:
+            self.model.close_round(rnd.server.round_id)
             for d in rnd.arrivals:
                 actions.append(Send(d, device_pb2.UpdateDiscarded(reason=outcome.reason)))
             record |= {"kind": "aggregation_aborted", "reason": outcome.reason}
@@ -464,7 +495,7 @@ class BoundaryPlane:
         self.model = (
             None
             if model is None
-            else BoundaryModel.from_state_dict(model, e.min_quorum, e.streaming.fragments)
+            else BoundaryModel.from_state_dict(model, e.min_quorum, e.streaming.fragments, self.ledger)
         )
         if self.model is not None and self.model.theta_g.numel() != self.dim:
             raise ValueError("the checkpoint is of another model size")
@@ -479,6 +510,13 @@ class BoundaryPlane:
         self._deferred = None if deferred is None else boundary_pb2.GlobalReference.FromString(deferred)
         self.adopted_step = state["adopted_step"]
         self._last_delta = None if last is None else boundary_pb2.BoundaryDelta.FromString(last)
+        if self._last_delta is not None and self._last_delta.HasField("delta"):
+            # Resent if the global plane asks again: minted before the restart, under the quorum.
+            if self._last_delta.delta.contributors < e.min_quorum:
+                raise QuorumNotMet(
+                    f"a checkpointed Delta_b of {self._last_delta.delta.contributors} contributors"
+                )
+            self.ledger.record(self._last_delta.delta)
         self._outer_input = state["outer_input"]
         for d, info in self._devices.items():
             info.live = info.training = False

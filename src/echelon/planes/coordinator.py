@@ -18,11 +18,11 @@ import torch
 from google.protobuf.message import Message
 
 from echelon.config import BudgetConfig, OuterConfig
-from echelon.contract.provenance import fragment_bounds
-from echelon.planes.aggregation import AggregateResult, AggregationServer, Aggregator
+from echelon.contract.provenance import AggregateResult, RoundSeal
+from echelon.planes.aggregation import AggregationServer, Aggregator
 from echelon.planes.controller import Cadence
-from echelon.planes.tensors import from_payload, to_payload
-from echelon.sansio import Emit, PlaneAction, RefusedMessage, Send, SetTimer
+from echelon.sansio import Emit, PlaneAction, Send, SetTimer
+from echelon.tensors import encode, float_problem, fragment_bounds, to_tensor
 from echelon.v1 import boundary_pb2, device_pb2, tensor_pb2
 
 SYNC_TIMER = "sync-timeout"
@@ -83,6 +83,7 @@ class GlobalPlane:
         each fragment with its own outer optimizer state."""
         self.outer_aggregator = outer_aggregator
         self._outer_round: AggregationServer | None = None
+        self._outer_seal: RoundSeal | None = None
         self.boundaries = list(boundaries)
         self.bounds = fragment_bounds(theta0.numel(), fragments)
         self.outers = [OuterOptimizer(theta0[lo:hi], outer) for lo, hi in self.bounds]
@@ -142,12 +143,16 @@ class GlobalPlane:
         if isinstance(message, boundary_pb2.BoundaryDelta):
             if message.outer_step != self._syncing or sender in self._reported:
                 return []  # late (an outer step already applied without it) or duplicate
-            if self.outer_aggregator is not None:
-                delta = None
-            elif message.HasField("delta"):
-                delta = self._checked_delta(message.delta)
-            else:
-                delta = self._zero_fragment()
+            delta = None  # +SA: Delta_b arrives through the outer round
+            if self.outer_aggregator is None:
+                delta, problem = self._checked_delta(message)
+                if problem is not None:
+                    fields = {
+                        "sender": sender,
+                        "message_type": message.DESCRIPTOR.full_name,
+                        "reason": problem,
+                    }
+                    return [Emit("refused", fields)]
             self._reported[sender] = _Reported(
                 delta, message.tokens, message.contributors, message.middle_step
             )
@@ -159,24 +164,19 @@ class GlobalPlane:
             return self._after_outer_round(now, self._outer_round.receive(now, sender, message.secagg))
         return []
 
-    def _checked_delta(self, payload: tensor_pb2.TensorPayload) -> torch.Tensor:
-        """Delta_b of the fragment in sync; RefusedMessage unless it has exactly the fragment's
-        length and only finite values (one NaN would poison theta_g for the rest of the run)."""
-        lo, hi = self.bounds[self._fragment(self._syncing)]
-        if payload.numel != hi - lo:
-            raise RefusedMessage(
-                f"a BoundaryDelta of {payload.numel} elements for outer step {self._syncing}, which "
-                f"synchronises {hi - lo}"
-            )
-        try:
-            delta = from_payload(payload)
-        except ValueError as e:
-            raise RefusedMessage(f"a malformed BoundaryDelta tensor ({e})") from None
-        if delta.numel() != hi - lo:
-            raise RefusedMessage(f"a BoundaryDelta tensor holding {delta.numel()} values, not {hi - lo}")
+    def _checked_delta(self, message: boundary_pb2.BoundaryDelta) -> tuple[torch.Tensor | None, str | None]:
+        """(Delta_b of the fragment in sync, None), or (None, why it is refused) unless it is a
+        whole float vector of exactly the fragment's length holding only finite values (one NaN
+        would poison theta_g for the rest of the run). No delta at all is a zero Delta_b."""
+        if not message.HasField("delta"):
+            return self._zero_fragment(), None
+        problem = float_problem(message.delta, self._zero_fragment().numel())
+        if problem is not None:
+            return None, problem
+        delta = to_tensor(message.delta)
         if not bool(torch.isfinite(delta).all()):
-            raise RefusedMessage("a BoundaryDelta holding NaN or infinite values")
-        return delta
+            return None, "a BoundaryDelta holding NaN or infinite values"
+        return delta, None
 
     def _controller_tick(self, now: float, sender: str, status: boundary_pb2.BoundaryStatus) -> Emit:
         """One controller tick (a boundary reported): telemetry, and B_eff += D_b * new tokens of b."""
@@ -309,8 +309,13 @@ class GlobalPlane:
         weights = {b: w for b, w in omega.items() if self._reported[b].contributors > 0}
         if not weights:
             return self._apply_outer(now, self._zero_fragment())
+        self._outer_seal = RoundSeal.open(self._syncing, len(weights))
         self._outer_round = self.outer_aggregator.server(
-            self._syncing, weights, self._zero_fragment().numel(), tensor_pb2.BOUNDARY_AGGREGATE
+            self._syncing,
+            weights,
+            self._zero_fragment().numel(),
+            tensor_pb2.BOUNDARY_AGGREGATE,
+            self._outer_seal,
         )
         return self._after_outer_round(now, self._outer_round.start(now))
 
@@ -328,6 +333,7 @@ class GlobalPlane:
             return out
         self._outer_round = None
         if isinstance(outcome, AggregateResult):
+            self._outer_seal.verify(outcome)
             pseudo_gradient = -torch.from_numpy(outcome.weighted_sum / outcome.weight_sum).float()
         else:
             # Aborted (too few boundaries left): nothing was revealed and theta_g stays.
@@ -391,7 +397,7 @@ class GlobalPlane:
             lo, hi = self.bounds[f]
         return boundary_pb2.GlobalReference(
             outer_step=self.outer_step,
-            parameters=to_payload(self.theta_g[lo:hi], tensor_pb2.GLOBAL),
+            parameters=encode(self.theta_g[lo:hi], tensor_pb2.GLOBAL),
             final=self.finished,
             fragment=f,
             fragments=fragments,

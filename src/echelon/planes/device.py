@@ -16,8 +16,8 @@ import torch
 from google.protobuf.message import Message
 
 from echelon.planes.aggregation import AggregationClient, Aggregator
-from echelon.planes.tensors import from_payload
-from echelon.sansio import PlaneAction, Send
+from echelon.sansio import Emit, PlaneAction, Send
+from echelon.tensors import float_problem, to_tensor
 from echelon.train.trainer import LocalResult
 from echelon.v1 import device_pb2, tensor_pb2
 
@@ -80,8 +80,16 @@ class DevicePlane:
 
     def receive(self, now: float, sender: str, message: Message) -> list[PlaneAction]:
         """A message from the boundary coordinator (`sender` is its address)."""
+        reason = self._refusal(sender, message)
+        if reason is not None:
+            fields = {
+                "device": self.device_id,
+                "message_type": message.DESCRIPTOR.full_name,
+                "reason": reason,
+            }
+            return [Emit("refused", fields)]
         if isinstance(message, device_pb2.BoundaryReference):
-            self.reference = from_payload(message.parameters)
+            self.reference = to_tensor(message.parameters)
             self.version = message.version
             if self._reference_ema is None or self._anchor is None:
                 self._anchor = self.reference
@@ -102,6 +110,18 @@ class DevicePlane:
         if self._client is not None:
             return self._after_client(self._client.receive(now, message))
         return []
+
+    def _refusal(self, sender: str, message: Message) -> str | None:
+        """Why a received message cannot be used (checked before any use), or None."""
+        if sender != self.boundary:
+            return f"a message from {sender}, not from this device's boundary"
+        if isinstance(message, device_pb2.BoundaryReference):
+            # The exchanged state's length is the first reference's (the model part, at least).
+            numel = self.reference.numel() if self.reference is not None else message.parameters.numel
+            if self._model_dim is not None and numel < self._model_dim:
+                return f"a reference of {numel} elements for a model of {self._model_dim}"
+            return float_problem(message.parameters, numel)
+        return None
 
     def _after_client(self, actions: list[PlaneAction]) -> list[PlaneAction]:
         if self._client is not None and self._client.done:

@@ -11,17 +11,35 @@ Decoding error bound, per coordinate, for n contributors whose values lie within
 - stochastic rounding (floor(x * scale + u), u ~ U[0, 1) from the caller's seeded generator):
   unbiased, and the error is < n / scale;
 plus float64 rounding (of x * scale, and of a 64-bit sum beyond 2^53): at most n * clip * 2^-52.
-`error_bound` returns this bound. Values beyond the clip range are clipped (NaN encodes as 0).
+`error_bound` returns this bound. Values beyond the clip range, NaN and infinities are never
+clipped or zeroed: `out_of_range` counts them and `encode` refuses them (ValueError), so a
+participant refuses to submit such an input (and says so) instead of submitting a different one.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 MAX_SCALED = 2.0**52  # clip * scale bound: float64 still holds every integer up to it exactly
+
+
+class OutOfRange(NamedTuple):
+    """Counts of values an encoding refuses."""
+
+    nan: int
+    inf: int
+    beyond_clip: int  # finite values with |x| > clip
+
+    def __add__(self, other: tuple) -> OutOfRange:  # type: ignore[override]
+        return OutOfRange(*(a + b for a, b in zip(self, other, strict=True)))
+
+    @property
+    def total(self) -> int:
+        return self.nan + self.inf + self.beyond_clip
 
 
 @dataclass(frozen=True)
@@ -63,10 +81,26 @@ class FixedPoint:
         """Unsigned little-endian dtype of the ring elements."""
         return np.dtype("<u4" if self.bits == 32 else "<u8")
 
+    def out_of_range(self, values: np.ndarray) -> OutOfRange:
+        """How many of `values` are NaN, infinite, or finite beyond [-clip, clip]."""
+        x = np.asarray(values, dtype=np.float64)
+        nan, inf = int(np.isnan(x).sum()), int(np.isinf(x).sum())
+        with np.errstate(invalid="ignore"):
+            beyond = int((np.abs(x) > self.clip).sum()) - inf
+        return OutOfRange(nan, inf, beyond)
+
     def encode(self, values: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-        """Ring elements of `values` (float64 math): round to nearest, or stochastic with `rng`."""
-        x = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0)
-        np.clip(x, -self.clip, self.clip, out=x)
+        """Ring elements of `values` (float64 math): round to nearest, or stochastic with `rng`.
+
+        ValueError when a value is NaN, infinite or beyond the clip (see `out_of_range`).
+        """
+        x = np.array(values, dtype=np.float64)
+        refused = self.out_of_range(x)
+        if refused.total:
+            raise ValueError(
+                f"{refused.nan} NaN, {refused.inf} infinite and {refused.beyond_clip} values beyond "
+                f"+-{self.clip} cannot be encoded"
+            )
         x *= self.scale
         if rng is None:
             np.rint(x, out=x)

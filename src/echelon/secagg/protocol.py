@@ -2,8 +2,9 @@
 
 Bonawitz et al. 2017 ("Practical Secure Aggregation"), with the public k-regular neighbour graph
 of Bell et al. 2020 (SecAgg+); degree None, or k >= n - 1, gives the complete graph of SecAgg.
-Participants are indexed 1..n by their sorted addresses. Each round runs four stages, each
-closed when every awaited participant answered or at its deadline (missing ones drop out):
+Participants are indexed 1..n by their sorted addresses. Each round runs four stages (five when
+defended against a malicious server), each closed when every awaited participant answered or at
+its deadline (missing ones drop out):
 
 1. advertise keys: each participant sends two X25519 public keys (c_pk for share transport,
    s_pk for pairwise masks) and a commitment to its fresh 256-bit self-mask seed b_i.
@@ -11,13 +12,29 @@ closed when every awaited participant answered or at its deadline (missing ones 
    of its neighbours that advertised); the participant Shamir-shares b_i and s_sk_i t-of-m among
    its neighbours and itself, encrypting each neighbour's pair with ChaCha20-Poly1305 under a key
    agreed from c_sk_i and c_pk_j. The server routes the ciphertexts.
-3. masked input: each participant encodes w_i * x_i (fixed point in Z_(2^bits), w_i from the
-   AggregationRequest) and adds PRG(b_i) and +-PRG(s_ij) for each neighbour j that completed
-   stage 2 (+ when i < j). The server adds the masked vectors into one running sum mod 2^bits.
-4. unmask: the surviving participants reveal their shares of the survivors' seeds b_i and of
+3. masked input: a participant that received valid shares from at least t - 1 neighbours encodes
+   w_i * x_i (fixed point in Z_(2^bits), w_i from the AggregationRequest; a NaN, infinite or
+   out-of-range value makes it refuse, never clip) and adds PRG(b_i) and +-PRG(s_ij) for each
+   neighbour j that completed stage 2 (+ when i < j). The server adds the masked vectors into one
+   running sum mod 2^bits.
+4. (defended rounds) consistency: the server sends the stage-3 survivors U3 to each of them; each
+   signs U3 with its certificate's key.
+5. unmask: the surviving participants reveal their shares of the survivors' seeds b_i and of
    the dropped participants' s_sk_j, never both for one participant. The server reconstructs
    them, removes the masks chunk by chunk (regenerating each PRG stream, memory O(d)) and decodes
-   the sum. Reconstructed seeds are checked against their commitments, keys against s_pk.
+   the sum. Reconstructed seeds are checked against their commitments, keys against s_pk, and
+   the decoded sum's L2 norm against sum_i max(1, w_i) * C (each input's norm is at most C): a
+   sum beyond it (an input that wrapped the ring) aborts the round.
+
+Defences against a malicious server (`defended`, Bonawitz et al.'s malicious variant): every
+participant signs its advertisement with its certificate's key and checks its neighbours'
+certificates (issued by the deployment CA, of its own kind) and signatures, so the server can
+neither substitute keys nor invent participants; the threshold is raised to strictly more than
+half a neighbourhood, so two survivor sets cannot both gather t signatures from honest
+participants; and a participant reveals shares only for a survivor set that at least t distinct
+certified participants signed. Without them the protocol holds against an honest-but-curious
+server only. Every participant, defended or not, needs valid shares from t - 1 neighbours before
+masking (with fewer, the server could unmask it alone).
 
 The server learns sum_i w_i x_i over the survivors of stage 3, their count and their public
 weight sum. Dropouts at any stage are recovered while every needed secret keeps t shares among
@@ -25,11 +42,12 @@ the remaining neighbours (with the complete graph: up to n - t dropouts in all).
 round aborts: below quorum (max(min_quorum, t)) or with a disconnected survivor graph (which
 would reveal partial sums) before any unmasking; or with too few shares after it, when what the
 server holds (some survivors' seeds, some dropped participants' keys) still leaves each
-survivor's input under the pairwise mask it shares with a surviving neighbour. A malformed, duplicated, out-of-stage, late or replayed
-message excludes its sender (`excluded`, with the reason); a sender whose masked input is
-already in the sum cannot be taken out of it, so it is muted instead (`log`) and its secrets are
-recovered from its neighbours. Secrets and shares are erased (references dropped, buffers
-overwritten) once unmasked or aborted.
+survivor's input under the pairwise mask it shares with a surviving neighbour. A malformed,
+duplicated, out-of-stage, late or replayed message excludes its sender (`excluded`, with the
+reason); a sender whose masked input is already in the sum cannot be taken out of it, so it is
+muted instead (`log`) and its secrets are recovered from its neighbours. A participant's own
+refusals (a failed check, a forged share) are `Emit` events. Secrets and shares are erased
+(references dropped, buffers overwritten) once unmasked or aborted.
 """
 
 from __future__ import annotations
@@ -46,18 +64,19 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from google.protobuf.message import Message
 
+from echelon.contract.provenance import RoundSeal
 from echelon.planes.aggregation import (
-    AggregateResult,
     AggregationAborted,
     AggregationClient,
     AggregationServer,
     Aggregator,
     Outcome,
 )
-from echelon.sansio import Action, CancelTimer, Send, SetTimer
+from echelon.sansio import Action, CancelTimer, Emit, PlaneAction, Send, SetTimer
 from echelon.secagg import primitives as crypto
 from echelon.secagg import shamir
-from echelon.secagg.fixedpoint import FixedPoint
+from echelon.secagg.fixedpoint import FixedPoint, OutOfRange
+from echelon.secagg.identity import PublicKey, Signer, Verifier, fingerprint, verify_signature
 from echelon.v1 import device_pb2, secagg_pb2, tensor_pb2
 
 Entropy = Callable[[int], bytes]
@@ -67,6 +86,35 @@ RING_DTYPE = {32: tensor_pb2.UINT32, 64: tensor_pb2.UINT64}
 SEALED_PAIR_BYTES = crypto.NONCE_BYTES + 2 * shamir.SHARE_BYTES + crypto.TAG_BYTES
 
 
+def keys_message(
+    round_id: int, keys: secagg_pb2.SecAggAdvertiseKeys | secagg_pb2.SecAggNeighbourKeys
+) -> bytes:
+    """The bytes a participant signs when it advertises its keys for round `round_id`."""
+    return b"".join(
+        (
+            crypto.DOMAIN,
+            b"/advertise",
+            round_id.to_bytes(8, "little"),
+            keys.cipher_public_key,
+            keys.mask_public_key,
+            keys.seed_commitment,
+        )
+    )
+
+
+def survivors_message(round_id: int, survivors: Iterable[int]) -> bytes:
+    """The bytes a participant signs to attest the survivor set of round `round_id`."""
+    members = sorted(survivors)
+    body = b"".join(i.to_bytes(4, "little") for i in members)
+    return (
+        crypto.DOMAIN
+        + b"/survivors"
+        + round_id.to_bytes(8, "little")
+        + len(members).to_bytes(4, "little")
+        + body
+    )
+
+
 @dataclass(frozen=True)
 class StageTimeouts:
     """Seconds the server waits for each stage's messages; the missing participants drop out."""
@@ -74,6 +122,7 @@ class StageTimeouts:
     advertise: float = 30.0
     share: float = 30.0
     masked: float = 120.0
+    consistency: float = 30.0
     unmask: float = 30.0
 
 
@@ -146,6 +195,11 @@ class SecAggPlusAggregator(Aggregator):
     clip, scale, bits: the fixed-point encoding of each weighted coordinate (see fixedpoint);
         bits None picks 32 or 64 from the headroom n * ceil(clip * scale).
     stochastic_rounding: unbiased stochastic rounding instead of round-to-nearest.
+    norm_bound: the L2 norm each participant's unweighted vector keeps (None: clip * sqrt(d),
+        all a coordinate range implies); the server aborts a round whose decoded sum exceeds
+        sum_i max(1, w_i) * norm_bound (plus the fixed-point error).
+    defended: defences against a malicious server (see the module docstring); they need the
+        deployment CA (`verifier`) on every side, and a participant's `signer`.
     chunk: elements per PRG chunk (memory of mask generation beyond the vector itself).
     entropy: source of secret randomness (os.urandom; a seeded source only for tests).
     """
@@ -163,6 +217,10 @@ class SecAggPlusAggregator(Aggregator):
         scale: float = 2.0**20,
         bits: int | None = None,
         stochastic_rounding: bool = False,
+        norm_bound: float | None = None,
+        defended: bool = False,
+        signer: Signer | None = None,
+        verifier: Verifier | None = None,
         chunk: int = 1 << 16,
         entropy: Entropy = os.urandom,
     ) -> None:
@@ -174,12 +232,16 @@ class SecAggPlusAggregator(Aggregator):
             raise ValueError(f"neighbour degree must be at least 2, not {degree}")
         if min_quorum < 1 or chunk < 1:
             raise ValueError("min_quorum and chunk must be positive")
+        if defended and verifier is None:
+            raise ValueError("a round defended against a malicious server needs the deployment CA (verifier)")
         self.threshold = threshold
         self.degree = degree
         self.min_quorum = min_quorum
         self.timeouts = timeouts or StageTimeouts()
         self.clip, self.scale, self.bits = clip, scale, bits
         self.stochastic_rounding = stochastic_rounding
+        self.norm_bound = norm_bound
+        self.defended, self.signer, self.verifier = defended, signer, verifier
         self.chunk = chunk
         self.entropy = entropy
 
@@ -194,6 +256,8 @@ class SecAggPlusAggregator(Aggregator):
             if isinstance(self.threshold, int)
             else max(1, math.ceil(self.threshold * m - 1e-9))
         )
+        if self.defended:
+            t = max(t, m // 2 + 1)  # strictly more than half: one survivor set can gather t signatures
         if t > m:
             raise ValueError(f"threshold {t} exceeds the {m} shares of a neighbourhood")
         return RoundParameters(
@@ -201,9 +265,9 @@ class SecAggPlusAggregator(Aggregator):
         )
 
     def server(
-        self, round_id: int, weights: Mapping[str, float], dim: int, provenance: int
+        self, round_id: int, weights: Mapping[str, float], dim: int, provenance: int, seal: RoundSeal
     ) -> SecAggPlusServer:
-        return SecAggPlusServer(round_id, weights, dim, provenance, self)
+        return SecAggPlusServer(round_id, weights, dim, provenance, self, seal)
 
     def join(
         self,
@@ -217,24 +281,27 @@ class SecAggPlusAggregator(Aggregator):
 
 
 class Stage(IntEnum):
-    """The server's stages, in order."""
+    """The server's stages, in order (CONSISTENCY only in defended rounds)."""
 
     ADVERTISE = 1
     SHARE = 2
     MASKED = 3
-    UNMASK = 4
+    CONSISTENCY = 4
+    UNMASK = 5
 
 
 _AWAITED = {
     Stage.ADVERTISE: "advertise_keys",
     Stage.SHARE: "share_keys",
     Stage.MASKED: "masked_input",
+    Stage.CONSISTENCY: "consistency_response",
     Stage.UNMASK: "unmask_response",
 }
 _WHAT = {
     Stage.ADVERTISE: "keys",
     Stage.SHARE: "shares",
     Stage.MASKED: "masked input",
+    Stage.CONSISTENCY: "signature",
     Stage.UNMASK: "response",
 }
 
@@ -253,8 +320,9 @@ class SecAggPlusServer(AggregationServer):
         dim: int,
         provenance: int,
         config: SecAggPlusAggregator,
+        seal: RoundSeal,
     ) -> None:
-        self.round_id = round_id
+        self.round_id, self._seal = round_id, seal
         self._weights = dict(weights)
         self._address = dict(enumerate(sorted(self._weights), start=1))
         self._index = {a: i for i, a in self._address.items()}
@@ -268,11 +336,15 @@ class SecAggPlusServer(AggregationServer):
         self._graph = neighbour_graph(round_id, self._params.participants, self._params.degree)
         self._required = max(config.min_quorum, self._params.threshold)
         self._timeouts, self._chunk = config.timeouts, config.chunk
+        self._norm_bound = config.clip * math.sqrt(dim) if config.norm_bound is None else config.norm_bound
+        self._defended, self._verifier = config.defended, config.verifier
         self._probe = crypto.private_key(config.entropy(crypto.KEY_BYTES))  # validates public keys
         self._stage = Stage.ADVERTISE
         self._active: set[int] = set(self._address)  # awaited in this stage
         self._responded: set[int] = set()
-        self._keys: dict[int, tuple[bytes, bytes, bytes]] = {}  # c_pk, s_pk, seed commitment
+        self._keys: dict[int, secagg_pb2.SecAggAdvertiseKeys] = {}
+        self._signers: dict[int, PublicKey] = {}  # defended: each advertiser's certified key
+        self._signatures: dict[int, bytes] = {}  # defended: signatures over the survivor set
         self._advertised: frozenset[int] = frozenset()  # U1
         self._ciphertexts: dict[int, dict[int, bytes]] = {}  # sender -> receiver -> sealed pair
         self._shared: frozenset[int] = frozenset()  # U2
@@ -342,6 +414,7 @@ class SecAggPlusServer(AggregationServer):
                 Stage.ADVERTISE: self._on_keys,
                 Stage.SHARE: self._on_shares,
                 Stage.MASKED: self._on_masked,
+                Stage.CONSISTENCY: self._on_consistency,
                 Stage.UNMASK: self._on_unmask,
             }[self._stage]
             handle(i, body)
@@ -384,7 +457,20 @@ class SecAggPlusServer(AggregationServer):
                 raise ValueError("invalid X25519 public key") from None
         if len(body.seed_commitment) != 32:
             raise ValueError("seed commitment is not 32 bytes")
-        self._keys[i] = (body.cipher_public_key, body.mask_public_key, body.seed_commitment)
+        if self._defended:
+            signer = self._verifier.key(body.certificate)
+            verify_signature(signer, body.signature, keys_message(self.round_id, body))
+            mine = fingerprint(body.certificate)
+            if any(fingerprint(k.certificate) == mine for k in self._keys.values()):
+                raise ValueError("a certificate another participant of this round already presented")
+            self._signers[i] = signer
+        self._keys[i] = body
+
+    def _on_consistency(self, i: int, body: secagg_pb2.SecAggConsistencyResponse) -> None:
+        verify_signature(
+            self._signers[i], body.signature, survivors_message(self.round_id, self._contributors)
+        )
+        self._signatures[i] = body.signature
 
     def _on_shares(self, i: int, body: secagg_pb2.SecAggShareKeys) -> None:
         expected = self._graph[i] & self._advertised
@@ -457,7 +543,7 @@ class SecAggPlusServer(AggregationServer):
             if self._active <= self._responded | self._muted:
                 return self._abort(self._shortfall())
             return []
-        if self._active <= self._responded:
+        if self._active <= self._responded | self._muted:
             return [CancelTimer(self._timer(self._stage)), *self._close(now)]
         return []
 
@@ -466,7 +552,9 @@ class SecAggPlusServer(AggregationServer):
             return self._close_advertise(now)
         if self._stage is Stage.SHARE:
             return self._close_share(now)
-        return self._close_masked(now)
+        if self._stage is Stage.MASKED:
+            return self._close_masked(now)
+        return self._close_consistency(now)
 
     def _next(self, stage: Stage, awaited: Iterable[int], now: float) -> SetTimer:
         self._stage, self._active, self._responded = stage, set(awaited), set()
@@ -492,7 +580,12 @@ class SecAggPlusServer(AggregationServer):
         for i in sorted(advertised):
             neighbours = [
                 secagg_pb2.SecAggNeighbourKeys(
-                    index=j, cipher_public_key=self._keys[j][0], mask_public_key=self._keys[j][1]
+                    index=j,
+                    cipher_public_key=self._keys[j].cipher_public_key,
+                    mask_public_key=self._keys[j].mask_public_key,
+                    seed_commitment=self._keys[j].seed_commitment if self._defended else b"",
+                    certificate=self._keys[j].certificate,
+                    signature=self._keys[j].signature,
                 )
                 for j in sorted(self._graph[i] & advertised)
             ]
@@ -538,8 +631,36 @@ class SecAggPlusServer(AggregationServer):
         self._dropped = tuple(j for j in sorted(self._shared - survivors) if self._graph[j] & survivors)
         self._seed_shares = {i: {} for i in survivors}
         self._key_shares = {j: {} for j in self._dropped}
-        request = secagg_pb2.SecAggUnmaskRequest(dropped=self._dropped, survivors=sorted(survivors))
         awaited = sorted(survivors - self._muted)
+        if not self._defended:
+            return self._request_unmask(awaited, [], now)
+        request = secagg_pb2.SecAggConsistencyRequest(survivors=sorted(survivors))
+        actions: list[Action] = [
+            Send(self._address[i], self._message(consistency_request=request)) for i in awaited
+        ]
+        actions.append(self._next(Stage.CONSISTENCY, awaited, now))
+        return actions
+
+    def _close_consistency(self, now: float) -> list[Action]:
+        signed = sorted(self._signatures)
+        if len(signed) < self._params.threshold:
+            return self._abort(
+                f"{len(signed)} participants signed the survivor set, below the threshold {self._params.threshold}"
+            )
+        signatures = [
+            secagg_pb2.SecAggSurvivorSignature(
+                index=i, certificate=self._keys[i].certificate, signature=self._signatures[i]
+            )
+            for i in signed
+        ]
+        return self._request_unmask(signed, signatures, now)
+
+    def _request_unmask(
+        self, awaited: list[int], signatures: list[secagg_pb2.SecAggSurvivorSignature], now: float
+    ) -> list[Action]:
+        request = secagg_pb2.SecAggUnmaskRequest(
+            dropped=self._dropped, survivors=sorted(self._contributors), signatures=signatures
+        )
         actions: list[Action] = [
             Send(self._address[i], self._message(unmask_request=request)) for i in awaited
         ]
@@ -566,7 +687,7 @@ class SecAggPlusServer(AggregationServer):
             for i in survivors:
                 seed = shamir.combine(_first(self._seed_shares[i], t))
                 try:
-                    if crypto.seed_commitment(seed, self.round_id) != self._keys[i][2]:
+                    if crypto.seed_commitment(seed, self.round_id) != self._keys[i].seed_commitment:
                         raise ValueError(f"the seed of #{i} does not match its commitment")
                     masks.append((crypto.derive_key(seed, self.round_id, crypto.Purpose.SELF_MASK, i, 0), -1))
                 finally:
@@ -575,21 +696,31 @@ class SecAggPlusServer(AggregationServer):
                 secret = shamir.combine(_first(self._key_shares[j], t))
                 key = crypto.private_key(secret)
                 secret[:] = bytes(len(secret))
-                if crypto.public_bytes(key) != self._keys[j][1]:
+                if crypto.public_bytes(key) != self._keys[j].mask_public_key:
                     raise ValueError(f"the key of #{j} does not match its public key")
                 for i in sorted(self._graph[j] & self._contributors):
                     sign = 1 if i < j else -1  # the sign of the (i, j) mask in i's input
-                    masks.append(
-                        (crypto.pair_key(crypto.agree(key, self._keys[i][1]), self.round_id, i, j), -sign)
-                    )
+                    shared = crypto.agree(key, self._keys[i].mask_public_key)
+                    masks.append((crypto.pair_key(shared, self.round_id, i, j), -sign))
         except ValueError as e:
             masks.clear()
             return self._abort(f"unmasking failed: {e}")
         assert self._sum is not None
         crypto.apply_masks(self._sum, masks, self._chunk)
         masks.clear()
-        weight_sum = sum(self._weights[self._address[i]] for i in survivors)
-        self._outcome = AggregateResult(self._params.codec.decode(self._sum), weight_sum, len(survivors))
+        weights = [self._weights[self._address[i]] for i in survivors]
+        total = self._params.codec.decode(self._sum)
+        # Each input's norm is at most C, so ||sum w_i x_i|| <= sum max(1, w_i) * C, plus the
+        # fixed-point error: beyond it, an input was out of range (it wrapped the ring).
+        bound = sum(max(1.0, abs(w)) for w in weights) * self._norm_bound
+        bound += self._params.codec.error_bound(len(survivors)) * math.sqrt(total.size)
+        norm = float(np.linalg.norm(total))
+        if not norm <= bound:
+            return self._abort(
+                f"the decoded sum's norm {norm:.6g} exceeds {len(survivors)} contributors x C = {bound:.6g}: "
+                "an input was out of range"
+            )
+        self._outcome = self._seal.seal(total, sum(weights), len(survivors))
         return self._end()
 
     def _abort(self, reason: str) -> list[Action]:
@@ -610,8 +741,9 @@ class SecAggPlusServer(AggregationServer):
 class SecAggPlusClient(AggregationClient):
     """Participant side of one SecAgg+ round. Keeps a reference to `vector` until it masks it.
 
-    A malformed or inconsistent server message ends its participation (`failure`, nothing more
-    sent); a neighbour's share that fails authentication is ignored and listed in `rejected`.
+    A malformed or inconsistent server message, or an input it cannot encode, ends its
+    participation (`failure`, nothing more sent); a neighbour's share that fails authentication
+    is ignored and listed in `rejected`. Each refusal is also returned as an `Emit` event.
     """
 
     def __init__(
@@ -631,10 +763,15 @@ class SecAggPlusClient(AggregationClient):
         self._provenance = provenance
         self._chunk, self._entropy = config.chunk, config.entropy
         self._stochastic = config.stochastic_rounding
+        self._defended, self._signer, self._verifier = config.defended, config.signer, config.verifier
         self.failure: str | None = None
         self.rejected: dict[int, str] = {}  # neighbour index -> why its shares were not kept
+        self.refused_values = OutOfRange(0, 0, 0)  # what the input held that no encoding may carry
         self.log: list[str] = []
+        self._events: list[Emit] = []  # refusals not yet returned to the caller
         try:
+            if self._defended and self._signer is None:
+                raise ValueError("a defended round needs this participant's certificate and key")
             self._params: RoundParameters | None = config.parameters(request.participants)
         except ValueError as e:
             self._params, self.failure = None, f"unusable aggregation request: {e}"
@@ -644,6 +781,10 @@ class SecAggPlusClient(AggregationClient):
         self._mask_key: X25519PrivateKey | None = None
         self._seed = bytearray()
         self._peers: dict[int, tuple[bytes, bytes]] = {}  # neighbour -> (c_pk, s_pk)
+        self._certificates: dict[
+            int, tuple[bytes, PublicKey]
+        ] = {}  # defended: neighbour -> its certified key
+        self._survivors: frozenset[int] | None = None  # defended: the survivor set it signed
         self._seed_shares: dict[int, int] = {}  # owner -> the share of owner's seed held here
         self._key_shares: dict[int, int] = {}
         self._done = False
@@ -652,13 +793,16 @@ class SecAggPlusClient(AggregationClient):
     def done(self) -> bool:
         return self._done
 
-    def _send(self, **body: Message) -> list[Action]:
+    def _send(self, **body: Message) -> list[PlaneAction]:
         return [Send(self._server, secagg_pb2.SecAggMessage(round_id=self._round, **body))]
 
-    def start(self, now: float) -> list[Action]:
+    def _event(self, kind: str, **fields: object) -> Emit:
+        return Emit(kind, {"round_id": self._round, **fields})
+
+    def start(self, now: float) -> list[PlaneAction]:
         if self._params is None:
             self._done = True
-            return []
+            return [self._event("secagg_client_failure", reason=self.failure)] if self.failure else []
         if self._awaiting is not None or self._done:
             return []  # started already
         self._cipher_key = crypto.private_key(self._entropy(crypto.KEY_BYTES))
@@ -669,10 +813,13 @@ class SecAggPlusClient(AggregationClient):
             mask_public_key=crypto.public_bytes(self._mask_key),
             seed_commitment=crypto.seed_commitment(self._seed, self._round),
         )
+        if self._defended:
+            keys.certificate = self._signer.certificate
+            keys.signature = self._signer.sign(keys_message(self._round, keys))
         self._awaiting = "roster"
         return self._send(advertise_keys=keys)
 
-    def receive(self, now: float, message: Message) -> list[Action]:
+    def receive(self, now: float, message: Message) -> list[PlaneAction]:
         if self._done:
             return []
         if not isinstance(message, secagg_pb2.SecAggMessage) or message.round_id != self._round:
@@ -685,16 +832,25 @@ class SecAggPlusClient(AggregationClient):
         handler = {
             "roster": self._on_roster,
             "forwarded_shares": self._on_forwarded,
+            "consistency_request": self._on_consistency,
             "unmask_request": self._on_unmask,
         }[kind]
         try:
-            return handler(getattr(message, kind))
+            actions = handler(getattr(message, kind))
+        except InputRefused as e:
+            self.failure, self.refused_values = str(e), e.counts
+            self._erase()
+            self._events.append(self._event("secagg_input_refused", **e.counts._asdict(), clip=e.clip))
+            actions = []
         except ValueError as e:
             self.failure = f"{kind}: {e}"
             self._erase()
-            return []
+            self._events.append(self._event("secagg_client_failure", reason=self.failure))
+            actions = []
+        events, self._events = self._events, []
+        return [*events, *actions]
 
-    def _on_roster(self, roster: secagg_pb2.SecAggRoster) -> list[Action]:
+    def _on_roster(self, roster: secagg_pb2.SecAggRoster) -> list[PlaneAction]:
         assert self._params is not None and self._cipher_key is not None and self._mask_key is not None
         p = self._params
         if (roster.threshold, roster.degree, roster.bits) != (p.threshold, p.degree, p.codec.bits):
@@ -710,6 +866,8 @@ class SecAggPlusClient(AggregationClient):
         for nb in roster.neighbours:
             if nb.index not in allowed or nb.index in peers:
                 raise ValueError(f"#{nb.index} is not a neighbour of #{i}, or repeated")
+            if self._defended:
+                self._check_neighbour(nb)
             peers[nb.index] = (nb.cipher_public_key, nb.mask_public_key)
         if len(peers) + 1 < p.threshold:
             raise ValueError(f"{len(peers)} neighbours cannot hold {p.threshold} shares")
@@ -733,8 +891,22 @@ class SecAggPlusClient(AggregationClient):
         self._awaiting = "forwarded_shares"
         return self._send(share_keys=secagg_pb2.SecAggShareKeys(shares=sealed))
 
-    def _on_forwarded(self, forwarded: secagg_pb2.SecAggForwardedShares) -> list[Action]:
-        assert self._cipher_key is not None
+    def _check_neighbour(self, nb: secagg_pb2.SecAggNeighbourKeys) -> None:
+        """A defended round: the neighbour's keys are signed by a certified peer of this one,
+        and no certificate stands for two participants."""
+        mine = fingerprint(self._signer.certificate)
+        seen = {fingerprint(c) for c, _ in self._certificates.values()}
+        if fingerprint(nb.certificate) in seen | {mine}:
+            raise ValueError(f"#{nb.index} presents a certificate of another participant")
+        key = self._verifier.peer(nb.certificate, self._signer)
+        try:
+            verify_signature(key, nb.signature, keys_message(self._round, nb))
+        except ValueError:
+            raise ValueError(f"the keys of #{nb.index} do not carry its signature (substituted?)") from None
+        self._certificates[nb.index] = (nb.certificate, key)
+
+    def _on_forwarded(self, forwarded: secagg_pb2.SecAggForwardedShares) -> list[PlaneAction]:
+        assert self._cipher_key is not None and self._params is not None
         i, senders = self._index, []
         for share in forwarded.shares:
             j = share.index
@@ -758,26 +930,42 @@ class SecAggPlusClient(AggregationClient):
                 )
             except ValueError as e:
                 self.rejected[j] = str(e)
+                self._events.append(self._event("secagg_share_rejected", neighbour=j, reason=str(e)))
                 continue
             self._seed_shares[j], self._key_shares[j] = seed_y, key_y
+        valid = len(self._key_shares) - 1
+        if valid < self._params.threshold - 1:
+            # With fewer pairwise masks the server could reconstruct this input from the self-mask alone.
+            raise ValueError(
+                f"valid shares from {valid} neighbours, below t - 1 = {self._params.threshold - 1}"
+            )
         masked = self._mask(senders)
         self._seed[:] = bytes(len(self._seed))
         self._cipher_key = self._mask_key = None
         self._vector = None
-        self._awaiting = "unmask_request"
+        self._awaiting = "consistency_request" if self._defended else "unmask_request"
         return self._send(masked_input=secagg_pb2.SecAggMaskedInput(masked=masked))
 
     def _mask(self, neighbours: list[int]) -> tensor_pb2.TensorPayload:
-        """The encoded w_i * x_i plus the self mask and the masks shared with `neighbours`."""
+        """The encoded w_i * x_i plus the self mask and the masks shared with `neighbours`.
+
+        InputRefused when w_i * x_i holds a NaN, an infinity or a value beyond the clip.
+        """
         assert self._params is not None and self._vector is not None and self._mask_key is not None
         codec, i, chunk = self._params.codec, self._index, self._chunk
         rng = np.random.default_rng(int.from_bytes(self._entropy(16), "little")) if self._stochastic else None
         x = self._vector
         y = np.empty(x.size, dtype=codec.dtype)
+        refused = OutOfRange(0, 0, 0)
         for start in range(0, x.size, chunk):
-            y[start : start + chunk] = codec.encode(
-                x[start : start + chunk].astype(np.float64) * self._weight, rng
-            )
+            weighted = x[start : start + chunk].astype(np.float64) * self._weight
+            counts = codec.out_of_range(weighted)
+            refused += counts
+            if not refused.total:
+                y[start : start + chunk] = codec.encode(weighted, rng)
+        if refused.total:
+            y.fill(0)
+            raise InputRefused(refused, codec.clip)
         masks = [(crypto.derive_key(self._seed, self._round, crypto.Purpose.SELF_MASK, i, 0), 1)]
         for j in neighbours:
             secret = crypto.agree(self._mask_key, self._peers[j][1])
@@ -792,19 +980,64 @@ class SecAggPlusClient(AggregationClient):
             data=y.tobytes(),
         )
 
-    def _on_unmask(self, request: secagg_pb2.SecAggUnmaskRequest) -> list[Action]:
+    def _check_survivors(self, survivors: list[int]) -> frozenset[int]:
         assert self._params is not None
-        dropped, survivors = set(request.dropped), set(request.survivors)
-        if len(dropped) != len(request.dropped) or len(survivors) != len(request.survivors):
+        members = frozenset(survivors)
+        if len(members) != len(survivors):
+            raise ValueError("repeated index")
+        if not members <= set(range(1, self._params.participants + 1)):
+            raise ValueError("index out of range")
+        if self._index not in members:
+            raise ValueError("this participant is not listed among the survivors")
+        if len(members) < self._params.threshold:
+            raise ValueError(f"{len(members)} survivors, below the threshold {self._params.threshold}")
+        return members
+
+    def _on_consistency(self, request: secagg_pb2.SecAggConsistencyRequest) -> list[PlaneAction]:
+        """A defended round: sign the survivor set, once; shares are revealed only for it."""
+        self._survivors = self._check_survivors(list(request.survivors))
+        signature = self._signer.sign(survivors_message(self._round, self._survivors))
+        self._awaiting = "unmask_request"
+        return self._send(consistency_response=secagg_pb2.SecAggConsistencyResponse(signature=signature))
+
+    def _check_signatures(self, request: secagg_pb2.SecAggUnmaskRequest) -> None:
+        """A defended round: at least t distinct certified participants signed the survivor set
+        this participant signed."""
+        assert self._params is not None and self._survivors is not None
+        if frozenset(request.survivors) != self._survivors:
+            raise ValueError("the survivor set differs from the one this participant signed")
+        message = survivors_message(self._round, self._survivors)
+        indices, certificates = set(), set()
+        for entry in request.signatures:
+            if entry.index not in self._survivors or entry.index in indices:
+                raise ValueError(f"a signature of #{entry.index}: not a survivor, or repeated")
+            known = (
+                (self._signer.certificate, self._signer.public_key)
+                if entry.index == self._index
+                else self._certificates.get(entry.index)
+            )
+            if known is not None and entry.certificate != known[0]:
+                raise ValueError(f"the signature of #{entry.index} comes with another certificate")
+            key = known[1] if known is not None else self._verifier.peer(entry.certificate, self._signer)
+            if fingerprint(entry.certificate) in certificates:
+                raise ValueError("one certificate signed for two participants")
+            verify_signature(key, entry.signature, message)
+            indices.add(entry.index)
+            certificates.add(fingerprint(entry.certificate))
+        if len(indices) < self._params.threshold:
+            raise ValueError(f"{len(indices)} signatures on the survivor set, below the threshold")
+
+    def _on_unmask(self, request: secagg_pb2.SecAggUnmaskRequest) -> list[PlaneAction]:
+        assert self._params is not None
+        if self._defended:
+            self._check_signatures(request)
+        dropped, survivors = set(request.dropped), self._check_survivors(list(request.survivors))
+        if len(dropped) != len(request.dropped):
             raise ValueError("repeated index")
         if dropped & survivors:
             raise ValueError("a participant is listed both as dropped and as a survivor")
-        if not dropped | survivors <= set(range(1, self._params.participants + 1)):
+        if not dropped <= set(range(1, self._params.participants + 1)):
             raise ValueError("index out of range")
-        if self._index not in survivors:
-            raise ValueError("this participant is not listed among the survivors")
-        if len(survivors) < self._params.threshold:
-            raise ValueError(f"{len(survivors)} survivors, below the threshold {self._params.threshold}")
         response = secagg_pb2.SecAggUnmaskResponse(
             seed_shares=[
                 secagg_pb2.SecAggShare(owner=o, value=shamir.to_bytes(y))
@@ -828,3 +1061,14 @@ class SecAggPlusClient(AggregationClient):
         self._seed_shares.clear()
         self._key_shares.clear()
         self._done = True
+
+
+class InputRefused(ValueError):
+    """A participant's weighted input holds values no encoding may carry; it submits nothing."""
+
+    def __init__(self, counts: OutOfRange, clip: float) -> None:
+        self.counts, self.clip = counts, clip
+        super().__init__(
+            f"input refused: {counts.nan} NaN, {counts.inf} infinite and {counts.beyond_clip} values beyond "
+            f"+-{clip} (never clipped or zeroed)"
+        )

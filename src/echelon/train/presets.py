@@ -1,10 +1,14 @@
-"""Architectures of the built-in model presets, as plain data (no ML framework imported), so
-checks can size a run before any model is built."""
+"""Built-in model presets as plain Llama config fields (no ML framework imported here).
+
+`tiny` is a randomly initialised Llama of a few million parameters with a byte-level vocabulary,
+trainable on two CPU cores. Yellowstone plans it from these same fields (`echelon plan --model
+tiny`), `echelon.train.model` builds it from them, and preflight sizes a run from them before any
+model is built, so what is planned and checked is what is run.
+"""
 
 from __future__ import annotations
 
-# The `tiny` preset: a few million parameters, trainable on two CPU cores.
-TINY_LLAMA = dict(
+TINY_LLAMA: dict[str, int | float | bool] = dict(
     vocab_size=260,
     hidden_size=256,
     intermediate_size=688,

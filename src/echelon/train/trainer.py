@@ -119,6 +119,9 @@ class LocalTrainer:
         """The state the planes exchange at the start: the trainable parameters theta."""
         return self.bundle.get_vector()
 
+    def close(self) -> None:
+        """Release what local rounds hold outside this process (nothing here; see PlannedTrainer)."""
+
     def model_part(self, state: torch.Tensor) -> torch.Tensor:
         """The model parameters within an exchanged state."""
         return state

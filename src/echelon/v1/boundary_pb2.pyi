@@ -81,9 +81,18 @@ class CadenceUpdate(_message.Message):
     interval: int
     def __init__(self, interval: _Optional[int] = ...) -> None: ...
 
+class AuditHead(_message.Message):
+    __slots__ = ("seq", "hash")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    hash: bytes
+    def __init__(self, seq: _Optional[int] = ..., hash: _Optional[bytes] = ...) -> None: ...
+
 class CrossBoundaryEnvelope(_message.Message):
-    __slots__ = ("boundary_id", "status", "sync_request", "boundary_delta", "global_reference", "cadence", "outer_aggregation")
+    __slots__ = ("boundary_id", "audit_head", "status", "sync_request", "boundary_delta", "global_reference", "cadence", "outer_aggregation")
     BOUNDARY_ID_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_HEAD_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     SYNC_REQUEST_FIELD_NUMBER: _ClassVar[int]
     BOUNDARY_DELTA_FIELD_NUMBER: _ClassVar[int]
@@ -91,10 +100,11 @@ class CrossBoundaryEnvelope(_message.Message):
     CADENCE_FIELD_NUMBER: _ClassVar[int]
     OUTER_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     boundary_id: str
+    audit_head: AuditHead
     status: BoundaryStatus
     sync_request: SyncRequest
     boundary_delta: BoundaryDelta
     global_reference: GlobalReference
     cadence: CadenceUpdate
     outer_aggregation: OuterAggregation
-    def __init__(self, boundary_id: _Optional[str] = ..., status: _Optional[_Union[BoundaryStatus, _Mapping]] = ..., sync_request: _Optional[_Union[SyncRequest, _Mapping]] = ..., boundary_delta: _Optional[_Union[BoundaryDelta, _Mapping]] = ..., global_reference: _Optional[_Union[GlobalReference, _Mapping]] = ..., cadence: _Optional[_Union[CadenceUpdate, _Mapping]] = ..., outer_aggregation: _Optional[_Union[OuterAggregation, _Mapping]] = ...) -> None: ...
+    def __init__(self, boundary_id: _Optional[str] = ..., audit_head: _Optional[_Union[AuditHead, _Mapping]] = ..., status: _Optional[_Union[BoundaryStatus, _Mapping]] = ..., sync_request: _Optional[_Union[SyncRequest, _Mapping]] = ..., boundary_delta: _Optional[_Union[BoundaryDelta, _Mapping]] = ..., global_reference: _Optional[_Union[GlobalReference, _Mapping]] = ..., cadence: _Optional[_Union[CadenceUpdate, _Mapping]] = ..., outer_aggregation: _Optional[_Union[OuterAggregation, _Mapping]] = ...) -> None: ...

@@ -25,13 +25,13 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x63helon/v1/options.proto\x12\nechelon.v1\x1a google/protobuf/descriptor.proto*o\n\tFlowClass\x12\x1a\n\x16\x46LOW_CLASS_UNSPECIFIED\x10\x00\x12\r\n\tAGGREGATE\x10\x01\x12\x0b\n\x07\x43ONTROL\x10\x02\x12\r\n\tTELEMETRY\x10\x03\x12\t\n\x05\x41UDIT\x10\x04\x12\x10\n\x0c\x44\x45VICE_LOCAL\x10\x05:L\n\nflow_class\x12\x1f.google.protobuf.MessageOptions\x18\xd1\x86\x03 \x01(\x0e\x32\x15.echelon.v1.FlowClass:2\n\tmax_bytes\x12\x1d.google.protobuf.FieldOptions\x18\xdb\x86\x03 \x01(\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x63helon/v1/options.proto\x12\nechelon.v1\x1a google/protobuf/descriptor.proto*\x87\x01\n\tFlowClass\x12\x1a\n\x16\x46LOW_CLASS_UNSPECIFIED\x10\x00\x12\r\n\tAGGREGATE\x10\x01\x12\x0b\n\x07\x43ONTROL\x10\x02\x12\r\n\tTELEMETRY\x10\x03\x12\t\n\x05\x41UDIT\x10\x04\x12\x10\n\x0c\x44\x45VICE_LOCAL\x10\x05\x12\x16\n\x12SECURE_AGGREGATION\x10\x06:L\n\nflow_class\x12\x1f.google.protobuf.MessageOptions\x18\xd1\x86\x03 \x01(\x0e\x32\x15.echelon.v1.FlowClass:2\n\tmax_bytes\x12\x1d.google.protobuf.FieldOptions\x18\xdb\x86\x03 \x01(\x04:2\n\tmax_count\x12\x1d.google.protobuf.FieldOptions\x18\xdc\x86\x03 \x01(\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'echelon.v1.options_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FLOWCLASS']._serialized_start=74
-  _globals['_FLOWCLASS']._serialized_end=185
+  _globals['_FLOWCLASS']._serialized_start=75
+  _globals['_FLOWCLASS']._serialized_end=210
 # @@protoc_insertion_point(module_scope)

@@ -1,7 +1,7 @@
 """`echelon plan FLEET.yaml --model PRESET_OR_DIR`: compile a fleet and a model into a training plan.
 
 Writes plan.json (see `echelon.yellowstone.plan` for the schema), plan.schema.json and plan.png to
---out, and prints the plan; --explain adds the reasons for each choice.
+--out, and prints the plan; --explain adds the reasons for each choice. Exit status: `EXIT_STATUS`.
 """
 
 from __future__ import annotations
@@ -23,17 +23,31 @@ from echelon.yellowstone.planner import plan_fleet
 from echelon.yellowstone.render import render_png, render_text
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _count(most: int):
+    """A whole number from 1 to `most` (larger values describe no real training run)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not 1 <= value <= most:
+            raise argparse.ArgumentTypeError(f"must be from 1 to {most:,}, got {value:,}")
+        return value
+
+    return parse
+
+
+EXIT_STATUS = """exit status:
+  0  plan written; every boundary planned and every check passed
+  1  plan written, but a check failed (printed as FAILED)
+  2  bad input (file, field or flag), or no boundary can be planned; nothing is written
+  3  plan written for the other boundaries; a boundary was refused (named, with the reason)"""
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EXIT_STATUS
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("fleet", type=Path, help="fleet file (YAML); see examples/fleets/")
     parser.add_argument(
         "--model", required=True, help=f"a preset ({', '.join(PRESETS)}) or a directory with config.json"
@@ -47,14 +61,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.set_defaults(trainable="lora")
     parser.add_argument(
-        "--lora-rank", type=_positive, default=16, help="LoRA rank r (adapters on q_proj, v_proj)"
+        "--lora-rank", type=_count(4096), default=16, help="LoRA rank r (adapters on q_proj, v_proj)"
     )
     parser.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16")
-    parser.add_argument("--seq-len", type=_positive, default=2048, help="tokens per sequence")
+    parser.add_argument("--seq-len", type=_count(2**20), default=2048, help="tokens per sequence")
     parser.add_argument(
-        "--micro-batch", type=_positive, default=4, help="sequences per micro-batch and replica"
+        "--micro-batch", type=_count(4096), default=4, help="sequences per micro-batch and replica"
     )
-    parser.add_argument("--micro-batches", type=_positive, default=8, help="micro-batches per step (1F1B)")
+    parser.add_argument("--micro-batches", type=_count(4096), default=8, help="micro-batches per step (1F1B)")
     parser.add_argument(
         "--out", type=Path, default=None, help="output directory (default runs/plan-<fleet name>)"
     )
@@ -63,10 +77,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     fleet = load_fleet(args.fleet)
-    name, shape = resolve_model(args.model)
+    name, shape, source = resolve_model(args.model)
     profile = build_profile(
         name, shape, trainable=args.trainable, dtype=args.dtype, seq_len=args.seq_len,
-        micro_batch=args.micro_batch, lora_rank=args.lora_rank,
+        micro_batch=args.micro_batch, lora_rank=args.lora_rank, source=source,
     )  # fmt: skip
     plan = plan_fleet(fleet, profile, CostSettings(micro_batches=args.micro_batches))
     out = args.out or Path("runs") / f"plan-{fleet.name}"
@@ -79,4 +93,6 @@ def run(args: argparse.Namespace) -> int:
     console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
     render_text(plan, console, explain=args.explain)
     console.print(f"wrote {out / 'plan.json'}, {out / 'plan.schema.json'} and {out / 'plan.png'}")
-    return 0 if all(c.ok for c in plan.checks) else 1
+    if not all(c.ok for c in plan.checks):
+        return 1
+    return 3 if plan.refused else 0

@@ -3,6 +3,16 @@
 Compute is the achieved rate of a square matmul timed with torch (fp32 on the CPU, bf16 on CUDA
 devices), in TFLOP/s; memory is the physical memory (CPU) or the device's total memory (CUDA).
 The entries need the user's boundary, site and access tier (flags, or edit the output).
+
+With `--model`, each device also gets a `measured_steps` entry: one training step of that model
+timed on it, which the planner's cost model calibrates against. `--ranks N` splits this machine's
+CPU into N devices (the processes `echelon execute` runs), timed while all N run at once, and
+`--fleet NAME` writes a whole fleet file with this host as one site whose network is measured
+between two local processes over gloo.
+
+With `--peer`, it measures the link to another host instead (`probe`): run
+`echelon profile --peer :PORT --site A` on one host and `echelon profile --peer HOST:PORT --site B`
+on the other; both print the same `links` entry.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from echelon.errors import UserError
 from echelon.rundir import write_atomic
 
 GIB = 1024**3
@@ -25,7 +36,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--boundary", default="my-boundary", help="boundary id for the entries")
     parser.add_argument("--site", default=None, help="site id (default: this host's name)")
     parser.add_argument("--access-tier", default="internal", help="access tier the devices are cleared for")
-    parser.add_argument("--seconds", type=float, default=0.5, help="timing budget per device")
+    parser.add_argument(
+        "--seconds", type=float, default=0.5, help="timing budget per device (per direction with --peer)"
+    )
+    parser.add_argument(
+        "--peer",
+        default=None,
+        metavar="HOST:PORT",
+        help="measure the link to another host instead: HOST:PORT dials a peer waiting with --peer :PORT",
+    )
+    parser.add_argument(
+        "--model", default=None, help="time a training step of this model (tiny or a checkpoint dir)"
+    )
+    parser.add_argument("--trainable", choices=("lora", "full"), default="lora")
+    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--micro-batch", type=int, default=4, help="sequences of the timed step")
+    parser.add_argument("--ranks", type=int, default=None, help="split this machine's CPU into N devices")
+    parser.add_argument("--fleet", default=None, help="write a whole fleet file with this name")
 
 
 def matmul_tflops(device: str, seconds: float) -> float:
@@ -76,19 +104,92 @@ def measure(seconds: float) -> list[dict]:
     return out
 
 
-def run(args: argparse.Namespace) -> int:
-    site = args.site or socket.gethostname().split(".")[0] or "site"
-    devices = [
-        {**d, "boundary": args.boundary, "site": site, "access_tier": args.access_tier, "reliability": 0.99}
-        for d in measure(args.seconds)
+def cpu_ranks(ranks: int, seconds: float) -> list[dict]:
+    """This machine's CPU as `ranks` devices: memory and cores split evenly."""
+    host = socket.gethostname().split(".")[0] or "host"
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    threads = max(1, (os.cpu_count() or 1) // ranks)
+    import torch
+
+    torch.set_num_threads(threads)
+    tflops = round(matmul_tflops("cpu", seconds), 4)
+    return [
+        {"id": f"{host}-cpu{r}", "memory_gib": round(memory / ranks / GIB, 2), "tflops": tflops}
+        for r in range(ranks)
     ]
+
+
+def _with_steps(devices: list[dict], args: argparse.Namespace) -> list[dict]:
+    from echelon.yellowstone.measure import StepProbe, measure_model_steps
+    from echelon.yellowstone.model_profile import resolve_model
+
+    name, _shape, source = resolve_model(args.model)
+    threads = max(1, (os.cpu_count() or 1) // len(devices)) if args.ranks else (os.cpu_count() or 1)
+    probe = StepProbe(source, args.trainable, args.lora_rank, args.seq_len, args.micro_batch, threads=threads)
+    steps = measure_model_steps(probe, len(devices))
+    measured = dict(model=name, trainable=args.trainable, seq_len=args.seq_len, micro_batch=args.micro_batch)
+    return [
+        {**d, "measured_steps": [{**measured, "step_s": round(s, 5)}]}
+        for d, s in zip(devices, steps, strict=True)
+    ]
+
+
+def run_peer(args: argparse.Namespace, site: str) -> int:
+    """Measure the link to a peer and print (or write) it as a fleet `links` entry."""
+    from echelon.yellowstone.probe import dial, parse_peer, wait
+
+    if not 0 < args.seconds <= 60:
+        raise UserError(f"--seconds {args.seconds}: give from more than 0 to 60 seconds per direction")
+    host, port = parse_peer(args.peer)
+    if host:
+        measured = dial(host, port, site, args.seconds)
+    else:
+        print(f"waiting for a peer on port {port} (run `echelon profile --peer THIS_HOST:{port}` there)")
+        measured = wait(port, site, args.seconds)
     text = (
-        f"# measured by `echelon profile` on {site}; paste under `devices:` of a fleet file\n"
-        + yaml.safe_dump({"devices": devices}, sort_keys=False)
+        f"# measured by `echelon profile --peer`: {measured.gbps_out:.3f} Gbit/s {measured.sites[0]} -> "
+        f"{measured.sites[1]}, {measured.gbps_back:.3f} back; paste under `links:` of a fleet file\n"
+        + yaml.safe_dump({"links": [measured.entry()]}, sort_keys=False, default_flow_style=None)
     )
+    _emit(args, text, "1 link entry")
+    return 0
+
+
+def _emit(args: argparse.Namespace, text: str, what: str) -> None:
     if args.out is None:
         print(text, end="")
     else:
         write_atomic(args.out, text)
-        print(f"wrote {len(devices)} device entries to {args.out}")
+        print(f"wrote {what} to {args.out}")
+
+
+def run(args: argparse.Namespace) -> int:
+    site = args.site or socket.gethostname().split(".")[0] or "site"
+    if args.peer is not None:
+        return run_peer(args, site)
+    measured = cpu_ranks(args.ranks, args.seconds) if args.ranks else measure(args.seconds)
+    if args.model is not None:
+        measured = _with_steps(measured, args)
+    devices = [
+        {**d, "boundary": args.boundary, "site": site, "access_tier": args.access_tier, "reliability": 0.99}
+        for d in measured
+    ]
+    if args.fleet is not None:
+        from echelon.yellowstone.measure import measure_local_link
+
+        bandwidth, latency = measure_local_link()
+        fleet = {
+            "name": args.fleet,
+            "access_tiers": sorted({"public", args.access_tier}, key=lambda t: t != "public"),
+            "boundaries": [{"id": args.boundary, "data_tier": args.access_tier}],
+            "sites": [{"id": site, "bandwidth_gbps": round(bandwidth, 3), "latency_ms": round(latency, 4)}],
+            "devices": devices,
+        }
+        text = f"# measured by `echelon profile` on {site}\n" + yaml.safe_dump(fleet, sort_keys=False)
+    else:
+        text = (
+            f"# measured by `echelon profile` on {site}; paste under `devices:` of a fleet file\n"
+            + yaml.safe_dump({"devices": devices}, sort_keys=False)
+        )
+    _emit(args, text, f"{len(devices)} device entries")
     return 0

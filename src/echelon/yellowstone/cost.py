@@ -6,14 +6,17 @@ its compute time per micro-batch is F x max_d(share_d x seq_len / speed_d). Para
 cluster, chosen as the fastest that fits every device: DDP, DDP with activation checkpointing,
 FSDP, FSDP with checkpointing (FSDP only on two or more devices).
 
-- point to point between stages: alpha + bytes / beta on the slowest link between the clusters,
-  once forward (activations) and once backward (their gradients), charged to the sender;
+- point to point between stages: alpha + bytes / beta over the route between the clusters' sites
+  (`network`: summed latency, slowest hop, the share of it other replicas leave free), once
+  forward (activations) and once backward (their gradients), charged to the sender;
 - ring all-reduce 2(n-1) alpha + 2(n-1)/n S/beta (DDP gradients, once per step); FSDP all-gathers
   the weights twice per micro-batch (three times with checkpointing) and reduce-scatters the
   gradients once, each (n-1) alpha + (n-1)/n S/beta;
 - memory per device, DDP: state + activations; FSDP: state / n + the largest unsharded unit +
   activations; plus a fixed runtime overhead, against `memory_headroom` of the device's memory;
   1F1B keeps min(S - k, m) micro-batches in flight on stage k of S;
+- the loss head is budgeted as the executor runs it (`loss_bytes_per_token`): a stock
+  `torch.nn.functional.cross_entropy` over logits upcast to float32;
 - a cluster's time per micro-batch G is the sum of its stages (the first cluster of a U-shaped
   pipeline runs two: the input stage and the head); the step takes
   sum_k T_k + (m - 1) max_g G_g + max_g AR_g, and the bubble is 1 - m max_g G_g / pipeline time.
@@ -24,6 +27,8 @@ eta = measured FLOP/s / declared FLOP/s; `CostSettings` holds the global knobs.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import heapq
 import itertools
 from dataclasses import dataclass, field
@@ -33,7 +38,10 @@ import numpy as np
 
 from echelon.errors import UserError
 from echelon.yellowstone.fleet import GIB, Fleet
-from echelon.yellowstone.model_profile import PRESETS, ModelProfile, build_profile
+from echelon.yellowstone.model_profile import PRESETS, ModelProfile, Unit, build_profile
+from echelon.yellowstone.network import Hop, Link, Network, SharedNetwork
+
+AnyNetwork = Network | SharedNetwork
 
 Structure = Literal["single", "U", "linear"]
 MODES = ("DDP", "DDP+ckpt", "FSDP", "FSDP+ckpt")
@@ -66,28 +74,23 @@ class Device:
     reliability: float
 
 
-@dataclass(frozen=True)
-class Link:
-    alpha: float  # seconds
-    beta: float  # bytes per second
+def loss_bytes_per_token(profile: ModelProfile) -> float:
+    """Peak bytes per token of the loss head as the executor runs it.
 
-    def p2p(self, nbytes: float) -> float:
-        return self.alpha + nbytes / self.beta
+    A stock `torch.nn.functional.cross_entropy` over logits upcast to float32 holds, per
+    vocabulary entry, the logits in the training dtype, their float32 copy and its float32
+    gradient: dtype + 4 + 4 bytes (10 in bf16, 12 in fp32, where the float32 log-softmax output
+    takes the copy's place). A chunked loss would need less; the executor does not chunk.
+    """
+    return (profile.dtype_bytes + 4 + 4) * profile.shape.vocab
 
 
-class Network:
-    """Links between sites; a missing site pair is unreachable (None)."""
-
-    def __init__(self, fleet: Fleet) -> None:
-        self._links: dict[tuple[str, str], Link | None] = {}
-        for spec in (*fleet.sites, *fleet.links):
-            pair = (spec.id, spec.id) if hasattr(spec, "id") else tuple(sorted(spec.sites))
-            self._links[pair] = Link(spec.latency_s, spec.bytes_per_s)
-        d = fleet.default_link
-        self._default = None if d is None else Link(d.latency_s, d.bytes_per_s)
-
-    def link(self, a: str, b: str) -> Link | None:
-        return self._links.get((a, b) if a <= b else (b, a), self._default)
+def modelled_units(profile: ModelProfile) -> tuple[Unit, ...]:
+    """The profile's units with the head's activation budget as the loss runs (its input + loss)."""
+    head = profile.activation_bytes + loss_bytes_per_token(profile)
+    return tuple(
+        dataclasses.replace(u, stash=head, ckpt_stash=head) if u.kind == "head" else u for u in profile.units
+    )
 
 
 def calibrate(fleet: Fleet, profile: ModelProfile) -> dict[str, float]:
@@ -159,6 +162,11 @@ class Cluster:
     def site(self) -> str:
         return self.devices[0].site
 
+    @functools.cached_property
+    def key(self) -> tuple:
+        """What sets the cluster's cost: device speeds and memory, shares, the site network."""
+        return (tuple((d.speed, d.capacity) for d in self.devices), self.shares, self.lan)
+
     @property
     def n(self) -> int:
         return len(self.devices)
@@ -188,14 +196,33 @@ class Segment:
     act_ckpt: object
 
 
-def group_cost(cl: Cluster, seg: Segment, sends: float, settings: CostSettings, seq_len: int):
-    """(G seconds per micro-batch, AR seconds per step, mode index); G is inf where nothing fits."""
+@dataclass
+class ModeCost:
+    """One parallelism mode of a cluster: G seconds per micro-batch, AR seconds per step, bytes
+    each device needs (scalars or arrays over candidate ranges, like the segment)."""
+
+    mode: str
+    g: np.ndarray
+    ar: np.ndarray
+    need: list[np.ndarray]
+
+    def fits(self, cl: Cluster) -> np.ndarray | bool:
+        out: np.ndarray | bool = True
+        for d, need in zip(cl.devices, self.need, strict=True):
+            out = out & (need <= d.capacity)
+        return out
+
+
+def mode_costs(
+    cl: Cluster, seg: Segment, sends: float, settings: CostSettings, seq_len: int
+) -> list[ModeCost]:
+    """Time and memory of every parallelism mode the cluster can run (FSDP needs two devices)."""
     n, a, beta = cl.n, cl.lan.alpha, cl.lan.beta
     spf = cl.seconds_per_flop
-    ag = (n - 1) * a + (n - 1) / n * np.asarray(seg.weight) / beta
-    rs = (n - 1) * a + (n - 1) / n * np.asarray(seg.grad) / beta
+    ag = (n - 1) * a + (n - 1) / n * seg.weight / beta
+    rs = (n - 1) * a + (n - 1) / n * seg.grad / beta
     ar = 2 * rs
-    flops = np.asarray(seg.flops, dtype=float)
+    flops = seg.flops
     times = [
         flops * spf + sends,
         (flops + seg.recompute) * spf + sends,
@@ -203,31 +230,46 @@ def group_cost(cl: Cluster, seg: Segment, sends: float, settings: CostSettings, 
         (flops + seg.recompute) * spf + sends + 3 * ag + rs,
     ]
     ars = [ar, ar, 0 * ar, 0 * ar]
-    best_score = np.full(np.shape(flops), INF)
-    best_g, best_ar, best_mode = best_score.copy(), np.zeros_like(best_score), np.zeros(np.shape(flops), int)
-    sharded = np.asarray(seg.state) / n + seg.max_weight
-    weight_terms = (seg.state, seg.state, sharded, sharded)
+    sharded = seg.state / n + seg.max_weight
+    weights = (seg.state, seg.state, sharded, sharded)
+    out = []
     for mode in range(4 if n > 1 else 2):
         act = seg.act_ckpt if mode % 2 else seg.act_full
-        fits = np.ones(np.shape(flops), bool)
-        for d, share in zip(cl.devices, cl.shares, strict=True):
-            fits &= (
-                weight_terms[mode] + share * seq_len * np.asarray(act) + settings.overhead_bytes <= d.capacity
-            )
-        score = times[mode] + ars[mode] / max(settings.micro_batches - 1, 1)
-        better = fits & (score < best_score)
+        need = [weights[mode] + share * seq_len * act + settings.overhead_bytes for share in cl.shares]
+        out.append(ModeCost(MODES[mode], times[mode] + 0 * flops, ars[mode] + 0 * flops, need))
+    return out
+
+
+def group_cost(cl: Cluster, seg: Segment, sends: float, settings: CostSettings, seq_len: int):
+    """(G seconds per micro-batch, AR seconds per step, mode index): the fastest mode that fits
+    every device, AR spread over the step's other micro-batches; G is inf where nothing fits."""
+    options = mode_costs(cl, seg, sends, settings, seq_len)
+    spread = max(settings.micro_batches - 1, 1)
+    if np.ndim(seg.flops) == 0:  # one range: plain floats are much faster than 0-d arrays
+        mode = _fastest(cl, options, spread)
+        return (INF, 0.0, 0) if mode is None else (float(options[mode].g), float(options[mode].ar), mode)
+    shape = np.shape(seg.flops)
+    best_score = np.full(shape, INF)
+    best_g, best_ar, best_mode = best_score.copy(), np.zeros(shape), np.zeros(shape, int)
+    for mode, mc in enumerate(options):
+        score = mc.g + mc.ar / spread
+        better = mc.fits(cl) & (score < best_score)
         best_score = np.where(better, score, best_score)
-        best_g = np.where(better, times[mode], best_g)
-        best_ar = np.where(better, ars[mode], best_ar)
+        best_g = np.where(better, mc.g, best_g)
+        best_ar = np.where(better, mc.ar, best_ar)
         best_mode = np.where(better, mode, best_mode)
     return best_g, best_ar, best_mode
 
 
+def _fastest(cl: Cluster, options: list[ModeCost], spread: int) -> int | None:
+    """The mode (index) with the least G + AR / spread among those that fit one range; None if none fits."""
+    fitting = [(float(mc.g + mc.ar / spread), mode) for mode, mc in enumerate(options) if mc.fits(cl)]
+    return min(fitting)[1] if fitting else None
+
+
 def device_memory(cl: Cluster, seg: Segment, mode: int, settings: CostSettings, seq_len: int) -> list[float]:
     """Bytes each device of `cl` holds in `mode` (scalar segment)."""
-    weights = seg.state if mode < 2 else seg.state / cl.n + seg.max_weight
-    act = seg.act_ckpt if mode % 2 else seg.act_full
-    return [float(weights + s * seq_len * act + settings.overhead_bytes) for s in cl.shares]
+    return [float(x) for x in mode_costs(cl, seg, 0.0, settings, seq_len)[mode].need]
 
 
 class Tables:
@@ -235,7 +277,7 @@ class Tables:
 
     def __init__(self, profile: ModelProfile) -> None:
         self.profile = profile
-        units = profile.units
+        self.units = units = modelled_units(profile)
         self.n_units = len(units)
         self.grid = np.meshgrid(np.arange(self.n_units + 1), np.arange(self.n_units + 1), indexing="ij")
         self.layer_stash = [u.stash if u.kind == "layer" else 0.0 for u in units]
@@ -256,6 +298,11 @@ class Tables:
             "weight": self._range_max([u.weight_bytes for u in units]),
             "stash": self._range_max(self.layer_stash),
         }
+        self.grid_segments: dict[tuple, tuple[np.ndarray, Segment]] = {}  # see partition._grid
+        # the same tables as nested lists of floats: one range at a time is much faster so
+        self.lists = {k: _Rows(v.tolist()) for k, v in self.sums.items()}
+        self.list_maxes = {k: _Rows(v.tolist()) for k, v in self.maxes.items()}
+        self._scalar: dict[tuple, Segment] = {}
 
     def _range_max(self, col: list[float]) -> np.ndarray:
         n = len(col)
@@ -267,7 +314,15 @@ class Tables:
 
     def segment(self, ranges: list[tuple[object, object, int]]) -> Segment:
         """Sum over ranges (i, j, in_flight); i and j may be index arrays for a whole matrix."""
-        s, mx = self.sums, self.maxes
+        if all(isinstance(i, int) and isinstance(j, int) for i, j, _ in ranges):
+            key = tuple(ranges)
+            if key not in self._scalar:
+                self._scalar[key] = self._segment(ranges, scalar=True)
+            return self._scalar[key]
+        return self._segment(ranges)
+
+    def _segment(self, ranges, scalar: bool = False) -> Segment:
+        s, mx = (self.lists, self.list_maxes) if scalar else (self.sums, self.maxes)
         flops, recompute, state, weight, grad = (
             sum(s[k][i, j] for i, j, _ in ranges) for k in ("flops", "recompute", "state", "weight", "grad")
         )
@@ -277,6 +332,16 @@ class Tables:
             mx["stash"][i, j] for i, j, _ in ranges
         )
         return Segment(flops, recompute, state, weight, grad, max_w, act_full, act_ckpt)
+
+
+class _Rows:
+    """A nested list indexed like a 2-D array: rows[i, j]."""
+
+    def __init__(self, rows: list[list[float]]) -> None:
+        self.rows = rows
+
+    def __getitem__(self, ij: tuple[int, int]) -> float:
+        return self.rows[ij[0]][ij[1]]
 
 
 def _max(values) -> object:
@@ -306,7 +371,7 @@ def in_flight(structure: Structure, k_clusters: int, m: int) -> list[int]:
 
 
 def sends_seconds(
-    clusters: tuple[Cluster, ...], structure: Structure, net: Network, p2p_bytes: float
+    clusters: tuple[Cluster, ...], structure: Structure, net: AnyNetwork, p2p_bytes: float
 ) -> list[float] | None:
     """Point-to-point seconds each cluster spends sending per micro-batch; None if a link is missing."""
     k = len(clusters)
@@ -352,7 +417,23 @@ def step_time(groups: list[float], allreduces: list[float], m: int) -> float:
     return sum(groups) + (m - 1) * max(groups) + max(allreduces)
 
 
-def evaluate(layout: Layout, tables: Tables, net: Network, settings: CostSettings) -> ReplicaCost | None:
+def stage_sites(layout: Layout) -> list[str]:
+    """The site of each pipeline stage, in order (a U-shaped replica ends on cluster 0 again)."""
+    sites = [c.site for c in layout.clusters]
+    return sites + sites[:1] if layout.structure == "U" else sites
+
+
+def hop_bytes(layout: Layout, net: AnyNetwork, p2p_bytes: float, m: int) -> dict[Hop, float]:
+    """Bytes per step one replica sends each way over each physical link its stage edges cross."""
+    out: dict[Hop, float] = {}
+    sites = stage_sites(layout)
+    for a, b in itertools.pairwise(sites):
+        for h in net.hops(a, b):
+            out[h] = out.get(h, 0.0) + m * p2p_bytes
+    return out
+
+
+def evaluate(layout: Layout, tables: Tables, net: AnyNetwork, settings: CostSettings) -> ReplicaCost | None:
     """Exact figures of a layout; None when a device runs out of memory or a link is missing."""
     prof, m = tables.profile, settings.micro_batches
     p2p_bytes = prof.micro_batch * prof.seq_len * prof.activation_bytes
@@ -366,15 +447,15 @@ def evaluate(layout: Layout, tables: Tables, net: Network, settings: CostSetting
         layout.clusters, cluster_ranges(layout, m, tables.n_units), sends, strict=True
     ):
         seg = tables.segment(ranges)
-        g, ar, mode = (x.item() for x in group_cost(cl, seg, snd, settings, prof.seq_len))
-        if g == INF:
+        options = mode_costs(cl, seg, snd, settings, prof.seq_len)
+        mode = _fastest(cl, options, max(m - 1, 1))
+        if mode is None:
             return None
+        g, ar = float(options[mode].g), float(options[mode].ar)
         groups.append(g)
         ars.append(ar)
         modes.append(MODES[mode])
-        memory.update(
-            zip((d.id for d in cl.devices), device_memory(cl, seg, mode, settings, prof.seq_len), strict=True)
-        )
+        memory.update(zip((d.id for d in cl.devices), (float(x) for x in options[mode].need), strict=True))
         if cl.n > 1:
             # Bytes all devices of the cluster send per step on the site network (ring collectives).
             per_step = 2 * seg.grad if mode < 2 else m * (seg.weight * (2 if mode == 2 else 3) + seg.grad)
@@ -383,11 +464,8 @@ def evaluate(layout: Layout, tables: Tables, net: Network, settings: CostSetting
         stage_s.extend(_split_stage_seconds(cl, ranges, tables, g))
     if layout.structure == "U":
         stage_s = [stage_s[0], *stage_s[2:], stage_s[1]]
-    order = list(range(len(layout.clusters))) + ([0] if layout.structure == "U" else [])
-    for a, b in itertools.pairwise(order):
-        sa, sb = sorted((layout.clusters[a].site, layout.clusters[b].site))
-        key = f"{sa} <-> {sb}"
-        link_bytes[key] = link_bytes.get(key, 0.0) + 2 * m * p2p_bytes
+    for (a, b), nbytes in hop_bytes(layout, net, p2p_bytes, m).items():
+        link_bytes[f"{a} <-> {b}"] = 2 * nbytes  # both ways: activations and their gradients
     step = step_time(groups, ars, m)
     pipe = sum(groups) + (m - 1) * max(groups)
     tokens = m * prof.micro_batch * prof.seq_len

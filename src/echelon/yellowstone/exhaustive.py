@@ -1,17 +1,28 @@
-"""Exhaustive search over the plan space of one small boundary: the reference for the planner.
+"""References for the planner on small boundaries: the exact optimum, and an upper bound by MILP.
 
-Enumerates every set of replicas (each device in at most one replica, the rest on standby), every
-ordered partition of a replica's devices into clusters (see `search` for what a valid cluster
-is), every structure (single, U-shaped, linear) and every contiguous cut of the units, and scores
-each with the exact step time of the cost model. Exponential: meant for boundaries of up to
-about eight devices (tests and benchmarks/yellowstone.py).
+`exhaustive` enumerates every set of replicas (each device in at most one replica, the rest on
+standby), every ordered partition of a replica's devices into clusters (see `search` for what a
+valid cluster is), every structure (single, U-shaped, linear) and every contiguous cut of the
+units, and scores each with the exact step time of the cost model. Exponential: meant for
+boundaries of up to about eight devices (tests and benchmarks/yellowstone.py).
+
+`upper_bound` bounds the optimum where that is too slow (up to about 14 devices). For a set S of
+devices, any replica on them has clusters g with rates R_g <= sum of their speeds / (B seq) (at
+most B devices of one site each), units of F FLOPs per token in all, and a step of
+sum_g G_g + (m - 1) max_g G_g + max AR >= F B seq / max_g(S) + (m - 1) F B seq / speed(S), where
+max_g(S) is the largest speed of at most B devices of one site in S (each G_g >= F_g / R_g, and
+the maximum is at least the R-weighted mean). S must hold a cleared device and, fully sharded,
+the training state. An integer program (HiGHS) packs disjoint sets to maximise the sum of these
+per-set bounds: no plan can beat it.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 
 from echelon.yellowstone.cost import INF, Cluster, Structure, make_cluster
+from echelon.yellowstone.packing import integer_packing
 from echelon.yellowstone.partition import cells
 from echelon.yellowstone.search import Context, Replica
 
@@ -99,3 +110,28 @@ def exhaustive(ctx: Context) -> tuple[float, list[Replica]]:
             sub = (sub - 1) & mask
         total[mask] = best
     return total[(1 << n) - 1]
+
+
+def upper_bound(ctx: Context) -> float:
+    """Tokens per second no plan of the boundary can exceed (see the module docstring)."""
+    devs, prof, s = ctx.devices, ctx.profile, ctx.settings
+    n, b, m = len(devs), prof.micro_batch, s.micro_batches
+    work = prof.flops_per_token * b * prof.seq_len  # FLOPs of one micro-batch through every unit
+    values, columns = [], []
+    for mask in range(1, 1 << n):
+        members = [devs[i] for i in range(n) if mask >> i & 1]
+        if not any(d.cleared for d in members):
+            continue
+        if sum(d.capacity - s.overhead_bytes for d in members) < prof.state_bytes:
+            continue
+        by_site: dict[str, list[float]] = {}
+        for d in members:
+            by_site.setdefault(d.site, []).append(d.speed)
+        fastest = max(sum(sorted(v, reverse=True)[:b]) for v in by_site.values())
+        step = work / fastest + (m - 1) * work / sum(d.speed for d in members)
+        values.append(ctx.tokens_per_step / step)
+        columns.append(Counter(i for i in range(n) if mask >> i & 1))
+    if not values:
+        return 0.0
+    _, bound = integer_packing(values, columns, [1] * n)
+    return bound

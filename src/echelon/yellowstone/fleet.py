@@ -20,15 +20,68 @@ Example (see examples/fleets/ for whole files):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from echelon.errors import ConfigError
 from echelon.yamlio import load_model
 
 GIB = 1024**3
 Name = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _within(low: float, high: float, unit: str, hint: str) -> AfterValidator:
+    """Refuse values outside [low, high] (the physically plausible range) with the reason."""
+
+    def check(value: float) -> float:
+        if not low <= value <= high:
+            raise ValueError(f"{value:g} {unit} is not plausible: {hint}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _some(what: str) -> AfterValidator:
+    """At least one entry; checked after the entries themselves, so a bad entry is reported alone."""
+
+    def check(value: tuple) -> tuple:
+        if not value:
+            raise ValueError(f"at least one {what} is needed")
+        return value
+
+    return AfterValidator(check)
+
+
+# Every number is finite (YAML's .inf and .nan are refused) and within what a real device or link has.
+Bandwidth = Annotated[
+    float,
+    Field(gt=0, allow_inf_nan=False),
+    _within(1e-6, 1e6, "Gbit/s", "bandwidth_gbps is in Gbit/s, from 1 kbit/s to 1 Pbit/s"),
+]
+Latency = Annotated[
+    float,
+    Field(ge=0, allow_inf_nan=False),
+    _within(0, 600_000, "ms", "latency_ms is in milliseconds, at most 10 minutes"),
+]
+MemoryGiB = Annotated[
+    float,
+    Field(gt=0, allow_inf_nan=False),
+    _within(1 / 1024, 65_536, "GiB", "memory_gib is in GiB (1 MiB to 64 TiB)"),
+]
+MemoryBytes = Annotated[
+    int, Field(gt=0), _within(2**20, 2**46, "bytes", "memory_bytes is in bytes (1 MiB to 64 TiB)")
+]
+TFlops = Annotated[
+    float,
+    Field(gt=0, allow_inf_nan=False, description="achieved dense TFLOP/s in the training dtype"),
+    _within(1e-6, 1e5, "TFLOP/s", "tflops is one device's achieved TFLOP/s, from 1 MFLOP/s to 100 PFLOP/s"),
+]
+Seconds = Annotated[
+    float,
+    Field(gt=0, allow_inf_nan=False),
+    _within(1e-9, 1e6, "s", "step_s is in seconds, at most about 11 days"),
+]
 
 
 class _Strict(BaseModel):
@@ -45,8 +98,8 @@ class BoundaryEntry(_Strict):
 class LinkSpec(_Strict):
     """A network path: bandwidth in Gbit/s and one-way latency in milliseconds."""
 
-    bandwidth_gbps: float = Field(gt=0)
-    latency_ms: float = Field(0.0, ge=0)
+    bandwidth_gbps: Bandwidth
+    latency_ms: Latency = 0.0
 
     @property
     def bytes_per_s(self) -> float:
@@ -78,9 +131,9 @@ class MeasuredStep(_Strict):
 
     model: str
     trainable: Literal["lora", "full"] = "lora"
-    seq_len: int = Field(ge=1)
-    micro_batch: int = Field(ge=1)
-    step_s: float = Field(gt=0)
+    seq_len: int = Field(ge=1, le=2**24)
+    micro_batch: int = Field(ge=1, le=2**16)
+    step_s: Seconds
 
 
 class DeviceEntry(_Strict):
@@ -89,11 +142,13 @@ class DeviceEntry(_Strict):
     id: str = Name
     boundary: str
     site: str
-    memory_gib: float | None = Field(None, gt=0)
-    memory_bytes: int | None = Field(None, gt=0)
-    tflops: float = Field(gt=0, description="achieved dense TFLOP/s in the training dtype")
+    memory_gib: MemoryGiB | None = None
+    memory_bytes: MemoryBytes | None = None
+    tflops: TFlops
     access_tier: str
-    reliability: float = Field(0.99, gt=0, le=1, description="probability it stays up through a run")
+    reliability: float = Field(
+        0.99, gt=0, le=1, allow_inf_nan=False, description="probability it stays up through a run"
+    )
     measured_steps: tuple[MeasuredStep, ...] = ()
 
     @model_validator(mode="after")
@@ -117,12 +172,12 @@ class Fleet(_Strict):
     """The whole fleet. Cross-references are checked by `check_references` (see `load_fleet`)."""
 
     name: str = Name
-    access_tiers: tuple[str, ...] = Field(min_length=1)
-    boundaries: tuple[BoundaryEntry, ...] = Field(min_length=1)
-    sites: tuple[SiteEntry, ...] = Field(min_length=1)
+    access_tiers: Annotated[tuple[str, ...], _some("access tier")]
+    boundaries: Annotated[tuple[BoundaryEntry, ...], _some("boundary")]
+    sites: Annotated[tuple[SiteEntry, ...], _some("site")]
     links: tuple[LinkEntry, ...] = ()
     default_link: LinkSpec | None = Field(None, description="for site pairs without a link entry")
-    devices: tuple[DeviceEntry, ...] = Field(min_length=1)
+    devices: Annotated[tuple[DeviceEntry, ...], _some("device")]
 
     def tier_rank(self, tier: str) -> int:
         return self.access_tiers.index(tier)

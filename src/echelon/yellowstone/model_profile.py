@@ -2,8 +2,11 @@
 
 A model is a list of units in pipeline order: the token embedding (touches raw data: the input
 tokens), the decoder layers, and the head (final norm, LM head and loss; touches raw data: the
-labels). Shapes come from a local transformers `config.json` (Llama-style fields) or a built-in
-preset written here (Llama 3.2 1B/3B, Llama 3.1 8B/70B); nothing is downloaded.
+labels). Shapes come from a local transformers `config.json` (Llama-style fields), the built-in
+`tiny` preset that `echelon train` and `echelon execute` build (`echelon.train.presets`), or a
+shape preset written here (Llama 3.2 1B/3B, Llama 3.1 8B/70B); nothing is downloaded. A profile
+remembers its `source` (the preset name or the checkpoint directory), so the executor builds
+exactly the model that was planned.
 
 Conventions (per token, `seq_len` tokens per sequence):
 - forward FLOPs of a decoder layer: 2 x matmul parameters + 2 x seq_len x hidden (causal
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 from echelon.errors import UserError
+from echelon.train.presets import TINY_LLAMA
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -41,6 +45,7 @@ class ModelShape:
     ffn: int
     vocab: int
     head_dim: int
+    tied: bool = False  # the LM head shares the embedding matrix
 
     @property
     def kv_dim(self) -> int:
@@ -51,7 +56,23 @@ def _llama(hidden: int, layers: int, heads: int, kv_heads: int, ffn: int) -> Mod
     return ModelShape(hidden, layers, heads, kv_heads, ffn, 128_256, hidden // heads)
 
 
+def _shape_of(cfg: dict) -> ModelShape:
+    """The shape of a Llama-style config (a config.json's fields); KeyError names a missing field."""
+    hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    return ModelShape(
+        hidden=hidden,
+        layers=int(cfg["num_hidden_layers"]),
+        heads=heads,
+        kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        ffn=int(cfg["intermediate_size"]),
+        vocab=int(cfg["vocab_size"]),
+        head_dim=int(cfg.get("head_dim") or hidden // heads),
+        tied=bool(cfg.get("tie_word_embeddings", False)),
+    )
+
+
 PRESETS: dict[str, ModelShape] = {
+    "tiny": _shape_of(TINY_LLAMA),
     "llama-1b": _llama(2048, 16, 32, 8, 8192),
     "llama-3b": _llama(3072, 28, 24, 8, 8192),
     "llama-8b": _llama(4096, 32, 32, 8, 14336),
@@ -89,6 +110,7 @@ class ModelProfile:
     micro_batch: int
     lora_rank: int
     units: tuple[Unit, ...]
+    source: str = ""  # preset name or checkpoint directory the executor builds; "" = the name
 
     @property
     def dtype_bytes(self) -> int:
@@ -121,6 +143,7 @@ def build_profile(
     seq_len: int = 2048,
     micro_batch: int = 4,
     lora_rank: int = 16,
+    source: str = "",
 ) -> ModelProfile:
     """Cost every unit of `shape` for the given training mode (LoRA adapters on q_proj and v_proj)."""
     if dtype not in DTYPE_BYTES:
@@ -164,7 +187,9 @@ def build_profile(
     ]
     head_stash = h * b + 4 * v
     units.append(unit("head", "head", v * h + h, v * h, 0, 0, head_stash, head_stash, True))
-    return ModelProfile(name, shape, trainable, dtype, seq_len, micro_batch, lora_rank, tuple(units))
+    return ModelProfile(
+        name, shape, trainable, dtype, seq_len, micro_batch, lora_rank, tuple(units), source or name
+    )
 
 
 def shape_from_config(path: Path) -> ModelShape:
@@ -179,30 +204,27 @@ def shape_from_config(path: Path) -> ModelShape:
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{file}: cannot read the model config: {e}") from None
     try:
-        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-        return ModelShape(
-            hidden=hidden,
-            layers=int(cfg["num_hidden_layers"]),
-            heads=heads,
-            kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            ffn=int(cfg["intermediate_size"]),
-            vocab=int(cfg["vocab_size"]),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-        )
+        return _shape_of(cfg)
     except KeyError as e:
         raise UserError(
             f"{file}: field {e.args[0]} is missing; Yellowstone reads Llama-style configs "
             "(hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, vocab_size)"
         ) from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{file}: a shape field is not a whole number: {e}") from None
 
 
-def resolve_model(spec: str) -> tuple[str, ModelShape]:
-    """A preset name or a local config path -> (display name, shape)."""
+def resolve_model(spec: str) -> tuple[str, ModelShape, str]:
+    """A preset name or a local checkpoint path -> (display name, shape, source).
+
+    `source` is what an executor builds: the preset name, or the checkpoint directory made absolute.
+    """
     if spec in PRESETS:
-        return spec, PRESETS[spec]
+        return spec, PRESETS[spec], spec
     path = Path(spec)
     if path.exists():
-        return path.name or spec, shape_from_config(path)
+        directory = path if path.is_dir() else path.parent
+        return path.name or spec, shape_from_config(path), str(directory.resolve())
     raise UserError(
         f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path to a config.json"
     )

@@ -16,10 +16,10 @@ import numpy as np
 
 from echelon.yellowstone.cost import (
     INF,
+    AnyNetwork,
     Cluster,
     CostSettings,
     Layout,
-    Network,
     Structure,
     Tables,
     group_cost,
@@ -34,11 +34,12 @@ def cells(
     clusters: tuple[Cluster, ...],
     structure: Structure,
     tables: Tables,
-    net: Network,
+    net: AnyNetwork,
     settings: CostSettings,
     memo: dict | None = None,
-) -> list[tuple[np.ndarray, np.ndarray]] | None:
-    """Per cluster: (G, AR) matrices over unit ranges [i, j), G = inf where the cell is not allowed.
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
+    """Per cluster: (G, AR, G') matrices over unit ranges [i, j), G = inf where the cell is not
+    allowed, G' = G + AR / (m - 1) the cluster's contribution to the bottleneck.
 
     None when a link between consecutive clusters is missing. `memo` caches cells across calls.
     """
@@ -51,7 +52,7 @@ def cells(
     out = []
     for c, cl in enumerate(clusters):
         role = "first" if c == 0 else ("last" if c == k - 1 else "middle")
-        key = (cl, role, structure, fl[c], fl[-1], sends[c])
+        key = (cl.key, role, structure, fl[c], fl[-1], sends[c])
         if memo is None or key not in memo:
             cell = _cell(cl, role, structure, fl[c], fl[-1], sends[c], tables, settings)
             if memo is None:
@@ -63,28 +64,38 @@ def cells(
 
 
 def _cell(cl, role, structure, fl, fl_head, send, tables: Tables, settings: CostSettings):
-    n = tables.n_units
-    i_idx, j_idx = tables.grid
-    if role == "first":
-        ranges = [(0, j_idx, fl)]
-        valid = (i_idx == 0) & (j_idx >= 1) & (j_idx <= (n if structure == "single" else n - 1))
-        if structure == "single":
-            valid &= j_idx == n
-        if structure == "U":
-            ranges.append((n - 1, n, fl_head))
-    else:
-        ranges = [(i_idx, j_idx, fl)]
-        end = n - 1 if structure == "U" else n
-        valid = (i_idx >= 1) & (j_idx > i_idx) & ((j_idx == end) if role == "last" else (j_idx <= n - 1))
-    g, ar, _ = group_cost(cl, tables.segment(ranges), send, settings, tables.profile.seq_len)
-    return np.where(valid, g, INF), np.where(valid, ar, 0.0)
+    valid, seg = _grid(role, structure, fl, fl_head, tables)
+    g, ar, _ = group_cost(cl, seg, send, settings, tables.profile.seq_len)
+    g, ar = np.where(valid, g, INF), np.where(valid, ar, 0.0)
+    return g, ar, g + ar / max(settings.micro_batches - 1, 1)
+
+
+def _grid(role: str, structure: Structure, fl: int, fl_head: int, tables: Tables):
+    """Which unit ranges [i, j) a cluster in `role` may host, and their segment (cached)."""
+    key = (role, structure, fl, fl_head)
+    if key not in tables.grid_segments:
+        n = tables.n_units
+        i_idx, j_idx = tables.grid
+        if role == "first":
+            ranges = [(0, j_idx, fl)]
+            valid = (i_idx == 0) & (j_idx >= 1) & (j_idx <= (n if structure == "single" else n - 1))
+            if structure == "single":
+                valid &= j_idx == n
+            if structure == "U":
+                ranges.append((n - 1, n, fl_head))
+        else:
+            ranges = [(i_idx, j_idx, fl)]
+            end = n - 1 if structure == "U" else n
+            valid = (i_idx >= 1) & (j_idx > i_idx) & ((j_idx == end) if role == "last" else (j_idx <= n - 1))
+        tables.grid_segments[key] = (valid, tables.segment(ranges))
+    return tables.grid_segments[key]
 
 
 def best_split(
     clusters: tuple[Cluster, ...],
     structure: Structure,
     tables: Tables,
-    net: Network,
+    net: AnyNetwork,
     settings: CostSettings,
     memo: dict | None = None,
 ) -> tuple[tuple[tuple[int, int], ...], float] | None:
@@ -95,25 +106,27 @@ def best_split(
     m = settings.micro_batches
     n = tables.n_units
     end = n - 1 if structure == "U" else n
-    gp = [g + ar / max(m - 1, 1) for g, ar in found]
+    gp = [x[2] for x in found]
 
-    def solve(tau: float):
-        dp = np.where(gp[0][0] <= tau, found[0][0][0], INF)
+    def solve(taus: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The min-sum DP for every threshold at once: sums (T,) and argmin tables per cluster."""
+        dp = np.where(gp[0][0][None, :] <= taus[:, None], found[0][0][0][None, :], INF)
         args = []
-        for (g, _), p in zip(found[1:], gp[1:], strict=True):
-            tot = dp[:, None] + np.where(p <= tau, g, INF)
-            arg = tot.argmin(axis=0)
-            dp = tot[arg, np.arange(n + 1)]
+        for (g, _, _), p in zip(found[1:], gp[1:], strict=True):
+            tot = dp[:, :, None] + np.where(p[None] <= taus[:, None, None], g[None], INF)
+            arg = tot.argmin(axis=1)
+            dp = np.take_along_axis(tot, arg[:, None, :], axis=1)[:, 0, :]
             args.append(arg)
-        if dp[end] == INF:
-            return None, INF
+        return dp[:, end], args
+
+    def cuts_of(t: int, args: list[np.ndarray]) -> tuple[tuple[int, int], ...]:
         cuts, j = [], end
         for arg in reversed(args):
-            i = int(arg[j])
+            i = int(arg[t, j])
             cuts.append((i, j))
             j = i
         cuts.append((0, j))
-        return tuple(reversed(cuts)), float(dp[end])
+        return tuple(reversed(cuts))
 
     mm = gp[0][0]
     for p in gp[1:]:
@@ -121,18 +134,17 @@ def best_split(
     tau_lo = float(mm[end])
     if tau_lo == INF:
         return None
-    _, sum_lo = solve(tau_lo)
-    _, sum_free = solve(INF)
+    (sum_lo, sum_free), _ = solve(np.array([tau_lo, INF]))
     tau_hi = tau_lo + (sum_lo - sum_free) / max(m - 1, 1)
     values = np.unique(np.concatenate([p[np.isfinite(p)].ravel() for p in gp]))
     values = values[(values >= tau_lo) & (values <= tau_hi)]
     if len(values) > MAX_THRESHOLDS:
         values = values[np.linspace(0, len(values) - 1, MAX_THRESHOLDS).round().astype(int)]
+    taus = np.unique(np.concatenate([[tau_lo], values]))
+    sums, args = solve(taus)
     best: tuple[tuple[tuple[int, int], ...], float] | None = None
-    for tau in {tau_lo, *values.tolist()}:
-        cuts, _ = solve(tau)
-        if cuts is None:
-            continue
+    for t in np.flatnonzero(np.isfinite(sums)):
+        cuts = cuts_of(int(t), args)
         g = [float(found[c][0][i, j]) for c, (i, j) in enumerate(cuts)]
         ar = [float(found[c][1][i, j]) for c, (i, j) in enumerate(cuts)]
         step = sum(g) + (m - 1) * max(g) + max(ar)
@@ -144,7 +156,7 @@ def best_split(
 def best_layout(
     clusters: tuple[Cluster, ...],
     tables: Tables,
-    net: Network,
+    net: AnyNetwork,
     settings: CostSettings,
     memo: dict | None = None,
 ) -> tuple[Layout, float] | None:

@@ -1,4 +1,4 @@
-"""plan.json: the versioned training plan an executor consumes (schema_version 1).
+"""plan.json: the versioned training plan an executor consumes (schema_version 2).
 
 Layout, top down:
 - `boundaries[]`: planned independently; nothing in a boundary's plan refers to another boundary.
@@ -13,16 +13,25 @@ Layout, top down:
   `model.units` (0 = embedding, 1..L = decoder layers, L+1 = head with final norm and loss). In a
   U-shaped replica the last stage (the head) runs on cluster 0 again. Schedule: 1F1B over
   `micro_batches` micro-batches per step.
-- `replicas[].edges[]`: point-to-point transfers between consecutive stages.
-- `boundaries[].backups[]`: what to do when a device fails: switch to a `standby` device, `shrink`
-  its cluster, run the precomputed `replan` (`replacement` replica), or `drop_replica`.
-- `checks[]`: constraint checks (memory, access tier, boundary) re-derived from this file.
+- `replicas[].edges[]`: point-to-point transfers between consecutive stages, over `route` (the
+  sites crossed; `bandwidth_gbps` is its slowest hop, `shared_gbps` what is left of it on average
+  once the other replicas crossing the same links take their share).
+- `boundaries[].backups[]`: what to do when a device fails: switch to a `standby` device (at its
+  site or, where a route allows, another site), `shrink` its cluster, run a `replan`, or
+  `drop_replica`. Every entry but `drop_replica` carries its whole `replacement` replica (devices,
+  layer split, parallelism, predicted throughput), checked like the primary plan. `fallback` is
+  what to do when the standby is already taken by an earlier failure; `then` covers a second
+  failure of a head or raw-data device of the replacement (two-failure coverage).
+- `refused[]`: boundaries that could not be planned, with the reason; the others are planned.
+- `checks[]`: constraint checks (memory, access tier, boundary, stage order, backups) re-derived
+  from this file.
 Units: seconds, bytes, tokens per second; bandwidth in Gbit/s and latency in milliseconds.
 `Plan.model_json_schema()` is the machine-readable schema (written as plan.schema.json by the CLI).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -32,13 +41,13 @@ from echelon.errors import UserError
 from echelon.rundir import write_atomic
 from echelon.yamlio import validation_problems
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 Parallelism = Literal["DDP", "DDP+ckpt", "FSDP", "FSDP+ckpt"]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class UnitInfo(_Model):
@@ -53,6 +62,7 @@ class UnitInfo(_Model):
 
 class ModelInfo(_Model):
     name: str
+    source: str  # what the executor builds: a preset name or an absolute checkpoint directory
     trainable: Literal["lora", "full"]
     dtype: str
     seq_len: int
@@ -94,6 +104,8 @@ class EdgePlan(_Model):
     bandwidth_gbps: float
     latency_ms: float
     bytes_per_micro_batch: float
+    route: list[str]
+    shared_gbps: float
 
 
 class Predicted(_Model):
@@ -123,6 +135,8 @@ class Backup(_Model):
     standby: str | None = None
     replacement: ReplicaPlan | None = None
     tokens_per_s_after: float
+    fallback: Backup | None = None
+    then: list[Backup] = []
 
 
 class BoundaryPlan(_Model):
@@ -132,6 +146,12 @@ class BoundaryPlan(_Model):
     standby: list[str]
     backups: list[Backup]
     tokens_per_s: float
+
+
+class Refusal(_Model):
+    boundary: str
+    reason: str
+    message: str
 
 
 class Check(_Model):
@@ -148,11 +168,12 @@ class Settings(_Model):
 
 
 class Plan(_Model):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     fleet: str
     model: ModelInfo
     settings: Settings
     boundaries: list[BoundaryPlan]
+    refused: list[Refusal] = []
     tokens_per_s: float
     checks: list[Check]
     explain: list[str]
@@ -169,6 +190,15 @@ def read_plan(path: Path) -> Plan:
         text = Path(path).read_text()
     except OSError as e:
         raise UserError(f"{path}: cannot read the plan: {e}") from None
+    try:
+        version = json.loads(text).get("schema_version")
+    except (json.JSONDecodeError, AttributeError):
+        version = None
+    if version is not None and version != SCHEMA_VERSION:
+        raise UserError(
+            f"{path}: schema_version {version!r}, but this Echelon reads schema_version {SCHEMA_VERSION} "
+            "plans; re-run `echelon plan` on the fleet file to write one"
+        )
     try:
         return Plan.model_validate_json(text)
     except ValidationError as e:

@@ -19,16 +19,15 @@ from google.protobuf.message import Message
 
 from echelon import rundir
 from echelon.config import RunConfig
-from echelon.contract.guard import ContractViolation, EgressGuard, IngressGuard
+from echelon.contract.guard import ContractViolation
 from echelon.errors import UserError
 from echelon.preflight import deployable
-from echelon.runner import make_boundary_plane
+from echelon.runner import make_boundary_plane, make_guards
 from echelon.runtime.grpc import evidence
 from echelon.runtime.grpc.framing import (
     DeviceReassembly,
     FrameRefused,
     MessageTooLarge,
-    Reassembly,
     device_frames,
     envelope_cap,
 )
@@ -76,9 +75,8 @@ class BoundaryRole:
         self.address = boundary_address(boundary_id)
         self.party = party_of(self.address)
         self.creds, self.listen, self.global_target, self.run_dir = creds, listen, global_target, run_dir
-        e = cfg.echelon
         dim = build_model(cfg.model, cfg.seed).dim
-        self.plane = make_boundary_plane(cfg, spec, dim)
+        self.plane = make_boundary_plane(cfg, spec, dim, creds.identity())
         self.checkpoint = rundir.checkpoint_path(run_dir, self.party)
         if resume and self.checkpoint.exists():
             try:
@@ -86,9 +84,10 @@ class BoundaryRole:
             except (KeyError, ValueError, RuntimeError) as err:
                 raise UserError(f"cannot resume from {self.checkpoint}: {err}") from None
             log.info("resuming at middle step %d", self.plane.middle_step)
-        self.audit = evidence.open_audit(run_dir, self.party, creds, e.min_quorum)
-        self.egress = EgressGuard(self.party, e.min_quorum, self.audit)
-        self.ingress = IngressGuard(self.party, e.min_quorum, self.audit)
+        self.audit = evidence.open_audit(run_dir, self.party, creds, cfg)
+        self.egress, self.ingress = make_guards(
+            cfg, self.party, self.plane.dim, self.audit, self.plane.ledger
+        )
         network = Network(cfg.seed)
         self.to_global = Outbox(network.link(self.address, GLOBAL, spec.wan or cfg.network.wan))
         self.to_device = {
@@ -98,10 +97,8 @@ class BoundaryRole:
         self.cap = envelope_cap(self.plane.dim, len(spec.devices))
         self.streams = LiveStreams()
         self.finishing = False
-        self.node = Node(self.plane, self.address, self.route, lambda kind, fields: None)
-        self.from_global_reassembly = Reassembly(
-            envelope_cap(self.plane.dim, len(cfg.boundaries)), self.node.now
-        )
+        self.node = Node(self.plane, self.address, self.route, self.on_emit)
+        self.arriving: tuple[bytes, Message] | None = None  # (frame, body) from the global plane
         self._progress = self._progress_mark()
         self.server = make_server(creds, listen, [stream_handler(LOCAL_SERVICE, self.exchange)])
 
@@ -122,6 +119,14 @@ class BoundaryRole:
         except ContractViolation as err:
             log.error("refused to send: %s", err)
 
+    def on_emit(self, kind: str, fields: dict) -> None:
+        """Telemetry to the log; the plane's refusal of what the global plane sent also goes on record."""
+        evidence.log_event(kind, fields)
+        if kind == "refused" and self.arriving is not None:
+            frame, body = self.arriving
+            now = self.node.now()
+            evidence.record_refusal(self.audit, now, self.party, GLOBAL, frame, body, fields["reason"])
+
     def _progress_mark(self) -> tuple:
         p = self.plane
         return (p.middle_step, p.version, p.adopted_step, p.awaiting_global, p.finished)
@@ -136,22 +141,23 @@ class BoundaryRole:
     # -- the global plane's stream ---------------------------------------------------------------
 
     def from_global(self, frame: bytes) -> None:
-        """One frame from the global plane; any exception is a recorded refusal, raised for the count."""
+        """One frame from the global plane, through the ingress guard (which caps what a sliced
+        message may hold); any exception is a recorded refusal, raised for the count."""
         body = None
         try:
-            self.from_global_reassembly.take(len(frame))
             body = self.ingress.receive(self.node.now(), frame, GLOBAL)
             if body is not None:
-                self.from_global_reassembly.reset()
+                self.arriving = (frame, body)
                 self.node.deliver(GLOBAL, body)
         except Exception as err:
-            self.from_global_reassembly.reset()
             self.ingress.forget(GLOBAL)
             log.error("refused a message from the global plane: %s", err)
             if not isinstance(err, ContractViolation):
                 reason = f"{type(err).__name__}: {err}"
                 evidence.record_refusal(self.audit, self.node.now(), self.party, GLOBAL, frame, body, reason)
             raise
+        finally:
+            self.arriving = None
         self.after_event()
         if self.plane.finished and not self.to_global.closed:
             log.info("final reference received: closing the stream to the global plane")
@@ -159,7 +165,6 @@ class BoundaryRole:
 
     def global_lost(self, why: str) -> None:
         self.ingress.forget(GLOBAL)  # a half-received message died with the stream
-        self.from_global_reassembly.reset()
         self.audit.checkpoint("disconnect")
 
     # -- the devices' streams --------------------------------------------------------------------

@@ -4,7 +4,9 @@ It runs the very `DevicePlane` the simulator runs; local rounds run on a worker 
 stream stays served while it computes. With `churn:` in the run file the device goes away and
 comes back as the simulator schedules it: uptimes and downtimes drawn from the same
 exponentials, from the same seed (`derived_seed(seed, 3, i)`, i its rank among the devices); a
-round in progress when it leaves is lost, as are the frames it had not sent.
+round in progress when it leaves is lost, as are the frames it had not sent. A device that is a
+replica of a Yellowstone plan (`boundaries[].plan`) runs its rounds on the plan's job, whose
+files live under its `workdir`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 from google.protobuf.message import Message
@@ -21,6 +24,7 @@ from echelon.errors import UserError
 from echelon.planes.device import StartLocalRound
 from echelon.preflight import deployable
 from echelon.runner import make_device_plane, prepare
+from echelon.runtime.grpc import evidence
 from echelon.runtime.grpc.framing import DeviceReassembly, device_frames, envelope_cap
 from echelon.runtime.grpc.node import Node, Outbox
 from echelon.runtime.grpc.tls import Credentials
@@ -43,15 +47,27 @@ def owner_of(cfg: RunConfig, device_id: str) -> str:
 
 
 class DeviceRole:
-    """Device `device_id` of `cfg`, training for its boundary at `boundary_target`."""
+    """Device `device_id` of `cfg`, training for its boundary at `boundary_target`; a plan's
+    replica keeps its job's files under `workdir`."""
 
-    def __init__(self, cfg: RunConfig, creds: Credentials, device_id: str, boundary_target: str) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        creds: Credentials,
+        device_id: str,
+        boundary_target: str,
+        workdir: Path | None = None,
+    ) -> None:
         self.cfg = cfg = deployable(cfg)
         owner = owner_of(cfg, device_id)
+        if workdir is None and any(d.id == device_id and d.replica for _, d in cfg.devices):
+            raise UserError(
+                f"device {device_id!r} is a replica of a plan: give --run-dir for its job's files"
+            )
         self.creds, self.device_id, self.boundary_target = creds, device_id, boundary_target
         self.address, self.boundary = device_address(device_id), boundary_address(owner)
-        self.prep = prepare(cfg)
-        self.plane = make_device_plane(cfg, device_id, owner, self.prep.bundle.dim)
+        self.prep = prepare(cfg, workdir, {device_id})
+        self.plane = make_device_plane(cfg, device_id, owner, self.prep.bundle.dim, creds.identity())
         network = Network(cfg.seed)
         self.outbox = Outbox(network.link(self.address, self.boundary, cfg.network.lan))
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-round")
@@ -59,7 +75,7 @@ class DeviceRole:
         self.churn_rng = np.random.default_rng(derived_seed(cfg.seed, 3, rank))  # the simulator's draws
         self.session = 0  # bumps when the device goes away: a round of an earlier session is dropped
         self.cap = envelope_cap(self.prep.trainer.initial_state().numel(), 1)
-        self.node = Node(self.plane, self.address, self.route, lambda kind, fields: None, self.on_other)
+        self.node = Node(self.plane, self.address, self.route, evidence.log_event, self.on_other)
         self.reassembly = DeviceReassembly(self.cap, self.node.now)
         self.failure = asyncio.Event()
 
@@ -142,8 +158,12 @@ class DeviceRole:
         finally:
             self.node.stop()
             self.compute.shutdown(wait=True, cancel_futures=True)
+            self.prep.trainer.close()
 
 
-async def run_device(cfg: RunConfig, creds: Credentials, device_id: str, boundary_target: str) -> None:
-    """Train device `device_id` for its boundary until the boundary says the run is over."""
-    await DeviceRole(cfg, creds, device_id, boundary_target).run()
+async def run_device(
+    cfg: RunConfig, creds: Credentials, device_id: str, boundary_target: str, workdir: Path | None = None
+) -> None:
+    """Train device `device_id` for its boundary until the boundary says the run is over. A
+    device that is a plan's replica runs its rounds on the plan's job, kept under `workdir`."""
+    await DeviceRole(cfg, creds, device_id, boundary_target, workdir).run()

@@ -1,15 +1,18 @@
-"""A deployed party's audit log, and the refusals its guards did not record themselves."""
+"""A deployed party's audit log, the refusals its guards did not record themselves, and its telemetry log."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 
 from google.protobuf.message import Message
 
+from echelon.audit.anchor import RunBinding, config_digest, deployment_id
 from echelon.audit.layout import audit_dir, log_path
 from echelon.audit.log import AuditLog
+from echelon.config import RunConfig
 from echelon.contract.rules import flow_class_name, round_of, tensor_summary
 from echelon.runtime.grpc.tls import Credentials
 from echelon.v1 import boundary_pb2
@@ -17,13 +20,21 @@ from echelon.v1 import boundary_pb2
 log = logging.getLogger("echelon.serve")
 
 
-def open_audit(run_dir: Path, party: str, creds: Credentials, min_quorum: int) -> AuditLog:
-    """The party's audit log: continued after a restart (a torn last line is cut, and recorded)."""
+def open_audit(run_dir: Path, party: str, creds: Credentials, cfg: RunConfig) -> AuditLog:
+    """The party's audit log, bound to the deployment (its CA) and the configuration: continued
+    after a restart (a torn last line is cut, and recorded)."""
     audit_dir(run_dir).mkdir(parents=True, exist_ok=True)
     path = log_path(run_dir, party)
+    binding = RunBinding(deployment_id(creds.ca), config_digest(cfg))
     if path.exists():
-        return AuditLog.open(path, creds.audit_key(), repair=True)
-    return AuditLog.create(path, party, creds.audit_key(), "wall", min_quorum=min_quorum)
+        return AuditLog.open(path, creds.audit_key(), repair=True, binding=binding)
+    return AuditLog.create(path, party, creds.audit_key(), "wall", binding, min_quorum=cfg.echelon.min_quorum)
+
+
+def log_event(kind: str, fields: dict) -> None:
+    """A boundary's or device's telemetry: refusals and SecAgg+ failures go to its log."""
+    bad = "refused" in kind or "failure" in kind or "rejected" in kind
+    log.log(logging.WARNING if bad else logging.DEBUG, "%s %s", kind, json.dumps(fields, sort_keys=True))
 
 
 def record_refusal(

@@ -23,18 +23,16 @@ from safetensors import SafetensorError
 
 from echelon import rundir
 from echelon.config import RunConfig
-from echelon.contract.guard import ContractViolation, EgressGuard, IngressGuard
+from echelon.contract.guard import ContractViolation
 from echelon.errors import UserError
 from echelon.preflight import deployable
-from echelon.runner import make_global_plane, prepare
+from echelon.runner import make_global_plane, make_guards, prepare
 from echelon.runtime.grpc import evidence
-from echelon.runtime.grpc.framing import MessageTooLarge, Reassembly, envelope_cap
 from echelon.runtime.grpc.node import Node, Outbox
 from echelon.runtime.grpc.tls import Credentials, peer_identity
 from echelon.runtime.grpc.transport import (
     CROSS_SERVICE,
     LiveStreams,
-    StreamClosed,
     make_server,
     read_frames,
     serve_stream,
@@ -58,8 +56,8 @@ class GlobalRole:
         self.cfg = cfg = deployable(cfg)
         self.run_dir, self.listen = run_dir, listen
         self.wall0 = time.perf_counter()
-        self.prep = prepare(cfg)
-        self.plane = make_global_plane(cfg, self.prep.trainer.initial_state())
+        self.prep = prepare(cfg, local_devices=set())  # the global plane evaluates; it runs no device
+        self.plane = make_global_plane(cfg, self.prep.trainer.initial_state(), creds.identity())
         self.evals: list[float] = []
         path = rundir.checkpoint_path(run_dir, GLOBAL)
         if resume:
@@ -70,10 +68,8 @@ class GlobalRole:
                 raise UserError(f"cannot resume from {path}: {e}") from None
             self.evals = list(state["evals"])
             log.info("resuming from outer step %d", self.plane.outer_step)
-        e = cfg.echelon
-        self.audit = evidence.open_audit(run_dir, GLOBAL, creds, e.min_quorum)
-        self.egress = EgressGuard(GLOBAL, e.min_quorum, self.audit)
-        self.ingress = IngressGuard(GLOBAL, e.min_quorum, self.audit)
+        self.audit = evidence.open_audit(run_dir, GLOBAL, creds, cfg)
+        self.egress, self.ingress = make_guards(cfg, GLOBAL, self.plane.theta_g.numel(), self.audit)
         network = Network(cfg.seed)
         self.outboxes = {
             boundary_address(b.id): Outbox(
@@ -86,8 +82,7 @@ class GlobalRole:
         self.refused = 0
         self.metrics = (run_dir / "metrics.jsonl").open("a")
         self.node = Node(self.plane, GLOBAL, self.route, self.on_emit)
-        cap = envelope_cap(self.plane.theta_g.numel(), len(cfg.boundaries))
-        self.reassembly = {a: Reassembly(cap, self.node.now) for a in self.outboxes}
+        self.arriving: tuple[str, bytes, Message] | None = None  # (peer, frame, body) the plane is given
         self.heard_at = self.node.now()  # the last time any boundary connected or sent a frame
         self.done = asyncio.Event()
         self.server = make_server(creds, listen, [stream_handler(CROSS_SERVICE, self.exchange)])
@@ -98,6 +93,9 @@ class GlobalRole:
         return self.egress.bytes_total + self.ingress.bytes_total
 
     def on_emit(self, kind: str, fields: dict) -> None:
+        if kind == "refused" and self.arriving is not None:  # the plane refused what a boundary sent
+            self.refuse(*self.arriving, fields["reason"], recorded=False)
+            return
         record = {"kind": kind, **fields}
         plane = self.plane
         if kind == "outer_step":
@@ -140,33 +138,32 @@ class GlobalRole:
 
     # -- streams ---------------------------------------------------------------------------------
 
-    def refuse(self, peer: str, frame: bytes, body: Message | None, err: Exception) -> None:
-        """A frame from `peer` that was refused: logged, and recorded unless its guard did."""
+    def refuse(self, peer: str, frame: bytes, body: Message | None, reason: str, recorded: bool) -> None:
+        """A frame from `peer` that was refused: logged, and put on record unless its guard did."""
         self.refused += 1
-        log.error("refused a message from %s: %s", peer, err)
-        if not isinstance(err, ContractViolation):
-            reason = f"{type(err).__name__}: {err}"
+        log.error("refused a message from %s: %s", peer, reason)
+        if not recorded:
             evidence.record_refusal(self.audit, self.node.now(), GLOBAL, peer, frame, body, reason)
 
     def on_frame(self, address: str, frame: bytes) -> None:
-        """One frame from the boundary at `address`: through the ingress guard, then to the plane.
-        Any exception is a refusal, recorded, and raised for the stream's count."""
-        peer, reassembly = party_of(address), self.reassembly[address]
+        """One frame from the boundary at `address`: through the ingress guard (which caps what a
+        sliced message may hold), then to the plane. Any exception, and a refusal by the plane, is
+        a recorded refusal; an exception is raised on for the stream's count."""
+        peer = party_of(address)
         self.heard_at = self.node.now()
         body = None
         try:
-            reassembly.take(len(frame))
             body = self.ingress.receive(self.node.now(), frame, peer)
             if body is not None:
-                reassembly.reset()
+                self.arriving = (peer, frame, body)
                 self.node.deliver(address, body)
         except Exception as err:
-            reassembly.reset()
             self.ingress.forget(peer)
-            self.refuse(peer, frame, body, err)
-            if isinstance(err, MessageTooLarge):
-                raise StreamClosed(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)) from None
+            recorded = isinstance(err, ContractViolation)
+            self.refuse(peer, frame, body, str(err) if recorded else f"{type(err).__name__}: {err}", recorded)
             raise
+        finally:
+            self.arriving = None
         self.after_event()
 
     async def exchange(
@@ -204,7 +201,6 @@ class GlobalRole:
         finally:
             self.streams.release(address, token)
             self.ingress.forget(party)  # a half-received message died with the stream
-            self.reassembly[address].reset()
             if not self.done.is_set():
                 log.warning("%s disconnected", party)
                 self.audit.checkpoint("disconnect")

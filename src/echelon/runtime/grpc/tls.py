@@ -12,6 +12,7 @@ Layout written by `echelon certs init`:
     CERTS/<party>/cert.pem            the party's certificate
     CERTS/<party>/key.pem             its TLS private key (0600, directory 0700)
     CERTS/<party>/<party>.key.pem     its Ed25519 audit-log signing key (0600; not for devices)
+    CERTS/audit-keys.json             every audit public key, pinned (give it to the auditor)
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from echelon.audit.anchor import PINS_FILE, deployment_id, write_pins
 from echelon.audit.keys import generate_signing_key, load_signing_key
 from echelon.errors import UserError
+from echelon.secagg.identity import Identity, Signer, Verifier
 
 VALIDITY = datetime.timedelta(days=365)
 
@@ -106,6 +109,7 @@ def init_certs(directory: Path, boundaries: dict[str, list[str]]) -> list[str]:
         .sign(ca_key, hashes.SHA256())
     )
     parties = parties_of(boundaries)
+    audit_keys = {}
     for party, boundary in parties:
         party_dir = directory / party
         party_dir.mkdir(mode=0o700)
@@ -134,9 +138,11 @@ def init_certs(directory: Path, boundaries: dict[str, list[str]]) -> list[str]:
         _write(party_dir / "cert.pem", cert.public_bytes(serialization.Encoding.PEM), 0o644)
         _write(party_dir / "key.pem", _pem_key(key), 0o600)
         if not party.startswith("device."):
-            generate_signing_key(party_dir, party)
+            audit_keys[party] = generate_signing_key(party_dir, party).public_key()
     # The CA key is not kept: nobody can mint a certificate for this deployment afterwards.
-    _write(directory / "ca.pem", ca.public_bytes(serialization.Encoding.PEM), 0o644)
+    ca_pem = ca.public_bytes(serialization.Encoding.PEM)
+    _write(directory / "ca.pem", ca_pem, 0o644)
+    write_pins(directory / PINS_FILE, audit_keys, deployment_id(ca_pem))
     return [p for p, _ in parties]
 
 
@@ -152,6 +158,10 @@ class Credentials:
 
     def audit_key(self):
         return load_signing_key(self.directory / f"{self.party}.key.pem")
+
+    def identity(self) -> Identity:
+        """The party's SecAgg+ identity: it signs with its certificate's key, trusts the CA."""
+        return Identity(Verifier.from_pem(self.ca), Signer.from_pem(self.cert, self.key))
 
 
 def load_credentials(directory: Path, party: str) -> Credentials:

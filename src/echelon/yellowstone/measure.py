@@ -1,0 +1,127 @@
+"""Measurements `echelon profile` turns into fleet entries: model steps and the local link.
+
+- `measure_model_steps`: the seconds one training step of the model (forward, backward and AdamW
+  over one micro-batch) takes on each of `ranks` processes running at once on this machine, each
+  with `threads` torch threads. Processes that share a CPU slow each other down; measuring them
+  together is what makes the figure the one a plan's ranks on this machine see. The result goes
+  into the fleet file as `measured_steps`, from which the cost model calibrates each device
+  (`cost.calibrate`: achieved FLOP/s = the step's FLOPs / its time).
+- `measure_local_link`: latency and bandwidth of point-to-point transfers between two processes
+  of this machine over gloo, the engine that carries a plan's activations here.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+@dataclass(frozen=True)
+class StepProbe:
+    """What to time: the built-in preset or a checkpoint (`source`), training mode and shape."""
+
+    source: str
+    trainable: str
+    lora_rank: int
+    seq_len: int
+    micro_batch: int
+    steps: int = 8
+    threads: int = 1
+
+
+def _model(probe: StepProbe, seed: int = 0):
+    from pathlib import Path
+
+    from echelon.config import LoraSettings, ModelConfig
+    from echelon.train.model import build_model
+
+    preset = probe.source if probe.source == "tiny" else None
+    lora = LoraSettings(r=probe.lora_rank, alpha=2.0 * probe.lora_rank, dropout=0.0)
+    path = None if preset else Path(probe.source)
+    return build_model(ModelConfig(preset=preset, path=path, trainable=probe.trainable, lora=lora), seed)
+
+
+def _time_steps(rank: int, probe: StepProbe, start, results) -> None:
+    torch.set_num_threads(probe.threads)
+    bundle = _model(probe)
+    optimizer = torch.optim.AdamW(bundle.trainable, lr=1e-4, foreach=True)
+    vocab = bundle.model.config.vocab_size
+    tokens = torch.randint(
+        0, vocab, (probe.micro_batch, probe.seq_len), generator=torch.Generator().manual_seed(rank)
+    )
+
+    def step() -> None:
+        bundle.model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    start.wait()  # every process times its steps while the others run theirs
+    seconds = []
+    for _ in range(probe.steps):
+        t0 = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - t0)
+    results.put((rank, statistics.median(seconds)))
+
+
+def measure_model_steps(probe: StepProbe, ranks: int) -> list[float]:
+    """Median seconds per training step on each of `ranks` processes running together."""
+    ctx = mp.get_context("spawn")
+    start, results = ctx.Barrier(ranks), ctx.Queue()
+    procs = [ctx.Process(target=_time_steps, args=(r, probe, start, results)) for r in range(ranks)]
+    for p in procs:
+        p.start()
+    out = dict(results.get(timeout=900) for _ in procs)
+    for p in procs:
+        p.join()
+    return [out[r] for r in range(ranks)]
+
+
+def _ping(rank: int, port: int, sizes: list[int], rounds: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    times = {}
+    for size in sizes:
+        buffer = torch.zeros(size // 4)
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            if rank == 0:
+                dist.send(buffer, 1)
+                dist.recv(buffer, 1)
+            else:
+                dist.recv(buffer, 0)
+                dist.send(buffer, 0)
+        times[size] = (time.perf_counter() - t0) / (2 * rounds)
+    if rank == 0:
+        results.put(times)
+    dist.destroy_process_group()
+
+
+def measure_local_link(rounds: int = 50) -> tuple[float, float]:
+    """(bandwidth in Gbit/s, one-way latency in ms) of gloo transfers between two local processes:
+    latency from 4-byte messages, bandwidth from the extra time of 8 MiB ones."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    small, large = 4, 8 << 20
+    procs = [ctx.Process(target=_ping, args=(r, port, [small, large], rounds, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    times = results.get(timeout=300)
+    for p in procs:
+        p.join()
+    latency = times[small]
+    bandwidth = (large - small) / max(times[large] - latency, 1e-9)
+    return bandwidth * 8 / 1e9, latency * 1e3
