@@ -47,11 +47,11 @@ from rich.table import Table
 from echelon.audit.verify import verify_log, verify_run
 from echelon.config import RunConfig
 from echelon.contract.guard import EgressGuard, IngressGuard
-from echelon.planes.aggregation import encode_f32
 from echelon.runtime.grpc.boundary_role import BoundaryRole
 from echelon.runtime.grpc.global_role import GlobalRole
 from echelon.runtime.grpc.tls import init_certs, load_credentials
 from echelon.runtime.grpc.transport import CROSS_METHOD, LOCAL_METHOD, make_channel
+from echelon.tensors import payload as tensor_payload
 from echelon.v1 import boundary_pb2, services_pb2, tensor_pb2
 
 RUN = {
@@ -112,9 +112,10 @@ class Boundary:
 
 def delta(step: int, values: np.ndarray) -> boundary_pb2.BoundaryDelta:
     """A boundary's Delta_b for outer step `step` (2 contributors)."""
-    payload = encode_f32(values.astype(np.float32), tensor_pb2.BOUNDARY_AGGREGATE, contributors=2)
+    # A forger's payload: built below the guard, as an attacker would, not minted by a boundary.
+    forged = tensor_payload(values, tensor_pb2.BOUNDARY_AGGREGATE, 2, tensor_pb2.FLOAT32)
     return boundary_pb2.BoundaryDelta(
-        outer_step=step, tokens=256, middle_step=1, delta=payload, contributors=2
+        outer_step=step, tokens=256, middle_step=1, delta=forged, contributors=2
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,13 +20,15 @@ from echelon.config import (
     SyncConfig,
 )
 from echelon.contract.guard import EgressGuard, IngressGuard
-from echelon.planes.aggregation import PlainAggregator, encode_f32
+from echelon.contract.policy import Terms
+from echelon.planes.aggregation import PlainAggregator
 from echelon.planes.boundary import BoundaryPlane
 from echelon.planes.controller import Cadence
 from echelon.planes.coordinator import GlobalPlane
 from echelon.planes.device import DevicePlane
 from echelon.runtime.sim.engine import GLOBAL, Simulation, boundary_address, device_address, party_of
-from echelon.sansio import Emit, RefusedMessage, Send
+from echelon.sansio import Emit, Send
+from echelon.tensors import payload
 from echelon.train.trainer import LocalResult
 from echelon.v1 import boundary_pb2, tensor_pb2
 
@@ -55,8 +58,8 @@ def _global_plane(dim: int = 4) -> GlobalPlane:
 
 
 def _delta(step: int, values: list[float], contributors: int = 2) -> boundary_pb2.BoundaryDelta:
-    payload = encode_f32(torch.tensor(values).numpy(), tensor_pb2.BOUNDARY_AGGREGATE, contributors)
-    return boundary_pb2.BoundaryDelta(outer_step=step, tokens=100, delta=payload, contributors=contributors)
+    delta = payload(np.array(values), tensor_pb2.BOUNDARY_AGGREGATE, contributors, tensor_pb2.FLOAT32)
+    return boundary_pb2.BoundaryDelta(outer_step=step, tokens=100, delta=delta, contributors=contributors)
 
 
 def _outer_step(plane: GlobalPlane, step: int, scale: float) -> None:
@@ -93,12 +96,12 @@ def test_a_boundary_delta_of_the_wrong_size_or_with_nan_is_refused_and_changes_n
     plane.start(0.0)
     plane.receive(0.0, X, boundary_pb2.BoundaryStatus(middle_step=1, tokens_total=100, drift=0.1))
     for bad, match in (
-        (_delta(1, [0.1, 0.2, 0.3, 0.4, 0.5]), "5 elements"),
+        (_delta(1, [0.1, 0.2, 0.3, 0.4, 0.5]), "5 elements where 4"),
         (_delta(1, [0.1, float("nan"), 0.3, 0.4]), "NaN"),
         (_delta(1, [0.1, float("inf"), 0.3, 0.4]), "NaN or infinite"),
     ):
-        with pytest.raises(RefusedMessage, match=match):
-            plane.receive(0.0, X, bad)
+        (refusal,) = plane.receive(0.0, X, bad)
+        assert isinstance(refusal, Emit) and refusal.kind == "refused" and match in refusal.fields["reason"]
     # The refusals did not count as answers: the sync completes with the two good deltas.
     plane.receive(0.0, X, _delta(1, [0.1, 0.2, 0.3, 0.4]))
     plane.receive(0.0, Y, _delta(1, [0.0, 0.0, 0.0, 0.0]))
@@ -145,6 +148,7 @@ def _one_boundary_sim(on_emit) -> tuple[Simulation, BoundaryPlane]:
     bp = BoundaryPlane("b", [device_address(d) for d in "pq"], GLOBAL, cfg, PlainAggregator(2, 60), dim)
     devices = {d: DevicePlane(d, boundary_address("b"), PlainAggregator(2, 60), cfg.clip, None) for d in "pq"}
     parties = (GLOBAL, party_of(boundary_address("b")))
+    terms = Terms(min_quorum=2, dim=dim)
     sim = Simulation(
         global_plane=gp,
         boundaries={"b": bp},
@@ -156,7 +160,13 @@ def _one_boundary_sim(on_emit) -> tuple[Simulation, BoundaryPlane]:
         # A slow WAN: middle steps go on while the boundary awaits the global reference.
         wan={"b": LinkConfig(latency_ms=3000)},
         churn=ChurnConfig(),
-        guards={p: (EgressGuard(p, 2, None), IngressGuard(p, 2, None)) for p in parties},
+        guards={
+            GLOBAL: (EgressGuard(GLOBAL, terms, None), IngressGuard(GLOBAL, terms, None)),
+            parties[1]: (
+                EgressGuard(parties[1], terms, None, bp.ledger),
+                IngressGuard(parties[1], terms, None),
+            ),
+        },
         seed=0,
         on_emit=on_emit,
     )

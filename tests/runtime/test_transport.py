@@ -250,6 +250,7 @@ def test_a_masked_boundary_delta_crosses_in_slices_like_every_other_tensor():
     import numpy as np
 
     from echelon.contract.guard import EgressGuard, IngressGuard
+    from echelon.contract.policy import Terms
     from echelon.contract.slicing import MAX_SLICE_BYTES
     from echelon.v1 import boundary_pb2, secagg_pb2, tensor_pb2
 
@@ -265,8 +266,9 @@ def test_a_masked_boundary_delta_crosses_in_slices_like_every_other_tensor():
         outer_step=3,
         secagg=secagg_pb2.SecAggMessage(round_id=3, masked_input=secagg_pb2.SecAggMaskedInput(masked=masked)),
     )
-    frames = EgressGuard("boundary.b0", 2, None).send(0.0, body, "global")
+    terms = Terms(min_quorum=2, dim=ring.size, boundaries=2)
+    frames = EgressGuard("boundary.b0", terms, None).send(0.0, body, "global")
     assert len(frames) == 5 and max(len(f) for f in frames) < MAX_SLICE_BYTES + 1024
-    ingress = IngressGuard("global", 2, None)
+    ingress = IngressGuard("global", terms, None)
     received = [ingress.receive(0.0, f, "boundary.b0") for f in frames]
     assert received[:-1] == [None] * 4 and received[-1] == body
