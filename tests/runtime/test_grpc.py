@@ -18,6 +18,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from echelon.audit.layout import log_path
+from echelon.audit.verify import verify_log
 from echelon.config import RunConfig
 from echelon.errors import UserError
 from echelon.runner import train
@@ -362,3 +364,11 @@ def test_a_served_party_logs_every_refused_tls_handshake(deployment, tmp_path):
         "the client presented no certificate",
     ):
         assert f"boundary.b1 WARNING refused a TLS handshake: {why}" in text, text[-3000:]
+    # ... and its audit log holds each refusal, chained and signed with the rest.
+    report = verify_log(
+        log_path(tmp_path / "run", "boundary.b1"),
+        load_credentials(certs, "boundary.b1").audit_key().public_key(),
+    )
+    assert not report.violations, report.violations
+    reasons = [r.reason for r in report.refused]
+    assert len(reasons) == 3 and all(r.startswith("TLS handshake refused: ") for r in reasons), reasons

@@ -299,6 +299,22 @@ class AuditLog:
                 self._checkpoint("interval")
         return record
 
+    def handshake_refused(self, time: float, reason: str) -> dict:
+        """Record a TLS handshake this party's server refused (no party was named, nothing
+        crossed); returns the record as written. ValueError on a closed log."""
+        if len(reason) > MAX_REASON:
+            reason = f"{reason[: MAX_REASON - 48]} [{len(reason) - MAX_REASON + 48} more characters cut]"
+        with self._lock:
+            if self._fd < 0:
+                raise ValueError(f"audit log {self.path} is closed")
+            record = {"kind": "handshake", "seq": self._seq, "time": float(time), "reason": reason}
+            record["prev_hash"] = self._head
+            record["hash"] = self._write(record)
+            self._since_checkpoint += 1
+            if self._since_checkpoint >= self.checkpoint_every:
+                self._checkpoint("interval")
+        return record
+
     def head(self) -> tuple[int, str]:
         """(seq, hash) of the last record written: the chain head the party's next message
         carries, for its peer to countersign."""

@@ -64,6 +64,9 @@ FIELDS: dict[str, frozenset[str]] = {
     "message": frozenset((*CHAINED, *MESSAGE_FIELDS)),
     "checkpoint": frozenset((*CHAINED, "trigger", "signature")),
     "repair": frozenset((*CHAINED, "removed_bytes", "removed_sha256")),
+    # A TLS handshake the party's server refused (plaintext, another CA, no certificate): the peer
+    # named no party, so there is no channel, only the time and gRPC core's reason.
+    "handshake": frozenset((*CHAINED, "time", "reason")),
 }
 CLOCKS = frozenset({"virtual", "wall"})
 TRIGGERS = frozenset({"open", "interval", "explicit", "close", "reopen", "disconnect", "interrupted"})

@@ -111,6 +111,8 @@ class _Scanner:
             self._checkpoint(rec, seq)
         elif kind == "header":
             self._header(rec, seq)
+        elif kind == "handshake":
+            self._handshake(rec, seq)
         else:
             self._repair(rec, seq)
 
@@ -284,6 +286,15 @@ class _Scanner:
             )
             return False
         return True
+
+    def _handshake(self, rec: dict, seq: int) -> None:
+        time, reason = rec["time"], rec["reason"]
+        if type(time) not in (int, float) or type(reason) is not str:
+            self.rep.flag(SCHEMA, seq, "handshake record without a time and a reason", rec)
+            return
+        self.rep.refused.append(
+            Finding(self.rep.party, seq, REFUSED, f"TLS handshake refused: {reason}", rec)
+        )
 
     def _repair(self, rec: dict, seq: int) -> None:
         removed, digest = rec["removed_bytes"], rec["removed_sha256"]

@@ -15,9 +15,13 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from echelon.config import RunConfig, load_run
 from echelon.errors import UserError
+
+if TYPE_CHECKING:
+    from echelon.runtime.grpc.handshakes import HandshakeTap
 
 
 def positive_int(text: str) -> int:
@@ -99,7 +103,7 @@ async def _watch_parent(parent: int) -> None:
     raise SystemExit(f"parent process {parent} is gone")
 
 
-async def _serve(args: argparse.Namespace, cfg: RunConfig, party: str) -> int:
+async def _serve(args: argparse.Namespace, cfg: RunConfig, party: str, tap: HandshakeTap | None) -> int:
     from echelon.runtime.grpc.tls import load_credentials
 
     creds = load_credentials(args.certs, party)
@@ -110,11 +114,13 @@ async def _serve(args: argparse.Namespace, cfg: RunConfig, party: str) -> int:
     if args.role == "global":
         from echelon.runtime.grpc.global_role import run_global
 
-        job = run_global(cfg, creds, args.listen, args.run_dir, resume=args.resume)
+        job = run_global(cfg, creds, args.listen, args.run_dir, args.resume, tap)
     elif args.role == "boundary":
         from echelon.runtime.grpc.boundary_role import run_boundary
 
-        job = run_boundary(cfg, creds, args.id, args.listen, args.global_target, args.run_dir, args.resume)
+        job = run_boundary(
+            cfg, creds, args.id, args.listen, args.global_target, args.run_dir, args.resume, tap
+        )
     else:
         import torch
 
@@ -162,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
 
         tap = HandshakeTap(log_format(party))
     try:
-        code = asyncio.run(_serve(args, cfg, party))
+        code = asyncio.run(_serve(args, cfg, party, tap))
     except asyncio.CancelledError:
         print(f"{party}: stopped", file=sys.stderr)
         code = 143

@@ -31,6 +31,7 @@ from echelon.runtime.grpc.framing import (
     device_frames,
     envelope_cap,
 )
+from echelon.runtime.grpc.handshakes import HandshakeTap
 from echelon.runtime.grpc.node import Node, Outbox
 from echelon.runtime.grpc.tls import Credentials, peer_identity
 from echelon.runtime.grpc.transport import (
@@ -219,8 +220,12 @@ class BoundaryRole:
 
     # -- the run ---------------------------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self, handshakes: HandshakeTap | None = None) -> None:
+        """`handshakes`: the process's tap of TLS handshakes gRPC core refused; each goes
+        into this party's audit log while it runs."""
         await start_server(self.server)
+        if handshakes is not None:
+            handshakes.attach(lambda why: self.audit.handshake_refused(self.node.now(), why))
         log.info("%s listening on %s for %d devices", self.party, self.listen, len(self.to_device))
         dialer = Dialer(
             self.creds,
@@ -248,6 +253,8 @@ class BoundaryRole:
                 outbox.close()
             await self.server.stop(grace=5.0)
         finally:
+            if handshakes is not None:
+                handshakes.detach()
             if not dial.done():
                 dial.cancel()
             self.node.stop()
@@ -263,6 +270,7 @@ async def run_boundary(
     global_target: str,
     run_dir: Path,
     resume: bool = False,
+    handshakes: HandshakeTap | None = None,
 ) -> None:
     """Coordinate boundary `boundary_id` until the global plane ends the run."""
-    await BoundaryRole(cfg, creds, boundary_id, listen, global_target, run_dir, resume).run()
+    await BoundaryRole(cfg, creds, boundary_id, listen, global_target, run_dir, resume).run(handshakes)

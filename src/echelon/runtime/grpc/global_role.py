@@ -28,6 +28,7 @@ from echelon.errors import UserError
 from echelon.preflight import deployable
 from echelon.runner import make_global_plane, make_guards, prepare
 from echelon.runtime.grpc import evidence
+from echelon.runtime.grpc.handshakes import HandshakeTap
 from echelon.runtime.grpc.node import Node, Outbox
 from echelon.runtime.grpc.tls import Credentials, peer_identity
 from echelon.runtime.grpc.transport import (
@@ -222,8 +223,12 @@ class GlobalRole:
 
     # -- the run ---------------------------------------------------------------------------------
 
-    async def run(self) -> dict:
+    async def run(self, handshakes: HandshakeTap | None = None) -> dict:
+        """`handshakes`: the process's tap of TLS handshakes gRPC core refused; each goes
+        into this party's audit log while it runs."""
         await start_server(self.server)
+        if handshakes is not None:
+            handshakes.attach(lambda why: self.audit.handshake_refused(self.node.now(), why))
         log.info("global plane listening on %s for %d boundaries", self.listen, len(self.outboxes))
         try:
             while not self.done.is_set():
@@ -236,6 +241,8 @@ class GlobalRole:
                 await asyncio.sleep(0.05)
             await self.server.stop(grace=HALF_CLOSE_S)
         finally:
+            if handshakes is not None:
+                handshakes.detach()
             self.node.stop()
             await self.server.stop(grace=None)  # a no-op after a clean stop; cancels streams otherwise
             self.metrics.close()
@@ -291,7 +298,12 @@ class GlobalRole:
 
 
 async def run_global(
-    cfg: RunConfig, creds: Credentials, listen: str, run_dir: Path, resume: bool = False
+    cfg: RunConfig,
+    creds: Credentials,
+    listen: str,
+    run_dir: Path,
+    resume: bool = False,
+    handshakes: HandshakeTap | None = None,
 ) -> dict:
     """Serve the global plane of `cfg` on `listen` until the run ends; returns the run's summary."""
-    return await GlobalRole(cfg, creds, listen, run_dir, resume).run()
+    return await GlobalRole(cfg, creds, listen, run_dir, resume).run(handshakes)

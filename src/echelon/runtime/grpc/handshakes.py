@@ -5,8 +5,9 @@ no client certificate) before any of our code runs, and says so only in an INFO 
 on the process's stderr, without the peer's identity (there is none to give). `HandshakeTap`
 passes the process's stderr through a pipe; a thread copies every line on unchanged and turns
 each such line into a warning of the party's log ("refused a TLS handshake: ..."), counted in
-`refused`. Such a peer names no party, so there is nothing to record in the audit log, which
-holds crossings and refused attempts by parties.
+`refused`, and hands its reason to the role's `sink` once one is attached: the role records it in
+its audit log as a `handshake` record (such a peer names no party, so it has no channel; the
+record keeps the time and the reason). Refusals before a sink is attached wait for it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Callable
 
 FAILED = re.compile(
     rb"Handshake failed with error [A-Z_]+: (?:error:[0-9a-fA-F]+:)?(?:[A-Za-z ]+routines:)?(?:OPENSSL_internal:)?([A-Z_]+)"
@@ -32,6 +34,9 @@ class HandshakeTap:
 
     def __init__(self, log_format: str) -> None:
         self.refused = 0
+        self._sink: Callable[[str], None] | None = None
+        self._waiting: list[str] = []  # reasons refused before a sink was attached
+        self._sink_lock = threading.Lock()
         self._stderr = os.dup(2)
         read, write = os.pipe()
         os.dup2(write, 2)
@@ -54,6 +59,28 @@ class HandshakeTap:
                     self.refused += 1
                     why = WHY.get(match.group(1), match.group(1).decode(errors="replace"))
                     self._log.warning("refused a TLS handshake: %s (%s)", why, match.group(1).decode())
+                    self._deliver(f"{why} ({match.group(1).decode()})")
+
+    def _deliver(self, reason: str) -> None:
+        with self._sink_lock:
+            if self._sink is None:
+                self._waiting.append(reason)
+                return
+            try:
+                self._sink(reason)
+            except (OSError, ValueError) as e:  # a closed or failed audit log: the warning stands
+                self._log.warning("could not record a refused TLS handshake in the audit log: %s", e)
+
+    def attach(self, sink: Callable[[str], None]) -> None:
+        """Hand every refusal (the waiting ones first) to `sink` until `detach`."""
+        with self._sink_lock:
+            self._sink, waiting, self._waiting = sink, self._waiting, []
+        for reason in waiting:
+            self._deliver(reason)
+
+    def detach(self) -> None:
+        with self._sink_lock:
+            self._sink = None
 
     def close(self) -> None:
         """Put stderr back; the pipe then ends and everything written before is passed on."""
