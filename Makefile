@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint proto proto-check bench clean
+.PHONY: demo test lint proto proto-check bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,8 +34,13 @@ proto: $(STAMP)
 proto-check: $(STAMP)
 	$(BIN)/python -m echelon.tools.protogen --check
 
+# Every figure of benchmarks/ (long).
 bench: $(STAMP)
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+
+# Every benchmark in its quick mode (each under a minute), so a benchmark that breaks fails CI.
+bench-quick: $(STAMP)
+	for b in benchmarks/*.py; do echo "== $$b --quick"; $(BIN)/python $$b --quick || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

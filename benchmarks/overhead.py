@@ -6,7 +6,7 @@ read theta back, clip the delta, and serialise its aggregation input. The plain 
 forward/backward/AdamW steps. Repetitions alternate (plain, device, plain, ...) and the median
 ratio is reported, so machine noise hits both alike. Target: ratio >= 0.95.
 
-    .venv/bin/python benchmarks/overhead.py [--rounds 6] [--inner-steps 8]
+    .venv/bin/python benchmarks/overhead.py [--rounds 6] [--inner-steps 8] [--quick]
 """
 
 from __future__ import annotations
@@ -36,7 +36,10 @@ def _config(trainable: str, inner_steps: int) -> RunConfig:
             "model": {"preset": "tiny", "trainable": trainable, "lora": {"dropout": 0.0}},
             "data": {"max_documents": 80, "seq_len": 128},
             "train": {"inner_steps": inner_steps, "micro_batch": 8},
-            "boundaries": [{"id": "b", "devices": [{"id": "d", "tokens_per_s": 1}]}],
+            # Two devices: a boundary aggregate needs min_quorum (2) contributors. Only "d" is measured.
+            "boundaries": [
+                {"id": "b", "devices": [{"id": "d", "tokens_per_s": 1}, {"id": "e", "tokens_per_s": 1}]}
+            ],
             "budget": {"outer_steps": 1},
         }
     )
@@ -98,14 +101,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--inner-steps", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="LoRA only, 2 rounds of 4 steps")
     args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.inner_steps = 2, 4
     torch.manual_seed(0)
     table = Table(
         title=f"device plane vs plain PyTorch loop (K = {args.inner_steps}, micro-batch 8 x 128 tokens)"
     )
     for col in ("trainable", "parameters", "plain tok/s", "device plane tok/s", "ratio (target >= 0.95)"):
         table.add_column(col, justify="right")
-    for trainable in ("full", "lora"):
+    for trainable in ("lora",) if args.quick else ("full", "lora"):
         m = measure(trainable, args.rounds, args.inner_steps)
         table.add_row(
             m["trainable"],

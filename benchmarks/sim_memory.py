@@ -4,11 +4,12 @@ In simulation all devices share one copy of the frozen weights, so a device cost
 trainable vector, AdamW state and activations. Each size runs in a fresh process (so peak RSS is
 its own); the larger must stay within 1.5x the smaller.
 
-    .venv/bin/python benchmarks/sim_memory.py
+    .venv/bin/python benchmarks/sim_memory.py [--quick]   (--quick: 2 x 3 against 2 x 12, small)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import subprocess
@@ -18,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 
-def _child(devices_per_boundary: int) -> None:
+def _child(devices_per_boundary: int, quick: bool) -> None:
     from echelon.config import RunConfig
     from echelon.runner import build_simulation, prepare
 
@@ -31,16 +32,18 @@ def _child(devices_per_boundary: int) -> None:
         }
         for b in range(2)
     ]
+    # Quick: short sequences, one step a round, about one round per device (a smoke run for CI).
+    seq_len, steps, batch, rounds = (32, 1, 4, 1) if quick else (128, 2, 8, 4)
     cfg = RunConfig.model_validate(
         {
             "name": "memory",
             "model": {"preset": "tiny", "trainable": "lora"},
-            "data": {"seq_len": 128},
-            "train": {"inner_steps": 2, "micro_batch": 8},
+            "data": {"seq_len": seq_len, "max_documents": 300 if quick else None},
+            "train": {"inner_steps": steps, "micro_batch": batch},
             "echelon": {"buffer_size": 4, "sync": {"interval": 4}},
             "boundaries": boundaries,
-            # Every device completes at least two local rounds.
-            "budget": {"tokens": 2 * 2 * 2 * devices_per_boundary * 2 * 8 * 128},
+            # Every device completes `rounds` local rounds on average (at least two, full size).
+            "budget": {"tokens": rounds * 2 * devices_per_boundary * steps * batch * seq_len},
         }
     )
     prep = prepare(cfg)
@@ -60,13 +63,18 @@ def _child(devices_per_boundary: int) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--child":
-        _child(int(sys.argv[2]))
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        _child(int(sys.argv[2]), sys.argv[3] == "quick")
         return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="2 x 3 against 2 x 12 devices, 32-token sequences"
+    )
+    args = parser.parse_args()
     rows = []
-    for per_boundary in (3, 32):
+    for per_boundary in (3, 12 if args.quick else 32):
         out = subprocess.run(
-            [sys.executable, __file__, "--child", str(per_boundary)],
+            [sys.executable, __file__, "--child", str(per_boundary), "quick" if args.quick else "full"],
             check=True,
             capture_output=True,
             text=True,

@@ -7,7 +7,8 @@
    `EgressGuard.send` to the answer read back, so the slicing, checks, audit records and
    reassembly are all inside it. Baseline: the same payload as raw 1 MiB chunks over a stream of
    the same connection, joined on the server, without guards. Repetitions alternate (raw,
-   guarded, ...) and medians are reported. Target >= 300 MB/s.
+   guarded, ...) and medians are reported. Target: at least 0.8 of raw gRPC on the same connection
+   (the ratio), with the absolute figure beside it.
 2. Per-message overhead: an empty BoundaryDelta's frame on the wire (its CrossBoundaryEnvelope)
    against the body's own serialization, and its round trip through egress guard, gRPC, ingress
    guard and back (a SyncRequest) the same way, against a raw gRPC echo of the same frame bytes.
@@ -17,7 +18,7 @@
    loopback); wall times and their ratio. Mind the cores: the deployment runs 9 processes.
 
 The guards write signed audit logs exactly as a deployment does. Both ends use the deployment's
-own helpers (`roles._server`, `roles._channel`, `roles._handler`) and stream items are the exact
+own transport (`transport.make_server`, `make_channel`, `stream_handler`) and stream items are the exact
 frames the guards produce.
 
     .venv/bin/python benchmarks/transport.py [--megabytes 100] [--reps 5] [--pings 2000]
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import multiprocessing as mp
 import os
 import statistics
@@ -48,9 +50,9 @@ from echelon.commands.launch import _free_port
 from echelon.contract.guard import EgressGuard, IngressGuard
 from echelon.contract.policy import Terms
 from echelon.contract.provenance import BoundaryModel
-from echelon.runtime.grpc.node import chunk
-from echelon.runtime.grpc.roles import CROSS_METHOD, _channel, _handler, _server
+from echelon.runtime.grpc.framing import chunk
 from echelon.runtime.grpc.tls import Credentials, init_certs, load_credentials, peer_identity
+from echelon.runtime.grpc.transport import CROSS_METHOD, make_channel, make_server, stream_handler
 from echelon.v1 import boundary_pb2
 
 GLOBAL = "global"
@@ -63,7 +65,7 @@ PING_BLOCKS = 4  # ping-pong runs in alternating blocks (guarded, raw, ...) of p
 
 
 def _open_audit(run_dir: Path, creds: Credentials) -> AuditLog:
-    """The party's signed audit log, as a deployed role opens it (`roles._open_audit`)."""
+    """The party's signed audit log, as a deployed role opens it (`evidence.open_audit`)."""
     audit_dir(run_dir).mkdir(parents=True, exist_ok=True)
     binding = RunBinding(deployment_id(creds.ca), "0" * 64)  # no run configuration: a benchmark
     return AuditLog.create(
@@ -121,13 +123,14 @@ async def _serve(
         async for item in requests:
             yield item
 
-    server = _server(creds, listen)
-    server.add_generic_rpc_handlers(
+    server = make_server(
+        creds,
+        listen,
         [
-            _handler("echelon.v1.CrossBoundary", guarded),
-            _handler(RAW_BULK, raw_bulk),
-            _handler(RAW_ECHO, raw_echo),
-        ]
+            stream_handler("echelon.v1.CrossBoundary", guarded),
+            stream_handler(RAW_BULK, raw_bulk),
+            stream_handler(RAW_ECHO, raw_echo),
+        ],
     )
     await server.start()
     ready.set()
@@ -159,7 +162,7 @@ class Boundary:
         return time.monotonic() - self.t0
 
     async def __aenter__(self) -> Boundary:
-        self.channel = _channel(self.creds, self.target, GLOBAL)
+        self.channel = make_channel(self.creds, self.target, GLOBAL)
         await asyncio.wait_for(self.channel.channel_ready(), 30)
         self.guarded = self.channel.stream_stream(CROSS_METHOD)()
         self.bulk = self.channel.stream_stream(f"/{RAW_BULK}/Exchange")()
@@ -343,14 +346,14 @@ def main() -> None:
     )
     for col in ("figure", "echelon", "baseline", "baseline is", "ratio", "target"):
         table.add_column(col, justify="right" if col in ("echelon", "baseline", "ratio") else "left")
-    met = t["guarded_mb_s"] >= 300
+    ratio = t["guarded_mb_s"] / t["raw_mb_s"]
     table.add_row(
         f"{mb:g} MB aggregate, throughput",
         f"{t['guarded_mb_s']:,.0f} MB/s",
         f"{t['raw_mb_s']:,.0f} MB/s",
         "raw 1 MiB chunks, same connection",
-        f"{t['guarded_mb_s'] / t['raw_mb_s']:.3f}",
-        f">= 300 MB/s: {'met' if met else 'MISSED'}",
+        f"{ratio:.3f}",
+        f">= 0.8 of raw: {'met' if ratio >= 0.8 else 'MISSED'}",
     )
     table.add_row(
         "  of which preparing the frames",
@@ -415,6 +418,8 @@ def main() -> None:
             "torch thread each) on these cores, and its wall time includes their start-up; the "
             "simulation runs every party in one process.[/dim]"
         )
+    figures = {"guarded_mb_s": t["guarded_mb_s"], "raw_mb_s": t["raw_mb_s"], "ratio": ratio}
+    print(json.dumps({k: round(v, 3) for k, v in figures.items()}))
 
 
 if __name__ == "__main__":

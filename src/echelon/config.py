@@ -231,6 +231,20 @@ class ChurnConfig(Strict):
     mean_downtime_s: float = Field(60.0, gt=0)
 
 
+class DeploymentConfig(Strict):
+    """How the parties of a deployment (`echelon serve`, `echelon launch`) wait for each other, on
+    the wall clock. The simulator ignores it."""
+
+    patience_s: float = Field(
+        3600.0,
+        gt=0,
+        description="how long a party waits for a peer it needs (reconnecting to the global plane or its "
+        "boundary); the global plane ends the run on its last synchronised model after this long "
+        "without hearing from any boundary",
+    )
+    max_restarts: int = Field(3, ge=0, description="`echelon launch`: restarts of each crashed party")
+
+
 class DeviceConfig(Strict):
     id: str = Identifier
     tokens_per_s: float = Field(gt=0, description="compute profile: training tokens per second")
@@ -314,7 +328,7 @@ class RunConfig(Strict):
     """A whole run: model, data, devices in boundaries, strategy and knobs, network, budget, seed."""
 
     name: str = Identifier
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="every random choice of the run derives from it")
     strategy: str = Field("echelon", description="a registered strategy: see `echelon.strategies`")
     model: ModelConfig = ModelConfig(preset="tiny")
     data: DataConfig = DataConfig()
@@ -322,6 +336,7 @@ class RunConfig(Strict):
     echelon: EchelonConfig = EchelonConfig()
     network: NetworkConfig = NetworkConfig()
     churn: ChurnConfig = ChurnConfig()
+    deployment: DeploymentConfig = DeploymentConfig()
     boundaries: tuple[BoundaryConfig, ...] = Field(min_length=1)
     budget: BudgetConfig
     eval: EvalConfig = EvalConfig()

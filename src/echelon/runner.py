@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from safetensors import SafetensorError
 
 from echelon.audit.anchor import RunBinding, config_digest, new_run_id
 from echelon.audit.layout import audit_dir, log_path
@@ -31,7 +32,7 @@ from echelon.planes.boundary import BoundaryPlane
 from echelon.planes.controller import Cadence
 from echelon.planes.coordinator import GlobalPlane
 from echelon.planes.device import DevicePlane
-from echelon.rundir import RunDirectory
+from echelon.rundir import RunDirectory, checkpoint_path, save_checkpoint
 from echelon.runtime.sim.engine import GLOBAL, Simulation, boundary_address, device_address, party_of
 from echelon.secagg import Identity, SecAggPlusAggregator, StageTimeouts, simulated_identities
 from echelon.strategies import effective_config, get_strategy
@@ -274,6 +275,9 @@ def train(run_cfg: RunConfig, run_dir: Path, *, force: bool = False, progress: b
                 evals.append(record["val_loss"])
                 bar.update(sim.now, sim.tokens, sim.global_plane.outer_step, record["val_loss"])
             out.metric(record)
+            if kind == "outer_step":  # the last synchronised model survives a failure at the end
+                state = {"plane": sim.global_plane.state_dict(), "evals": list(evals)}
+                save_checkpoint(checkpoint_path(out.staging, GLOBAL), state)
 
         binding = RunBinding(new_run_id(), config_digest(run_cfg))
         logs = open_audit_logs(out.staging, cfg, run_cfg.echelon.min_quorum, binding)
@@ -285,10 +289,17 @@ def train(run_cfg: RunConfig, run_dir: Path, *, force: bool = False, progress: b
             prep.trainer.close()
             for log in logs.values():
                 log.close()
-        artefact = prep.bundle.save(out.staging, prep.trainer.model_part(sim.global_plane.theta_g))
-        summary = summarise(cfg, prep, sim, evals, time.perf_counter() - wall0)
-        summary["artefact"] = artefact.name
-        out.write_json("summary.json", summary)
+        try:
+            artefact = prep.bundle.save(out.staging, prep.trainer.model_part(sim.global_plane.theta_g))
+            summary = summarise(cfg, prep, sim, evals, time.perf_counter() - wall0)
+            summary["artefact"] = artefact.name
+            out.write_json("summary.json", summary)
+        except (OSError, SafetensorError) as e:
+            raise UserError(
+                f"could not write the final model or summary in {out.staging} ({e}); the last synchronised "
+                f"model (outer step {sim.global_plane.outer_step}) is in "
+                f"{checkpoint_path(out.staging, GLOBAL)}"
+            ) from None
     except BaseException:
         out.abandon()
         raise

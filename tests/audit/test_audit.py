@@ -146,6 +146,21 @@ def test_refused_attempts_are_recorded_and_the_log_still_verifies(tmp_path):
     assert len(report.refused) == 1 and "DEVICE" in report.refused[0].reason
 
 
+def test_a_refused_tls_handshake_is_a_chained_refusal_and_tampering_with_it_is_detected(tmp_path):
+    keys = {p: Ed25519PrivateKey.generate() for p in PARTIES}
+    logs = write_run(tmp_path, keys, steps=1, close=False)
+    logs["boundary.b1"].handshake_refused(4.0, "not TLS (a plaintext client?) (WRONG_VERSION_NUMBER)")
+    for log in logs.values():
+        log.close()
+    report = verify_run(tmp_path, accept=frozenset({UNANCHORED}))
+    assert report.ok
+    (refusal,) = report.refused
+    assert refusal.party == "boundary.b1" and "TLS handshake refused: not TLS" in refusal.reason
+    path = log_path(tmp_path, "boundary.b1")
+    path.write_bytes(path.read_bytes().replace(b"WRONG_VERSION_NUMBER", b"WRONG_VERSION_NUMBEX"))
+    assert INTEGRITY in _categories(tmp_path)
+
+
 def test_a_recorded_per_device_crossing_fails_the_audit(tmp_path):
     """Evidence that a DEVICE tensor crossed (say, a guard bypassed) is a contract violation."""
     keys = {p: Ed25519PrivateKey.generate() for p in PARTIES}

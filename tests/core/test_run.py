@@ -118,6 +118,7 @@ def test_train_writes_run_directory_and_loadable_adapter(tmp_path):
         "adapter",
         "audit",
         "base",
+        "checkpoints",
         "config.yaml",
         "metrics.jsonl",
         "summary.json",

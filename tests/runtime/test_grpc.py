@@ -18,11 +18,18 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from echelon.audit.layout import log_path
+from echelon.audit.verify import verify_log
 from echelon.config import RunConfig
 from echelon.errors import UserError
 from echelon.runner import train
-from echelon.runtime.grpc import roles
+from echelon.runtime.grpc.boundary_role import run_boundary
+from echelon.runtime.grpc.device_role import run_device
+from echelon.runtime.grpc.framing import device_frames
+from echelon.runtime.grpc.global_role import run_global
 from echelon.runtime.grpc.tls import init_certs, load_credentials
+from echelon.runtime.grpc.transport import LOCAL_METHOD
+from echelon.v1 import device_pb2
 from tests.conftest import small_run
 
 
@@ -41,14 +48,14 @@ async def _deploy(cfg: RunConfig, certs: Path, run_dir: Path) -> dict:
     """Every party of `cfg` as a task of this event loop, over loopback gRPC with mTLS."""
     run_dir.mkdir()
     at = _port()
-    tasks = [asyncio.create_task(roles.run_global(cfg, load_credentials(certs, "global"), at, run_dir))]
+    tasks = [asyncio.create_task(run_global(cfg, load_credentials(certs, "global"), at, run_dir))]
     for b in cfg.boundaries:
         b_at = _port()
         creds = load_credentials(certs, f"boundary.{b.id}")
-        tasks.append(asyncio.create_task(roles.run_boundary(cfg, creds, b.id, b_at, at, run_dir)))
+        tasks.append(asyncio.create_task(run_boundary(cfg, creds, b.id, b_at, at, run_dir)))
         for d in b.devices:
             creds = load_credentials(certs, f"device.{d.id}")
-            tasks.append(asyncio.create_task(roles.run_device(cfg, creds, d.id, b_at)))
+            tasks.append(asyncio.create_task(run_device(cfg, creds, d.id, b_at)))
     results = await asyncio.wait_for(asyncio.gather(*tasks), 240)
     return results[0]
 
@@ -112,10 +119,10 @@ async def _with_boundary(cfg, certs, boundary_id, probe, run_dir: Path):
     at = _port()
     creds = load_credentials(certs, f"boundary.{boundary_id}")
     # The global plane is unreachable: the boundary serves its devices while it keeps dialling.
-    task = asyncio.create_task(roles.run_boundary(cfg, creds, boundary_id, at, _port(), run_dir))
+    task = asyncio.create_task(run_boundary(cfg, creds, boundary_id, at, _port(), run_dir))
     await asyncio.sleep(1.5)
     try:
-        return await asyncio.wait_for(probe(at), 20)
+        return await asyncio.wait_for(probe(at), 90)  # generous: these machines are loaded
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -134,7 +141,7 @@ def test_a_device_of_another_boundary_is_refused_with_a_log_line(deployment, cap
             cfg,
             certs,
             "b1",
-            lambda at: _call(_tls(certs, "device.d0"), at, "boundary.b1", roles.LOCAL_METHOD),
+            lambda at: _call(_tls(certs, "device.d0"), at, "boundary.b1", LOCAL_METHOD),
             tmp_path,
         )
     )
@@ -148,8 +155,8 @@ def test_an_unknown_certificate_and_plaintext_are_refused(deployment, tmp_path):
 
     async def probe(at):
         return (
-            await _call(_tls(foreign, "device.d2"), at, "boundary.b1", roles.LOCAL_METHOD),
-            await _call(None, at, "boundary.b1", roles.LOCAL_METHOD),
+            await _call(_tls(foreign, "device.d2"), at, "boundary.b1", LOCAL_METHOD),
+            await _call(None, at, "boundary.b1", LOCAL_METHOD),
         )
 
     foreign_code, plaintext_code = asyncio.run(_with_boundary(cfg, certs, "b1", probe, tmp_path))
@@ -162,7 +169,7 @@ def test_a_party_with_a_foreign_certificate_stops_with_a_clear_error(deployment,
     foreign = load_credentials(_certs(tmp_path / "other", cfg), "device.d2")
 
     async def probe(at):
-        return await roles.run_device(cfg, foreign, "d2", at)
+        return await run_device(cfg, foreign, "d2", at)
 
     with pytest.raises(UserError, match="TLS handshake"):
         asyncio.run(_with_boundary(cfg, certs, "b1", probe, tmp_path))
@@ -178,6 +185,7 @@ def test_a_non_admissible_strategy_is_refused_by_the_deployment(tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_process_and_leaves_no_run_directory(tmp_path):
     run_file = tmp_path / "run.yaml"
     run_file.write_text(yaml.safe_dump(small_run(budget={"outer_steps": 10_000})))
@@ -199,6 +207,7 @@ def test_ctrl_c_stops_every_process_and_leaves_no_run_directory(tmp_path):
     assert not out.exists() and out.with_name(out.name + ".partial").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", ["global", "boundary.b0"])
 def test_kill_9_and_a_restart_lose_no_outer_step(tmp_path, victim):
     from echelon.audit.report import INTEGRITY, SIGNATURE
@@ -270,3 +279,96 @@ def test_kill_9_and_a_restart_lose_no_outer_step(tmp_path, victim):
     assert report.per_device_bytes == 0
     assert not [v for v in report.violations if v.category in (INTEGRITY, SIGNATURE)]
     assert report.logs[victim].restarts == 1 and report.logs[victim].closed
+
+
+def test_a_cloned_device_stream_is_refused_and_the_real_one_is_not_retired(deployment, caplog, tmp_path):
+    """The issue's impostor: a second stream with a device's own certificate used to retire the
+    real stream, whose device then exited 0 with nothing logged."""
+    cfg, certs = deployment
+    caplog.set_level(logging.WARNING, logger="echelon.serve")
+
+    async def probe(at):
+        hello = device_frames("d2", device_pb2.Hello(device_id="d2"))
+        real = grpc.aio.secure_channel(
+            at, _tls(certs, "device.d2"), [("grpc.ssl_target_name_override", "boundary.b1")]
+        )
+        clone = grpc.aio.secure_channel(
+            at, _tls(certs, "device.d2"), [("grpc.ssl_target_name_override", "boundary.b1")]
+        )
+        try:
+            first = real.stream_stream(LOCAL_METHOD)()
+            await first.write(hello[0])
+            await asyncio.sleep(0.5)  # admitted: the boundary holds its stream
+            second = clone.stream_stream(LOCAL_METHOD)()
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await second.write(hello[0])
+                await second.read()
+            assert first.done() is False  # the real stream goes on
+            return refused.value.code()
+        finally:
+            await real.close()
+            await clone.close()
+
+    assert asyncio.run(_with_boundary(cfg, certs, "b1", probe, tmp_path)) == grpc.StatusCode.ALREADY_EXISTS
+    assert "refused a stream from device.d2: it already holds a live stream" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_served_party_logs_every_refused_tls_handshake(deployment, tmp_path):
+    """Plaintext, another CA's certificate and no certificate are refused by gRPC core before our
+    code runs; the party's log still says so, in its own words."""
+    cfg, certs = deployment
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(yaml.safe_dump(small_run()))
+    at = _port()
+    argv = [
+        sys.executable,
+        "-m",
+        "echelon",
+        "serve",
+        "boundary",
+        "--config",
+        str(run_file),
+        "--certs",
+        str(certs),
+    ]
+    argv += ["--id", "b1", "--listen", at, "--global", _port(), "--run-dir", str(tmp_path / "run")]
+    log = tmp_path / "boundary.log"
+    with log.open("wb") as out:
+        party = subprocess.Popen(argv, stderr=out)
+    try:
+        deadline = time.monotonic() + 120
+        while "listening on" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ours, theirs = (
+            load_credentials(certs, "device.d2"),
+            load_credentials(_certs(tmp_path / "o", cfg), "device.d2"),
+        )
+        # Trusting our server, presenting a certificate of another CA (or none).
+        foreign = grpc.ssl_channel_credentials(ours.ca, private_key=theirs.key, certificate_chain=theirs.cert)
+        no_cert = grpc.ssl_channel_credentials(root_certificates=ours.ca)
+
+        async def probe():
+            for creds in (None, foreign, no_cert):
+                assert await _call(creds, at, "boundary.b1", LOCAL_METHOD) == grpc.StatusCode.UNAVAILABLE
+
+        asyncio.run(probe())
+        time.sleep(1)
+    finally:
+        party.send_signal(signal.SIGTERM)
+        party.wait(timeout=60)
+    text = log.read_text()
+    for why in (
+        "not TLS",
+        "a certificate this deployment's CA did not sign",
+        "the client presented no certificate",
+    ):
+        assert f"boundary.b1 WARNING refused a TLS handshake: {why}" in text, text[-3000:]
+    # ... and its audit log holds each refusal, chained and signed with the rest.
+    report = verify_log(
+        log_path(tmp_path / "run", "boundary.b1"),
+        load_credentials(certs, "boundary.b1").audit_key().public_key(),
+    )
+    assert not report.violations, report.violations
+    reasons = [r.reason for r in report.refused]
+    assert len(reasons) == 3 and all(r.startswith("TLS handshake refused: ") for r in reasons), reasons

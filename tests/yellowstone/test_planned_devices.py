@@ -105,7 +105,9 @@ def test_a_deployment_runs_planned_devices_as_the_simulator_does(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from echelon.runtime.grpc import roles
+    from echelon.runtime.grpc.boundary_role import run_boundary
+    from echelon.runtime.grpc.device_role import run_device
+    from echelon.runtime.grpc.global_role import run_global
     from echelon.runtime.grpc.tls import init_certs, load_credentials
 
     def port() -> str:
@@ -127,15 +129,15 @@ def test_a_deployment_runs_planned_devices_as_the_simulator_does(tmp_path):
     async def deploy(run_dir):
         run_dir.mkdir()
         at = port()
-        tasks = [asyncio.create_task(roles.run_global(cfg, load_credentials(certs, "global"), at, run_dir))]
+        tasks = [asyncio.create_task(run_global(cfg, load_credentials(certs, "global"), at, run_dir))]
         for b in cfg.boundaries:
             b_at = port()
             creds = load_credentials(certs, f"boundary.{b.id}")
-            tasks.append(asyncio.create_task(roles.run_boundary(cfg, creds, b.id, b_at, at, run_dir)))
+            tasks.append(asyncio.create_task(run_boundary(cfg, creds, b.id, b_at, at, run_dir)))
             for d in b.devices:
                 creds = load_credentials(certs, f"device.{d.id}")
                 work = run_dir / "plans" / d.id
-                tasks.append(asyncio.create_task(roles.run_device(cfg, creds, d.id, b_at, work)))
+                tasks.append(asyncio.create_task(run_device(cfg, creds, d.id, b_at, work)))
         return (await asyncio.wait_for(asyncio.gather(*tasks), 900))[0]
 
     summary = asyncio.run(deploy(tmp_path / "deployed"))

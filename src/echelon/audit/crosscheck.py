@@ -4,8 +4,9 @@ For every directed link (sender, receiver, channel) the sender's "sent" records 
 "received" records are aligned in order by their content (type, flow class, wire bytes, payload
 SHA-256, round, quorum, provenance). A record left without a partner is a violation, with one
 exception: a message sent but never recorded received where one of the two parties crashed (lost
-with a connection, or a receipt lost with unsynced data) is reported as in flight at a crash,
-which fails the audit unless the user accepts it. A receipt without its send is always a
+with a connection, or a receipt lost with unsynced data) or recorded an interruption (a stream
+ended, or the party was stopped before the run ended) is reported as in flight, which fails the
+audit unless the user accepts it. A receipt without its send is always a
 violation: a send is on disk before the message leaves.
 
 Countersigned heads: every received record keeps the sender's chain head (seq, hash) the message
@@ -114,9 +115,44 @@ def _check_heads(
         last = max(last, peer_seq)
 
 
+def _lost_at(
+    i: int, pairs: list[tuple[int, int]], sent: list[Crossing], received: list[Crossing], points: tuple
+) -> bool:
+    """Whether unmatched send `i` lies where the receiver or the sender has one of `points`
+    (receiver's, sender's): between the receipts of its neighbouring pairs, or between it and the
+    next paired send."""
+    receiver_points, sender_points = points
+    k = bisect_left([p[0] for p in pairs], i)  # pairs before this message
+    low = received[pairs[k - 1][1]][0] if k else -1
+    high = received[pairs[k][1]][0] if k < len(pairs) else math.inf
+    sent_next = sent[pairs[k][0]][0] if k < len(pairs) else math.inf
+    return _crashed(receiver_points, low, high) or _crashed(sender_points, sent[i][0], sent_next)
+
+
+def _prefer_resends(
+    pairs: list[tuple[int, int]], sent: list[Crossing], received: list[Crossing], breaks: tuple
+) -> list[tuple[int, int]]:
+    """`pairs` with a receipt moved to a later identical send (before the next pair) when the
+    earlier one it leaves unmatched lies at a break: a message lost with a stream and sent again
+    when the peer came back (a whole reference on rejoin) arrived once, as the later copy."""
+    pairs = list(pairs)
+    for k, (a, r) in enumerate(pairs):
+        end = pairs[k + 1][0] if k + 1 < len(pairs) else len(sent)
+        later = [i for i in range(a + 1, end) if sent[i][1] == sent[a][1]]
+        if later:
+            moved = [*pairs[:k], (later[-1], r), *pairs[k + 1 :]]
+            if _lost_at(a, moved, sent, received, breaks):
+                pairs = moved
+    return pairs
+
+
 def _check_link(link: Link, sender: LogReport, receiver: LogReport, out: CrossCheck) -> None:
     sent, received = sender.outgoing.get(link, []), receiver.incoming.get(link, [])
+    crashes = (receiver.crash_points, sender.crash_points)
+    interruptions = (receiver.interruptions, sender.interruptions)
+    breaks = (crashes[0] + interruptions[0], crashes[1] + interruptions[1])
     pairs = align([c[1] for c in sent], [c[1] for c in received])
+    pairs = _prefer_resends(pairs, sent, received, breaks)
     sent_pos, received_pos = [p[0] for p in pairs], [p[1] for p in pairs]
     _, to, channel = link
     _check_heads(link, sender, receiver, pairs, out)
@@ -128,12 +164,16 @@ def _check_link(link: Link, sender: LogReport, receiver: LogReport, out: CrossCh
         k = bisect_left(sent_pos, i)  # pairs before this message
         low = received[pairs[k - 1][1]][0] if k else -1
         high = received[pairs[k][1]][0] if k < len(pairs) else math.inf
-        sent_next = sent[pairs[k][0]][0] if k < len(pairs) else math.inf
         record = _record(link, crossing)
-        if _crashed(receiver.crash_points, low, high) or _crashed(
-            sender.crash_points, crossing[0], sent_next
-        ):
+        if _lost_at(i, pairs, sent, received, crashes):
             reason = f"sent on {channel}, not received: in flight when {sender.party} or {to} crashed"
+            out.in_flight.append(Finding(sender.party, crossing[0], IN_FLIGHT, reason, record))
+            continue
+        if _lost_at(i, pairs, sent, received, interruptions):
+            reason = (
+                f"sent on {channel}, not received: in flight when a stream of {sender.party} or {to} "
+                "ended or the party was interrupted"
+            )
             out.in_flight.append(Finding(sender.party, crossing[0], IN_FLIGHT, reason, record))
             continue
         reason = f"recorded sent on {channel} but {to} recorded no matching receipt"

@@ -299,27 +299,53 @@ class AuditLog:
                 self._checkpoint("interval")
         return record
 
+    def handshake_refused(self, time: float, reason: str) -> dict:
+        """Record a TLS handshake this party's server refused (no party was named, nothing
+        crossed); returns the record as written. ValueError on a closed log."""
+        if len(reason) > MAX_REASON:
+            reason = f"{reason[: MAX_REASON - 48]} [{len(reason) - MAX_REASON + 48} more characters cut]"
+        with self._lock:
+            if self._fd < 0:
+                raise ValueError(f"audit log {self.path} is closed")
+            record = {"kind": "handshake", "seq": self._seq, "time": float(time), "reason": reason}
+            record["prev_hash"] = self._head
+            record["hash"] = self._write(record)
+            self._since_checkpoint += 1
+            if self._since_checkpoint >= self.checkpoint_every:
+                self._checkpoint("interval")
+        return record
+
     def head(self) -> tuple[int, str]:
         """(seq, hash) of the last record written: the chain head the party's next message
         carries, for its peer to countersign."""
         with self._lock:
             return self._seq - 1, self._head
 
-    def checkpoint(self) -> None:
-        """Sign the current head and fsync: everything recorded so far is durable and authenticated."""
+    def checkpoint(self, trigger: str = "explicit") -> None:
+        """Sign the current head and fsync: everything recorded so far is durable and authenticated.
+
+        `trigger` "disconnect" also marks that a stream to a peer ended here, so messages on it may
+        have been lost in flight (the verifier reports them as such, not as violations)."""
+        if trigger not in ("explicit", "disconnect"):
+            raise ValueError(f"checkpoint trigger {trigger!r} is not explicit or disconnect")
         with self._lock:
             if self._fd < 0:
                 raise ValueError(f"audit log {self.path} is closed")
-            self._checkpoint("explicit")
+            self._checkpoint(trigger)
 
-    def close(self) -> None:
-        """Sign the head with a close checkpoint, fsync and release the log. Idempotent."""
+    def close(self, trigger: str = "close") -> None:
+        """Sign the head with a close checkpoint, fsync and release the log. Idempotent.
+
+        `trigger` "interrupted": the party was stopped before the run ended (messages may be in
+        flight); "close": it ended with the run."""
+        if trigger not in ("close", "interrupted"):
+            raise ValueError(f"close trigger {trigger!r} is not close or interrupted")
         with self._lock:
             if self._fd < 0:
                 return
             try:
                 if self._broken is None:
-                    self._checkpoint("close")
+                    self._checkpoint(trigger)
             finally:
                 os.close(self._fd)
                 self._fd = -1

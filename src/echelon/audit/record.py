@@ -64,9 +64,16 @@ FIELDS: dict[str, frozenset[str]] = {
     "message": frozenset((*CHAINED, *MESSAGE_FIELDS)),
     "checkpoint": frozenset((*CHAINED, "trigger", "signature")),
     "repair": frozenset((*CHAINED, "removed_bytes", "removed_sha256")),
+    # A TLS handshake the party's server refused (plaintext, another CA, no certificate): the peer
+    # named no party, so there is no channel, only the time and gRPC core's reason.
+    "handshake": frozenset((*CHAINED, "time", "reason")),
 }
 CLOCKS = frozenset({"virtual", "wall"})
-TRIGGERS = frozenset({"open", "interval", "explicit", "close", "reopen"})
+TRIGGERS = frozenset({"open", "interval", "explicit", "close", "reopen", "disconnect", "interrupted"})
+# Checkpoints that mark where messages may have been lost in flight without a crash: a stream
+# to a peer ended ("disconnect"), or the party was stopped before the run ended ("interrupted",
+# which also closes the log).
+INTERRUPTIONS = frozenset({"disconnect", "interrupted"})
 # (direction, outcome) pairs a message record may carry.
 OUTCOMES = frozenset({("out", "sent"), ("out", "refused"), ("in", "received"), ("in", "refused")})
 PARTY = re.compile(r"global|boundary\.[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")

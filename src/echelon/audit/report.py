@@ -143,6 +143,8 @@ class LogReport:
     refused_incoming: dict[Link, list[int]] = field(default_factory=dict)
     # Seqs at which the party crashed (a reopen after no close, a repair; inf: the log never closed).
     crash_points: list[float] = field(default_factory=list)
+    # Seqs of "disconnect" and "interrupted" checkpoints: messages may have been lost in flight there.
+    interruptions: list[float] = field(default_factory=list)
     reopened_after_crash: list[Finding] = field(default_factory=list)
     # The hash of every record by seq (32 bytes each), while the chain is intact: what a peer's
     # countersigned head is checked against.

@@ -30,6 +30,7 @@ from echelon.audit.record import (
     FORMAT,
     GENESIS,
     HEX64,
+    INTERRUPTIONS,
     TRIGGERS,
     RecordError,
     checkpoint_message,
@@ -110,6 +111,8 @@ class _Scanner:
             self._checkpoint(rec, seq)
         elif kind == "header":
             self._header(rec, seq)
+        elif kind == "handshake":
+            self._handshake(rec, seq)
         else:
             self._repair(rec, seq)
 
@@ -239,7 +242,7 @@ class _Scanner:
             rep.flag(SCHEMA, seq, f"checkpoint trigger {trigger!r} is not one of {sorted(TRIGGERS)}", rec)
         if trigger == "reopen":
             rep.restarts += 1
-            if self.last_trigger != "close":  # the writer stopped without closing: a crash
+            if self.last_trigger not in ("close", "interrupted"):  # stopped without closing: a crash
                 rep.crashes += 1
                 rep.crash_points.append(seq)
                 rep.countersigned_after_restart += self.pending
@@ -256,11 +259,13 @@ class _Scanner:
             self.after_close = False
         elif self.after_close:
             rep.flag(INTEGRITY, seq, "a checkpoint after the close checkpoint without a reopen", rec)
+        if trigger in INTERRUPTIONS:
+            rep.interruptions.append(seq)
         if self._signature_ok(rec, seq, trigger):
             rep.signed_through = seq
             self.pending = 0
         self.last_trigger = trigger
-        self.after_close = self.after_close or trigger == "close"
+        self.after_close = self.after_close or trigger in ("close", "interrupted")
 
     def _signature_ok(self, rec: dict, seq: int, trigger: object) -> bool:
         if self.key is None or type(trigger) is not str or type(rec["signature"]) is not str:
@@ -282,6 +287,15 @@ class _Scanner:
             return False
         return True
 
+    def _handshake(self, rec: dict, seq: int) -> None:
+        time, reason = rec["time"], rec["reason"]
+        if type(time) not in (int, float) or type(reason) is not str:
+            self.rep.flag(SCHEMA, seq, "handshake record without a time and a reason", rec)
+            return
+        self.rep.refused.append(
+            Finding(self.rep.party, seq, REFUSED, f"TLS handshake refused: {reason}", rec)
+        )
+
     def _repair(self, rec: dict, seq: int) -> None:
         removed, digest = rec["removed_bytes"], rec["removed_sha256"]
         if type(removed) is not int or removed < 1 or type(digest) is not str or not HEX64.fullmatch(digest):
@@ -293,7 +307,11 @@ class _Scanner:
     def finish(self) -> None:
         rep = self.rep
         rep.unsigned = self.pending
-        rep.closed = rep.torn_bytes == 0 and self.last_kind == "checkpoint" and self.last_trigger == "close"
+        rep.closed = (
+            rep.torn_bytes == 0
+            and self.last_kind == "checkpoint"
+            and self.last_trigger in ("close", "interrupted")
+        )
         if rep.last_seq < 0 and rep.torn_bytes == 0:
             rep.flag(INTEGRITY, None, "the log holds no record (not even its header)")
         if not rep.closed:

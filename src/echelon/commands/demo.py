@@ -7,6 +7,7 @@ import argparse
 from importlib import resources
 from pathlib import Path
 
+from echelon.commands.serve import positive_int
 from echelon.commands.train import add_run_options, train_file
 
 
@@ -21,7 +22,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run it as a local deployment (processes over gRPC with mutual TLS) instead of simulating it",
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per device process (--deploy)")
+    parser.add_argument(
+        "--threads", type=positive_int, default=1, help="torch threads per device process (--deploy)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

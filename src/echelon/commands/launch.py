@@ -1,10 +1,16 @@
 """`echelon launch RUN.yaml`: a whole deployment as local processes over gRPC with mutual TLS.
 
-Creates throwaway certificates, starts the global plane, one process per boundary and one per
-device on loopback, shows one progress bar (from the global plane's metrics), and gathers one
-run directory. The certificates and keys are discarded after the run; their pinned audit public
-keys stay beside the run directory (`RUN.audit-keys.json`, for `echelon audit RUN --keys`). Any process failing, or Ctrl-C, stops every process (SIGTERM, then SIGKILL) and
-leaves only the marked `.partial` directory; children also exit if this process dies.
+Everything is checked first (`echelon.preflight`): a run that cannot work creates nothing. The
+deployment's certificates and private keys go to `<out>.keys/` (mode 0700), beside the run
+directory, never inside it and never in /tmp. Then the global plane, one process per boundary
+and one per device start on loopback, under one progress bar. Launch supervises them: a party
+that dies is restarted (the global plane and the boundaries from their checkpoints), up to
+`deployment.max_restarts` times each, and the run goes on. A completed run is moved into place,
+its keys are deleted and their pinned audit public keys stay beside it (`RUN.audit-keys.json`,
+for `echelon audit RUN --keys`). Ctrl-C, or a party past its restarts, stops every process
+(SIGTERM, then SIGKILL): their audit logs close as interrupted, and the `.partial` run directory
+and the keys stay, so `echelon launch --resume` continues the run. Children exit when this
+process dies, even by kill -9.
 """
 
 from __future__ import annotations
@@ -17,22 +23,28 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from echelon.audit.anchor import PINS_FILE
+from echelon.commands.serve import positive_int
 from echelon.commands.train import add_run_options, print_summary
 from echelon.config import RunConfig, load_run
 from echelon.errors import UserError
 
 STOP_GRACE_S = 10.0
+FINISH_GRACE_S = 30.0  # how long boundaries and devices get to end after the global plane ended the run
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_file", type=Path, help="run file (YAML); see examples/")
     add_run_options(parser)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per device process")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads per device process")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted launch from <out>.partial and <out>.keys",
+    )
 
 
 def _free_port() -> int:
@@ -41,55 +53,48 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class Deployment:
-    """The processes of one launched run; `stop` leaves none behind."""
+def keys_dir(out: Path) -> Path:
+    """Where a launch keeps the deployment's certificates and private keys while it runs."""
+    return out.with_name(out.name + ".keys")
 
-    def __init__(self, cfg: RunConfig, run_file: Path, certs: Path, run_dir: Path, threads: int) -> None:
+
+class Deployment:
+    """The processes of one launched run, supervised; `stop` leaves none behind."""
+
+    def __init__(
+        self, cfg: RunConfig, run_file: Path, certs: Path, run_dir: Path, threads: int, resume: bool
+    ) -> None:
         self.procs: dict[str, subprocess.Popen] = {}
+        self.argv: dict[str, list[str]] = {}
+        self.restarts: dict[str, int] = {}
+        self.max_restarts = cfg.deployment.max_restarts
+        self.run_dir = run_dir
+        self._ended_at: float | None = None  # when the global plane ended the run
         self.logs = run_dir / "logs"
-        self.logs.mkdir()
+        self.logs.mkdir(exist_ok=True)
         base = [sys.executable, "-m", "echelon", "serve"]
         common = ["--config", str(run_file), "--certs", str(certs), "--parent-pid", str(os.getpid())]
         global_at = f"127.0.0.1:{_free_port()}"
-        self._start("global", [*base, "global", *common, "--listen", global_at, "--run-dir", str(run_dir)])
+        self.argv["global"] = [*base, "global", *common, "--listen", global_at, "--run-dir", str(run_dir)]
         for b in cfg.boundaries:
             at = f"127.0.0.1:{_free_port()}"
-            self._start(
-                f"boundary.{b.id}",
-                [
-                    *base,
-                    "boundary",
-                    *common,
-                    "--id",
-                    b.id,
-                    "--listen",
-                    at,
-                    "--global",
-                    global_at,
-                    "--run-dir",
-                    str(run_dir),
-                ],
-            )
+            self.argv[f"boundary.{b.id}"] = [
+                *[*base, "boundary", *common, "--id", b.id, "--listen", at, "--global", global_at],
+                *["--run-dir", str(run_dir)],
+            ]
             for d in b.devices:
-                self._start(
-                    f"device.{d.id}",
-                    [
-                        *base,
-                        "device",
-                        *common,
-                        "--id",
-                        d.id,
-                        "--boundary",
-                        at,
-                        "--threads",
-                        str(threads),
-                        "--run-dir",
-                        str(run_dir),
-                    ],
-                )
+                self.argv[f"device.{d.id}"] = [
+                    *[*base, "device", *common, "--id", d.id, "--boundary", at, "--threads", str(threads)],
+                    *["--run-dir", str(run_dir)],
+                ]
+        for party in self.argv:
+            self._start(party, resume)
 
-    def _start(self, party: str, argv: list[str]) -> None:
-        log = (self.logs / f"{party}.log").open("wb")
+    def _start(self, party: str, resume: bool) -> None:
+        argv = self.argv[party]
+        if resume and (party != "global" or (self.run_dir / "checkpoints" / "global.pt").exists()):
+            argv = [*argv, "--resume"]
+        log = (self.logs / f"{party}.log").open("ab")
         # A session of its own: a terminal's Ctrl-C reaches only this process, which stops the
         # children in order; the children's parent watch covers this process dying outright.
         self.procs[party] = subprocess.Popen(
@@ -97,18 +102,43 @@ class Deployment:
         )
         log.close()
 
-    def failed(self) -> tuple[str, int] | None:
-        """The first process that exited with an error, and its exit code."""
+    def supervise(self) -> list[str]:
+        """Restart every party that died (a crash, a kill) while the run goes on; returns what it
+        did. UserError, with the party's log, when a party is past its restarts."""
+        if self.procs["global"].poll() == 0:
+            return []  # the run is over: boundaries and devices are ending on their own
+        notes = []
         for party, p in self.procs.items():
-            if p.poll() not in (None, 0):
-                return party, p.returncode
-        return None
+            code = p.poll()
+            if code in (None, 0):
+                continue
+            done = self.restarts.get(party, 0)
+            if done >= self.max_restarts:
+                raise UserError(
+                    f"{party} exited with code {code} after {done} restarts (deployment.max_restarts); its log "
+                    f"ends:\n{self.tail(party)}"
+                )
+            self.restarts[party] = done + 1
+            with (self.logs / f"{party}.log").open("a") as f:
+                f.write(f"--- echelon launch: exited with code {code}; restart {done + 1} ---\n")
+            self._start(party, resume=True)
+            notes.append(f"{party} exited with code {code}; restarted ({done + 1} of {self.max_restarts})")
+        return notes
 
     @property
     def finished(self) -> bool:
-        """The global plane and every boundary exited cleanly: the run is over. Devices are
-        workers: one still reconnecting to a boundary that already finished is then stopped."""
-        return all(p.poll() == 0 for party, p in self.procs.items() if not party.startswith("device."))
+        """The global plane ended the run, and every boundary has ended (or had FINISH_GRACE_S to).
+        Devices are workers: one still reconnecting to a boundary that already finished is stopped."""
+        g = self.procs["global"]
+        if g.poll() != 0:
+            return False
+        if self._ended_at is None:
+            self._ended_at = time.monotonic()
+        boundaries = [p for party, p in self.procs.items() if party.startswith("boundary.")]
+        return (
+            all(p.poll() is not None for p in boundaries)
+            or time.monotonic() - self._ended_at > FINISH_GRACE_S
+        )
 
     def stop(self) -> None:
         for p in self.procs.values():
@@ -138,30 +168,53 @@ def _outer_steps(metrics: Path, seen: int) -> tuple[list[dict], int]:
     return [r for r in records if r["kind"] == "outer_step"], seen + len(complete.encode())
 
 
-def launch(cfg: RunConfig, run_file: Path, out: Path, *, force: bool, progress: bool, threads: int) -> dict:
-    """Run `cfg` as a local deployment and write its run directory; returns the summary."""
-    from echelon.progress import RunProgress
-    from echelon.rundir import RunDirectory
-    from echelon.runtime.grpc.roles import require_admissible
+def _certificates(cfg: RunConfig, keys: Path, resume: bool) -> Path:
+    """The deployment's certificates in `keys` (0700): made afresh, or kept from the launch resumed."""
     from echelon.runtime.grpc.tls import init_certs
 
-    require_admissible(cfg)
-    run_dir = RunDirectory(out, force=force)
-    run_dir.write_yaml("config.yaml", cfg.model_dump(mode="json"))
-    keys = Path(tempfile.mkdtemp(prefix="echelon-certs-"))  # private keys never enter the run directory
+    certs = keys / "certs"
+    if resume:
+        if not (certs / "ca.pem").is_file():
+            raise UserError(f"cannot resume: {certs} holds no certificates of the interrupted launch")
+        return certs
+    shutil.rmtree(keys, ignore_errors=True)  # a previous launch's, as its `.partial` is replaced
+    try:
+        keys.mkdir(mode=0o700)
+    except OSError as e:
+        raise UserError(f"cannot create {keys} for the deployment's keys: {e.strerror}") from None
+    init_certs(certs, {b.id: [d.id for d in b.devices] for b in cfg.boundaries})
+    return certs
+
+
+def launch(
+    cfg: RunConfig,
+    run_file: Path,
+    out: Path,
+    *,
+    force: bool,
+    progress: bool,
+    threads: int,
+    resume: bool = False,
+) -> dict:
+    """Run `cfg` as a local deployment and write its run directory; returns the summary."""
+    from echelon.preflight import preflight
+    from echelon.progress import RunProgress
+    from echelon.rundir import RunDirectory
+
+    preflight(cfg, run_file, out, deploy=True)
+    run_dir = RunDirectory(out, force=force, resume=resume)
+    keys = keys_dir(out)
     deployment = None
     try:
-        init_certs(keys / "certs", {b.id: [d.id for d in b.devices] for b in cfg.boundaries})
-        deployment = Deployment(cfg, run_file.resolve(), keys / "certs", run_dir.staging, threads)
+        if not resume:
+            run_dir.write_yaml("config.yaml", cfg.model_dump(mode="json"))
+        certs = _certificates(cfg, keys, resume)
+        deployment = Deployment(cfg, run_file.resolve(), certs, run_dir.staging, threads, resume)
         bar, seen = RunProgress(cfg.budget, enabled=progress), 0
         with bar:
             while not deployment.finished:
-                failure = deployment.failed()
-                if failure is not None:
-                    party, code = failure
-                    raise UserError(
-                        f"{party} exited with code {code}; its log ends:\n{deployment.tail(party)}"
-                    )
+                for note in deployment.supervise():
+                    print(f"echelon launch: {note}", file=sys.stderr)
                 records, seen = _outer_steps(run_dir.staging / "metrics.jsonl", seen)
                 for r in records:
                     bar.update(r["time"], r["tokens_total"], r["outer_step"], r["val_loss"])
@@ -171,14 +224,21 @@ def launch(cfg: RunConfig, run_file: Path, out: Path, *, force: bool, progress: 
         pins = out.with_name(f"{out.name}.{PINS_FILE}")
         pins.unlink(missing_ok=True)  # a forced rerun's; the run directory it pinned is replaced too
         shutil.copyfile(keys / "certs" / PINS_FILE, pins)
-    except BaseException:
-        if deployment is not None:
-            deployment.stop()
+    except BaseException as e:
         run_dir.abandon()
+        if deployment is None:
+            raise
+        deployment.stop()
+        hint = (
+            f"the interrupted run is in {run_dir.staging} and its keys in {keys}: "
+            f"`echelon launch {run_file} --out {out} --resume` continues it"
+        )
+        if isinstance(e, UserError):
+            raise UserError(f"{e}\n{hint}") from None
+        print(hint, file=sys.stderr)
         raise
-    finally:
-        shutil.rmtree(keys, ignore_errors=True)
     run_dir.commit()
+    shutil.rmtree(keys, ignore_errors=True)
     return summary
 
 
@@ -190,8 +250,14 @@ def launch_file(path: Path, args: argparse.Namespace) -> int:
     """Launch the run file at `path` with the command's options; print the summary."""
     cfg = load_run(path)
     out = args.out or Path("runs") / cfg.name
-    summary = launch(cfg, path, out, force=args.force, progress=not args.no_progress, threads=args.threads)
-    summary.setdefault("middle_steps", {})
-    summary.setdefault("intra_boundary_bytes", {})
+    summary = launch(
+        cfg,
+        path,
+        out,
+        force=args.force,
+        progress=not args.no_progress,
+        threads=args.threads,
+        resume=getattr(args, "resume", False),
+    )
     print_summary(summary, out)
     return 0

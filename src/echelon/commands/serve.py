@@ -2,7 +2,8 @@
 
 Every party reads the same run file and the deployment's certificates (`echelon certs init`).
 Boundaries dial the global plane; devices dial their boundary. `echelon launch` starts them all
-on loopback; on real machines, start each with its own addresses.
+on loopback; on real machines, start each with its own addresses. Every flag is checked before
+any work starts (ids, addresses, directories, certificates).
 """
 
 from __future__ import annotations
@@ -14,8 +15,24 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from echelon.config import load_run
+from echelon.config import RunConfig, load_run
+from echelon.errors import UserError
+
+if TYPE_CHECKING:
+    from echelon.runtime.grpc.handshakes import HandshakeTap
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -29,17 +46,54 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--boundary", dest="boundary_target", help="host:port of the device's boundary (device)"
     )
     parser.add_argument("--run-dir", type=Path, help="where metrics, summary, weights and audit logs go")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (device)")
-    parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR's checkpoint (global)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (device)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from RUN_DIR's checkpoint (global, boundary)"
+    )
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def _need(args: argparse.Namespace, *names: str) -> None:
-    from echelon.errors import UserError
-
     missing = [f"--{n.replace('_target', '').replace('_', '-')}" for n in names if getattr(args, n) is None]
     if missing:
         raise UserError(f"`echelon serve {args.role}` needs {', '.join(missing)}")
+
+
+def _run_dir(path: Path) -> Path:
+    """`--run-dir`, created if missing; UserError when it is no writable directory."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--run-dir {path}: cannot create it ({e.strerror})") from None
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"--run-dir {path} is not a writable directory")
+    return path
+
+
+def _party(args: argparse.Namespace, cfg: RunConfig) -> str:
+    """The party the flags name, its id checked against the run file; every flag checked."""
+    from echelon.runtime.grpc.transport import check_listen, parse_address
+
+    if args.role == "global":
+        _need(args, "run_dir")
+        check_listen(args.listen)
+        return "global"
+    if args.role == "boundary":
+        _need(args, "id", "global_target", "run_dir")
+        known = [b.id for b in cfg.boundaries]
+        if args.id not in known:
+            raise UserError(
+                f"--id {args.id!r} is not a boundary of {args.config} (boundaries: {', '.join(known)})"
+            )
+        check_listen(args.listen)
+        parse_address(args.global_target, "--global")
+        return f"boundary.{args.id}"
+    _need(args, "id", "boundary_target")
+    known = [d.id for _, d in cfg.devices]
+    if args.id not in known:
+        raise UserError(f"--id {args.id!r} is not a device of {args.config} (devices: {', '.join(known)})")
+    parse_address(args.boundary_target, "--boundary")
+    return f"device.{args.id}"
 
 
 async def _watch_parent(parent: int) -> None:
@@ -49,35 +103,34 @@ async def _watch_parent(parent: int) -> None:
     raise SystemExit(f"parent process {parent} is gone")
 
 
-async def _serve(args: argparse.Namespace) -> int:
-    from echelon.runtime.grpc import roles
+async def _serve(args: argparse.Namespace, cfg: RunConfig, party: str, tap: HandshakeTap | None) -> int:
     from echelon.runtime.grpc.tls import load_credentials
 
-    cfg = load_run(args.config)
+    creds = load_credentials(args.certs, party)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, main.cancel)
     if args.role == "global":
-        _need(args, "run_dir")
-        args.run_dir.mkdir(parents=True, exist_ok=True)
-        creds = load_credentials(args.certs, "global")
-        job = roles.run_global(cfg, creds, args.listen, args.run_dir, resume=args.resume)
-    elif args.role == "boundary":
-        _need(args, "id", "global_target", "run_dir")
-        creds = load_credentials(args.certs, f"boundary.{args.id}")
-        job = roles.run_boundary(cfg, creds, args.id, args.listen, args.global_target, args.run_dir)
-    else:
-        _need(args, "id", "boundary_target")
-        if args.threads:
-            import torch
+        from echelon.runtime.grpc.global_role import run_global
 
+        job = run_global(cfg, creds, args.listen, args.run_dir, args.resume, tap)
+    elif args.role == "boundary":
+        from echelon.runtime.grpc.boundary_role import run_boundary
+
+        job = run_boundary(
+            cfg, creds, args.id, args.listen, args.global_target, args.run_dir, args.resume, tap
+        )
+    else:
+        import torch
+
+        from echelon.runtime.grpc.device_role import run_device
+
+        if args.threads:
             torch.set_num_threads(args.threads)
         # A device that is a replica of a Yellowstone plan keeps its job's files under the run dir.
         workdir = args.run_dir / "plans" / args.id if args.run_dir else None
-        job = roles.run_device(
-            cfg, load_credentials(args.certs, f"device.{args.id}"), args.id, args.boundary_target, workdir
-        )
+        job = run_device(cfg, creds, args.id, args.boundary_target, workdir)
     tasks = [asyncio.ensure_future(job)]
     if args.parent_pid is not None:
         tasks.append(asyncio.ensure_future(_watch_parent(args.parent_pid)))
@@ -92,15 +145,36 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
-    from echelon.runtime.grpc.roles import configure_logging
+def log_format(party: str) -> str:
+    return f"%(asctime)s {party} %(levelname)s %(message)s"
 
-    configure_logging(args.role if args.id is None else f"{args.role}.{args.id}")
+
+def configure_logging(party: str) -> None:
+    logging.basicConfig(level=os.environ.get("ECHELON_LOG", "INFO"), format=log_format(party))
+
+
+def run(args: argparse.Namespace) -> int:
+    from echelon.preflight import preflight
+
+    cfg = load_run(args.config)
+    party = _party(args, cfg)
+    if args.run_dir is not None:
+        _run_dir(args.run_dir)
+    preflight(cfg, args.config, args.run_dir if args.role == "global" else None, deploy=True)
+    configure_logging(party)
+    tap = None
+    if args.role != "device":  # a server: TLS handshakes refused by gRPC core become our warnings
+        from echelon.runtime.grpc.handshakes import HandshakeTap
+
+        tap = HandshakeTap(log_format(party))
     try:
-        code = asyncio.run(_serve(args))
+        code = asyncio.run(_serve(args, cfg, party, tap))
     except asyncio.CancelledError:
-        print(f"{args.role}: stopped", file=sys.stderr)
+        print(f"{party}: stopped", file=sys.stderr)
         code = 143
+    finally:
+        if tap is not None:
+            tap.close()
     # gRPC and compute threads must not keep a finished party alive: everything durable (audit
     # log, metrics, summary, weights) was closed by the role before this point.
     logging.shutdown()

@@ -27,10 +27,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train_file(path: Path, args: argparse.Namespace) -> int:
+    from echelon.preflight import preflight
     from echelon.runner import train
 
     cfg = load_run(path)
     out = args.out or Path("runs") / cfg.name
+    preflight(cfg, path, out, deploy=False)
     summary = train(cfg, out, force=args.force, progress=not args.no_progress)
     print_summary(summary, out)
     return 0

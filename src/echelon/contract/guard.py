@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from google.protobuf.message import DecodeError, Message
@@ -24,7 +25,7 @@ from google.protobuf.message import DecodeError, Message
 from echelon.contract.policy import BOUNDARY, TENSORS, Terms, role_of
 from echelon.contract.provenance import Ledger
 from echelon.contract.rules import flow_class_name, round_of, schema_problems, tensor_summary, tensors
-from echelon.contract.slicing import Reassembler, slice_envelope
+from echelon.contract.slicing import REASSEMBLY_IDLE_S, Reassembler, slice_envelope
 from echelon.v1 import boundary_pb2, tensor_pb2
 from echelon.wire import CROSS_BOUNDARY_BODIES
 
@@ -182,12 +183,39 @@ class EgressGuard(_Guard):
         return out
 
 
+@dataclass
+class _Partial:
+    """A sliced message being reassembled: its frames so far, and when the last one came."""
+
+    reassembler: Reassembler
+    frames: list[bytes] = field(default_factory=list)
+    last_at: float = 0.0
+
+
 class IngressGuard(_Guard):
     """One party's mirror check on incoming cross-boundary frames."""
 
     def __init__(self, party: str, terms: Terms, audit: AuditSink | None) -> None:
         super().__init__(party, terms, audit)
-        self._partial: dict[str, tuple[Reassembler, list[bytes]]] = {}
+        self._partial: dict[str, _Partial] = {}
+
+    def forget(self, peer: str) -> None:
+        """Drop what a half-received message from `peer` left (its stream ended)."""
+        self._partial.pop(peer, None)
+
+    def _expire(self, now: float, peer: str) -> None:
+        """Drop (and record as refused) a sliced message from `peer` whose next slice has not come
+        for REASSEMBLY_IDLE_S: a stalled peer holds nothing for ever (the cap bounds the bytes)."""
+        partial = self._partial.get(peer)
+        if partial is None or now - partial.last_at <= REASSEMBLY_IDLE_S:
+            return
+        del self._partial[peer]
+        first = boundary_pb2.CrossBoundaryEnvelope.FromString(partial.frames[0])  # checked on arrival
+        self.refused += 1
+        reason = f"no slice of this message for over {REASSEMBLY_IDLE_S:g} s: its parts were dropped"
+        self._record(
+            now, "in", peer, getattr(first, first.WhichOneof("body")), partial.frames, "refused", reason
+        )
 
     def receive(self, now: float, frame: bytes, peer: str) -> Message | None:
         """Check one frame from `peer`; the message body once its last frame arrived, else None.
@@ -196,7 +224,9 @@ class IngressGuard(_Guard):
         contract, or whose checking fails in any way, raises ContractViolation (recorded) and
         discards the message it belonged to.
         """
-        reassembler, frames = self._partial.setdefault(peer, (Reassembler(self.terms.max_tensor_bytes), []))
+        self._expire(now, peer)
+        partial = self._partial.setdefault(peer, _Partial(Reassembler(self.terms.max_tensor_bytes)))
+        reassembler, frames, partial.last_at = partial.reassembler, partial.frames, now
         frames.append(frame)
         envelope, body, whole = boundary_pb2.CrossBoundaryEnvelope(), None, None
         try:

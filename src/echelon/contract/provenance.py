@@ -241,3 +241,30 @@ class BoundaryModel:
             self.since_sync = self.since_sync.clone()
             self.since_sync[lo:hi] = 0
             self.contributors[fragment] = 0
+
+    def state_dict(self) -> dict:
+        """theta_g, base, Delta_b and the quorum counts, for a boundary's checkpoint."""
+        return {
+            "theta_g": self.theta_g.clone(),
+            "base": self.base.clone(),
+            "since_sync": self.since_sync.clone(),
+            "contributors": list(self.contributors),
+        }
+
+    @classmethod
+    def from_state_dict(
+        cls, state: dict, min_quorum: int, fragments: int = 1, ledger: Ledger | None = None
+    ) -> BoundaryModel:
+        """A model continued from `state_dict()`, minting into `ledger` (the boundary's, which its
+        egress guard checks); QuorumNotMet when a fragment's count is below the quorum (a
+        checkpoint cannot turn a lone device's update into an aggregate)."""
+        counts = [int(c) for c in state["contributors"]]
+        if len(counts) != fragments or any(0 < c < min_quorum for c in counts):
+            raise QuorumNotMet(f"checkpoint contributor counts {counts} under quorum {min_quorum}")
+        model = cls(state["theta_g"].clone(), min_quorum, fragments, ledger)
+        model.base, model.since_sync, model.contributors = (
+            state["base"].clone(),
+            state["since_sync"].clone(),
+            counts,
+        )
+        return model

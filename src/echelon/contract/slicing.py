@@ -8,6 +8,7 @@ Both runtimes use these slices, so simulated and deployed byte counts agree.
 `Reassembler` joins them only when every slice is the same message (all fields but the slice's
 data, numel and offset equal), in order, and the whole fits its byte cap: a slice of another
 type, a reordered slice or a claimed whole beyond the cap is refused before anything is buffered.
+The ingress guard drops a sliced message whose next slice is REASSEMBLY_IDLE_S late.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from echelon.tensors import ITEMSIZE
 from echelon.v1 import boundary_pb2, tensor_pb2
 
 MAX_SLICE_BYTES = 1 << 20
+REASSEMBLY_IDLE_S = 600.0  # a sliced message whose next slice has not come for this long is dropped
 
 
 def _at(msg: Message, path: str) -> tensor_pb2.TensorPayload:

@@ -30,7 +30,7 @@ import torch
 from google.protobuf.message import Message
 
 from echelon.config import EchelonConfig
-from echelon.contract.provenance import AggregateResult, BoundaryModel, Ledger
+from echelon.contract.provenance import AggregateResult, BoundaryModel, Ledger, QuorumNotMet
 from echelon.planes.aggregation import AggregationClient, AggregationServer, Aggregator
 from echelon.sansio import Emit, PlaneAction, Send, SetTimer
 from echelon.tensors import float_problem, fragment_bounds, to_tensor
@@ -248,7 +248,9 @@ class BoundaryPlane:
         if (
             self.finished
             or self.model is None
-            or msg.outer_step in (self._sync_requested, self._awaiting_global)
+            or msg.outer_step == self._awaiting_global
+            # Answered when the round in flight ends; without one (after a restart), now.
+            or (msg.outer_step == self._sync_requested and self._round is not None)
         ):
             return []
         self._sync_requested = msg.outer_step
@@ -445,6 +447,11 @@ class BoundaryPlane:
         return [Send(device, ref)]
 
     @property
+    def awaiting_global(self) -> int | None:
+        """The outer step whose global reference this boundary waits for (its delta was sent)."""
+        return self._awaiting_global
+
+    @property
     def buffered(self) -> int:
         """Updates waiting in the buffer."""
         return len(self._buffer)
@@ -452,3 +459,65 @@ class BoundaryPlane:
     def participation_gaps(self) -> dict[str, int]:
         """Middle steps since each device was last aggregated (boundary-local telemetry)."""
         return {d: self.middle_step - i.last_aggregated for d, i in self._devices.items()}
+
+    def state_dict(self) -> dict:
+        """The boundary's state as tensors and plain values (`torch.load(weights_only=True)`), for a
+        checkpoint: theta_b, Delta_b, counters and the sync in progress. Not the devices' state, the
+        buffer or an aggregation round in flight: devices reconnect after a restart and start over."""
+        return {
+            "model": None if self.model is None else self.model.state_dict(),
+            "version": self.version,
+            "middle_step": self.middle_step,
+            "drift": self.drift,
+            "update_norm": self.update_norm,
+            "next_round_id": self._next_round_id,
+            "tokens_since_sync": self._tokens_since_sync,
+            "tokens_total": self.tokens_total,
+            "sync_requested": self._sync_requested,
+            "awaiting_global": self._awaiting_global,
+            "interval": self.interval,
+            "middle_at_send": self._middle_at_send,
+            "finished": self.finished,
+            "sync_fragment": self._sync_fragment,
+            "deferred": None if self._deferred is None else self._deferred.SerializeToString(),
+            "adopted_step": self.adopted_step,
+            "last_delta": None if self._last_delta is None else self._last_delta.SerializeToString(),
+            "outer_input": self._outer_input,
+            "last_aggregated": {d: i.last_aggregated for d, i in self._devices.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`'s output, every device offline until it says hello."""
+        e = self.cfg
+        if set(state["last_aggregated"]) != set(self._devices):
+            raise ValueError("the checkpoint is of another boundary (other devices)")
+        model = state["model"]
+        self.model = (
+            None
+            if model is None
+            else BoundaryModel.from_state_dict(model, e.min_quorum, e.streaming.fragments, self.ledger)
+        )
+        if self.model is not None and self.model.theta_g.numel() != self.dim:
+            raise ValueError("the checkpoint is of another model size")
+        self.version, self.middle_step = state["version"], state["middle_step"]
+        self.drift, self.update_norm = state["drift"], state["update_norm"]
+        self._next_round_id = state["next_round_id"]
+        self._tokens_since_sync, self.tokens_total = state["tokens_since_sync"], state["tokens_total"]
+        self._sync_requested, self._awaiting_global = state["sync_requested"], state["awaiting_global"]
+        self.interval, self._middle_at_send = state["interval"], state["middle_at_send"]
+        self.finished, self._sync_fragment = state["finished"], state["sync_fragment"]
+        deferred, last = state["deferred"], state["last_delta"]
+        self._deferred = None if deferred is None else boundary_pb2.GlobalReference.FromString(deferred)
+        self.adopted_step = state["adopted_step"]
+        self._last_delta = None if last is None else boundary_pb2.BoundaryDelta.FromString(last)
+        if self._last_delta is not None and self._last_delta.HasField("delta"):
+            # Resent if the global plane asks again: minted before the restart, under the quorum.
+            if self._last_delta.delta.contributors < e.min_quorum:
+                raise QuorumNotMet(
+                    f"a checkpointed Delta_b of {self._last_delta.delta.contributors} contributors"
+                )
+            self.ledger.record(self._last_delta.delta)
+        self._outer_input = state["outer_input"]
+        for d, info in self._devices.items():
+            info.live = info.training = False
+            info.last_aggregated = state["last_aggregated"][d]

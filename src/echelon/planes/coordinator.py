@@ -55,6 +55,11 @@ class OuterOptimizer:
     def state_dict(self) -> dict:
         return {"theta": self.theta.detach().clone(), "optimizer": self._opt.state_dict()}
 
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.theta.copy_(state["theta"])
+        self._opt.load_state_dict(state["optimizer"])
+
 
 class GlobalPlane:
     """Protocol state of the global coordinator. Boundary addresses are opaque strings."""
@@ -100,6 +105,7 @@ class GlobalPlane:
         self.final_reason: str | None = None
         self.finished = False
         self.max_outer_steps: int | None = None  # the outer step that finishes the run
+        self.tokens_applied = 0  # tokens behind the Delta_b folded into theta_g: what the model learnt from
 
     def start(self, now: float) -> list[PlaneAction]:
         """Send every boundary the initial global reference (outer step 0) and the cadence."""
@@ -137,8 +143,9 @@ class GlobalPlane:
         if isinstance(message, boundary_pb2.BoundaryDelta):
             if message.outer_step != self._syncing or sender in self._reported:
                 return []  # late (an outer step already applied without it) or duplicate
-            if self.outer_aggregator is None and message.HasField("delta"):
-                problem = float_problem(message.delta, self._zero_fragment().numel())
+            delta = None  # +SA: Delta_b arrives through the outer round
+            if self.outer_aggregator is None:
+                delta, problem = self._checked_delta(message)
                 if problem is not None:
                     fields = {
                         "sender": sender,
@@ -146,12 +153,6 @@ class GlobalPlane:
                         "reason": problem,
                     }
                     return [Emit("refused", fields)]
-            if self.outer_aggregator is not None:
-                delta = None
-            elif message.HasField("delta"):
-                delta = to_tensor(message.delta)
-            else:
-                delta = self._zero_fragment()
             self._reported[sender] = _Reported(
                 delta, message.tokens, message.contributors, message.middle_step
             )
@@ -162,6 +163,20 @@ class GlobalPlane:
                 return []
             return self._after_outer_round(now, self._outer_round.receive(now, sender, message.secagg))
         return []
+
+    def _checked_delta(self, message: boundary_pb2.BoundaryDelta) -> tuple[torch.Tensor | None, str | None]:
+        """(Delta_b of the fragment in sync, None), or (None, why it is refused) unless it is a
+        whole float vector of exactly the fragment's length holding only finite values (one NaN
+        would poison theta_g for the rest of the run). No delta at all is a zero Delta_b."""
+        if not message.HasField("delta"):
+            return self._zero_fragment(), None
+        problem = float_problem(message.delta, self._zero_fragment().numel())
+        if problem is not None:
+            return None, problem
+        delta = to_tensor(message.delta)
+        if not bool(torch.isfinite(delta).all()):
+            return None, "a BoundaryDelta holding NaN or infinite values"
+        return delta, None
 
     def _controller_tick(self, now: float, sender: str, status: boundary_pb2.BoundaryStatus) -> Emit:
         """One controller tick (a boundary reported): telemetry, and B_eff += D_b * new tokens of b."""
@@ -200,6 +215,11 @@ class GlobalPlane:
         return []
 
     @property
+    def middle_steps(self) -> dict[str, int]:
+        """Each boundary's middle steps as it last reported them, by boundary id."""
+        return {b.split("/", 1)[1]: n for b, n in self._middle_step.items()}
+
+    @property
     def tokens_reported(self) -> int:
         """Tokens the boundaries have aggregated so far, as their status reports say."""
         return sum(self._tokens_total.values())
@@ -224,6 +244,18 @@ class GlobalPlane:
             if hit:
                 return self.request_final_sync(now, reason)
         return []
+
+    def end(self, now: float, reason: str) -> list[PlaneAction]:
+        """Finish now, without another outer step: the run ends on the last synchronised model
+        (theta_g of outer step `outer_step`), sent whole and final to every boundary. A sync in
+        flight is abandoned. For a deployment whose boundaries stay away past its patience."""
+        if self.finished:
+            return []
+        self.final_reason, self.finished = reason, True
+        self._syncing, self._reported, self._outer_round = None, {}, None
+        ref = self._reference(whole=True)
+        record = {"outer_step": self.outer_step, "time": now, "stop_reason": reason}
+        return [Send(b, ref) for b in self.boundaries] + [Emit("run_ended", record)]
 
     def request_final_sync(self, now: float, reason: str) -> list[PlaneAction]:
         """A budget was reached: synchronise once more, then finish."""
@@ -318,6 +350,7 @@ class GlobalPlane:
         self.theta_g = self.theta_g.clone()
         self.theta_g[lo:hi] = self.outers[f].step(pseudo_gradient)
         self.outer_step = self._syncing
+        self.tokens_applied += total
         self._syncing, self._reported = None, {}
         for b, r in reported.items():
             self._middle_at_sync[b] = r.middle_step
@@ -374,3 +407,44 @@ class GlobalPlane:
         """theta_g after the outer step: all of it at the start, else the fragment just stepped."""
         ref = self._reference(whole=self.outer_step == 0)
         return [Send(b, ref) for b in self.boundaries]
+
+    def state_dict(self) -> dict:
+        """The plane's state between outer steps, as tensors and plain values (loadable with
+        `torch.load(weights_only=True)`); `load_state_dict` on a plane built from the same
+        configuration restores it. Refused while a sync is in flight."""
+        if self._syncing is not None:
+            raise RuntimeError("the global plane is checkpointed between outer steps, not during a sync")
+        return {
+            "theta_g": self.theta_g.clone(),
+            "outers": [o.state_dict() for o in self.outers],
+            "cadence": {"drift": dict(self.cadence.drift), "d0": self.cadence.d0},
+            "announced_interval": self._announced_interval,
+            "barrier_armed": self._barrier_armed,
+            "outer_step": self.outer_step,
+            "middle_step": dict(self._middle_step),
+            "update_norm": dict(self._update_norm),
+            "tokens_total": dict(self._tokens_total),
+            "tokens_applied": self.tokens_applied,
+            "ticks": self.ticks,
+            "b_eff": self.b_eff,
+            "middle_at_sync": dict(self._middle_at_sync),
+            "final_reason": self.final_reason,
+            "finished": self.finished,
+            "max_outer_steps": self.max_outer_steps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`'s output (ValueError when it is another run's shape)."""
+        if state["theta_g"].shape != self.theta_g.shape or set(state["middle_step"]) != set(self.boundaries):
+            raise ValueError("the checkpoint is of another run (other boundaries or model size)")
+        self.theta_g = state["theta_g"].clone()
+        for outer, saved in zip(self.outers, state["outers"], strict=True):
+            outer.load_state_dict(saved)
+        self.cadence.drift, self.cadence.d0 = dict(state["cadence"]["drift"]), state["cadence"]["d0"]
+        self._announced_interval, self._barrier_armed = state["announced_interval"], state["barrier_armed"]
+        self.outer_step, self.ticks, self.b_eff = state["outer_step"], state["ticks"], state["b_eff"]
+        self._middle_step, self._update_norm = dict(state["middle_step"]), dict(state["update_norm"])
+        self._tokens_total, self._middle_at_sync = dict(state["tokens_total"]), dict(state["middle_at_sync"])
+        self.tokens_applied = state["tokens_applied"]
+        self.final_reason, self.finished = state["final_reason"], state["finished"]
+        self.max_outer_steps = state["max_outer_steps"]

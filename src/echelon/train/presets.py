@@ -2,7 +2,8 @@
 
 `tiny` is a randomly initialised Llama of a few million parameters with a byte-level vocabulary,
 trainable on two CPU cores. Yellowstone plans it from these same fields (`echelon plan --model
-tiny`) and `echelon.train.model` builds it from them, so what is planned is what is run.
+tiny`), `echelon.train.model` builds it from them, and preflight sizes a run from them before any
+model is built, so what is planned and checked is what is run.
 """
 
 from __future__ import annotations

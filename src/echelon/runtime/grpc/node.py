@@ -2,74 +2,69 @@
 
 The very plane objects the simulator drives run here; only the clock and the wires differ.
 `now` is seconds since the node started (monotonic). Timers are loop callbacks. A `Send` goes to
-the `Outbox` of the peer's link, which emulates the WAN (latency, jitter, bandwidth) before the
-frame is written, keeping per-link order. Emits go to a callback (metrics).
+the `Outbox` of the peer's link, which holds each frame until the simulator's link model says it
+arrives, keeping per-link order. Emits go to a callback (metrics).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import numpy as np
 from google.protobuf.message import Message
 
-from echelon.config import LinkConfig
+from echelon.runtime.sim.network import Link
 from echelon.sansio import CancelTimer, Emit, PlaneAction, Send, SetTimer
 
 log = logging.getLogger("echelon.node")
 
-MAX_CHUNK = 1 << 20  # bytes of data per gRPC stream item
-
 
 class Outbox:
-    """Frames for one peer, released in order after the emulated link delay.
+    """Frames for one peer, released in order at the arrival times the emulated link gives them.
 
-    The delay of a frame is transmission (bytes / bandwidth after the previous frame left) plus
-    the link's latency with jitter, exactly the simulator's link model, on the wall clock. Only
-    the latest `frames()` iterator takes frames: a reconnect's new call retires the old one (a
-    failed call's iterator may linger in gRPC and would otherwise take frames to a dead stream).
+    The link is the simulator's own (`echelon.runtime.sim.network.Link`: transmission at the
+    link's bandwidth, latency with jitter and Gilbert-Elliott bursts), seeded per link name as the
+    simulator seeds it, on the wall clock. One stream at a time takes frames (`frames`); a frame a
+    broken stream had taken is lost with it, as on a real link.
     """
 
-    def __init__(self, link: LinkConfig, rng: np.random.Generator) -> None:
-        self.link, self._rng = link, rng
+    def __init__(self, link: Link) -> None:
+        self.link = link
         self._items: deque[tuple[float, bytes]] = deque()
         self._wake = asyncio.Event()
         self._epoch = 0
-        self._free_at = 0.0
-        self._last = 0.0
         self.closed = False
 
     def put(self, frames: list[bytes]) -> None:
-        loop = asyncio.get_running_loop()
+        now = asyncio.get_running_loop().time()
         for frame in frames:
-            now = loop.time()
-            start = max(now, self._free_at)
-            self._free_at = start + len(frame) * 8 / (self.link.bandwidth_mbps * 1e6)
-            latency = self.link.latency_ms / 1e3
-            if self.link.jitter_pct:
-                latency *= 1 + (self.link.jitter_pct / 100) * self._rng.uniform(-1.0, 1.0)
-            self._last = max(self._free_at + latency, self._last)
-            self._items.append((self._last, frame))
+            self._items.append((self.link.transit(now, len(frame)), frame))
         self._wake.set()
+
+    def clear(self) -> None:
+        """Forget the frames not yet taken (the peer went away and starts afresh when it returns)."""
+        self._items.clear()
 
     def close(self) -> None:
         """No more frames: the stream ends once the queued ones are out."""
         self.closed = True
         self._wake.set()
 
-    async def frames(self):
-        """Yield frames at their release time until closed and drained, or until retired."""
+    async def frames(self, until: asyncio.Future | None = None) -> AsyncIterator[bytes]:
+        """Yield frames at their release time until closed and drained, until `until` is done, or
+        until a newer `frames()` call retires this one (a failed call's iterator may linger in
+        gRPC and would otherwise take frames to a dead stream)."""
         loop = asyncio.get_running_loop()
         self._epoch += 1
         epoch = self._epoch
         self._wake.set()  # wakes a retired iterator, which then ends
-        while True:
-            if epoch != self._epoch:
-                return
+        if until is not None:
+            until.add_done_callback(lambda _: self._wake.set())
+        while epoch == self._epoch and (until is None or not until.done()):
             if not self._items:
                 if self.closed:
                     return
@@ -79,7 +74,9 @@ class Outbox:
             at, frame = self._items[0]
             delay = at - loop.time()
             if delay > 0:
-                await asyncio.sleep(delay)
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
                 continue
             self._items.popleft()
             yield frame
@@ -87,12 +84,6 @@ class Outbox:
     @property
     def empty(self) -> bool:
         return not self._items
-
-
-def chunk(data: bytes) -> list[tuple[bytes, bool]]:
-    """`data` as (chunk, last) pieces of at most MAX_CHUNK bytes."""
-    pieces = [data[i : i + MAX_CHUNK] for i in range(0, max(len(data), 1), MAX_CHUNK)]
-    return [(p, i == len(pieces) - 1) for i, p in enumerate(pieces)]
 
 
 class Node:

@@ -78,9 +78,19 @@ def init_certs(directory: Path, boundaries: dict[str, list[str]]) -> list[str]:
     CA (certificates are never silently replaced). Returns the parties created.
     """
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise UserError(
+            f"{directory} exists and is not a directory; choose another directory for the certificates"
+        )
     if (directory / "ca.pem").exists():
         raise UserError(f"{directory} already holds a deployment CA (ca.pem); choose another directory")
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".writable"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write certificates in {directory}: {e.strerror}") from None
     now = datetime.datetime.now(datetime.UTC)
     ca_key = _key()
     ca_name = _name("echelon deployment CA")
@@ -157,6 +167,11 @@ class Credentials:
 def load_credentials(directory: Path, party: str) -> Credentials:
     """`party`'s credentials from a `certs init` directory; UserError naming what is missing."""
     directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(
+            f"--certs {directory} is not a directory: run `echelon certs init RUN.yaml --out {directory}` to "
+            "create the deployment's certificates"
+        )
     party_dir = directory / party
     paths = [directory / "ca.pem", party_dir / "cert.pem", party_dir / "key.pem"]
     for path in paths:
@@ -165,7 +180,10 @@ def load_credentials(directory: Path, party: str) -> Credentials:
                 f"{path} is missing: run `echelon certs init RUN.yaml --out {directory}` to create "
                 f"the deployment's certificates"
             )
-    ca, cert, key = (p.read_bytes() for p in paths)
+    try:
+        ca, cert, key = (p.read_bytes() for p in paths)
+    except OSError as e:
+        raise UserError(f"cannot read {party}'s certificates in {directory}: {e.strerror}") from None
     return Credentials(party, ca, cert, key, party_dir)
 
 

@@ -1,0 +1,169 @@
+"""A device deployed: it dials its boundary and trains whenever it holds a reference.
+
+It runs the very `DevicePlane` the simulator runs; local rounds run on a worker thread so the
+stream stays served while it computes. With `churn:` in the run file the device goes away and
+comes back as the simulator schedules it: uptimes and downtimes drawn from the same
+exponentials, from the same seed (`derived_seed(seed, 3, i)`, i its rank among the devices); a
+round in progress when it leaves is lost, as are the frames it had not sent. A device that is a
+replica of a Yellowstone plan (`boundaries[].plan`) runs its rounds on the plan's job, whose
+files live under its `workdir`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from google.protobuf.message import Message
+
+from echelon.config import RunConfig
+from echelon.errors import UserError
+from echelon.planes.device import StartLocalRound
+from echelon.preflight import deployable
+from echelon.runner import make_device_plane, prepare
+from echelon.runtime.grpc import evidence
+from echelon.runtime.grpc.framing import DeviceReassembly, device_frames, envelope_cap
+from echelon.runtime.grpc.node import Node, Outbox
+from echelon.runtime.grpc.tls import Credentials
+from echelon.runtime.grpc.transport import LOCAL_METHOD, Dialer
+from echelon.runtime.sim.engine import boundary_address, device_address
+from echelon.runtime.sim.network import Network
+from echelon.train.trainer import derived_seed
+from echelon.wire import unwrap
+
+log = logging.getLogger("echelon.serve")
+
+
+def owner_of(cfg: RunConfig, device_id: str) -> str:
+    """The boundary id device `device_id` belongs to; UserError naming the known devices."""
+    owner = next((b for b, d in cfg.devices if d.id == device_id), None)
+    if owner is None:
+        known = ", ".join(d.id for _, d in cfg.devices)
+        raise UserError(f"device {device_id!r} is not in the run file (devices: {known})")
+    return owner
+
+
+class DeviceRole:
+    """Device `device_id` of `cfg`, training for its boundary at `boundary_target`; a plan's
+    replica keeps its job's files under `workdir`."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        creds: Credentials,
+        device_id: str,
+        boundary_target: str,
+        workdir: Path | None = None,
+    ) -> None:
+        self.cfg = cfg = deployable(cfg)
+        owner = owner_of(cfg, device_id)
+        if workdir is None and any(d.id == device_id and d.replica for _, d in cfg.devices):
+            raise UserError(
+                f"device {device_id!r} is a replica of a plan: give --run-dir for its job's files"
+            )
+        self.creds, self.device_id, self.boundary_target = creds, device_id, boundary_target
+        self.address, self.boundary = device_address(device_id), boundary_address(owner)
+        self.prep = prepare(cfg, workdir, {device_id})
+        self.plane = make_device_plane(cfg, device_id, owner, self.prep.bundle.dim, creds.identity())
+        network = Network(cfg.seed)
+        self.outbox = Outbox(network.link(self.address, self.boundary, cfg.network.lan))
+        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-round")
+        rank = sorted(device_address(d.id) for _, d in cfg.devices).index(self.address)
+        self.churn_rng = np.random.default_rng(derived_seed(cfg.seed, 3, rank))  # the simulator's draws
+        self.session = 0  # bumps when the device goes away: a round of an earlier session is dropped
+        self.cap = envelope_cap(self.prep.trainer.initial_state().numel(), 1)
+        self.node = Node(self.plane, self.address, self.route, evidence.log_event, self.on_other)
+        self.reassembly = DeviceReassembly(self.cap, self.node.now)
+        self.failure = asyncio.Event()
+
+    def route(self, to: str, message: Message) -> None:
+        self.outbox.put(device_frames(self.device_id, message))
+
+    def on_other(self, action: object) -> None:
+        if not isinstance(action, StartLocalRound):
+            raise TypeError(f"device cannot execute {action!r}")
+        loop, session = asyncio.get_running_loop(), self.session
+        job = loop.run_in_executor(
+            self.compute, self.prep.trainer.local_round, action.device, action.reference, action.anchor
+        )
+        job.add_done_callback(lambda done: self.finished(done, session))
+
+    def finished(self, job: asyncio.Future, session: int) -> None:
+        try:
+            result = job.result()
+            if session == self.session:  # else the device went away meanwhile: the work is lost
+                self.node.call("local_round_finished", result)
+        except BaseException as err:  # surfaced by `run`, never lost in a callback
+            self.node.failed = err
+            self.failure.set()
+
+    def on_connect(self) -> None:
+        self.reassembly.reset()  # a half-received envelope died with the old stream
+        self.node.call("start")
+
+    def on_frame(self, frame: bytes) -> None:
+        try:
+            envelope = self.reassembly.add(frame)
+            if envelope is not None:
+                self.node.deliver(self.boundary, unwrap(envelope))
+        except Exception as err:
+            log.error("refused a message from its boundary: %s", err)
+            raise
+
+    async def _online(self, uptime: float | None) -> bool:
+        """Hold the stream to the boundary for `uptime` seconds (None: until the run is over);
+        True when the run is over."""
+        dialer = Dialer(
+            self.creds,
+            self.boundary_target,
+            self.boundary.replace("/", "."),
+            LOCAL_METHOD,
+            self.outbox,
+            self.cfg.deployment.patience_s,
+            on_connect=self.on_connect,
+            on_frame=self.on_frame,
+            on_lost=lambda why: None,
+        )
+        dial, watch = asyncio.ensure_future(dialer.run()), asyncio.ensure_future(self.failure.wait())
+        try:
+            await asyncio.wait([dial, watch], timeout=uptime, return_when=asyncio.FIRST_COMPLETED)
+            if self.node.failed is not None:
+                raise self.node.failed
+            if dial.done():
+                dial.result()
+                return True
+            return False
+        finally:
+            for task in (dial, watch):
+                task.cancel()
+            await asyncio.gather(dial, watch, return_exceptions=True)
+
+    async def run(self) -> None:
+        churn = self.cfg.churn
+        try:
+            while True:
+                uptime = (
+                    None if churn.mean_uptime_s is None else self.churn_rng.exponential(churn.mean_uptime_s)
+                )
+                if await self._online(uptime):
+                    return
+                self.session += 1
+                self.outbox.clear()  # what it had not sent is lost with it
+                downtime = self.churn_rng.exponential(churn.mean_downtime_s)
+                log.info("churn: offline for %.1f s", downtime)
+                await asyncio.sleep(downtime)
+        finally:
+            self.node.stop()
+            self.compute.shutdown(wait=True, cancel_futures=True)
+            self.prep.trainer.close()
+
+
+async def run_device(
+    cfg: RunConfig, creds: Credentials, device_id: str, boundary_target: str, workdir: Path | None = None
+) -> None:
+    """Train device `device_id` for its boundary until the boundary says the run is over. A
+    device that is a plan's replica runs its rounds on the plan's job, kept under `workdir`."""
+    await DeviceRole(cfg, creds, device_id, boundary_target, workdir).run()

@@ -1,0 +1,309 @@
+"""The global plane deployed: boundaries dial it over gRPC with mutual TLS.
+
+It runs the very `GlobalPlane` the simulator runs, behind its egress and ingress guards, and
+writes the run's metrics, summary, final weights and its audit log. Its plane is checkpointed
+(a state dict) at every outer step, before that step's reference goes out; `resume` continues
+from the checkpoint and brings every (re)connecting boundary up to date
+(`GlobalPlane.peer_rejoined`), so no outer step is lost or applied twice. When no boundary has
+been heard from for `deployment.patience_s`, it ends the run on the last synchronised model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+from google.protobuf.message import Message
+from safetensors import SafetensorError
+
+from echelon import rundir
+from echelon.config import RunConfig
+from echelon.contract.guard import ContractViolation
+from echelon.errors import UserError
+from echelon.preflight import deployable
+from echelon.runner import make_global_plane, make_guards, prepare
+from echelon.runtime.grpc import evidence
+from echelon.runtime.grpc.handshakes import HandshakeTap
+from echelon.runtime.grpc.node import Node, Outbox
+from echelon.runtime.grpc.tls import Credentials, peer_identity
+from echelon.runtime.grpc.transport import (
+    CROSS_SERVICE,
+    LiveStreams,
+    make_server,
+    read_frames,
+    serve_stream,
+    start_server,
+    stream_handler,
+)
+from echelon.runtime.sim.engine import GLOBAL, boundary_address, party_of
+from echelon.runtime.sim.network import Network
+from echelon.strategies import get_strategy
+
+log = logging.getLogger("echelon.serve")
+
+HALF_CLOSE_S = 30.0  # how long the run's end waits for a boundary to close its side
+DRAIN_S = 30.0  # how long the run's end waits for queued frames to leave
+
+
+class GlobalRole:
+    """The global plane of `cfg` serving its boundaries on `listen`; `run()` until the run ends."""
+
+    def __init__(self, cfg: RunConfig, creds: Credentials, listen: str, run_dir: Path, resume: bool) -> None:
+        self.cfg = cfg = deployable(cfg)
+        self.run_dir, self.listen = run_dir, listen
+        self.wall0 = time.perf_counter()
+        self.prep = prepare(cfg, local_devices=set())  # the global plane evaluates; it runs no device
+        self.plane = make_global_plane(cfg, self.prep.trainer.initial_state(), creds.identity())
+        self.evals: list[float] = []
+        path = rundir.checkpoint_path(run_dir, GLOBAL)
+        if resume:
+            state = rundir.load_checkpoint(path)
+            try:
+                self.plane.load_state_dict(state["plane"])
+            except (KeyError, ValueError, RuntimeError) as e:
+                raise UserError(f"cannot resume from {path}: {e}") from None
+            self.evals = list(state["evals"])
+            log.info("resuming from outer step %d", self.plane.outer_step)
+        self.audit = evidence.open_audit(run_dir, GLOBAL, creds, cfg)
+        self.egress, self.ingress = make_guards(cfg, GLOBAL, self.plane.theta_g.numel(), self.audit)
+        network = Network(cfg.seed)
+        self.outboxes = {
+            boundary_address(b.id): Outbox(
+                network.link(GLOBAL, boundary_address(b.id), b.wan or cfg.network.wan)
+            )
+            for b in cfg.boundaries
+        }
+        self.streams = LiveStreams()
+        self.started = resume
+        self.refused = 0
+        self.metrics = (run_dir / "metrics.jsonl").open("a")
+        self.node = Node(self.plane, GLOBAL, self.route, self.on_emit)
+        self.arriving: tuple[str, bytes, Message] | None = None  # (peer, frame, body) the plane is given
+        self.heard_at = self.node.now()  # the last time any boundary connected or sent a frame
+        self.done = asyncio.Event()
+        self.server = make_server(creds, listen, [stream_handler(CROSS_SERVICE, self.exchange)])
+
+    # -- the plane's actions ---------------------------------------------------------------------
+
+    def cross_bytes(self) -> int:
+        return self.egress.bytes_total + self.ingress.bytes_total
+
+    def on_emit(self, kind: str, fields: dict) -> None:
+        if kind == "refused" and self.arriving is not None:  # the plane refused what a boundary sent
+            self.refuse(*self.arriving, fields["reason"], recorded=False)
+            return
+        record = {"kind": kind, **fields}
+        plane = self.plane
+        if kind == "outer_step":
+            record["val_loss"] = self.prep.trainer.evaluate(
+                plane.theta_g, self.cfg.eval.sequences, self.cfg.eval.batch
+            )
+            record["tokens_total"] = plane.tokens_applied
+            record["cross_boundary_bytes"] = self.cross_bytes()
+            self.evals.append(record["val_loss"])
+        self.metrics.write(json.dumps(record, sort_keys=True) + "\n")
+        self.metrics.flush()
+        if kind == "outer_step":
+            # After the record, before the step's reference leaves (the outbox releases it only
+            # when this callback returns): a crash in between repeats the record, never the step.
+            state = {"plane": plane.state_dict(), "evals": list(self.evals)}
+            rundir.save_checkpoint(rundir.checkpoint_path(self.run_dir, GLOBAL), state)
+
+    def route(self, to: str, message: Message) -> None:
+        try:
+            self.outboxes[to].put(self.egress.send(self.node.now(), message, party_of(to)))
+        except ContractViolation as err:
+            log.error("refused to send: %s", err)
+
+    def after_event(self) -> None:
+        plane, now = self.plane, self.node.now()
+        self.node.do(plane.check_budget(now, self.cfg.budget, plane.tokens_reported, self.cross_bytes()))
+        patience = self.cfg.deployment.patience_s
+        if not plane.finished and now - self.heard_at > patience:
+            log.error(
+                "no boundary heard from for %.0f s (deployment.patience_s): ending the run on the model "
+                "of outer step %d",
+                now - self.heard_at,
+                plane.outer_step,
+            )
+            self.node.do(plane.end(now, "patience"))
+        if plane.finished and not self.done.is_set():
+            self.done.set()
+            for outbox in self.outboxes.values():
+                outbox.close()
+
+    # -- streams ---------------------------------------------------------------------------------
+
+    def refuse(self, peer: str, frame: bytes, body: Message | None, reason: str, recorded: bool) -> None:
+        """A frame from `peer` that was refused: logged, and put on record unless its guard did."""
+        self.refused += 1
+        log.error("refused a message from %s: %s", peer, reason)
+        if not recorded:
+            evidence.record_refusal(self.audit, self.node.now(), GLOBAL, peer, frame, body, reason)
+
+    def on_frame(self, address: str, frame: bytes) -> None:
+        """One frame from the boundary at `address`: through the ingress guard (which caps what a
+        sliced message may hold), then to the plane. Any exception, and a refusal by the plane, is
+        a recorded refusal; an exception is raised on for the stream's count."""
+        peer = party_of(address)
+        self.heard_at = self.node.now()
+        body = None
+        try:
+            body = self.ingress.receive(self.node.now(), frame, peer)
+            if body is not None:
+                self.arriving = (peer, frame, body)
+                self.node.deliver(address, body)
+        except Exception as err:
+            self.ingress.forget(peer)
+            recorded = isinstance(err, ContractViolation)
+            self.refuse(peer, frame, body, str(err) if recorded else f"{type(err).__name__}: {err}", recorded)
+            raise
+        finally:
+            self.arriving = None
+        self.after_event()
+
+    async def exchange(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        party, _ = peer_identity(context.auth_context())
+        address = (
+            boundary_address(party.removeprefix("boundary."))
+            if party and party.startswith("boundary.")
+            else ""
+        )
+        if address not in self.outboxes:
+            await self.refuse_stream(
+                context, party, grpc.StatusCode.PERMISSION_DENIED, "not a boundary of this run"
+            )
+        token = self.streams.claim(address)
+        if token is None:
+            await self.refuse_stream(
+                context,
+                party,
+                grpc.StatusCode.ALREADY_EXISTS,
+                "it already holds a live stream (a second connection presenting its certificate)",
+            )
+        log.info("%s connected", party)
+        self.heard_at = self.node.now()
+        if self.started:
+            self.node.do(self.plane.peer_rejoined(self.node.now(), address))
+        elif len(self.streams_held()) == len(self.outboxes):
+            self.started = True
+            self.node.do(self.plane.start(self.node.now()))
+        reader = read_frames(requests, lambda frame: self.on_frame(address, frame))
+        try:
+            async for frame in serve_stream(context, reader, self.outboxes[address], drain_s=HALF_CLOSE_S):
+                yield frame
+        finally:
+            self.streams.release(address, token)
+            self.ingress.forget(party)  # a half-received message died with the stream
+            if not self.done.is_set():
+                log.warning("%s disconnected", party)
+                self.audit.checkpoint("disconnect")
+
+    def streams_held(self) -> list[str]:
+        return [a for a in self.outboxes if a in self.streams]
+
+    async def refuse_stream(
+        self, context: grpc.aio.ServicerContext, party: str | None, code: grpc.StatusCode, why: str
+    ) -> None:
+        """Refuse a stream: one log line, an audit record when the peer names a party, the status."""
+        who = party or "an unidentified peer"
+        log.warning("refused a stream from %s: %s", who, why)
+        if party and party != GLOBAL:
+            evidence.record_refusal(
+                self.audit, self.node.now(), GLOBAL, party, b"", None, f"stream refused: {why}"
+            )
+        await context.abort(code, f"{who} refused: {why}")
+
+    # -- the run ---------------------------------------------------------------------------------
+
+    async def run(self, handshakes: HandshakeTap | None = None) -> dict:
+        """`handshakes`: the process's tap of TLS handshakes gRPC core refused; each goes
+        into this party's audit log while it runs."""
+        await start_server(self.server)
+        if handshakes is not None:
+            handshakes.attach(lambda why: self.audit.handshake_refused(self.node.now(), why))
+        log.info("global plane listening on %s for %d boundaries", self.listen, len(self.outboxes))
+        try:
+            while not self.done.is_set():
+                await asyncio.sleep(0.05)
+                if self.node.failed:
+                    raise self.node.failed
+                self.after_event()  # time budgets and patience advance without messages
+            deadline = time.monotonic() + DRAIN_S
+            while self._sending() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            await self.server.stop(grace=HALF_CLOSE_S)
+        finally:
+            if handshakes is not None:
+                handshakes.detach()
+            self.node.stop()
+            await self.server.stop(grace=None)  # a no-op after a clean stop; cancels streams otherwise
+            self.metrics.close()
+            self.audit.close("close" if self.done.is_set() else "interrupted")
+        return self.finish()
+
+    def _sending(self) -> bool:
+        """Frames are still queued for a boundary that is connected."""
+        return any(not o.empty for a, o in self.outboxes.items() if a in self.streams)
+
+    def finish(self) -> dict:
+        """Write the final model and the summary; UserError (the checkpoint kept) when the disk refuses."""
+        plane, prep = self.plane, self.prep
+        if not self.evals:  # the run ended before it started (no boundary came): the initial model
+            self.evals.append(
+                prep.trainer.evaluate(plane.theta_g, self.cfg.eval.sequences, self.cfg.eval.batch)
+            )
+        try:
+            artefact = prep.bundle.save(self.run_dir, prep.trainer.model_part(plane.theta_g))
+            strategy = get_strategy(self.cfg.strategy)
+            summary = {
+                "name": self.cfg.name,
+                "runtime": "grpc",
+                "strategy": strategy.label,
+                "admissible": strategy.admissible,
+                "start_val_loss": self.evals[0],
+                "end_val_loss": self.evals[-1],
+                "tokens": plane.tokens_applied,
+                "outer_steps": plane.outer_step,
+                "b_eff": plane.b_eff,
+                "middle_steps": plane.middle_steps,
+                "stop_reason": plane.final_reason,
+                "virtual_time_s": self.node.now(),
+                "wall_time_s": time.perf_counter() - self.wall0,
+                "trainable_parameters": prep.bundle.dim,
+                "partition_skew": prep.skew,
+                "cross_boundary_bytes": dict(
+                    sorted((self.egress.bytes_by_type + self.ingress.bytes_by_type).items())
+                ),
+                "intra_boundary_bytes": {},  # each boundary's own business: not seen by the global plane
+                "refused": self.refused,  # every message refused on arrival, by the guard or the plane
+                "artefact": artefact.name,
+            }
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        except (OSError, SafetensorError) as e:
+            raise UserError(
+                f"could not write the final model or summary in {self.run_dir} ({e}); the last "
+                f"synchronised model (outer step {plane.outer_step}) is in "
+                f"{rundir.checkpoint_path(self.run_dir, GLOBAL)}: free space and run `echelon serve global "
+                "--resume`"
+            ) from None
+        return summary
+
+
+async def run_global(
+    cfg: RunConfig,
+    creds: Credentials,
+    listen: str,
+    run_dir: Path,
+    resume: bool = False,
+    handshakes: HandshakeTap | None = None,
+) -> dict:
+    """Serve the global plane of `cfg` on `listen` until the run ends; returns the run's summary."""
+    return await GlobalRole(cfg, creds, listen, run_dir, resume).run(handshakes)
