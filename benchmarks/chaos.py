@@ -44,15 +44,20 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from echelon.audit.anchor import PINS_FILE
+from echelon.audit.report import CRASH, IN_FLIGHT, AuditReport
 from echelon.audit.verify import verify_log, verify_run
 from echelon.config import RunConfig
-from echelon.contract.guard import EgressGuard, IngressGuard
+from echelon.contract.guard import IngressGuard
+from echelon.contract.policy import Terms
+from echelon.contract.slicing import slice_envelope
 from echelon.runtime.grpc.boundary_role import BoundaryRole
 from echelon.runtime.grpc.global_role import GlobalRole
 from echelon.runtime.grpc.tls import init_certs, load_credentials
 from echelon.runtime.grpc.transport import CROSS_METHOD, LOCAL_METHOD, make_channel
 from echelon.tensors import payload as tensor_payload
 from echelon.v1 import boundary_pb2, services_pb2, tensor_pb2
+from echelon.wire import CROSS_BOUNDARY_BODIES
 
 RUN = {
     "name": "chaos",
@@ -70,6 +75,11 @@ RUN = {
 }
 
 
+# What killing a party causes and its operator accepts: a log reopened after a crash, messages
+# lost with it.
+CRASHED = frozenset({CRASH, IN_FLIGHT})
+
+
 def _port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -85,17 +95,24 @@ def _certs(tmp: Path, cfg: RunConfig) -> Path:
 
 
 class Boundary:
-    """A boundary's side of its stream to the global plane: its certificate and egress guard."""
+    """A boundary's side of its stream to the global plane, with its real certificate and no
+    egress guard (an attacker needs none): it frames whatever it likes as a boundary would."""
 
-    def __init__(self, certs: Path, boundary_id: str, target: str) -> None:
+    def __init__(self, certs: Path, boundary_id: str, target: str, dim: int) -> None:
+        self.boundary_id = boundary_id
         self.creds = load_credentials(certs, f"boundary.{boundary_id}")
-        self.egress = EgressGuard(self.creds.party, 2, None)
-        self.ingress = IngressGuard(self.creds.party, 2, None)
+        self.ingress = IngressGuard(self.creds.party, Terms(min_quorum=2, dim=dim, boundaries=2), None)
         self.channel = make_channel(self.creds, target, "global")
         self.call = self.channel.stream_stream(CROSS_METHOD)()
+        self.sent = 0
 
     def frames(self, body) -> list[bytes]:
-        return self.egress.send(0.0, body, "global")
+        """`body` in its envelope with a made-up chain head, sliced as every large message is."""
+        envelope = boundary_pb2.CrossBoundaryEnvelope(boundary_id=self.boundary_id)
+        getattr(envelope, CROSS_BOUNDARY_BODIES[body.DESCRIPTOR.full_name]).CopyFrom(body)
+        envelope.audit_head.seq, envelope.audit_head.hash = self.sent, bytes(32)
+        self.sent += 1
+        return [part.SerializeToString() for part in slice_envelope(envelope)]
 
     async def send(self, body) -> None:
         for frame in self.frames(body):
@@ -161,7 +178,7 @@ async def global_faults(tmp: Path, count: int) -> GlobalFaults:
     role = GlobalRole(cfg, load_credentials(certs, "global"), at, run_dir, resume=False)
     serving = asyncio.create_task(role.run())
     dim = role.plane.theta_g.numel()
-    b0, b1 = Boundary(certs, "b0", at), Boundary(certs, "b1", at)
+    b0, b1 = Boundary(certs, "b0", at, dim), Boundary(certs, "b1", at, dim)
     status = boundary_pb2.BoundaryStatus(middle_step=0, drift=0.1)
     for b in (b0, b1):
         await b.send(status)
@@ -173,7 +190,7 @@ async def global_faults(tmp: Path, count: int) -> GlobalFaults:
         await b0.call.write(frame)
         if i % 16 == 15:
             await b0.send(cadence)
-    impostor = Boundary(certs, "b1", at)
+    impostor = Boundary(certs, "b1", at, dim)
     try:
         await impostor.send(status)  # refused as it opens: the write may already fail
         await impostor.call.read()
@@ -359,10 +376,18 @@ class Launch:
                 self.proc.kill()
         return self.proc.returncode, err
 
-    def audit(self, where: Path) -> str:
-        report = verify_run(where)
+    def report(self, accept: frozenset[str] = frozenset()) -> AuditReport:
+        """`echelon audit` of this launch's run against its pinned keys: beside the run once it
+        completed, in the keys directory an interrupted launch keeps."""
+        if self.out.exists():
+            return verify_run(self.out, self.tmp / f"out.{PINS_FILE}", accept)
+        return verify_run(self.partial, self.tmp / "out.keys" / "certs", accept)
+
+    def audit(self, accept: frozenset[str] = frozenset()) -> str:
+        """The audit's verdict, accepting `accept` (the crashes and losses a fault causes)."""
+        report = self.report(accept)
         verdict = "audit passed" if report.ok else f"AUDIT: {len(report.violations)} violations"
-        return f"{verdict}, {len(report.in_flight)} in flight"
+        return f"{verdict} (accepting {', '.join(sorted(accept)) or 'nothing'}), {len(report.in_flight)} in flight"
 
 
 def _killed(tmp: Path, party: str) -> tuple[str, str, str]:
@@ -378,13 +403,13 @@ def _killed(tmp: Path, party: str) -> tuple[str, str, str]:
         f"kill -9 {party}",
         "restarted from its checkpoint; the run completes",
         f"{restarted}; {summary['outer_steps']} outer steps in {time.monotonic() - launch.t0:.0f} s; "
-        + launch.audit(launch.out),
+        + launch.audit(CRASHED),
     )
 
 
 def _launch_killed(tmp: Path) -> tuple[str, str, str]:
     before = {p.name for p in Path("/tmp").iterdir()}
-    launch = Launch(tmp)
+    launch = Launch(tmp, RUN)
     launch.wait_for(1)
     launch.proc.kill()
     launch.proc.wait()
@@ -393,14 +418,14 @@ def _launch_killed(tmp: Path) -> tuple[str, str, str]:
         ["pgrep", "-f", str(launch.run_file)], capture_output=True, text=True
     ).stdout.split()
     keys_in_tmp = [p for p in Path("/tmp").iterdir() if p.name not in before and "cert" in p.name]
-    resumed = Launch(tmp, "--resume")
+    resumed = Launch(tmp, RUN, "--resume")
     code, _ = resumed.finish()
     return (
         "kill -9 of launch, then launch --resume",
         "no process and no key in /tmp left; the resumed run completes",
         f"{len(left)} processes left, {len(keys_in_tmp)} keys in /tmp; resume "
         + (
-            f"completed outer step {resumed.step()}; " + resumed.audit(resumed.out)
+            f"completed outer step {max(resumed.steps())}; " + resumed.audit(CRASHED)
             if code == 0
             else f"FAILED ({code})"
         ),
@@ -415,7 +440,7 @@ def _interrupted(tmp: Path) -> tuple[str, str, str]:
     return (
         "Ctrl-C of launch",
         "every party stops; audit: in flight, no violation",
-        f"exit {code}; " + launch.audit(tmp / "out.partial"),
+        f"exit {code}; " + launch.audit(frozenset({IN_FLIGHT})),
     )
 
 

@@ -161,6 +161,23 @@ def test_a_refused_tls_handshake_is_a_chained_refusal_and_tampering_with_it_is_d
     assert INTEGRITY in _categories(tmp_path)
 
 
+def test_a_refusal_the_deployment_records_beside_its_guards_verifies(tmp_path):
+    """What a role refuses after its ingress guard passed a message (a plane's refusal, a
+    refused stream) is a well-formed record: an ill-formed one would kill the stream's task."""
+    from echelon.runtime.grpc.evidence import record_refusal
+
+    keys = {p: Ed25519PrivateKey.generate() for p in PARTIES}
+    logs = write_run(tmp_path, keys, steps=1, close=False)
+    body = boundary_pb2.BoundaryDelta(outer_step=2, tokens=1)
+    record_refusal(logs["global"], 5.0, "global", "boundary.b0", body.SerializeToString(), body, "too long")
+    record_refusal(logs["global"], 6.0, "global", "boundary.b1", b"", None, "stream refused: a second one")
+    for log in logs.values():
+        log.close()
+    report = verify_run(tmp_path, accept=frozenset({UNANCHORED}))
+    assert report.ok, [v.reason for v in report.violations]
+    assert [r.reason for r in report.refused] == ["too long", "stream refused: a second one"]
+
+
 def test_a_recorded_per_device_crossing_fails_the_audit(tmp_path):
     """Evidence that a DEVICE tensor crossed (say, a guard bypassed) is a contract violation."""
     keys = {p: Ed25519PrivateKey.generate() for p in PARTIES}

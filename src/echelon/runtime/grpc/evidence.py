@@ -63,6 +63,8 @@ def record_refusal(
             provenance=provenance,
             outcome="refused",
             reason=reason,
+            peer_seq=None,  # nothing was received, so no chain head is countersigned
+            peer_head=None,
         )
     except ValueError as e:  # e.g. a peer that is no party name: the log line is the record
         log.debug("refusal not recorded in the audit log: %s", e)
