@@ -78,6 +78,7 @@ def fleet(speeds: list[float], step_s: list[float] | None = None, memory_gib: fl
                     "trainable": "full",
                     "seq_len": SEQ_LEN,
                     "micro_batch": MICRO_BATCH,
+                    "micro_batches": MICRO_BATCHES,
                     "step_s": step_s[i],
                 }
             ]
@@ -145,7 +146,7 @@ def prediction(layouts: dict[str, HandLayout], work: Path, steps: int) -> list[d
     for name, layout in layouts.items():
         devices = sorted({d for c in layout.clusters for d in c})
         threads = max(1, (os.cpu_count() or 1) // len(devices))
-        probe = StepProbe("tiny", "full", 4, SEQ_LEN, MICRO_BATCH, steps=6, threads=threads)
+        probe = StepProbe("tiny", "full", 4, SEQ_LEN, MICRO_BATCH, MICRO_BATCHES, steps=4, threads=threads)
         measured = measure_model_steps(probe, len(devices))
         calibrated = fleet([0.05] * len(devices), measured)
         plan = hand_plan(calibrated, profile(), [layout], CostSettings(micro_batches=MICRO_BATCHES))

@@ -116,15 +116,28 @@ def test_planner_within_5_percent_of_exhaustive(n):
 
 def test_dp_matches_brute_force_and_cost_model():
     rng = np.random.default_rng(0)
-    fleet = random_fleet(8, 3, sites=2, memory_scale=0.5)
+    fleet = random_fleet(10, 3, sites=2, memory_scale=0.5)
     ctx = _context(fleet)
     ev = Evaluator(ctx)
     cleared = [i for i, d in enumerate(ctx.devices) if d.cleared]
     checked = 0
-    for _ in range(40):
-        order = rng.permutation(len(ctx.devices))[: rng.integers(1, 5)].tolist()
+    devs = ctx.devices
+    for _ in range(60):
+        order = rng.permutation(len(devs))[: rng.integers(1, 7)].tolist()
         first = int(rng.choice(cleared))
-        rep = ((first,), *((i,) for i in order if i != first))
+        groups = [[first]]  # clusters of up to 4 devices of one site: their all-reduce counts too
+        for i in (i for i in order if i != first):
+            last = groups[-1]
+            if (
+                rng.random() < 0.5
+                and len(last) < 4
+                and devs[last[0]].site == devs[i].site
+                and (len(groups) > 1 or devs[i].cleared)
+            ):
+                last.append(i)
+            else:
+                groups.append([i])
+        rep = tuple(tuple(g) for g in groups)
         clusters = ev.clusters(rep)
         for structure in ["single"] if len(rep) == 1 else ["U", "linear"]:
             found = best_split(clusters, structure, ctx.tables, ctx.net, ctx.settings)
@@ -140,7 +153,7 @@ def test_dp_matches_brute_force_and_cost_model():
                 cost = evaluate(ev.layout(rep), ctx.tables, ctx.net, ctx.settings)
                 assert cost is not None and cost.step_s == pytest.approx(solved.step_s, rel=1e-9)
             checked += 1
-    assert checked > 20
+    assert checked > 30
 
 
 def _tiny_fleet(devices: list[dict], data_tier: str = "restricted") -> Fleet:

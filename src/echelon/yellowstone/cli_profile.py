@@ -48,10 +48,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default=None, help="time a training step of this model (tiny or a checkpoint dir)"
     )
-    parser.add_argument("--trainable", choices=("lora", "full"), default="lora")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--lora", dest="trainable", action="store_const", const="lora", help="time LoRA training"
+    )
+    mode.add_argument(
+        "--full", dest="trainable", action="store_const", const="full", help="time full training"
+    )
+    parser.set_defaults(trainable="lora")
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--micro-batch", type=int, default=4, help="sequences of the timed step")
+    parser.add_argument(
+        "--micro-batch", type=int, default=4, help="sequences per micro-batch of the timed step"
+    )
+    parser.add_argument(
+        "--micro-batches",
+        type=int,
+        default=8,
+        help="micro-batches of the timed step (as the plan's --micro-batches)",
+    )
     parser.add_argument("--ranks", type=int, default=None, help="split this machine's CPU into N devices")
     parser.add_argument("--fleet", default=None, help="write a whole fleet file with this name")
 
@@ -125,9 +140,20 @@ def _with_steps(devices: list[dict], args: argparse.Namespace) -> list[dict]:
 
     name, _shape, source = resolve_model(args.model)
     threads = max(1, (os.cpu_count() or 1) // len(devices)) if args.ranks else (os.cpu_count() or 1)
-    probe = StepProbe(source, args.trainable, args.lora_rank, args.seq_len, args.micro_batch, threads=threads)
+    probe = StepProbe(
+        source,
+        args.trainable,
+        args.lora_rank,
+        args.seq_len,
+        args.micro_batch,
+        args.micro_batches,
+        threads=threads,
+    )
     steps = measure_model_steps(probe, len(devices))
-    measured = dict(model=name, trainable=args.trainable, seq_len=args.seq_len, micro_batch=args.micro_batch)
+    measured = dict(
+        model=name, trainable=args.trainable, seq_len=args.seq_len, micro_batch=args.micro_batch,
+        micro_batches=args.micro_batches,
+    )  # fmt: skip
     return [
         {**d, "measured_steps": [{**measured, "step_s": round(s, 5)}]}
         for d, s in zip(devices, steps, strict=True)

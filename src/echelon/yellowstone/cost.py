@@ -96,8 +96,10 @@ def modelled_units(profile: ModelProfile) -> tuple[Unit, ...]:
 def calibrate(fleet: Fleet, profile: ModelProfile) -> dict[str, float]:
     """eta per device id from its measured steps (1.0 without measurements).
 
-    A measured step of `micro_batch` x `seq_len` tokens of a known model is worth that many tokens
-    times the model's FLOPs per token; eta is the mean of (FLOPs / step_s) / declared FLOP/s.
+    A measured step of `micro_batches` x `micro_batch` x `seq_len` tokens of a known model is worth
+    that many tokens times the model's FLOPs per token; eta is the mean of (FLOPs / step_s) /
+    declared FLOP/s. The step's one optimizer update is spread over its micro-batches, so a step
+    measured with the plan's micro-batch count calibrates that plan's steps exactly.
     """
     out: dict[str, float] = {}
     for i, d in enumerate(fleet.devices):
@@ -113,7 +115,8 @@ def calibrate(fleet: Fleet, profile: ModelProfile) -> dict[str, float]:
                     f"({', '.join(PRESETS)}) or the planned model's name {profile.name!r}"
                 )
             p = build_profile(m.model, shape, trainable=m.trainable, dtype=profile.dtype, seq_len=m.seq_len)
-            ratios.append(p.flops_per_token * m.seq_len * m.micro_batch / m.step_s / d.flops)
+            tokens = m.seq_len * m.micro_batch * m.micro_batches
+            ratios.append(p.flops_per_token * tokens / m.step_s / d.flops)
         out[d.id] = float(np.mean(ratios)) if ratios else 1.0
     return out
 
@@ -137,15 +140,20 @@ def devices_of(fleet: Fleet, boundary: str, settings: CostSettings, eta: dict[st
     ]
 
 
-def split_shares(speeds: list[float], micro_batch: int) -> list[int]:
-    """Whole sequences per device, at least one each, minimising max(share / speed); sums to B."""
+def split_shares(speeds: list[float], micro_batch: int, capacities: list[float] | None = None) -> list[int]:
+    """Whole sequences per device, at least one each, minimising max(share / speed); sums to B.
+
+    Ties (the same time either way) go to the device with fewer sequences so far, then to the one
+    with more memory, so the split does not depend on the order the devices are listed in.
+    """
+    room = capacities or [0.0] * len(speeds)
     shares = [1] * len(speeds)
-    heap = [(2 / s, i) for i, s in enumerate(speeds)]
+    heap = [(2 / s, 1, -room[i], i) for i, s in enumerate(speeds)]
     heapq.heapify(heap)
     for _ in range(micro_batch - len(speeds)):
-        _, i = heapq.heappop(heap)
+        _, _, _, i = heapq.heappop(heap)
         shares[i] += 1
-        heapq.heappush(heap, ((shares[i] + 1) / speeds[i], i))
+        heapq.heappush(heap, ((shares[i] + 1) / speeds[i], shares[i], -room[i], i))
     return shares
 
 
@@ -173,7 +181,7 @@ class Cluster:
 
 
 def make_cluster(devices: tuple[Device, ...], lan: Link, profile: ModelProfile) -> Cluster:
-    shares = split_shares([d.speed for d in devices], profile.micro_batch)
+    shares = split_shares([d.speed for d in devices], profile.micro_batch, [d.capacity for d in devices])
     spf = max(s * profile.seq_len / d.speed for s, d in zip(shares, devices, strict=True))
     return Cluster(devices, tuple(shares), lan, spf)
 

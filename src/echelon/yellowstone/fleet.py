@@ -126,13 +126,15 @@ class MeasuredStep(_Strict):
     """One measured training step on this device alone: calibrates its achieved compute.
 
     `model` is a preset name (llama-1b, ...) or the name of the profile being planned; the step
-    trained `micro_batch` sequences of `seq_len` tokens in `step_s` seconds.
+    trained `micro_batches` micro-batches of `micro_batch` sequences of `seq_len` tokens (gradients
+    accumulated, then one optimizer step) in `step_s` seconds.
     """
 
     model: str
     trainable: Literal["lora", "full"] = "lora"
     seq_len: int = Field(ge=1, le=2**24)
     micro_batch: int = Field(ge=1, le=2**16)
+    micro_batches: int = Field(1, ge=1, le=2**16)
     step_s: Seconds
 
 

@@ -1,8 +1,8 @@
 """Measurements `echelon profile` turns into fleet entries: model steps and the local link.
 
-- `measure_model_steps`: the seconds one training step of the model (forward, backward and AdamW
-  over one micro-batch) takes on each of `ranks` processes running at once on this machine, each
-  with `threads` torch threads. Processes that share a CPU slow each other down; measuring them
+- `measure_model_steps`: the seconds one training step of the model (forward and backward over
+  `micro_batches` micro-batches, then one AdamW update, as a plan's step runs) takes on each of
+  `ranks` processes running at once on this machine, each with `threads` torch threads. Processes that share a CPU slow each other down; measuring them
   together is what makes the figure the one a plan's ranks on this machine see. The result goes
   into the fleet file as `measured_steps`, from which the cost model calibrates each device
   (`cost.calibrate`: achieved FLOP/s = the step's FLOPs / its time).
@@ -31,6 +31,7 @@ class StepProbe:
     lora_rank: int
     seq_len: int
     micro_batch: int
+    micro_batches: int = 1
     steps: int = 8
     threads: int = 1
 
@@ -57,7 +58,8 @@ def _time_steps(rank: int, probe: StepProbe, start, results) -> None:
     )
 
     def step() -> None:
-        bundle.model(input_ids=tokens, labels=tokens).loss.backward()
+        for _ in range(probe.micro_batches):
+            bundle.model(input_ids=tokens, labels=tokens).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -1,13 +1,18 @@
 """Contiguous layer partition over an ordered list of clusters: a dynamic program.
 
-The step time sum_g G_g + (m - 1) max_g G_g + max_g AR_g mixes a sum and a maximum, so the program
-is parametric: for a threshold tau on each cluster's bottleneck contribution G' = G + AR/(m - 1)
-it finds the partition with the least sum of G under G' <= tau (a min-sum DP over contiguous
-ranges, O(K N^2) with N units), for tau from the smallest achievable bottleneck (a min-max DP) up
-to where a larger bottleneck can no longer pay for itself. Every candidate partition is scored
-with the exact step time. With at most `MAX_THRESHOLDS` distinct thresholds in that window the
-search is exact for the surrogate; above, thresholds are sampled evenly by rank.
-Memory limits enter as infinite cost; the fastest parallelism mode that fits is chosen per cell.
+The step time sum_g G_g + (m - 1) max_g G_g + max_g AR_g mixes a sum and two maxima, so the
+program is parametric: for thresholds on what each cluster may contribute it finds the partition
+with the least sum of G (a min-sum DP over contiguous ranges, O(K N^2) with N units, all
+thresholds at once), and every candidate is scored with the exact step time.
+- The surrogate family bounds each cluster's G' = G + AR / (m - 1) by one threshold tau, from the
+  smallest achievable maximum (a min-max DP) up to where a larger one can no longer pay for
+  itself: exact when the slowest cluster also has the slowest all-reduce (single devices, FSDP).
+- The exact family bounds G by tau and AR by alpha separately; the optimum's own maxima are such
+  a pair, so the least sum there is optimal. It runs where its work fits `PAIR_CELLS` (models of
+  up to about 20 units, the exhaustive references' sizes), exact while the pairs in the windows
+  fit and tau takes at most `MAX_THRESHOLDS` values.
+Beyond those counts the values are sampled evenly by rank. Memory limits enter as infinite cost;
+the fastest parallelism mode that fits is chosen per cell.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from echelon.yellowstone.cost import (
 )
 
 MAX_THRESHOLDS = 40
+PAIR_CELLS = 50_000  # DP cells per cluster the exact family may spend: 1,020 pairs at 6 units, 0 at 34
 
 
 def cells(
@@ -37,9 +43,8 @@ def cells(
     net: AnyNetwork,
     settings: CostSettings,
     memo: dict | None = None,
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
-    """Per cluster: (G, AR, G') matrices over unit ranges [i, j), G = inf where the cell is not
-    allowed, G' = G + AR / (m - 1) the cluster's contribution to the bottleneck.
+) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """Per cluster: (G, AR) matrices over unit ranges [i, j), G = inf where the cell is not allowed.
 
     None when a link between consecutive clusters is missing. `memo` caches cells across calls.
     """
@@ -66,8 +71,7 @@ def cells(
 def _cell(cl, role, structure, fl, fl_head, send, tables: Tables, settings: CostSettings):
     valid, seg = _grid(role, structure, fl, fl_head, tables)
     g, ar, _ = group_cost(cl, seg, send, settings, tables.profile.seq_len)
-    g, ar = np.where(valid, g, INF), np.where(valid, ar, 0.0)
-    return g, ar, g + ar / max(settings.micro_batches - 1, 1)
+    return np.where(valid, g, INF), np.where(valid, ar, 0.0)
 
 
 def _grid(role: str, structure: Structure, fl: int, fl_head: int, tables: Tables):
@@ -104,53 +108,94 @@ def best_split(
     if found is None:
         return None
     m = settings.micro_batches
-    n = tables.n_units
-    end = n - 1 if structure == "U" else n
-    gp = [x[2] for x in found]
+    end = tables.n_units - 1 if structure == "U" else tables.n_units
+    gs, ars = [g for g, _ in found], [ar for _, ar in found]
+    gps = [g + ar / max(m - 1, 1) for g, ar in found]
 
-    def solve(taus: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        """The min-sum DP for every threshold at once: sums (T,) and argmin tables per cluster."""
-        dp = np.where(gp[0][0][None, :] <= taus[:, None], found[0][0][0][None, :], INF)
+    def solve(limits: list[tuple[list[np.ndarray], np.ndarray]]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The min-sum DP for P rows of thresholds at once: least sum of G with every cluster's
+        matrices under their row's threshold for each limit (matrices, thresholds of shape (P,))."""
+
+        def allowed(c: int) -> np.ndarray:
+            ok = np.ones((1, 1, 1), bool)
+            for mats, th in limits:
+                ok = ok & (mats[c][None] <= th[:, None, None])
+            return ok
+
+        dp = np.where(allowed(0)[:, 0, :], gs[0][0][None], INF)
         args = []
-        for (g, _, _), p in zip(found[1:], gp[1:], strict=True):
-            tot = dp[:, :, None] + np.where(p[None] <= taus[:, None, None], g[None], INF)
+        for c in range(1, len(gs)):
+            tot = dp[:, :, None] + np.where(allowed(c), gs[c][None], INF)
             arg = tot.argmin(axis=1)
             dp = np.take_along_axis(tot, arg[:, None, :], axis=1)[:, 0, :]
             args.append(arg)
         return dp[:, end], args
 
-    def cuts_of(t: int, args: list[np.ndarray]) -> tuple[tuple[int, int], ...]:
-        cuts, j = [], end
-        for arg in reversed(args):
-            i = int(arg[t, j])
-            cuts.append((i, j))
-            j = i
-        cuts.append((0, j))
-        return tuple(reversed(cuts))
+    def candidates(limits) -> list[tuple[tuple[int, int], ...]]:
+        sums, args = solve(limits)
+        out = []
+        for k in np.flatnonzero(np.isfinite(sums)):
+            cuts, j = [], end
+            for arg in reversed(args):
+                i = int(arg[k, j])
+                cuts.append((i, j))
+                j = i
+            cuts.append((0, j))
+            out.append(tuple(reversed(cuts)))
+        return out
 
-    mm = gp[0][0]
-    for p in gp[1:]:
-        mm = np.maximum(mm[:, None], p).min(axis=0)
-    tau_lo = float(mm[end])
-    if tau_lo == INF:
+    def step_of(cuts) -> float:
+        g = [float(gs[c][i, j]) for c, (i, j) in enumerate(cuts)]
+        return sum(g) + (m - 1) * max(g) + max(float(ars[c][i, j]) for c, (i, j) in enumerate(cuts))
+
+    def min_max(mats: list[np.ndarray]) -> float:
+        mm = mats[0][0]
+        for x in mats[1:]:
+            mm = np.maximum(mm[:, None], x).min(axis=0)
+        return float(mm[end])
+
+    if min_max(gs) == INF:
         return None
-    (sum_lo, sum_free), _ = solve(np.array([tau_lo, INF]))
-    tau_hi = tau_lo + (sum_lo - sum_free) / max(m - 1, 1)
-    values = np.unique(np.concatenate([p[np.isfinite(p)].ravel() for p in gp]))
-    values = values[(values >= tau_lo) & (values <= tau_hi)]
-    if len(values) > MAX_THRESHOLDS:
-        values = values[np.linspace(0, len(values) - 1, MAX_THRESHOLDS).round().astype(int)]
-    taus = np.unique(np.concatenate([[tau_lo], values]))
-    sums, args = solve(taus)
+    # The surrogate family: every cluster's G + AR / (m - 1) under one threshold tau.
+    tau_lo = min_max(gps)
+    (sum_lo, sum_free), _ = solve([(gps, np.array([tau_lo, INF]))])
+    taus = _sample(_values(gps, tau_lo, tau_lo + (sum_lo - sum_free) / max(m - 1, 1)), MAX_THRESHOLDS)
+    found_cuts = candidates([(gps, np.unique(np.concatenate([[tau_lo], taus])))])
+    # The exact family, where the work allows: G and AR under their own thresholds (the optimum's
+    # maxima are one such pair), each up to where a larger maximum cannot pay for itself.
+    pairs = PAIR_CELLS // (tables.n_units + 1) ** 2
+    if pairs >= 2 * MAX_THRESHOLDS:
+        step_lo = min(step_of(c) for c in found_cuts)
+        g_lo = min_max(gs)
+        g_hi = INF if m == 1 else (step_lo - sum_free) / (m - 1)
+        g_taus = _values(gs, g_lo, g_hi)
+        alphas = _values([np.where(np.isfinite(g), ar, INF) for g, ar in zip(gs, ars, strict=True)], 0.0,
+                         step_lo - sum_free - (m - 1) * g_lo)  # fmt: skip
+        n_tau = min(len(g_taus) + 1, MAX_THRESHOLDS)
+        n_alpha = max(1, min(len(alphas), pairs // n_tau))
+        g_taus = np.unique(np.concatenate([[g_lo], _sample(g_taus, n_tau)]))
+        alphas = np.unique(np.concatenate([[INF], _sample(alphas, n_alpha)]))
+        t, a = (x.ravel() for x in np.meshgrid(g_taus, alphas, indexing="ij"))
+        found_cuts += candidates([(gs, t), (ars, a)])
     best: tuple[tuple[tuple[int, int], ...], float] | None = None
-    for t in np.flatnonzero(np.isfinite(sums)):
-        cuts = cuts_of(int(t), args)
-        g = [float(found[c][0][i, j]) for c, (i, j) in enumerate(cuts)]
-        ar = [float(found[c][1][i, j]) for c, (i, j) in enumerate(cuts)]
-        step = sum(g) + (m - 1) * max(g) + max(ar)
+    for cuts in found_cuts:
+        step = step_of(cuts)
         if best is None or step < best[1] - 1e-12 or (abs(step - best[1]) <= 1e-12 and cuts < best[0]):
             best = (cuts, step)
     return best
+
+
+def _values(mats: list[np.ndarray], low: float, high: float) -> np.ndarray:
+    """Distinct finite values of the matrices in [low, high], sorted."""
+    values = np.unique(np.concatenate([x[np.isfinite(x)].ravel() for x in mats]))
+    return values[(values >= low) & (values <= high)]
+
+
+def _sample(values: np.ndarray, most: int) -> np.ndarray:
+    """At most `most` of sorted values, evenly by rank (the smallest and largest kept)."""
+    if len(values) <= most:
+        return values
+    return values[np.linspace(0, len(values) - 1, most).round().astype(int)]
 
 
 def best_layout(

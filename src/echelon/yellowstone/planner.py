@@ -6,8 +6,9 @@ Per boundary (boundaries never share a pipeline):
    pipeline; a linear pipeline may end on another cleared cluster instead);
 2. candidate plans: the constructions of `construct` (several replica counts and cell sizes),
    improved by the local search of `search` on boundaries of up to `LOCAL_SEARCH_DEVICES`
-   devices; plans of sub-fleets, decomposed explicitly: each group of sites with routes between
-   them, and one of k equal copies where the fleet splits evenly into copies;
+   devices (also from random starts up to `RANDOM_START_DEVICES`); plans of sub-fleets,
+   decomposed explicitly: each group of sites with routes between them, and one of k equal
+   copies where the fleet splits evenly into copies;
 3. `packing` combines the candidates' replicas (a sub-fleet's plan k times over, replicas of
    different constructions) by an integer program solved by HiGHS, never below the best
    candidate; left-over devices join the replica they speed up most, or stay on standby;
@@ -44,12 +45,15 @@ from echelon.yellowstone.network import Network
 from echelon.yellowstone.packing import Classes, copies, pack, sub_fleet
 from echelon.yellowstone.search import (
     LOCAL_SEARCH_DEVICES,
+    RANDOM_START_DEVICES,
+    RANDOM_STARTS,
     SEARCH_EVALUATIONS,
     Context,
     Evaluator,
     Memo,
     Replica,
     local_search,
+    random_starts,
     total,
 )
 from echelon.yellowstone.sharing import share_links
@@ -167,21 +171,29 @@ def plan_boundary(
     starts, note = best_construction(ctx, ev)
     explain = [note]
     candidates = list(starts)
-    if starts and len(ctx.devices) <= LOCAL_SEARCH_DEVICES:
-        before = total(ev, starts[0])
-        stop = ev.evaluations + budget
-        best = starts[0]
-        for k, start in enumerate(starts):
-            share = ev.evaluations + (stop - ev.evaluations) // (len(starts) - k)
-            found, _ = local_search(ev, start, everyone - {i for r in start for c in r for i in c}, share)
-            candidates.append(found)
-            if total(ev, found) > total(ev, best) * (1 + 1e-9):
-                best = found
+    if len(ctx.devices) <= LOCAL_SEARCH_DEVICES:
+        before = total(ev, starts[0]) if starts else 0.0
+        phases = [
+            ([(start, everyone - {i for r in start for c in r for i in c}) for start in starts], budget)
+        ]
+        if decompose and len(ctx.devices) <= RANDOM_START_DEVICES:  # random starts, a budget of their own
+            phases.append((random_starts(ctx, RANDOM_STARTS), budget // 2))
+        best: list[Replica] = starts[0] if starts else []
+        for origins, allowance in phases:
+            stop = ev.evaluations + allowance
+            for k, (start, spare) in enumerate(origins):
+                found, _ = local_search(
+                    ev, start, spare, ev.evaluations + (stop - ev.evaluations) // (len(origins) - k)
+                )
+                candidates.append(found)
+                if total(ev, found) > total(ev, best) * (1 + 1e-9):
+                    best = found
         after = total(ev, best)
         if after > before * (1 + 1e-6):
             gain = f"+{(after / before - 1) * 100:.1f}%" if before > 0 else "made it feasible"
             explain.append(
-                f"local search from {len(starts)} starts over moves, swaps and merges: {gain} ({after:,.0f} tokens/s)"
+                f"local search from {sum(len(o) for o, _ in phases)} starts ({len(starts)} constructions) over "
+                f"moves, swaps and merges: {gain} ({after:,.0f} tokens/s)"
             )
     if decompose:
         groups = _site_groups(ctx)

@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
+
 from echelon.yellowstone.cost import (
     AnyNetwork,
     Cluster,
@@ -42,6 +44,8 @@ MEMO_BYTES = 64 * 2**20  # cap on memoised DP cells per boundary
 LOCAL_SEARCH_DEVICES = 48  # boundaries up to this size get the local search
 SWAP_DEVICES = 24  # and up to this size also pairwise swaps
 SEARCH_EVALUATIONS = 3000  # DP runs the local search may spend per boundary
+RANDOM_START_DEVICES = 16  # boundaries up to this size also get random starts
+RANDOM_STARTS = 12
 
 
 @dataclass
@@ -313,3 +317,26 @@ def local_search(
             if ev.evaluations >= budget:
                 break
     return replicas, standby
+
+
+def random_starts(ctx: Context, count: int, seed: int = 0) -> list[tuple[list[Replica], set[int]]]:
+    """`count` random plans to start the local search from (repeatable: a fixed seed): a random
+    set of cleared devices anchors the replicas, each other device joins a random replica as its
+    own cluster or stays on standby. Local optima reached from the constructions alone miss plans
+    whose replicas differ in kind (two short replicas rather than one long)."""
+    rng = np.random.default_rng(seed)
+    cleared = [i for i, d in enumerate(ctx.devices) if d.cleared]
+    out = []
+    for _ in range(count):
+        anchors = rng.permutation(cleared)[: rng.integers(1, len(cleared) + 1)].tolist()
+        replicas: list[list[tuple[int, ...]]] = [[(a,)] for a in anchors]
+        standby = set()
+        for i in rng.permutation(len(ctx.devices)).tolist():
+            if i in anchors:
+                continue
+            if rng.random() < 0.3:
+                standby.add(i)
+            else:
+                replicas[rng.integers(len(replicas))].append((i,))
+        out.append(([tuple(r) for r in replicas], standby))
+    return out
