@@ -61,8 +61,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from echelon.assembly import prepare
 from echelon.config import RunConfig
-from echelon.runner import prepare, train
+from echelon.runner import train
 from echelon.strategies import effective_config
 from echelon.train.trainer import DeviceStream, derived_seed
 

@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from echelon.assembly import prepare
 from echelon.config import RunConfig
 from echelon.planes.device import clip_delta
-from echelon.runner import prepare
 from tests.conftest import small_run
 
 

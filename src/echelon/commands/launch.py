@@ -31,6 +31,8 @@ from echelon.commands.serve import positive_int
 from echelon.commands.train import add_run_options, print_summary
 from echelon.config import RunConfig, load_run
 from echelon.errors import UserError
+from echelon.parties import GLOBAL, boundary_id_of, boundary_party, device_party
+from echelon.rundir import RunDirectory, checkpoint_path
 
 STOP_GRACE_S = 10.0
 FINISH_GRACE_S = 30.0  # how long boundaries and devices get to end after the global plane ended the run
@@ -75,15 +77,15 @@ class Deployment:
         base = [sys.executable, "-m", "echelon", "serve"]
         common = ["--config", str(run_file), "--certs", str(certs), "--parent-pid", str(os.getpid())]
         global_at = f"127.0.0.1:{_free_port()}"
-        self.argv["global"] = [*base, "global", *common, "--listen", global_at, "--run-dir", str(run_dir)]
+        self.argv[GLOBAL] = [*base, "global", *common, "--listen", global_at, "--run-dir", str(run_dir)]
         for b in cfg.boundaries:
             at = f"127.0.0.1:{_free_port()}"
-            self.argv[f"boundary.{b.id}"] = [
+            self.argv[boundary_party(b.id)] = [
                 *[*base, "boundary", *common, "--id", b.id, "--listen", at, "--global", global_at],
                 *["--run-dir", str(run_dir)],
             ]
             for d in b.devices:
-                self.argv[f"device.{d.id}"] = [
+                self.argv[device_party(d.id)] = [
                     *[*base, "device", *common, "--id", d.id, "--boundary", at, "--threads", str(threads)],
                     *["--run-dir", str(run_dir)],
                 ]
@@ -92,7 +94,7 @@ class Deployment:
 
     def _start(self, party: str, resume: bool) -> None:
         argv = self.argv[party]
-        if resume and (party != "global" or (self.run_dir / "checkpoints" / "global.pt").exists()):
+        if resume and (party != GLOBAL or checkpoint_path(self.run_dir, GLOBAL).exists()):
             argv = [*argv, "--resume"]
         log = (self.logs / f"{party}.log").open("ab")
         # A session of its own: a terminal's Ctrl-C reaches only this process, which stops the
@@ -105,7 +107,7 @@ class Deployment:
     def supervise(self) -> list[str]:
         """Restart every party that died (a crash, a kill) while the run goes on; returns what it
         did. UserError, with the party's log, when a party is past its restarts."""
-        if self.procs["global"].poll() == 0:
+        if self.procs[GLOBAL].poll() == 0:
             return []  # the run is over: boundaries and devices are ending on their own
         notes = []
         for party, p in self.procs.items():
@@ -129,12 +131,12 @@ class Deployment:
     def finished(self) -> bool:
         """The global plane ended the run, and every boundary has ended (or had FINISH_GRACE_S to).
         Devices are workers: one still reconnecting to a boundary that already finished is stopped."""
-        g = self.procs["global"]
+        g = self.procs[GLOBAL]
         if g.poll() != 0:
             return False
         if self._ended_at is None:
             self._ended_at = time.monotonic()
-        boundaries = [p for party, p in self.procs.items() if party.startswith("boundary.")]
+        boundaries = [p for party, p in self.procs.items() if boundary_id_of(party) is not None]
         return (
             all(p.poll() is not None for p in boundaries)
             or time.monotonic() - self._ended_at > FINISH_GRACE_S
@@ -199,7 +201,6 @@ def launch(
     """Run `cfg` as a local deployment and write its run directory; returns the summary."""
     from echelon.preflight import preflight
     from echelon.progress import RunProgress
-    from echelon.rundir import RunDirectory
 
     preflight(cfg, run_file, out, deploy=True)
     run_dir = RunDirectory(out, force=force, resume=resume)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from echelon.config import RunConfig, load_run
 from echelon.errors import UserError
+from echelon.parties import GLOBAL, boundary_party, device_party
 
 
 def positive_int(text: str) -> int:
@@ -73,7 +74,7 @@ def _party(args: argparse.Namespace, cfg: RunConfig) -> str:
     if args.role == "global":
         _need(args, "run_dir")
         check_listen(args.listen)
-        return "global"
+        return GLOBAL
     if args.role == "boundary":
         _need(args, "id", "global_target", "run_dir")
         known = [b.id for b in cfg.boundaries]
@@ -83,13 +84,13 @@ def _party(args: argparse.Namespace, cfg: RunConfig) -> str:
             )
         check_listen(args.listen)
         parse_address(args.global_target, "--global")
-        return f"boundary.{args.id}"
+        return boundary_party(args.id)
     _need(args, "id", "boundary_target")
     known = [d.id for _, d in cfg.devices]
     if args.id not in known:
         raise UserError(f"--id {args.id!r} is not a device of {args.config} (devices: {', '.join(known)})")
     parse_address(args.boundary_target, "--boundary")
-    return f"device.{args.id}"
+    return device_party(args.id)
 
 
 async def _watch_parent(parent: int) -> None:

@@ -72,7 +72,7 @@ class _Guard:
 
     def _boundary_of_channel(self, peer: str) -> str:
         end = self.party if self.role == BOUNDARY else peer
-        return end.removeprefix("boundary.")
+        return end.removeprefix(f"{BOUNDARY}.")
 
     def _record(
         self,

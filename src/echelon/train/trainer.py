@@ -9,23 +9,13 @@ reference is copied into the shared trainable parameters; afterwards they are re
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from echelon.config import TrainConfig
+from echelon.sansio import LocalResult
 from echelon.train.data import Corpus
 from echelon.train.model import ModelBundle
-
-
-@dataclass(frozen=True)
-class LocalResult:
-    """A finished local round: the device's parameters, tokens processed, mean task loss."""
-
-    theta: torch.Tensor
-    tokens: int
-    loss: float
 
 
 class DeviceStream:

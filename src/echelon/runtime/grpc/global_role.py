@@ -22,11 +22,12 @@ from google.protobuf.message import Message
 from safetensors import SafetensorError
 
 from echelon import rundir
+from echelon.assembly import make_global_plane, make_guards, prepare
 from echelon.config import RunConfig
 from echelon.contract.guard import ContractViolation
 from echelon.errors import UserError
+from echelon.parties import GLOBAL, boundary_address, boundary_id_of, party_of
 from echelon.preflight import deployable
-from echelon.runner import make_global_plane, make_guards, prepare
 from echelon.runtime.grpc import evidence
 from echelon.runtime.grpc.node import Node, Outbox
 from echelon.runtime.grpc.tls import Credentials, peer_identity
@@ -39,8 +40,7 @@ from echelon.runtime.grpc.transport import (
     start_server,
     stream_handler,
 )
-from echelon.runtime.sim.engine import GLOBAL, boundary_address, party_of
-from echelon.runtime.sim.network import Network
+from echelon.runtime.network import Network
 from echelon.strategies import get_strategy
 
 log = logging.getLogger("echelon.serve")
@@ -170,11 +170,8 @@ class GlobalRole:
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         party, _ = peer_identity(context.auth_context())
-        address = (
-            boundary_address(party.removeprefix("boundary."))
-            if party and party.startswith("boundary.")
-            else ""
-        )
+        boundary_id = boundary_id_of(party)
+        address = "" if boundary_id is None else boundary_address(boundary_id)
         if address not in self.outboxes:
             await self.refuse_stream(
                 context, party, grpc.StatusCode.PERMISSION_DENIED, "not a boundary of this run"
