@@ -28,7 +28,7 @@ from echelon.planes.coordinator import GlobalPlane
 from echelon.planes.device import DevicePlane
 from echelon.secagg import Identity, SecAggPlusAggregator, StageTimeouts, simulated_identities
 from echelon.strategies import get_strategy
-from echelon.train.data import Corpus, build_corpus, load_documents, partition, partition_skew
+from echelon.train.data import Corpus, Document, build_corpus, load_documents, partition, partition_skew
 from echelon.train.model import ModelBundle, build_model
 from echelon.train.trainer import LocalTrainer, ScaffoldTrainer
 from echelon.yellowstone.execute.devices import PlannedDevice, PlannedTrainer
@@ -45,15 +45,25 @@ class Prepared:
     skew: float
 
 
-def prepare(cfg: RunConfig, workdir: Path | None = None, local_devices: set[str] | None = None) -> Prepared:
+def prepare(
+    cfg: RunConfig,
+    workdir: Path | None = None,
+    local_devices: set[str] | None = None,
+    *,
+    bundle: ModelBundle | None = None,
+    documents: list[Document] | None = None,
+) -> Prepared:
     """Model, corpus, shards and the local trainer for `cfg` (an `effective_config`).
 
     Devices that are replicas of a Yellowstone plan (`boundaries[].plan`) train on their plan's
     job, which keeps its checkpoints and logs under `workdir`; call `trainer.close()` after the run.
     `local_devices` names the devices whose rounds this process runs (None: all, as in simulation).
+    A caller's own model (`bundle`, see `train.model.own_model`) and `documents` replace those
+    the run file names.
     """
-    bundle = build_model(cfg.model, cfg.seed)
-    corpus = build_corpus(load_documents(cfg.data, cfg.seed), bundle.tokenizer, cfg.data, cfg.seed)
+    bundle = bundle or build_model(cfg.model, cfg.seed)
+    docs = load_documents(cfg.data, cfg.seed, documents)
+    corpus = build_corpus(docs, bundle.tokenizer, cfg.data, cfg.seed)
     device_ids = [d.id for _, d in cfg.devices]
     parts = partition(
         corpus.train_domain, len(device_ids), cfg.data.partition, cfg.seed, cfg.train.micro_batch

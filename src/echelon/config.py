@@ -68,9 +68,10 @@ class PartitionConfig(Strict):
 
 
 class DataConfig(Strict):
-    """Text to train on: the Python standard library's sources (built in), JSONL, or .txt files."""
+    """Text to train on: the Python standard library's sources (built in), JSONL, .txt files, or a
+    Hugging Face `datasets` dataset from local files (a saved dataset directory, JSONL or parquet)."""
 
-    source: Literal["stdlib", "jsonl", "text_dir"] = "stdlib"
+    source: Literal["stdlib", "jsonl", "text_dir", "hf_dataset"] = "stdlib"
     path: Path | None = None
     text_field: str = "text"
     domain_field: str | None = "domain"
@@ -84,7 +85,7 @@ class DataConfig(Strict):
     @model_validator(mode="after")
     def _path_matches_source(self) -> DataConfig:
         if self.source == "stdlib" and self.path is not None:
-            raise ValueError("`path` is only for source jsonl or text_dir")
+            raise ValueError("`path` is only for sources jsonl, text_dir and hf_dataset")
         if self.source != "stdlib" and self.path is None:
             raise ValueError(f"source {self.source} needs `path`")
         return self
@@ -321,6 +322,14 @@ class BudgetConfig(Strict):
         return self
 
 
+class MetricsConfig(Strict):
+    """How a run is recorded besides metrics.jsonl (always written)."""
+
+    tensorboard: bool = Field(
+        False, description="TensorBoard event files under RUN/tb (pip install 'echelon[tensorboard]')"
+    )
+
+
 class EvalConfig(Strict):
     sequences: int = Field(64, ge=1, description="validation sequences per evaluation")
     batch: int = Field(16, ge=1)
@@ -342,6 +351,7 @@ class RunConfig(Strict):
     boundaries: tuple[BoundaryConfig, ...] = Field(min_length=1)
     budget: BudgetConfig
     eval: EvalConfig = EvalConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @field_validator("strategy")
     @classmethod

@@ -14,7 +14,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from safetensors import SafetensorError
 
 from echelon.assembly import (
     Prepared,
@@ -30,11 +29,13 @@ from echelon.audit.layout import audit_dir, log_path
 from echelon.audit.log import AuditLog
 from echelon.config import RunConfig
 from echelon.contract.guard import AuditSink
-from echelon.errors import UserError
 from echelon.parties import GLOBAL, boundary_party, device_party
-from echelon.rundir import RunDirectory, checkpoint_path, save_checkpoint
+from echelon.record import RunRecorder
+from echelon.rundir import RunDirectory
 from echelon.runtime.sim.engine import Simulation
-from echelon.strategies import effective_config, get_strategy
+from echelon.strategies import effective_config
+from echelon.train.data import Document
+from echelon.train.model import ModelBundle
 
 
 def open_audit_logs(
@@ -96,84 +97,58 @@ def build_simulation(
     )
 
 
-def train(run_cfg: RunConfig, run_dir: Path, *, force: bool = False, progress: bool = True) -> dict:
-    """Run `run_cfg` in simulation and write its run directory; returns the summary.
+def train(
+    run_cfg: RunConfig,
+    run_dir: Path,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    bundle: ModelBundle | None = None,
+    documents: list[Document] | None = None,
+) -> dict:
+    """Run `run_cfg` in simulation and write its run directory; returns the summary
+    (`echelon.record.RunSummary` as a dict).
 
     config.yaml is the run file as given; the planes run its strategy's `effective_config`.
+    `bundle` and `documents` (a caller's own model and data) replace those the run file names.
     """
     from echelon.progress import RunProgress
 
     wall0 = time.perf_counter()
     out = RunDirectory(run_dir, force=force)
+    out.write_yaml("config.yaml", run_cfg.model_dump(mode="json"))
+    cfg = effective_config(run_cfg)
+    prep = prepare(cfg, out.staging / "plans", bundle=bundle, documents=documents)
+    bar = RunProgress(cfg.budget, clock="virtual", enabled=progress)
+    binding = RunBinding(new_run_id(), config_digest(run_cfg))
+    logs = open_audit_logs(out.staging, cfg, run_cfg.echelon.min_quorum, binding)
+    recorder: RunRecorder | None = None
     try:
-        out.write_yaml("config.yaml", run_cfg.model_dump(mode="json"))
-        cfg = effective_config(run_cfg)
-        prep = prepare(cfg, out.staging / "plans")
-        evals: list[float] = []
-        sim: Simulation | None = None
-        bar = RunProgress(cfg.budget, enabled=progress)
-
-        def on_emit(kind: str, fields: dict) -> None:
-            record = {"kind": kind, **fields}
-            if kind == "outer_step":
-                record["val_loss"] = prep.trainer.evaluate(
-                    sim.global_plane.theta_g, cfg.eval.sequences, cfg.eval.batch
-                )
-                record["tokens_total"] = sim.tokens
-                record["cross_boundary_bytes"] = sim.cross_boundary_bytes
-                evals.append(record["val_loss"])
-                bar.update(sim.now, sim.tokens, sim.global_plane.outer_step, record["val_loss"])
-            out.metric(record)
-            if kind == "outer_step":  # the last synchronised model survives a failure at the end
-                state = {"plane": sim.global_plane.state_dict(), "evals": list(evals)}
-                save_checkpoint(checkpoint_path(out.staging, GLOBAL), state)
-
-        binding = RunBinding(new_run_id(), config_digest(run_cfg))
-        logs = open_audit_logs(out.staging, cfg, run_cfg.echelon.min_quorum, binding)
-        try:
-            sim = build_simulation(cfg, prep, on_emit, logs)
-            with bar:
-                sim.run(cfg.budget)
-        finally:
-            prep.trainer.close()
-            for log in logs.values():
-                log.close()
-        try:
-            artefact = prep.bundle.save(out.staging, prep.trainer.model_part(sim.global_plane.theta_g))
-            summary = summarise(cfg, prep, sim, evals, time.perf_counter() - wall0)
-            summary["artefact"] = artefact.name
-            out.write_json("summary.json", summary)
-        except (OSError, SafetensorError) as e:
-            raise UserError(
-                f"could not write the final model or summary in {out.staging} ({e}); the last synchronised "
-                f"model (outer step {sim.global_plane.outer_step}) is in "
-                f"{checkpoint_path(out.staging, GLOBAL)}"
-            ) from None
-    except BaseException:
-        out.abandon()
-        raise
+        sim = build_simulation(cfg, prep, lambda kind, fields: recorder.on_emit(kind, fields), logs)
+        recorder = RunRecorder(
+            out.staging,
+            cfg,
+            prep,
+            sim.global_plane,
+            sim.egress_guards,  # every crossing counted once, at its sender
+            runtime="simulation",
+            clock=lambda: sim.now,
+            tokens=lambda: sim.tokens,
+            on_outer_step=bar.update,
+        )
+        with bar:
+            sim.run(cfg.budget)
+    finally:
+        prep.trainer.close()
+        for log in logs.values():
+            log.close()
+        if recorder is not None:
+            recorder.close()
+    summary = recorder.finish(
+        time.perf_counter() - wall0,
+        middle_steps={b: p.middle_step for b, p in sim.boundary_planes.items()},
+        intra_boundary_bytes=sim.traffic.intra_bytes,
+        refused=len(sim.traffic.refused),
+    )
     out.commit()
-    return summary
-
-
-def summarise(cfg: RunConfig, prep: Prepared, sim: Simulation, evals: list[float], wall_s: float) -> dict:
-    strategy = get_strategy(cfg.strategy)
-    return {
-        "name": cfg.name,
-        "strategy": strategy.label,
-        "admissible": strategy.admissible,
-        "start_val_loss": evals[0],
-        "end_val_loss": evals[-1],
-        "tokens": sim.tokens,
-        "outer_steps": sim.global_plane.outer_step,
-        "b_eff": sim.global_plane.b_eff,
-        "middle_steps": {b: p.middle_step for b, p in sim.boundary_planes.items()},
-        "stop_reason": sim.global_plane.final_reason,
-        "virtual_time_s": sim.now,
-        "wall_time_s": wall_s,
-        "trainable_parameters": prep.bundle.dim,
-        "partition_skew": prep.skew,
-        "cross_boundary_bytes": sim.cross_boundary_by_type(),
-        "intra_boundary_bytes": dict(sorted(sim.traffic.intra_bytes.items())),
-        "refused": len(sim.traffic.refused),
-    }
+    return summary.to_dict()

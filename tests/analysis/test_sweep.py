@@ -11,7 +11,7 @@ import yaml
 
 from echelon.analysis.sweep import RESULTS, RUNS, load_sweep, run_id
 from echelon.cli import main
-from tests.conftest import small_run
+from tests.helpers import small_run
 
 
 def _tiny_run(**overrides) -> dict:

@@ -12,7 +12,7 @@ import yaml
 from echelon.cli import main
 from echelon.contest.protocol import RESULTS, RUNS, TABLES, TUNING
 from echelon.contest.spec import load_contest
-from tests.conftest import small_run
+from tests.helpers import small_run
 
 LABEL = "fedavg [not admissible: simulation only]"
 
@@ -35,7 +35,7 @@ def _write(tmp_path: Path) -> Path:
 
 
 def _run(path: Path, out: Path) -> int:
-    return main(["bench", "contest", str(path), "--out", str(out), "--workers", "2", "--no-progress"])
+    return main(["contest", str(path), "--out", str(out), "--workers", "2", "--no-progress"])
 
 
 def test_contest_tunes_runs_finals_and_resumes(tmp_path, capsys):

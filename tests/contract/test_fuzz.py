@@ -14,8 +14,8 @@ from echelon.planes.coordinator import GlobalPlane
 from echelon.secagg import SecAggPlusAggregator
 from echelon.tensors import encode
 from echelon.v1 import boundary_pb2, device_pb2, secagg_pb2, tensor_pb2
-from tests.conftest import small_run
 from tests.contract.kit import TERMS, Recorder, model_with_aggregate, ring
+from tests.helpers import small_run
 
 MUTATIONS = 5000
 

@@ -27,8 +27,8 @@ from echelon.planes.coordinator import GlobalPlane
 from echelon.sansio import Emit
 from echelon.tensors import encode, payload
 from echelon.v1 import boundary_pb2, device_pb2, secagg_pb2, tensor_pb2
-from tests.conftest import small_run
 from tests.contract.kit import DIM, TERMS, Recorder, boundary_guards, envelope, model_with_aggregate, ring
+from tests.helpers import small_run
 
 DELTA = np.random.default_rng(0).standard_normal(20_000).astype("<f4")  # an 80 KB device delta
 

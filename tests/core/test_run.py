@@ -16,7 +16,7 @@ from echelon.runner import build_simulation, train
 from echelon.train.data import partition, partition_skew
 from echelon.train.model import build_model
 from echelon.train.trainer import DeviceStream, derived_seed
-from tests.conftest import small_run
+from tests.helpers import small_run
 
 
 def _one_device_config(steps: int) -> RunConfig:

@@ -232,7 +232,7 @@ def test_a_simulation_that_cannot_write_its_model_keeps_its_last_checkpoint(tmp_
     from echelon.rundir import load_checkpoint
     from echelon.runner import train
     from echelon.train.model import ModelBundle
-    from tests.conftest import small_run
+    from tests.helpers import small_run
 
     def full_disk(self, out_dir, theta):
         raise SafetensorError("Error while serializing: IoError(No space left on device)")

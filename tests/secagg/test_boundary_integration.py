@@ -15,7 +15,7 @@ from echelon.planes.boundary import BoundaryPlane
 from echelon.planes.device import DevicePlane
 from echelon.runner import build_simulation
 from echelon.secagg import SecAggPlusAggregator
-from tests.conftest import small_run
+from tests.helpers import small_run
 
 
 def _arrays(obj, seen: set[int] | None = None):

@@ -14,7 +14,7 @@ from echelon.planes.boundary import BoundaryPlane
 from echelon.planes.coordinator import GlobalPlane
 from echelon.runner import build_simulation
 from echelon.strategies import get_strategy
-from tests.conftest import small_run
+from tests.helpers import small_run
 from tests.secagg.test_boundary_integration import _arrays
 
 

@@ -64,7 +64,14 @@ class Deployment:
     """The processes of one launched run, supervised; `stop` leaves none behind."""
 
     def __init__(
-        self, cfg: RunConfig, run_file: Path, certs: Path, run_dir: Path, threads: int, resume: bool
+        self,
+        cfg: RunConfig,
+        run_file: Path,
+        certs: Path,
+        run_dir: Path,
+        threads: int,
+        resume: bool,
+        tensorboard: bool = False,
     ) -> None:
         self.procs: dict[str, subprocess.Popen] = {}
         self.argv: dict[str, list[str]] = {}
@@ -78,6 +85,8 @@ class Deployment:
         common = ["--config", str(run_file), "--certs", str(certs), "--parent-pid", str(os.getpid())]
         global_at = f"127.0.0.1:{_free_port()}"
         self.argv[GLOBAL] = [*base, "global", *common, "--listen", global_at, "--run-dir", str(run_dir)]
+        if tensorboard:
+            self.argv[GLOBAL].append("--tensorboard")
         for b in cfg.boundaries:
             at = f"127.0.0.1:{_free_port()}"
             self.argv[boundary_party(b.id)] = [
@@ -197,8 +206,10 @@ def launch(
     progress: bool,
     threads: int,
     resume: bool = False,
+    tensorboard: bool = False,
 ) -> dict:
-    """Run `cfg` as a local deployment and write its run directory; returns the summary."""
+    """Run `cfg` as a local deployment and write its run directory; returns the summary.
+    `tensorboard` adds TensorBoard event files (the run file itself is what every party runs)."""
     from echelon.preflight import preflight
     from echelon.progress import RunProgress
 
@@ -210,15 +221,15 @@ def launch(
         if not resume:
             run_dir.write_yaml("config.yaml", cfg.model_dump(mode="json"))
         certs = _certificates(cfg, keys, resume)
-        deployment = Deployment(cfg, run_file.resolve(), certs, run_dir.staging, threads, resume)
-        bar, seen = RunProgress(cfg.budget, enabled=progress), 0
+        deployment = Deployment(cfg, run_file.resolve(), certs, run_dir.staging, threads, resume, tensorboard)
+        bar, seen = RunProgress(cfg.budget, clock="elapsed", enabled=progress), 0
         with bar:
             while not deployment.finished:
                 for note in deployment.supervise():
                     print(f"echelon launch: {note}", file=sys.stderr)
                 records, seen = _outer_steps(run_dir.staging / "metrics.jsonl", seen)
                 for r in records:
-                    bar.update(r["time"], r["tokens_total"], r["outer_step"], r["val_loss"])
+                    bar.update(r)
                 time.sleep(0.2)
         deployment.stop()  # devices left reconnecting to a finished boundary
         summary = json.loads((run_dir.staging / "summary.json").read_text())
@@ -226,7 +237,6 @@ def launch(
         pins.unlink(missing_ok=True)  # a forced rerun's; the run directory it pinned is replaced too
         shutil.copyfile(keys / "certs" / PINS_FILE, pins)
     except BaseException as e:
-        run_dir.abandon()
         if deployment is None:
             raise
         deployment.stop()
@@ -259,6 +269,7 @@ def launch_file(path: Path, args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         threads=args.threads,
         resume=getattr(args, "resume", False),
+        tensorboard=args.tensorboard,
     )
     print_summary(summary, out)
     return 0

@@ -47,6 +47,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume", action="store_true", help="continue from RUN_DIR's checkpoint (global, boundary)"
     )
+    parser.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write TensorBoard event files to RUN_DIR/tb (global; the run file's metrics.tensorboard)",
+    )
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -111,7 +116,9 @@ async def _serve(args: argparse.Namespace, cfg: RunConfig, party: str) -> int:
     if args.role == "global":
         from echelon.runtime.grpc.global_role import run_global
 
-        job = run_global(cfg, creds, args.listen, args.run_dir, resume=args.resume)
+        job = run_global(
+            cfg, creds, args.listen, args.run_dir, resume=args.resume, tensorboard=args.tensorboard
+        )
     elif args.role == "boundary":
         from echelon.runtime.grpc.boundary_role import run_boundary
 

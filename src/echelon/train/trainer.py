@@ -95,7 +95,7 @@ class LocalTrainer:
         total = 0.0
         for idx in batches:
             batch = torch.from_numpy(self.corpus.train[idx]).long()
-            loss = model(input_ids=batch, labels=batch).loss
+            loss = self.bundle.task_loss(model, batch)
             (loss / len(batches)).backward()
             total += loss.item()
         if self.mu > 0:
@@ -126,7 +126,7 @@ class LocalTrainer:
         total = 0.0
         for i in range(0, len(val), batch):
             chunk = torch.from_numpy(val[i : i + batch]).long()
-            total += model(input_ids=chunk, labels=chunk).loss.item() * len(chunk)
+            total += self.bundle.task_loss(model, chunk).item() * len(chunk)
         model.train()
         return total / len(val)
 

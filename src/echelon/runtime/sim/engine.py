@@ -126,12 +126,17 @@ class Simulation:
     @property
     def cross_boundary_bytes(self) -> int:
         """Wire bytes sent across boundaries so far (each crossing counted once, at its sender)."""
-        return sum(egress.bytes_total for egress, _ in self._guards.values())
+        return sum(egress.bytes_total for egress in self.egress_guards)
+
+    @property
+    def egress_guards(self) -> list[EgressGuard]:
+        """Every party's egress guard: between them they count each crossing once."""
+        return [egress for egress, _ in self._guards.values()]
 
     def cross_boundary_by_type(self) -> dict[str, int]:
         """Cross-boundary wire bytes by message type."""
         total: Counter = Counter()
-        for egress, _ in self._guards.values():
+        for egress in self.egress_guards:
             total.update(egress.bytes_by_type)
         return dict(sorted(total.items()))
 
