@@ -102,6 +102,7 @@ def _results(out) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # spawns worker processes
 def test_sweep_runs_in_parallel_and_resumes_after_interruption(tmp_path, capsys):
     path = _write(tmp_path, {"base": "base.yaml", "grid": {"seed": [0, 1]}, "target_loss": 50.0}, _tiny_run())
     out = tmp_path / "out"

@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import yaml
 
 from echelon.cli import main
@@ -38,6 +39,7 @@ def _run(path: Path, out: Path) -> int:
     return main(["contest", str(path), "--out", str(out), "--workers", "2", "--no-progress"])
 
 
+@pytest.mark.slow  # spawns worker processes for pilots and finals
 def test_contest_tunes_runs_finals_and_resumes(tmp_path, capsys):
     path, out = _write(tmp_path), tmp_path / "out"
     assert _run(path, out) == 0
