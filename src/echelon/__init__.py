@@ -8,7 +8,8 @@ function is `simulate`: `echelon.train` is the trainer's package.)
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+
+TYPE_CHECKING = False  # type checkers read the block below; `typing` itself costs an import here
 
 __version__ = "0.1.0"
 
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
     from echelon.train.model import TaskLoss
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name not in _API:
         raise AttributeError(f"module 'echelon' has no attribute {name!r}")
     value = getattr(importlib.import_module(_API[name]), name)
