@@ -28,12 +28,13 @@ from google.protobuf.internal import encoder
 from rich.console import Console
 from rich.table import Table
 
+from echelon.assembly import prepare
 from echelon.commands.demo import demo_file
 from echelon.config import load_run
 from echelon.contract.guard import ContractViolation, EgressGuard, IngressGuard
 from echelon.contract.policy import Terms
 from echelon.contract.provenance import AggregateResult, BoundaryModel, UnsealedResult
-from echelon.runner import build_simulation, prepare
+from echelon.runner import build_simulation
 from echelon.strategies import effective_config
 from echelon.tensors import encode, payload
 from echelon.v1 import boundary_pb2, secagg_pb2, tensor_pb2

@@ -20,10 +20,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from echelon.assembly import prepare
 from echelon.config import RunConfig
 from echelon.planes.aggregation import PlainAggregator
 from echelon.planes.device import DevicePlane
-from echelon.runner import prepare
 from echelon.sansio import Send
 from echelon.tensors import payload
 from echelon.v1 import device_pb2, tensor_pb2

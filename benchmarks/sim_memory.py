@@ -20,8 +20,9 @@ from rich.table import Table
 
 
 def _child(devices_per_boundary: int, quick: bool) -> None:
+    from echelon.assembly import prepare
     from echelon.config import RunConfig
-    from echelon.runner import build_simulation, prepare
+    from echelon.runner import build_simulation
 
     boundaries = [
         {

@@ -61,8 +61,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from echelon.assembly import prepare
 from echelon.config import RunConfig
-from echelon.runner import prepare, train
+from echelon.runner import train
 from echelon.strategies import effective_config
 from echelon.train.trainer import DeviceStream, derived_seed
 
@@ -74,7 +75,7 @@ TIMEOUT = timedelta(seconds=120)
 
 
 def task(seed: int, outer_steps: int, inner_steps: int, interval: int) -> RunConfig:
-    """The tiny task (as tests/conftest.py small_run), as Echelon's DiLoCo with nothing extra:
+    """The tiny task (as tests/helpers.py small_run), as Echelon's DiLoCo with nothing extra:
     plain aggregation, no clipping, outer SGD-Nesterov lr 0.7 momentum 0.9."""
     return RunConfig.model_validate(
         {

@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 
 from rich.console import Console
 from rich.markup import escape
 
+from echelon import __version__
 from echelon.errors import UserError
+
+DESCRIPTION = (
+    "Echelon: boundary-first, auditable training across administrative boundaries, and "
+    "Yellowstone, its topology compiler."
+)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 # name -> (module, one-line help); modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -29,14 +38,33 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("echelon.commands.report", "plots and a markdown summary of a run directory"),
     "sweep": ("echelon.commands.sweep", "run a grid of simulated runs in parallel, resumably"),
     "law": ("echelon.commands.law", "fit the effective-divergence law to sweep results"),
-    "bench": ("echelon.commands.bench", "run the budget-matched contest of strategies (bench contest FILE)"),
+    "contest": (
+        "echelon.commands.contest",
+        "tune every strategy with pilots, then run budget-matched finals",
+    ),
 }
 
 
+def _env_log_level() -> str:
+    level = os.environ.get("ECHELON_LOG", "INFO").upper()
+    return level if level in LOG_LEVELS else "INFO"
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    parser = argparse.ArgumentParser(prog="echelon", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="echelon", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"echelon {__version__}")
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default=_env_log_level(),
+        help="how much the parties log (default: $ECHELON_LOG, else INFO); launched processes inherit it",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    subparsers = {name: sub.add_parser(name, help=help_) for name, (_, help_) in COMMANDS.items()}
+    subparsers = {
+        name: sub.add_parser(name, help=help_, description=f"echelon {name}: {help_}.")
+        for name, (_, help_) in COMMANDS.items()
+    }
     return parser, subparsers
 
 
@@ -44,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser, subparsers = build_parser()
     # Only the chosen command's module is imported (torch is slow to import).
-    name = next((a for a in argv if not a.startswith("-")), None)
+    name = next((a for a in argv if a in COMMANDS), None)
     if name in COMMANDS:
         module = importlib.import_module(COMMANDS[name][0])
         module.configure(subparsers[name])
@@ -52,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    os.environ["ECHELON_LOG"] = args.log_level  # `echelon serve`, and every process `launch` starts
+    logging.getLogger("echelon").setLevel(args.log_level)
     try:
         return int(module.run(args) or 0)
     except UserError as e:

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from echelon.strategies import STRATEGIES, get_strategy
 from echelon.yamlio import load_model
 
 Identifier = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -21,7 +22,8 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _resolve(path: Path | None, info: ValidationInfo) -> Path | None:
+def resolve_path(path: Path | None, info: ValidationInfo) -> Path | None:
+    """A validator's path, relative to the run file's directory (pydantic context `base_dir`)."""
     if path is None or path.is_absolute():
         return path
     base = (info.context or {}).get("base_dir")
@@ -45,7 +47,7 @@ class ModelConfig(Strict):
     trainable: Literal["lora", "full"] = "lora"
     lora: LoraSettings = LoraSettings()
 
-    _resolve_path = field_validator("path")(_resolve)
+    _resolve_path = field_validator("path")(resolve_path)
 
     @model_validator(mode="before")
     @classmethod
@@ -66,9 +68,10 @@ class PartitionConfig(Strict):
 
 
 class DataConfig(Strict):
-    """Text to train on: the Python standard library's sources (built in), JSONL, or .txt files."""
+    """Text to train on: the Python standard library's sources (built in), JSONL, .txt files, or a
+    Hugging Face `datasets` dataset from local files (a saved dataset directory, JSONL or parquet)."""
 
-    source: Literal["stdlib", "jsonl", "text_dir"] = "stdlib"
+    source: Literal["stdlib", "jsonl", "text_dir", "hf_dataset"] = "stdlib"
     path: Path | None = None
     text_field: str = "text"
     domain_field: str | None = "domain"
@@ -77,12 +80,12 @@ class DataConfig(Strict):
     max_documents: int | None = Field(None, ge=2)
     partition: PartitionConfig = PartitionConfig()
 
-    _resolve_path = field_validator("path")(_resolve)
+    _resolve_path = field_validator("path")(resolve_path)
 
     @model_validator(mode="after")
     def _path_matches_source(self) -> DataConfig:
         if self.source == "stdlib" and self.path is not None:
-            raise ValueError("`path` is only for source jsonl or text_dir")
+            raise ValueError("`path` is only for sources jsonl, text_dir and hf_dataset")
         if self.source != "stdlib" and self.path is None:
             raise ValueError(f"source {self.source} needs `path`")
         return self
@@ -273,7 +276,7 @@ class BoundaryConfig(Strict):
             raise ValueError(
                 "give `devices` or `plan`, not both: a plan's replicas are the boundary's devices"
             )
-        path = _resolve(Path(data["plan"]), info)
+        path = resolve_path(Path(data["plan"]), info)
         return {**data, "plan": path, "devices": plan_replicas(path, str(data.get("id")))}
 
     @model_validator(mode="after")
@@ -319,6 +322,14 @@ class BudgetConfig(Strict):
         return self
 
 
+class MetricsConfig(Strict):
+    """How a run is recorded besides metrics.jsonl (always written)."""
+
+    tensorboard: bool = Field(
+        False, description="TensorBoard event files under RUN/tb (pip install 'echelon[tensorboard]')"
+    )
+
+
 class EvalConfig(Strict):
     sequences: int = Field(64, ge=1, description="validation sequences per evaluation")
     batch: int = Field(16, ge=1)
@@ -340,12 +351,11 @@ class RunConfig(Strict):
     boundaries: tuple[BoundaryConfig, ...] = Field(min_length=1)
     budget: BudgetConfig
     eval: EvalConfig = EvalConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, name: str) -> str:
-        from echelon.strategies import STRATEGIES
-
         if name not in STRATEGIES:
             raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
         return name
@@ -413,8 +423,6 @@ def plan_mismatch(cfg: RunConfig, path: Path) -> str | None:
                     f"replica {r.id} trains {r.micro_batches} x {r.micro_batch} sequences per step, the run "
                     f"{cfg.train.micro_batch} x {cfg.train.grad_accum} (train.micro_batch x grad_accum)"
                 )
-    from echelon.strategies import get_strategy
-
     if get_strategy(cfg.strategy).local == "scaffold":
         return f"strategy {cfg.strategy!r} trains with its own local optimizer; planned devices run AdamW"
     return None

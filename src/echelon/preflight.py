@@ -144,6 +144,10 @@ def _data_problems(cfg: RunConfig) -> list[tuple[str, str]]:
         return [("data.path", f"{d.path} is not a file (source jsonl reads one JSONL file)")]
     if d.source == "text_dir" and not Path(d.path).is_dir():
         return [("data.path", f"{d.path} is not a directory (source text_dir reads the .txt files in one)")]
+    if d.source == "hf_dataset" and not Path(d.path).exists():
+        return [
+            ("data.path", f"{d.path} does not exist (a saved dataset directory, or a JSONL or parquet file)")
+        ]
     return []
 
 

@@ -1,6 +1,8 @@
-"""A live progress bar for a run: virtual time, tokens, outer steps, latest validation loss."""
+"""A live progress bar for a run: its clock, tokens, outer steps, latest validation loss."""
 
 from __future__ import annotations
+
+from typing import Any, Literal
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -8,9 +10,13 @@ from echelon.config import BudgetConfig
 
 
 class RunProgress:
-    """Tracks the budget that is expected to end the run (tokens, outer steps or virtual time)."""
+    """Tracks the budget that is expected to end the run (tokens, outer steps or virtual time).
+    `clock` names the run's time: `virtual` (simulation) or `elapsed` (a deployment's wall clock)."""
 
-    def __init__(self, budget: BudgetConfig, enabled: bool = True) -> None:
+    def __init__(
+        self, budget: BudgetConfig, clock: Literal["virtual", "elapsed"], enabled: bool = True
+    ) -> None:
+        self._clock = clock
         if budget.tokens is not None:
             self._unit, self._total = "tokens", budget.tokens
         elif budget.outer_steps is not None:
@@ -29,10 +35,13 @@ class RunProgress:
         )
         self._task = self._progress.add_task("run", total=self._total, status="starting")
 
-    def update(self, now: float, tokens: int, outer_step: int, val_loss: float) -> None:
+    def update(self, record: dict[str, Any]) -> None:
+        """Show an outer step's metrics record."""
+        now, tokens, outer_step = record["time"], record["tokens_total"], record["outer_step"]
         done = {"tokens": tokens, "outer_steps": outer_step, "virtual_seconds": now}.get(self._unit)
         status = (
-            f"virtual {now:7.1f} s | {tokens:>10,} tokens | outer {outer_step:3d} | val loss {val_loss:.4f}"
+            f"{self._clock} {now:7.1f} s | {tokens:>10,} tokens | outer {outer_step:3d} | "
+            f"val loss {record['val_loss']:.4f}"
         )
         self._progress.update(self._task, completed=done, status=status)
 

@@ -47,7 +47,6 @@ class RunDirectory:
             if not resume and self.staging.exists():
                 shutil.rmtree(self.staging)
             self.staging.mkdir(parents=True, exist_ok=resume)
-            self._metrics = (self.staging / "metrics.jsonl").open("a")
         except OSError as e:
             raise UserError(f"cannot write the run directory {self.staging}: {e.strerror or e}") from None
 
@@ -59,7 +58,6 @@ class RunDirectory:
         self.staging = self.path.with_name(self.path.name + ".partial")
         if not self.staging.is_dir():
             raise UserError(f"{self.staging} does not exist: there is no interrupted run to continue")
-        self._metrics = (self.staging / "metrics.jsonl").open("a")
         return self
 
     def __truediv__(self, name: str) -> Path:
@@ -71,14 +69,8 @@ class RunDirectory:
     def write_yaml(self, name: str, obj: object) -> None:
         write_atomic(self.staging / name, yaml.safe_dump(obj, sort_keys=False))
 
-    def metric(self, record: dict) -> None:
-        """Append one record to metrics.jsonl (one line, flushed)."""
-        self._metrics.write(json.dumps(record, sort_keys=True) + "\n")
-        self._metrics.flush()
-
     def commit(self) -> Path:
         """Move the finished run into place (replacing an old one only when forced)."""
-        self._metrics.close()
         if self.path.exists():
             trash = self.path.with_name(self.path.name + ".replaced")
             shutil.rmtree(trash, ignore_errors=True)
@@ -86,10 +78,6 @@ class RunDirectory:
             shutil.rmtree(trash)
         os.replace(self.staging, self.path)
         return self.path
-
-    def abandon(self) -> None:
-        """Close files after a failure; the `.partial` directory stays for inspection."""
-        self._metrics.close()
 
 
 def checkpoint_path(run_dir: Path, party: str) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from google.protobuf.message import Message
 
 
@@ -48,3 +49,13 @@ class Emit:
 
 
 PlaneAction = Action | Emit
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """The event a driver gives a device plane when a local round ends (`local_round_finished`):
+    the device's parameters after the round, the tokens it trained on, its mean task loss."""
+
+    theta: torch.Tensor
+    tokens: int
+    loss: float

@@ -9,7 +9,7 @@ import pytest
 from echelon.cli import main
 from echelon.config import RunConfig
 from echelon.runner import train
-from tests.conftest import small_run
+from tests.helpers import small_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

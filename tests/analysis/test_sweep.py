@@ -11,7 +11,7 @@ import yaml
 
 from echelon.analysis.sweep import RESULTS, RUNS, load_sweep, run_id
 from echelon.cli import main
-from tests.conftest import small_run
+from tests.helpers import small_run
 
 
 def _tiny_run(**overrides) -> dict:
@@ -102,6 +102,7 @@ def _results(out) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # spawns worker processes
 def test_sweep_runs_in_parallel_and_resumes_after_interruption(tmp_path, capsys):
     path = _write(tmp_path, {"base": "base.yaml", "grid": {"seed": [0, 1]}, "target_loss": 50.0}, _tiny_run())
     out = tmp_path / "out"

@@ -21,7 +21,7 @@ from echelon.config import RunConfig
 from echelon.contract.rules import flow_class_name, round_of, tensor_summary
 from echelon.strategies import effective_config
 from echelon.v1 import boundary_pb2, tensor_pb2
-from tests.conftest import small_run
+from tests.helpers import small_run
 
 GLOBAL = "global"
 CONFIG = RunConfig.model_validate(small_run())

@@ -25,7 +25,7 @@ from echelon.errors import UserError
 from echelon.tensors import encode as encode_tensor
 from echelon.v1 import boundary_pb2, tensor_pb2
 from tests.audit.runs import BINDING, cross, fields, pin, tensor, write_run
-from tests.conftest import small_run
+from tests.helpers import small_run
 
 PARTIES = ("global", "boundary.b0", "boundary.b1")
 

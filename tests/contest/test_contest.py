@@ -7,12 +7,13 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import yaml
 
 from echelon.cli import main
 from echelon.contest.protocol import RESULTS, RUNS, TABLES, TUNING
 from echelon.contest.spec import load_contest
-from tests.conftest import small_run
+from tests.helpers import small_run
 
 LABEL = "fedavg [not admissible: simulation only]"
 
@@ -35,9 +36,10 @@ def _write(tmp_path: Path) -> Path:
 
 
 def _run(path: Path, out: Path) -> int:
-    return main(["bench", "contest", str(path), "--out", str(out), "--workers", "2", "--no-progress"])
+    return main(["contest", str(path), "--out", str(out), "--workers", "2", "--no-progress"])
 
 
+@pytest.mark.slow  # spawns worker processes for pilots and finals
 def test_contest_tunes_runs_finals_and_resumes(tmp_path, capsys):
     path, out = _write(tmp_path), tmp_path / "out"
     assert _run(path, out) == 0

@@ -11,7 +11,7 @@ from echelon.contest.space import default_space, trial_settings
 from echelon.contest.spec import load_contest
 from echelon.errors import ConfigError
 from echelon.strategies import STRATEGIES, get_strategy
-from tests.conftest import small_run
+from tests.helpers import small_run
 
 
 def _contest(**overrides) -> dict:
@@ -69,7 +69,7 @@ def _write(tmp_path, contest: dict):
 def test_bad_contest_file_exits_2_naming_file_and_field(tmp_path, capsys, overrides, field, words):
     path = _write(tmp_path, _contest(**overrides))
     out = tmp_path / "out"
-    code = main(["bench", "contest", str(path), "--out", str(out), "--no-progress"])
+    code = main(["contest", str(path), "--out", str(out), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2
     assert "Traceback" not in err

@@ -11,7 +11,7 @@ from echelon.config import BudgetConfig, RunConfig
 from echelon.contest.protocol import PilotResult, select
 from echelon.contest.spec import Trial
 from echelon.contest.tables import Final, cells, stat, table5, table6, table9, to_markdown, to_rich
-from tests.conftest import small_run
+from tests.helpers import small_run
 
 BUDGETS = {"tokens": BudgetConfig(tokens=1000), "bytes": BudgetConfig(cross_boundary_bytes=5000)}
 

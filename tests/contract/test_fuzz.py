@@ -6,16 +6,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from echelon.assembly import make_boundary_plane
 from echelon.config import OuterConfig, RunConfig, SyncConfig
 from echelon.contract.guard import ContractViolation, EgressGuard, IngressGuard
 from echelon.planes.controller import Cadence
 from echelon.planes.coordinator import GlobalPlane
-from echelon.runner import make_boundary_plane
 from echelon.secagg import SecAggPlusAggregator
 from echelon.tensors import encode
 from echelon.v1 import boundary_pb2, device_pb2, secagg_pb2, tensor_pb2
-from tests.conftest import small_run
 from tests.contract.kit import TERMS, Recorder, model_with_aggregate, ring
+from tests.helpers import small_run
 
 MUTATIONS = 5000
 

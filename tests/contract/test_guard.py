@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
+from echelon.assembly import prepare
 from echelon.config import RunConfig
 from echelon.contract.guard import ContractViolation, EgressGuard, IngressGuard
 from echelon.contract.policy import Terms
 from echelon.contract.provenance import BoundaryModel, QuorumNotMet
-from echelon.runner import prepare
 from echelon.tensors import encode, payload
 from echelon.v1 import boundary_pb2, device_pb2, tensor_pb2
-from tests.conftest import small_run
 from tests.contract.kit import TERMS, Recorder, envelope, model_with_aggregate
+from tests.helpers import small_run
 
 
 @pytest.fixture(scope="module")

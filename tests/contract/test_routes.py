@@ -15,6 +15,7 @@ import pytest
 import torch
 from google.protobuf.internal import encoder
 
+from echelon.assembly import make_boundary_plane
 from echelon.config import OuterConfig, RunConfig, SyncConfig
 from echelon.contract.guard import ContractViolation, EgressGuard, IngressGuard
 from echelon.contract.policy import Terms
@@ -23,12 +24,11 @@ from echelon.contract.rules import walk_problems
 from echelon.contract.slicing import MAX_SLICE_BYTES
 from echelon.planes.controller import Cadence
 from echelon.planes.coordinator import GlobalPlane
-from echelon.runner import make_boundary_plane
 from echelon.sansio import Emit
 from echelon.tensors import encode, payload
 from echelon.v1 import boundary_pb2, device_pb2, secagg_pb2, tensor_pb2
-from tests.conftest import small_run
 from tests.contract.kit import DIM, TERMS, Recorder, boundary_guards, envelope, model_with_aggregate, ring
+from tests.helpers import small_run
 
 DELTA = np.random.default_rng(0).standard_normal(20_000).astype("<f4")  # an 80 KB device delta
 

@@ -19,13 +19,14 @@ from echelon.config import (
 )
 from echelon.contract.guard import EgressGuard, IngressGuard
 from echelon.contract.policy import Terms
+from echelon.parties import GLOBAL, boundary_address, device_address, party_of
 from echelon.planes.aggregation import PlainAggregator
 from echelon.planes.boundary import BoundaryPlane, staleness_weight
 from echelon.planes.controller import Cadence
 from echelon.planes.coordinator import GlobalPlane, OuterOptimizer
 from echelon.planes.device import DevicePlane
-from echelon.runtime.sim.engine import GLOBAL, Simulation, boundary_address, device_address, party_of
-from echelon.train.trainer import LocalResult
+from echelon.runtime.sim.engine import Simulation
+from echelon.sansio import LocalResult
 
 
 @given(s=st.integers(0, 1000), a=st.floats(0, 4))

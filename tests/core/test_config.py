@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from echelon.cli import main
-from tests.conftest import small_run
+from tests.helpers import small_run
 
 
 def _run(tmp_path, capsys, text: str) -> tuple[int, str]:

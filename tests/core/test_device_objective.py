@@ -7,10 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from echelon.assembly import prepare
 from echelon.config import RunConfig
 from echelon.planes.device import clip_delta
-from echelon.runner import prepare
-from tests.conftest import small_run
+from tests.helpers import small_run
 
 
 def _trainer(mu: float):

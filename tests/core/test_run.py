@@ -9,13 +9,14 @@ import pytest
 import torch
 import yaml
 
+from echelon.assembly import prepare
 from echelon.cli import main
 from echelon.config import RunConfig
-from echelon.runner import build_simulation, prepare, train
+from echelon.runner import build_simulation, train
 from echelon.train.data import partition, partition_skew
 from echelon.train.model import build_model
 from echelon.train.trainer import DeviceStream, derived_seed
-from tests.conftest import small_run
+from tests.helpers import small_run
 
 
 def _one_device_config(steps: int) -> RunConfig:

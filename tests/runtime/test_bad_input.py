@@ -13,7 +13,7 @@ import yaml
 from echelon.cli import main
 from echelon.config import RunConfig
 from echelon.preflight import artefact_bytes, model_shape
-from tests.conftest import small_run
+from tests.helpers import small_run
 
 
 def _run_file(tmp_path: Path, **overrides) -> Path:

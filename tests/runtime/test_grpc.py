@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
 import signal
@@ -20,8 +21,9 @@ from safetensors.torch import load_file
 
 from echelon.audit.layout import log_path
 from echelon.audit.verify import verify_log
-from echelon.config import RunConfig
+from echelon.config import MetricsConfig, RunConfig
 from echelon.errors import UserError
+from echelon.record import RunSummary, read_metrics
 from echelon.runner import train
 from echelon.runtime.grpc.boundary_role import run_boundary
 from echelon.runtime.grpc.device_role import run_device
@@ -30,7 +32,7 @@ from echelon.runtime.grpc.global_role import run_global
 from echelon.runtime.grpc.tls import init_certs, load_credentials
 from echelon.runtime.grpc.transport import LOCAL_METHOD
 from echelon.v1 import device_pb2
-from tests.conftest import small_run
+from tests.helpers import small_run
 
 
 def _port() -> str:
@@ -74,10 +76,27 @@ def _lockstep_config() -> RunConfig:
 
 
 def test_deployment_and_simulation_reach_the_same_parameters(tmp_path):
-    cfg = _lockstep_config()
+    tensorboard = importlib.util.find_spec("tensorboard") is not None  # an optional extra
+    cfg = _lockstep_config().model_copy(update={"metrics": MetricsConfig(tensorboard=tensorboard)})
     summary = asyncio.run(_deploy(cfg, _certs(tmp_path / "certs", cfg), tmp_path / "deployed"))
     simulated = train(cfg, tmp_path / "simulated", progress=False)
     assert summary["outer_steps"] == simulated["outer_steps"] == 2
+    # Both runtimes record a run the same way: the same summary keys and types, the same records.
+    assert {k: type(v) for k, v in summary.items()} == {k: type(v) for k, v in simulated.items()}
+    assert (summary["runtime"], simulated["runtime"]) == ("grpc", "simulation")
+    for run, returned in (("deployed", summary), ("simulated", simulated)):
+        assert RunSummary.read(tmp_path / run).to_dict() == returned
+        outer = read_metrics(tmp_path / run, "outer_step")
+        assert [r["outer_step"] for r in outer] == [0, 1, 2]
+        assert set(outer[-1]["cross_boundary_bytes_by_boundary"]) == {"b0", "b1"}
+        assert (
+            sum(outer[-1]["cross_boundary_bytes_by_boundary"].values()) == outer[-1]["cross_boundary_bytes"]
+        )
+        if tensorboard:
+            assert _tensorboard_tags(tmp_path / run / "tb") >= {"loss/val", "cadence/H", "bytes/boundary/b0"}
+    if tensorboard:
+        assert {"drift/D_b/boundary/b0", "loss/train/b0"} <= _tensorboard_tags(tmp_path / "simulated" / "tb")
+    assert read_metrics(tmp_path / "deployed", "outer_step")[-1].keys() == outer[-1].keys()
     deployed = load_file(tmp_path / "deployed" / "adapter" / "adapter_model.safetensors")
     reference = load_file(tmp_path / "simulated" / "adapter" / "adapter_model.safetensors")
     assert deployed.keys() == reference.keys()
@@ -91,6 +110,15 @@ def test_deployment_and_simulation_reach_the_same_parameters(tmp_path):
     report = verify_run(tmp_path / "deployed", tmp_path / "certs")
     assert report.ok, [v.reason for v in report.failures][:3]
     assert report.per_device_bytes == 0
+
+
+def _tensorboard_tags(directory: Path) -> set[str]:
+    """The scalar tags of the TensorBoard event files in `directory`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory))
+    events.Reload()
+    return set(events.Tags()["scalars"])
 
 
 @pytest.fixture(scope="module")

@@ -21,15 +21,15 @@ from echelon.config import (
 )
 from echelon.contract.guard import EgressGuard, IngressGuard
 from echelon.contract.policy import Terms
+from echelon.parties import GLOBAL, boundary_address, device_address, party_of
 from echelon.planes.aggregation import PlainAggregator
 from echelon.planes.boundary import BoundaryPlane
 from echelon.planes.controller import Cadence
 from echelon.planes.coordinator import GlobalPlane
 from echelon.planes.device import DevicePlane
-from echelon.runtime.sim.engine import GLOBAL, Simulation, boundary_address, device_address, party_of
-from echelon.sansio import Emit, Send
+from echelon.runtime.sim.engine import Simulation
+from echelon.sansio import Emit, LocalResult, Send
 from echelon.tensors import payload
-from echelon.train.trainer import LocalResult
 from echelon.v1 import boundary_pb2, tensor_pb2
 
 X, Y = "boundary/x", "boundary/y"
@@ -232,7 +232,7 @@ def test_a_simulation_that_cannot_write_its_model_keeps_its_last_checkpoint(tmp_
     from echelon.rundir import load_checkpoint
     from echelon.runner import train
     from echelon.train.model import ModelBundle
-    from tests.conftest import small_run
+    from tests.helpers import small_run
 
     def full_disk(self, out_dir, theta):
         raise SafetensorError("Error while serializing: IoError(No space left on device)")

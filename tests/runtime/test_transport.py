@@ -29,7 +29,7 @@ from echelon.runtime.grpc.transport import (
     start_server,
     stream_handler,
 )
-from echelon.runtime.sim.network import Network
+from echelon.runtime.network import Network
 from echelon.v1 import device_pb2, services_pb2
 
 SERVICE = "test.Echo"

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from echelon.assembly import prepare
 from echelon.config import RunConfig
 from echelon.planes.boundary import BoundaryPlane
 from echelon.planes.device import DevicePlane
-from echelon.runner import build_simulation, prepare
+from echelon.runner import build_simulation
 from echelon.secagg import SecAggPlusAggregator
-from tests.conftest import small_run
+from tests.helpers import small_run
 
 
 def _arrays(obj, seen: set[int] | None = None):

@@ -7,13 +7,14 @@ import pytest
 import torch
 import yaml
 
+from echelon.assembly import prepare
 from echelon.cli import main
 from echelon.config import RunConfig
 from echelon.planes.boundary import BoundaryPlane
 from echelon.planes.coordinator import GlobalPlane
-from echelon.runner import build_simulation, prepare
+from echelon.runner import build_simulation
 from echelon.strategies import get_strategy
-from tests.conftest import small_run
+from tests.helpers import small_run
 from tests.secagg.test_boundary_integration import _arrays
 
 

@@ -7,15 +7,16 @@ import dataclasses
 import pytest
 import torch
 
+from echelon.assembly import prepare
 from echelon.config import RunConfig
 from echelon.contract.guard import ContractViolation, EgressGuard
 from echelon.planes.aggregation import PlainAggregator
 from echelon.planes.device import DevicePlane
-from echelon.runner import build_simulation, prepare
+from echelon.runner import build_simulation
 from echelon.strategies import STRATEGIES, effective_config, get_strategy
 from echelon.train.scaffold import control_update, corrected_gradient
 from echelon.v1 import device_pb2, tensor_pb2
-from tests.conftest import small_run
+from tests.helpers import small_run
 
 
 def _simulate(cfg: RunConfig, **build):

@@ -6,14 +6,15 @@ import itertools
 
 import torch
 
+from echelon.assembly import prepare
 from echelon.config import RunConfig
 from echelon.contract.provenance import BoundaryModel, fragment_bounds
 from echelon.planes.boundary import BoundaryPlane
 from echelon.planes.coordinator import GlobalPlane
-from echelon.runner import build_simulation, prepare
+from echelon.runner import build_simulation
 from echelon.strategies import effective_config
 from echelon.v1 import tensor_pb2
-from tests.conftest import small_run
+from tests.helpers import small_run
 
 
 def test_fragments_partition_the_vector():

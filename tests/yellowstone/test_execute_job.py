@@ -38,6 +38,7 @@ def assert_same_trajectory(got: list[float], want: list[float], rtol: float = 1e
         assert abs(a - b) <= rtol * abs(b), f"step {step}: executed {a} vs single process {b}"
 
 
+@pytest.mark.slow  # spawns a torch.distributed job
 def test_u_shaped_ddp_and_fsdp_clusters_match_one_process_and_keep_raw_data_in_the_cleared_cluster(tmp_path):
     """Cluster 0 (cleared: embedding and loss head) runs DDP over shares 3 + 1; cluster 1 (not
     cleared: the middle layers) runs FSDP over 2 + 2. Every transfer is traced."""

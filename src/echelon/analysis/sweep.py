@@ -37,7 +37,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from echelon.analysis.rundata import load_run_dir, time_to_target
-from echelon.config import RunConfig, Strict, _resolve, load_run
+from echelon.config import RunConfig, Strict, load_run, resolve_path
 from echelon.errors import ConfigError, UserError
 from echelon.rundir import write_atomic
 from echelon.yamlio import load_model, validation_problems
@@ -63,7 +63,7 @@ class OnBaseRun(Strict):
     @field_validator("base")
     @classmethod
     def _resolve_base(cls, value: Path | dict[str, Any], info: ValidationInfo) -> Path | dict[str, Any]:
-        return _resolve(value, info) if isinstance(value, Path) else value
+        return resolve_path(value, info) if isinstance(value, Path) else value
 
 
 class SweepFile(OnBaseRun):

@@ -28,6 +28,7 @@ from echelon.audit.keys import write_new
 from echelon.audit.record import canonical
 from echelon.config import RunConfig
 from echelon.errors import UserError
+from echelon.parties import GLOBAL, boundary_party
 
 PINS_FILE = "audit-keys.json"
 PINS_FORMAT = "echelon-audit-keys/1"
@@ -60,7 +61,7 @@ def config_digest(cfg: RunConfig) -> str:
 def parties_of(cfg: RunConfig) -> list[str]:
     """The parties of a run that write audit logs, for an `effective_config`: the global plane
     and every boundary."""
-    return ["global", *(f"boundary.{b.id}" for b in cfg.boundaries)]
+    return [GLOBAL, *(boundary_party(b.id) for b in cfg.boundaries)]
 
 
 def write_pins(path: Path, keys: dict[str, Ed25519PublicKey], deployment: str) -> None:

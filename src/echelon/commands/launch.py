@@ -31,6 +31,8 @@ from echelon.commands.serve import positive_int
 from echelon.commands.train import add_run_options, print_summary
 from echelon.config import RunConfig, load_run
 from echelon.errors import UserError
+from echelon.parties import GLOBAL, boundary_id_of, boundary_party, device_party
+from echelon.rundir import RunDirectory, checkpoint_path
 
 STOP_GRACE_S = 10.0
 FINISH_GRACE_S = 30.0  # how long boundaries and devices get to end after the global plane ended the run
@@ -62,7 +64,14 @@ class Deployment:
     """The processes of one launched run, supervised; `stop` leaves none behind."""
 
     def __init__(
-        self, cfg: RunConfig, run_file: Path, certs: Path, run_dir: Path, threads: int, resume: bool
+        self,
+        cfg: RunConfig,
+        run_file: Path,
+        certs: Path,
+        run_dir: Path,
+        threads: int,
+        resume: bool,
+        tensorboard: bool = False,
     ) -> None:
         self.procs: dict[str, subprocess.Popen] = {}
         self.argv: dict[str, list[str]] = {}
@@ -75,15 +84,17 @@ class Deployment:
         base = [sys.executable, "-m", "echelon", "serve"]
         common = ["--config", str(run_file), "--certs", str(certs), "--parent-pid", str(os.getpid())]
         global_at = f"127.0.0.1:{_free_port()}"
-        self.argv["global"] = [*base, "global", *common, "--listen", global_at, "--run-dir", str(run_dir)]
+        self.argv[GLOBAL] = [*base, "global", *common, "--listen", global_at, "--run-dir", str(run_dir)]
+        if tensorboard:
+            self.argv[GLOBAL].append("--tensorboard")
         for b in cfg.boundaries:
             at = f"127.0.0.1:{_free_port()}"
-            self.argv[f"boundary.{b.id}"] = [
+            self.argv[boundary_party(b.id)] = [
                 *[*base, "boundary", *common, "--id", b.id, "--listen", at, "--global", global_at],
                 *["--run-dir", str(run_dir)],
             ]
             for d in b.devices:
-                self.argv[f"device.{d.id}"] = [
+                self.argv[device_party(d.id)] = [
                     *[*base, "device", *common, "--id", d.id, "--boundary", at, "--threads", str(threads)],
                     *["--run-dir", str(run_dir)],
                 ]
@@ -92,7 +103,7 @@ class Deployment:
 
     def _start(self, party: str, resume: bool) -> None:
         argv = self.argv[party]
-        if resume and (party != "global" or (self.run_dir / "checkpoints" / "global.pt").exists()):
+        if resume and (party != GLOBAL or checkpoint_path(self.run_dir, GLOBAL).exists()):
             argv = [*argv, "--resume"]
         log = (self.logs / f"{party}.log").open("ab")
         # A session of its own: a terminal's Ctrl-C reaches only this process, which stops the
@@ -105,7 +116,7 @@ class Deployment:
     def supervise(self) -> list[str]:
         """Restart every party that died (a crash, a kill) while the run goes on; returns what it
         did. UserError, with the party's log, when a party is past its restarts."""
-        if self.procs["global"].poll() == 0:
+        if self.procs[GLOBAL].poll() == 0:
             return []  # the run is over: boundaries and devices are ending on their own
         notes = []
         for party, p in self.procs.items():
@@ -129,12 +140,12 @@ class Deployment:
     def finished(self) -> bool:
         """The global plane ended the run, and every boundary has ended (or had FINISH_GRACE_S to).
         Devices are workers: one still reconnecting to a boundary that already finished is stopped."""
-        g = self.procs["global"]
+        g = self.procs[GLOBAL]
         if g.poll() != 0:
             return False
         if self._ended_at is None:
             self._ended_at = time.monotonic()
-        boundaries = [p for party, p in self.procs.items() if party.startswith("boundary.")]
+        boundaries = [p for party, p in self.procs.items() if boundary_id_of(party) is not None]
         return (
             all(p.poll() is not None for p in boundaries)
             or time.monotonic() - self._ended_at > FINISH_GRACE_S
@@ -195,11 +206,12 @@ def launch(
     progress: bool,
     threads: int,
     resume: bool = False,
+    tensorboard: bool = False,
 ) -> dict:
-    """Run `cfg` as a local deployment and write its run directory; returns the summary."""
+    """Run `cfg` as a local deployment and write its run directory; returns the summary.
+    `tensorboard` adds TensorBoard event files (the run file itself is what every party runs)."""
     from echelon.preflight import preflight
     from echelon.progress import RunProgress
-    from echelon.rundir import RunDirectory
 
     preflight(cfg, run_file, out, deploy=True)
     run_dir = RunDirectory(out, force=force, resume=resume)
@@ -209,15 +221,15 @@ def launch(
         if not resume:
             run_dir.write_yaml("config.yaml", cfg.model_dump(mode="json"))
         certs = _certificates(cfg, keys, resume)
-        deployment = Deployment(cfg, run_file.resolve(), certs, run_dir.staging, threads, resume)
-        bar, seen = RunProgress(cfg.budget, enabled=progress), 0
+        deployment = Deployment(cfg, run_file.resolve(), certs, run_dir.staging, threads, resume, tensorboard)
+        bar, seen = RunProgress(cfg.budget, clock="elapsed", enabled=progress), 0
         with bar:
             while not deployment.finished:
                 for note in deployment.supervise():
                     print(f"echelon launch: {note}", file=sys.stderr)
                 records, seen = _outer_steps(run_dir.staging / "metrics.jsonl", seen)
                 for r in records:
-                    bar.update(r["time"], r["tokens_total"], r["outer_step"], r["val_loss"])
+                    bar.update(r)
                 time.sleep(0.2)
         deployment.stop()  # devices left reconnecting to a finished boundary
         summary = json.loads((run_dir.staging / "summary.json").read_text())
@@ -225,7 +237,6 @@ def launch(
         pins.unlink(missing_ok=True)  # a forced rerun's; the run directory it pinned is replaced too
         shutil.copyfile(keys / "certs" / PINS_FILE, pins)
     except BaseException as e:
-        run_dir.abandon()
         if deployment is None:
             raise
         deployment.stop()
@@ -258,6 +269,7 @@ def launch_file(path: Path, args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         threads=args.threads,
         resume=getattr(args, "resume", False),
+        tensorboard=args.tensorboard,
     )
     print_summary(summary, out)
     return 0

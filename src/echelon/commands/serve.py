@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from echelon.config import RunConfig, load_run
 from echelon.errors import UserError
+from echelon.parties import GLOBAL, boundary_party, device_party
 
 if TYPE_CHECKING:
     from echelon.runtime.grpc.handshakes import HandshakeTap
@@ -50,6 +51,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume", action="store_true", help="continue from RUN_DIR's checkpoint (global, boundary)"
     )
+    parser.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write TensorBoard event files to RUN_DIR/tb (global; the run file's metrics.tensorboard)",
+    )
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -77,7 +83,7 @@ def _party(args: argparse.Namespace, cfg: RunConfig) -> str:
     if args.role == "global":
         _need(args, "run_dir")
         check_listen(args.listen)
-        return "global"
+        return GLOBAL
     if args.role == "boundary":
         _need(args, "id", "global_target", "run_dir")
         known = [b.id for b in cfg.boundaries]
@@ -87,13 +93,13 @@ def _party(args: argparse.Namespace, cfg: RunConfig) -> str:
             )
         check_listen(args.listen)
         parse_address(args.global_target, "--global")
-        return f"boundary.{args.id}"
+        return boundary_party(args.id)
     _need(args, "id", "boundary_target")
     known = [d.id for _, d in cfg.devices]
     if args.id not in known:
         raise UserError(f"--id {args.id!r} is not a device of {args.config} (devices: {', '.join(known)})")
     parse_address(args.boundary_target, "--boundary")
-    return f"device.{args.id}"
+    return device_party(args.id)
 
 
 async def _watch_parent(parent: int) -> None:
@@ -114,7 +120,9 @@ async def _serve(args: argparse.Namespace, cfg: RunConfig, party: str, tap: Hand
     if args.role == "global":
         from echelon.runtime.grpc.global_role import run_global
 
-        job = run_global(cfg, creds, args.listen, args.run_dir, args.resume, tap)
+        job = run_global(
+            cfg, creds, args.listen, args.run_dir, args.resume, tap, tensorboard=args.tensorboard
+        )
     elif args.role == "boundary":
         from echelon.runtime.grpc.boundary_role import run_boundary
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from echelon.config import load_run
+from echelon.config import RunConfig, load_run
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +20,18 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<name>)")
     parser.add_argument("--force", action="store_true", help="replace an existing run directory")
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    parser.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write TensorBoard event files to <out>/tb (the run file's metrics.tensorboard)",
+    )
+
+
+def with_options(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
+    """The run file's configuration with the command line's overrides."""
+    if args.tensorboard:
+        return cfg.model_copy(update={"metrics": cfg.metrics.model_copy(update={"tensorboard": True})})
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,7 +42,7 @@ def train_file(path: Path, args: argparse.Namespace) -> int:
     from echelon.preflight import preflight
     from echelon.runner import train
 
-    cfg = load_run(path)
+    cfg = with_options(load_run(path), args)
     out = args.out or Path("runs") / cfg.name
     preflight(cfg, path, out, deploy=False)
     summary = train(cfg, out, force=args.force, progress=not args.no_progress)
@@ -46,7 +58,7 @@ def print_summary(s: dict, out: Path) -> None:
     t.add_row("outer steps", f"{s['outer_steps']} (stopped by {s['stop_reason']})")
     t.add_row("middle steps", ", ".join(f"{b}: {n}" for b, n in s["middle_steps"].items()))
     # A deployment's clock is the wall clock since the global plane started.
-    clock = "elapsed time (since the global plane started)" if s.get("runtime") == "grpc" else "virtual time"
+    clock = "elapsed time (since the global plane started)" if s["runtime"] == "grpc" else "virtual time"
     t.add_row(clock, f"{s['virtual_time_s']:.1f} s")
     t.add_row("wall time", f"{s['wall_time_s']:.1f} s")
     console.print(t)

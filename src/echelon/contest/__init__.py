@@ -5,5 +5,5 @@
 - `protocol`: pilots, the selection rule, tuning.json, the finals and results.csv.
 - `tables`, `plots`, `report`: Tables 5, 6 and 9 (console and tables.md) and the PNG plots.
 
-`echelon bench contest CONTEST.yaml` runs it all; docs/contest.md describes the protocol.
+`echelon contest CONTEST.yaml` runs it all; docs/contest.md describes the protocol.
 """

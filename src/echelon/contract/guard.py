@@ -59,6 +59,7 @@ class _Guard:
     def __init__(self, party: str, terms: Terms, audit: AuditSink | None) -> None:
         self.party, self.role, self.terms, self.audit = party, role_of(party), terms, audit
         self.bytes_by_type: Counter[str] = Counter()
+        self.bytes_by_boundary: Counter[str] = Counter()  # by the boundary at the channel's end
         self.messages_by_type: Counter[str] = Counter()
         self.refused = 0
 
@@ -72,7 +73,7 @@ class _Guard:
 
     def _boundary_of_channel(self, peer: str) -> str:
         end = self.party if self.role == BOUNDARY else peer
-        return end.removeprefix("boundary.")
+        return end.removeprefix(f"{BOUNDARY}.")
 
     def _record(
         self,
@@ -118,9 +119,10 @@ class _Guard:
         arrow = f"{self.party} -> {peer}" if direction == "out" else f"{peer} -> {self.party}"
         raise ContractViolation(f"{arrow}: {reason}")
 
-    def _count(self, body: Message, frames: list[bytes]) -> None:
-        name = body.DESCRIPTOR.full_name
-        self.bytes_by_type[name] += sum(len(f) for f in frames)
+    def _count(self, body: Message, frames: list[bytes], peer: str) -> None:
+        name, nbytes = body.DESCRIPTOR.full_name, sum(len(f) for f in frames)
+        self.bytes_by_type[name] += nbytes
+        self.bytes_by_boundary[self._boundary_of_channel(peer)] += nbytes
         self.messages_by_type[name] += 1
 
     @property
@@ -168,7 +170,7 @@ class EgressGuard(_Guard):
         if problems:
             self._refuse(now, "out", peer, body, [envelope.SerializeToString()], problems)
         frames = [part.SerializeToString() for part in slice_envelope(envelope)]
-        self._count(body, frames)
+        self._count(body, frames, peer)
         self._record(now, "out", peer, body, frames, "sent", None)
         return frames
 
@@ -259,7 +261,7 @@ class IngressGuard(_Guard):
             return None
         del self._partial[peer]
         body = getattr(whole, whole.WhichOneof("body"))
-        self._count(body, frames)
+        self._count(body, frames, peer)
         head = whole.audit_head if whole.HasField("audit_head") else None
         self._record(now, "in", peer, body, frames, "received", None, head)
         return body

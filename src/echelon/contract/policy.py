@@ -26,11 +26,9 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from echelon.contract.rules import limits, tensors
+from echelon.parties import BOUNDARY, GLOBAL, boundary_id_of
 from echelon.tensors import ITEMSIZE, fragment_bounds, whole_numel
 from echelon.v1 import boundary_pb2, tensor_pb2
-
-GLOBAL = "global"
-BOUNDARY = "boundary"
 
 SENDS: dict[str, frozenset[str]] = {
     BOUNDARY: frozenset({"status", "boundary_delta", "outer_aggregation"}),
@@ -79,7 +77,7 @@ def role_of(party: str) -> str:
     """`global` or `boundary` for a party name; ValueError for anything else."""
     if party == GLOBAL:
         return GLOBAL
-    if party.startswith("boundary.") and len(party) > len("boundary."):
+    if boundary_id_of(party) is not None:
         return BOUNDARY
     raise ValueError(f"{party!r} is not a party that crosses a boundary (global or boundary.<id>)")
 

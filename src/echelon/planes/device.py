@@ -16,9 +16,8 @@ import torch
 from google.protobuf.message import Message
 
 from echelon.planes.aggregation import AggregationClient, Aggregator
-from echelon.sansio import Emit, PlaneAction, Send
+from echelon.sansio import Emit, LocalResult, PlaneAction, Send
 from echelon.tensors import float_problem, to_tensor
-from echelon.train.trainer import LocalResult
 from echelon.v1 import device_pb2, tensor_pb2
 
 

@@ -17,9 +17,10 @@ so every method is tuned over its own knobs with the same budgets.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from echelon.config import BoundaryConfig, DeviceConfig, LinkConfig, RunConfig, StreamingConfig
+if TYPE_CHECKING:  # echelon.config validates strategy names against this module: no import back
+    from echelon.config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,7 @@ def effective_config(cfg: RunConfig) -> RunConfig:
     if s.streaming:
         # Fields the run file left at their plain defaults take the settings of Douillard et al. (2025).
         paper = {"fragments": 4, "overlap_steps": 1, "mixing": 0.5, "pseudo_gradient_dtype": "bfloat16"}
-        plain = StreamingConfig()
+        plain = type(echelon.streaming)()
         left = {k: v for k, v in paper.items() if getattr(echelon.streaming, k) == getattr(plain, k)}
         echelon = echelon.model_copy(update={"streaming": echelon.streaming.model_copy(update=left)})
     if s.local == "scaffold":
@@ -184,16 +185,19 @@ def effective_config(cfg: RunConfig) -> RunConfig:
     if s.topology == "flat":
         # Each device aggregates alone, on its own machine: no intra-boundary link, quorum of one.
         update["boundaries"] = tuple(
-            BoundaryConfig(id=d.id, devices=(d,), wan=b.wan or cfg.network.wan)
+            type(b)(id=d.id, devices=(d,), wan=b.wan or cfg.network.wan)
             for b in cfg.boundaries
             for d in b.devices
         )
         update["echelon"] = echelon.model_copy(update={"buffer_size": 1, "min_quorum": 1})
-        update["network"] = cfg.network.model_copy(update={"lan": LinkConfig()})
+        update["network"] = cfg.network.model_copy(update={"lan": type(cfg.network.lan)()})
     elif s.topology == "centralised":
-        pooled = DeviceConfig(id="central", tokens_per_s=sum(d.tokens_per_s for _, d in cfg.devices))
-        update["boundaries"] = (BoundaryConfig(id="central", devices=(pooled,), wan=LinkConfig()),)
+        # The config classes are reached through the run's own objects (see the import above).
+        first = cfg.boundaries[0]
+        speed = sum(d.tokens_per_s for _, d in cfg.devices)
+        pooled = type(first.devices[0])(id="central", tokens_per_s=speed)
+        update["boundaries"] = (type(first)(id="central", devices=(pooled,), wan=type(cfg.network.lan)()),)
         update["echelon"] = echelon.model_copy(update={"buffer_size": 1, "min_quorum": 1})
-        update["network"] = cfg.network.model_copy(update={"lan": LinkConfig()})
+        update["network"] = cfg.network.model_copy(update={"lan": type(cfg.network.lan)()})
         update["churn"] = cfg.churn.model_copy(update={"mean_uptime_s": None})
     return cfg.model_copy(update=update)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sysconfig
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,18 @@ def stdlib_documents() -> list[Document]:
     return docs
 
 
+def row_document(row: object, text_field: str, domain_field: str | None, where: str) -> Document:
+    """The document in one record (a mapping); UserError naming `where` and the field when the
+    text is missing or not a string. A record without the domain field is in domain `default`."""
+    if not isinstance(row, Mapping) or not isinstance(row.get(text_field), str):
+        raise UserError(
+            f"{where}: field {text_field!r} is missing or not a string "
+            f"(set data.text_field to the name of the text field)"
+        )
+    domain = row.get(domain_field, "default") if domain_field else "default"
+    return Document(row[text_field], str(domain))
+
+
 def jsonl_documents(path: Path, text_field: str, domain_field: str | None) -> list[Document]:
     """Documents from a JSONL file; a bad line is a UserError naming the file, line and field."""
     if not path.is_file():
@@ -76,14 +89,36 @@ def jsonl_documents(path: Path, text_field: str, domain_field: str | None) -> li
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-                raise UserError(
-                    f"{path}:{lineno}: field {text_field!r} is missing or not a string "
-                    f"(set data.text_field to the name of the text field)"
-                )
-            domain = row.get(domain_field, "default") if domain_field else "default"
-            docs.append(Document(row[text_field], str(domain)))
+            docs.append(row_document(row, text_field, domain_field, f"{path}:{lineno}"))
     return docs
+
+
+def hf_dataset_documents(path: Path, text_field: str, domain_field: str | None) -> list[Document]:
+    """Documents from a Hugging Face `datasets` dataset on local disk: a directory written by
+    `Dataset.save_to_disk` (its `train` split, for a DatasetDict), or a .jsonl/.json/.parquet file."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(
+            "data.source hf_dataset needs the datasets package: pip install 'echelon[datasets]'"
+        ) from None
+    builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+    try:
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+        elif path.suffix in builders:
+            ds = datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train")
+        else:
+            raise UserError(
+                f"data.path: {path} is neither a saved dataset directory nor a .jsonl, .json or .parquet file"
+            )
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
+        raise UserError(f"data.path: cannot load {path} as a dataset: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise UserError(f"data.path: {path} has splits {', '.join(ds)}, no `train` split")
+        ds = ds["train"]
+    return [row_document(row, text_field, domain_field, f"{path} row {i}") for i, row in enumerate(ds)]
 
 
 def text_dir_documents(path: Path) -> list[Document]:
@@ -101,12 +136,17 @@ def text_dir_documents(path: Path) -> list[Document]:
     return docs
 
 
-def load_documents(cfg: DataConfig, seed: int) -> list[Document]:
-    """The configured documents, subsampled to `max_documents` deterministically from `seed`."""
-    if cfg.source == "stdlib":
+def load_documents(cfg: DataConfig, seed: int, given: list[Document] | None = None) -> list[Document]:
+    """The configured documents (or those `given` instead of the configured source), subsampled to
+    `max_documents` deterministically from `seed`."""
+    if given is not None:
+        docs = list(given)
+    elif cfg.source == "stdlib":
         docs = stdlib_documents()
     elif cfg.source == "jsonl":
         docs = jsonl_documents(cfg.path, cfg.text_field, cfg.domain_field)
+    elif cfg.source == "hf_dataset":
+        docs = hf_dataset_documents(cfg.path, cfg.text_field, cfg.domain_field)
     else:
         docs = text_dir_documents(cfg.path)
     docs = [d for d in docs if d.text.strip()]

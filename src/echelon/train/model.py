@@ -1,4 +1,5 @@
-"""Models via transformers and peft: the built-in `tiny` Llama preset or a local checkpoint.
+"""Models via transformers and peft: the built-in `tiny` Llama preset, a local checkpoint, or a
+module of the caller's own (`own_model`, through the Python API).
 
 Nothing is ever downloaded: a checkpoint is a local directory (`local_files_only=True`), and the
 tiny preset is a randomly initialised Llama with a byte-level tokenizer built in memory.
@@ -13,6 +14,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -48,15 +50,28 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+class TaskLoss(Protocol):
+    """The task loss of `model` on a batch of token ids (long, [sequences, seq_len]): a scalar
+    tensor to differentiate. Local rounds add the proximal term to it; evaluation averages it."""
+
+    def __call__(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor: ...
+
+
+def causal_lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, as a Hugging Face causal LM computes it from its labels."""
+    return model(input_ids=batch, labels=batch).loss
+
+
 @dataclass
 class ModelBundle:
-    """A causal LM, its tokenizer, and the flat view of its trainable parameters."""
+    """A causal LM, its tokenizer, the flat view of its trainable parameters and its task loss."""
 
     model: nn.Module
     tokenizer: PreTrainedTokenizerFast
     config: ModelConfig
     names: list[str]
     trainable: list[nn.Parameter]
+    task_loss: TaskLoss = causal_lm_loss
 
     @property
     def dim(self) -> int:
@@ -107,6 +122,14 @@ class ModelBundle:
             cfg_path.write_text(json.dumps(cfg, indent=2))
             return adapter
         model_dir = out_dir / "model"
+        if not hasattr(self.model, "save_pretrained"):  # a module of the caller's own
+            from safetensors.torch import save_file
+
+            model_dir.mkdir(exist_ok=True)
+            state = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+            save_file(state, model_dir / "model.safetensors")
+            self.tokenizer.save_pretrained(model_dir)
+            return model_dir
         self.model.save_pretrained(model_dir)
         self.tokenizer.save_pretrained(model_dir)
         return model_dir
@@ -161,3 +184,26 @@ def build_model(cfg: ModelConfig, seed: int) -> ModelBundle:
             p.requires_grad_(True)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return ModelBundle(model, tokenizer, cfg, [n for n, _ in named], [p for _, p in named])
+
+
+def own_model(
+    module: nn.Module,
+    cfg: ModelConfig,
+    task_loss: TaskLoss = causal_lm_loss,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+) -> ModelBundle:
+    """The caller's `module` as a bundle: theta is its parameters that require a gradient (all of
+    them, `model.trainable: full`), texts are tokenised with `tokenizer` (default: the tiny
+    preset's byte-level tokenizer, ids 0..259), and `task_loss` scores a batch (default: the
+    module is called as a Hugging Face causal LM)."""
+    if cfg.trainable != "full":
+        raise UserError(
+            "model.trainable: a module of your own trains its parameters that require a gradient; "
+            "set `trainable: full` (LoRA adapters are made only for Hugging Face checkpoints)"
+        )
+    module.train()
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    if not named:
+        raise UserError("the model has no parameter that requires a gradient: nothing to train")
+    tok = tokenizer or byte_tokenizer()
+    return ModelBundle(module, tok, cfg, [n for n, _ in named], [p for _, p in named], task_loss)

@@ -9,23 +9,13 @@ reference is copied into the shared trainable parameters; afterwards they are re
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from echelon.config import TrainConfig
+from echelon.sansio import LocalResult
 from echelon.train.data import Corpus
 from echelon.train.model import ModelBundle
-
-
-@dataclass(frozen=True)
-class LocalResult:
-    """A finished local round: the device's parameters, tokens processed, mean task loss."""
-
-    theta: torch.Tensor
-    tokens: int
-    loss: float
 
 
 class DeviceStream:
@@ -105,7 +95,7 @@ class LocalTrainer:
         total = 0.0
         for idx in batches:
             batch = torch.from_numpy(self.corpus.train[idx]).long()
-            loss = model(input_ids=batch, labels=batch).loss
+            loss = self.bundle.task_loss(model, batch)
             (loss / len(batches)).backward()
             total += loss.item()
         if self.mu > 0:
@@ -136,7 +126,7 @@ class LocalTrainer:
         total = 0.0
         for i in range(0, len(val), batch):
             chunk = torch.from_numpy(val[i : i + batch]).long()
-            total += model(input_ids=chunk, labels=chunk).loss.item() * len(chunk)
+            total += self.bundle.task_loss(model, chunk).item() * len(chunk)
         model.train()
         return total / len(val)
 

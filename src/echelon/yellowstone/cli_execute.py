@@ -100,7 +100,6 @@ def run(args: argparse.Namespace) -> int:
     )
     result = run_local(job)
     if result.is_failed():
-        run_dir.abandon()
         failed = ", ".join(f"{devices[r]} (exit {f.exitcode})" for r, f in sorted(result.failures.items()))
         raise UserError(
             f"the job failed after {args.max_restarts} restart(s): {failed}; see {run_dir.staging / 'logs'}; "
@@ -109,7 +108,6 @@ def run(args: argparse.Namespace) -> int:
     summary = summarise(plan, run_dir.staging, args.steps)
     stopped = [r["replica"] for r in summary["replicas"] if r["steps"] < args.steps]
     if len(stopped) == len(summary["replicas"]):
-        run_dir.abandon()
         raise UserError(
             f"every replica stopped before {args.steps} steps: "
             f"{'; '.join(summary['backups_applied']) or 'see the logs'} ({run_dir.staging / 'logs'})"

@@ -18,11 +18,12 @@ import grpc
 from google.protobuf.message import Message
 
 from echelon import rundir
+from echelon.assembly import make_boundary_plane, make_guards
 from echelon.config import RunConfig
 from echelon.contract.guard import ContractViolation
 from echelon.errors import UserError
+from echelon.parties import GLOBAL, boundary_address, device_address, device_id_of, party_of
 from echelon.preflight import deployable
-from echelon.runner import make_boundary_plane, make_guards
 from echelon.runtime.grpc import evidence
 from echelon.runtime.grpc.framing import (
     DeviceReassembly,
@@ -46,8 +47,7 @@ from echelon.runtime.grpc.transport import (
     start_server,
     stream_handler,
 )
-from echelon.runtime.sim.engine import GLOBAL, boundary_address, device_address, party_of
-from echelon.runtime.sim.network import Network
+from echelon.runtime.network import Network
 from echelon.train.model import build_model
 from echelon.wire import unwrap
 
@@ -174,8 +174,9 @@ class BoundaryRole:
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         peer, unit = peer_identity(context.auth_context())
-        is_device = bool(peer and peer.startswith("device."))
-        address = device_address(peer.removeprefix("device.")) if is_device else ""
+        device_id = device_id_of(peer)
+        is_device = device_id is not None
+        address = device_address(device_id) if is_device else ""
         if address not in self.to_device or unit != self.party:
             why = (
                 f"its certificate names {unit}, not {self.party}"

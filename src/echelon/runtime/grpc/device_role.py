@@ -19,18 +19,18 @@ from pathlib import Path
 import numpy as np
 from google.protobuf.message import Message
 
+from echelon.assembly import make_device_plane, prepare
 from echelon.config import RunConfig
 from echelon.errors import UserError
+from echelon.parties import boundary_address, device_address
 from echelon.planes.device import StartLocalRound
 from echelon.preflight import deployable
-from echelon.runner import make_device_plane, prepare
 from echelon.runtime.grpc import evidence
 from echelon.runtime.grpc.framing import DeviceReassembly, device_frames, envelope_cap
 from echelon.runtime.grpc.node import Node, Outbox
 from echelon.runtime.grpc.tls import Credentials
 from echelon.runtime.grpc.transport import LOCAL_METHOD, Dialer
-from echelon.runtime.sim.engine import boundary_address, device_address
-from echelon.runtime.sim.network import Network
+from echelon.runtime.network import Network
 from echelon.train.trainer import derived_seed
 from echelon.wire import unwrap
 

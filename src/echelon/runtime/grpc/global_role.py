@@ -1,7 +1,8 @@
 """The global plane deployed: boundaries dial it over gRPC with mutual TLS.
 
 It runs the very `GlobalPlane` the simulator runs, behind its egress and ingress guards, and
-writes the run's metrics, summary, final weights and its audit log. Its plane is checkpointed
+records the run as the simulator does (`echelon.record.RunRecorder`: metrics, summary, final
+weights), beside its audit log. Its plane is checkpointed
 (a state dict) at every outer step, before that step's reference goes out; `resume` continues
 from the checkpoint and brings every (re)connecting boundary up to date
 (`GlobalPlane.peer_rejoined`), so no outer step is lost or applied twice. When no boundary has
@@ -11,7 +12,6 @@ been heard from for `deployment.patience_s`, it ends the run on the last synchro
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -19,14 +19,15 @@ from pathlib import Path
 
 import grpc
 from google.protobuf.message import Message
-from safetensors import SafetensorError
 
 from echelon import rundir
+from echelon.assembly import make_global_plane, make_guards, prepare
 from echelon.config import RunConfig
 from echelon.contract.guard import ContractViolation
 from echelon.errors import UserError
+from echelon.parties import GLOBAL, boundary_address, boundary_id_of, party_of
 from echelon.preflight import deployable
-from echelon.runner import make_global_plane, make_guards, prepare
+from echelon.record import RunRecorder
 from echelon.runtime.grpc import evidence
 from echelon.runtime.grpc.handshakes import HandshakeTap
 from echelon.runtime.grpc.node import Node, Outbox
@@ -40,9 +41,7 @@ from echelon.runtime.grpc.transport import (
     start_server,
     stream_handler,
 )
-from echelon.runtime.sim.engine import GLOBAL, boundary_address, party_of
-from echelon.runtime.sim.network import Network
-from echelon.strategies import get_strategy
+from echelon.runtime.network import Network
 
 log = logging.getLogger("echelon.serve")
 
@@ -53,13 +52,15 @@ DRAIN_S = 30.0  # how long the run's end waits for queued frames to leave
 class GlobalRole:
     """The global plane of `cfg` serving its boundaries on `listen`; `run()` until the run ends."""
 
-    def __init__(self, cfg: RunConfig, creds: Credentials, listen: str, run_dir: Path, resume: bool) -> None:
+    def __init__(
+        self, cfg: RunConfig, creds: Credentials, listen: str, run_dir: Path, resume: bool, tensorboard: bool
+    ) -> None:
         self.cfg = cfg = deployable(cfg)
         self.run_dir, self.listen = run_dir, listen
         self.wall0 = time.perf_counter()
         self.prep = prepare(cfg, local_devices=set())  # the global plane evaluates; it runs no device
         self.plane = make_global_plane(cfg, self.prep.trainer.initial_state(), creds.identity())
-        self.evals: list[float] = []
+        evals: list[float] = []
         path = rundir.checkpoint_path(run_dir, GLOBAL)
         if resume:
             state = rundir.load_checkpoint(path)
@@ -67,7 +68,7 @@ class GlobalRole:
                 self.plane.load_state_dict(state["plane"])
             except (KeyError, ValueError, RuntimeError) as e:
                 raise UserError(f"cannot resume from {path}: {e}") from None
-            self.evals = list(state["evals"])
+            evals = list(state["evals"])
             log.info("resuming from outer step %d", self.plane.outer_step)
         self.audit = evidence.open_audit(run_dir, GLOBAL, creds, cfg)
         self.egress, self.ingress = make_guards(cfg, GLOBAL, self.plane.theta_g.numel(), self.audit)
@@ -81,8 +82,19 @@ class GlobalRole:
         self.streams = LiveStreams()
         self.started = resume
         self.refused = 0
-        self.metrics = (run_dir / "metrics.jsonl").open("a")
         self.node = Node(self.plane, GLOBAL, self.route, self.on_emit)
+        self.recorder = RunRecorder(
+            run_dir,
+            cfg,
+            self.prep,
+            self.plane,
+            (self.egress, self.ingress),  # the global plane sees every crossing, once
+            runtime="grpc",
+            clock=self.node.now,
+            tokens=lambda: self.plane.tokens_applied,
+            evals=evals,
+            tensorboard=tensorboard,
+        )
         self.arriving: tuple[str, bytes, Message] | None = None  # (peer, frame, body) the plane is given
         self.heard_at = self.node.now()  # the last time any boundary connected or sent a frame
         self.done = asyncio.Event()
@@ -90,29 +102,11 @@ class GlobalRole:
 
     # -- the plane's actions ---------------------------------------------------------------------
 
-    def cross_bytes(self) -> int:
-        return self.egress.bytes_total + self.ingress.bytes_total
-
     def on_emit(self, kind: str, fields: dict) -> None:
         if kind == "refused" and self.arriving is not None:  # the plane refused what a boundary sent
             self.refuse(*self.arriving, fields["reason"], recorded=False)
             return
-        record = {"kind": kind, **fields}
-        plane = self.plane
-        if kind == "outer_step":
-            record["val_loss"] = self.prep.trainer.evaluate(
-                plane.theta_g, self.cfg.eval.sequences, self.cfg.eval.batch
-            )
-            record["tokens_total"] = plane.tokens_applied
-            record["cross_boundary_bytes"] = self.cross_bytes()
-            self.evals.append(record["val_loss"])
-        self.metrics.write(json.dumps(record, sort_keys=True) + "\n")
-        self.metrics.flush()
-        if kind == "outer_step":
-            # After the record, before the step's reference leaves (the outbox releases it only
-            # when this callback returns): a crash in between repeats the record, never the step.
-            state = {"plane": plane.state_dict(), "evals": list(self.evals)}
-            rundir.save_checkpoint(rundir.checkpoint_path(self.run_dir, GLOBAL), state)
+        self.recorder.on_emit(kind, fields)
 
     def route(self, to: str, message: Message) -> None:
         try:
@@ -122,7 +116,9 @@ class GlobalRole:
 
     def after_event(self) -> None:
         plane, now = self.plane, self.node.now()
-        self.node.do(plane.check_budget(now, self.cfg.budget, plane.tokens_reported, self.cross_bytes()))
+        self.node.do(
+            plane.check_budget(now, self.cfg.budget, plane.tokens_reported, self.recorder.cross_bytes())
+        )
         patience = self.cfg.deployment.patience_s
         if not plane.finished and now - self.heard_at > patience:
             log.error(
@@ -171,11 +167,8 @@ class GlobalRole:
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         party, _ = peer_identity(context.auth_context())
-        address = (
-            boundary_address(party.removeprefix("boundary."))
-            if party and party.startswith("boundary.")
-            else ""
-        )
+        boundary_id = boundary_id_of(party)
+        address = "" if boundary_id is None else boundary_address(boundary_id)
         if address not in self.outboxes:
             await self.refuse_stream(
                 context, party, grpc.StatusCode.PERMISSION_DENIED, "not a boundary of this run"
@@ -245,7 +238,7 @@ class GlobalRole:
                 handshakes.detach()
             self.node.stop()
             await self.server.stop(grace=None)  # a no-op after a clean stop; cancels streams otherwise
-            self.metrics.close()
+            self.recorder.close()
             self.audit.close("close" if self.done.is_set() else "interrupted")
         return self.finish()
 
@@ -255,46 +248,14 @@ class GlobalRole:
 
     def finish(self) -> dict:
         """Write the final model and the summary; UserError (the checkpoint kept) when the disk refuses."""
-        plane, prep = self.plane, self.prep
-        if not self.evals:  # the run ended before it started (no boundary came): the initial model
-            self.evals.append(
-                prep.trainer.evaluate(plane.theta_g, self.cfg.eval.sequences, self.cfg.eval.batch)
-            )
-        try:
-            artefact = prep.bundle.save(self.run_dir, prep.trainer.model_part(plane.theta_g))
-            strategy = get_strategy(self.cfg.strategy)
-            summary = {
-                "name": self.cfg.name,
-                "runtime": "grpc",
-                "strategy": strategy.label,
-                "admissible": strategy.admissible,
-                "start_val_loss": self.evals[0],
-                "end_val_loss": self.evals[-1],
-                "tokens": plane.tokens_applied,
-                "outer_steps": plane.outer_step,
-                "b_eff": plane.b_eff,
-                "middle_steps": plane.middle_steps,
-                "stop_reason": plane.final_reason,
-                "virtual_time_s": self.node.now(),
-                "wall_time_s": time.perf_counter() - self.wall0,
-                "trainable_parameters": prep.bundle.dim,
-                "partition_skew": prep.skew,
-                "cross_boundary_bytes": dict(
-                    sorted((self.egress.bytes_by_type + self.ingress.bytes_by_type).items())
-                ),
-                "intra_boundary_bytes": {},  # each boundary's own business: not seen by the global plane
-                "refused": self.refused,  # every message refused on arrival, by the guard or the plane
-                "artefact": artefact.name,
-            }
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-        except (OSError, SafetensorError) as e:
-            raise UserError(
-                f"could not write the final model or summary in {self.run_dir} ({e}); the last "
-                f"synchronised model (outer step {plane.outer_step}) is in "
-                f"{rundir.checkpoint_path(self.run_dir, GLOBAL)}: free space and run `echelon serve global "
-                "--resume`"
-            ) from None
-        return summary
+        summary = self.recorder.finish(
+            time.perf_counter() - self.wall0,
+            middle_steps=self.plane.middle_steps,
+            intra_boundary_bytes={},  # each boundary's own business: not seen by the global plane
+            refused=self.refused,  # every message refused on arrival, by the guard or the plane
+            hint=": free space and run `echelon serve global --resume`",
+        )
+        return summary.to_dict()
 
 
 async def run_global(
@@ -304,6 +265,8 @@ async def run_global(
     run_dir: Path,
     resume: bool = False,
     handshakes: HandshakeTap | None = None,
+    tensorboard: bool = False,
 ) -> dict:
-    """Serve the global plane of `cfg` on `listen` until the run ends; returns the run's summary."""
-    return await GlobalRole(cfg, creds, listen, run_dir, resume).run(handshakes)
+    """Serve the global plane of `cfg` on `listen` until the run ends; returns the run's summary.
+    `tensorboard` adds TensorBoard event files whatever the run file's metrics.tensorboard says."""
+    return await GlobalRole(cfg, creds, listen, run_dir, resume, tensorboard).run(handshakes)

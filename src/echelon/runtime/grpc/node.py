@@ -17,7 +17,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from echelon.runtime.sim.network import Link
+from echelon.runtime.network import Link
 from echelon.sansio import CancelTimer, Emit, PlaneAction, Send, SetTimer
 
 log = logging.getLogger("echelon.node")
@@ -26,7 +26,7 @@ log = logging.getLogger("echelon.node")
 class Outbox:
     """Frames for one peer, released in order at the arrival times the emulated link gives them.
 
-    The link is the simulator's own (`echelon.runtime.sim.network.Link`: transmission at the
+    The link is the simulator's own (`echelon.runtime.network.Link`: transmission at the
     link's bandwidth, latency with jitter and Gilbert-Elliott bursts), seeded per link name as the
     simulator seeds it, on the wall clock. One stream at a time takes frames (`frames`); a frame a
     broken stream had taken is lost with it, as on a real link.

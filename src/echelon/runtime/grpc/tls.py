@@ -31,6 +31,7 @@ from cryptography.x509.oid import NameOID
 from echelon.audit.anchor import PINS_FILE, deployment_id, write_pins
 from echelon.audit.keys import generate_signing_key, load_signing_key
 from echelon.errors import UserError
+from echelon.parties import device_id_of, run_parties
 from echelon.secagg.identity import Identity, Signer, Verifier
 
 VALIDITY = datetime.timedelta(days=365)
@@ -60,15 +61,6 @@ def _name(common_name: str, unit: str | None = None) -> x509.Name:
         attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit))
     attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
     return x509.Name(attrs)
-
-
-def parties_of(boundaries: dict[str, list[str]]) -> list[tuple[str, str | None]]:
-    """(party, its boundary party or None) for the global plane, every boundary and device."""
-    out: list[tuple[str, str | None]] = [("global", None)]
-    for b, devices in boundaries.items():
-        out.append((f"boundary.{b}", None))
-        out += [(f"device.{d}", f"boundary.{b}") for d in devices]
-    return out
 
 
 def init_certs(directory: Path, boundaries: dict[str, list[str]]) -> list[str]:
@@ -108,7 +100,7 @@ def init_certs(directory: Path, boundaries: dict[str, list[str]]) -> list[str]:
         )
         .sign(ca_key, hashes.SHA256())
     )
-    parties = parties_of(boundaries)
+    parties = run_parties(boundaries)
     audit_keys = {}
     for party, boundary in parties:
         party_dir = directory / party
@@ -137,7 +129,7 @@ def init_certs(directory: Path, boundaries: dict[str, list[str]]) -> list[str]:
         )
         _write(party_dir / "cert.pem", cert.public_bytes(serialization.Encoding.PEM), 0o644)
         _write(party_dir / "key.pem", _pem_key(key), 0o600)
-        if not party.startswith("device."):
+        if device_id_of(party) is None:
             audit_keys[party] = generate_signing_key(party_dir, party).public_key()
     # The CA key is not kept: nobody can mint a certificate for this deployment afterwards.
     ca_pem = ca.public_bytes(serialization.Encoding.PEM)

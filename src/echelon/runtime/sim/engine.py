@@ -21,29 +21,15 @@ from google.protobuf.message import Message
 
 from echelon.config import BudgetConfig, ChurnConfig, DeviceConfig, LinkConfig
 from echelon.contract.guard import ContractViolation, EgressGuard, IngressGuard
+from echelon.parties import GLOBAL, boundary_address, device_address, party_of
 from echelon.planes.boundary import BoundaryPlane
 from echelon.planes.coordinator import GlobalPlane
 from echelon.planes.device import DevicePlane, StartLocalRound
-from echelon.runtime.sim.network import Network
+from echelon.runtime.network import Network
 from echelon.sansio import CancelTimer, Emit, PlaneAction, Send, SetTimer
 from echelon.train.trainer import LocalTrainer, derived_seed
 from echelon.v1 import device_pb2
 from echelon.wire import unwrap, wrap_device
-
-GLOBAL = "global"
-
-
-def boundary_address(boundary_id: str) -> str:
-    return f"boundary/{boundary_id}"
-
-
-def device_address(device_id: str) -> str:
-    return f"device/{device_id}"
-
-
-def party_of(address: str) -> str:
-    """The audit party of a cross-boundary endpoint: `global` or `boundary.<id>`."""
-    return GLOBAL if address == GLOBAL else "boundary." + address.split("/", 1)[1]
 
 
 class SimulationStalled(RuntimeError):
@@ -140,12 +126,17 @@ class Simulation:
     @property
     def cross_boundary_bytes(self) -> int:
         """Wire bytes sent across boundaries so far (each crossing counted once, at its sender)."""
-        return sum(egress.bytes_total for egress, _ in self._guards.values())
+        return sum(egress.bytes_total for egress in self.egress_guards)
+
+    @property
+    def egress_guards(self) -> list[EgressGuard]:
+        """Every party's egress guard: between them they count each crossing once."""
+        return [egress for egress, _ in self._guards.values()]
 
     def cross_boundary_by_type(self) -> dict[str, int]:
         """Cross-boundary wire bytes by message type."""
         total: Counter = Counter()
-        for egress, _ in self._guards.values():
+        for egress in self.egress_guards:
             total.update(egress.bytes_by_type)
         return dict(sorted(total.items()))
 

@@ -30,9 +30,10 @@ import torch
 import torch.distributed as dist
 
 from echelon.config import ModelConfig, TrainConfig
+from echelon.sansio import LocalResult
 from echelon.train.data import Corpus
 from echelon.train.model import ModelBundle
-from echelon.train.trainer import LocalResult, LocalTrainer, derived_seed
+from echelon.train.trainer import LocalTrainer, derived_seed
 from echelon.yellowstone.execute.job import model_config
 from echelon.yellowstone.execute.topology import restrict
 from echelon.yellowstone.plan import read_plan, write_plan

@@ -1,5 +1,8 @@
 """Network model: one directed link per (sender, receiver) pair, deterministic from a seed.
 
+Both runtimes use it: the simulator schedules arrivals on its virtual clock, the deployment
+holds each frame in its outbox until the same link says it arrives, on the wall clock.
+
 A link sends one message at a time (a stream, like TCP): transmission takes bytes / bandwidth
 after the previous message has left, then the message spends a propagation latency in flight.
 Latency is the median +/- jitter percent (uniform), times a burst factor while the link is in

@@ -1,4 +1,4 @@
-"""`echelon bench contest CONTEST.yaml`: the budget-matched contest of strategies.
+"""`echelon contest CONTEST.yaml`: the budget-matched contest of strategies.
 
 Every strategy is tuned with the same pilot budget, then its chosen settings run at each budget
 with several seeds; the command prints the tuning table and Tables 5, 6 and 9 and writes
@@ -24,8 +24,7 @@ WIDE = 160
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
-    contest = sub.add_parser("contest", help="tune every strategy with pilots, then run the finals")
+    contest = parser
     contest.add_argument("contest_file", type=Path, help="contest file (YAML), see docs/contest.md")
     contest.add_argument(
         "--out", type=Path, default=None, help="output directory (default: contests/<file stem>[-quick])"
@@ -74,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     )
     finals, final_runs = run_finals(contest, planned, out, workers=args.workers, progress=progress)
     command = shlex.join(
-        ["echelon", "bench", "contest", str(args.contest_file), "--out", str(out)]
+        ["echelon", "contest", str(args.contest_file), "--out", str(out)]
         + (["--quick"] if args.quick else [])
     )
     report = write_report(contest, tuning, planned, finals, out, command)

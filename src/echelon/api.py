@@ -1,0 +1,117 @@
+"""Echelon's Python API: what `import echelon` exposes (see `echelon.__all__`).
+
+    import echelon
+
+    cfg = echelon.load_config("examples/demo.yaml")         # or echelon.RunConfig.model_validate({...})
+    summary = echelon.simulate(cfg, "runs/demo")             # a RunSummary
+    summary = echelon.launch("examples/demo.yaml", "runs/d")  # the same run deployed as local processes
+    outer = echelon.read_metrics("runs/demo", "outer_step")  # metrics.jsonl records
+
+Bring your own model, data and loss to a simulated run: `model` is any `torch.nn.Module` called as
+a Hugging Face causal LM (`model(input_ids=..., labels=...).loss`) or scored by your own `loss`
+(`echelon.TaskLoss`); `data` is any iterable of records with the run file's `data.text_field`
+(a Hugging Face `datasets.Dataset` is one). A local Hugging Face checkpoint directory needs no
+code: `model: {path: DIR}` in the run file, and `data: {source: hf_dataset, path: ...}` reads a
+saved dataset, JSONL or parquet through `datasets`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from echelon.config import RunConfig, load_run
+from echelon.errors import ConfigError
+from echelon.record import RunSummary
+from echelon.yamlio import validation_problems
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedTokenizerFast
+
+    from echelon.train.model import TaskLoss
+    from echelon.yellowstone.plan import Plan
+
+__all__ = ["launch", "load_config", "plan", "read_summary", "simulate"]
+
+
+def load_config(source: str | Path | Mapping[str, Any]) -> RunConfig:
+    """A validated run configuration from a run file (relative paths resolve against its
+    directory) or a mapping; ConfigError names the field and the fix."""
+    if isinstance(source, Mapping):
+        try:
+            return RunConfig.model_validate(source)
+        except ValidationError as e:
+            raise ConfigError("the run configuration", validation_problems(e)) from None
+    return load_run(source)
+
+
+def simulate(
+    config: RunConfig | str | Path | Mapping[str, Any],
+    out: str | Path,
+    *,
+    model: nn.Module | None = None,
+    loss: TaskLoss | None = None,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    data: Iterable[Mapping[str, Any]] | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> RunSummary:
+    """Simulate the run `config` and write its run directory `out`; returns its summary.
+
+    `model` replaces the run file's model (it trains its parameters that require a gradient;
+    set `model.trainable: full`), tokenised with `tokenizer` (default: a byte-level one) and
+    scored by `loss` (default: the causal LM's own). `data` replaces the run file's documents.
+    """
+    from echelon.preflight import preflight
+    from echelon.runner import train
+    from echelon.train.data import row_document
+    from echelon.train.model import causal_lm_loss, own_model
+
+    cfg = config if isinstance(config, RunConfig) else load_config(config)
+    out = Path(out)
+    bundle = None
+    if model is None:  # the run file's model: checked against this machine before any work
+        preflight(cfg, "the run configuration", out, deploy=False)
+    else:
+        bundle = own_model(model, cfg.model, loss or causal_lm_loss, tokenizer)
+    documents = None
+    if data is not None:
+        d = cfg.data
+        documents = [
+            row_document(r, d.text_field, d.domain_field, f"data row {i}") for i, r in enumerate(data)
+        ]
+    train(cfg, out, force=force, progress=progress, bundle=bundle, documents=documents)
+    return RunSummary.read(out)
+
+
+def launch(
+    run_file: str | Path, out: str | Path, *, force: bool = False, progress: bool = False, threads: int = 1
+) -> RunSummary:
+    """Deploy the run file as local processes (the global plane, each boundary and device over
+    gRPC with mutual TLS, supervised) and write its run directory `out`; returns its summary."""
+    from echelon.commands.launch import launch as deploy
+
+    path = Path(run_file)
+    deploy(load_run(path), path, Path(out), force=force, progress=progress, threads=threads)
+    return RunSummary.read(out)
+
+
+def read_summary(run_dir: str | Path) -> RunSummary:
+    """The summary of a finished run directory (either runtime's)."""
+    return RunSummary.read(run_dir)
+
+
+def plan(fleet: str | Path, model: str = "tiny", **profile: Any) -> Plan:
+    """Yellowstone's plan for the fleet file `fleet` and `model` (a preset name or a local Hugging
+    Face checkpoint directory); `profile` takes `echelon.yellowstone.model_profile.build_profile`'s
+    options (trainable, dtype, seq_len, micro_batch, lora_rank)."""
+    from echelon.yellowstone.fleet import load_fleet
+    from echelon.yellowstone.model_profile import build_profile, resolve_model
+    from echelon.yellowstone.planner import plan_fleet
+
+    name, shape, source = resolve_model(model)
+    return plan_fleet(load_fleet(fleet), build_profile(name, shape, source=source, **profile))
