@@ -22,7 +22,10 @@ class QuorumNotMet(ValueError):
     """An aggregation result with fewer contributors than the quorum cannot become boundary state."""
 
 
-def fragment_bounds(dim: int, fragments: int) -> list[tuple[int, int]]:
+Bounds = list[tuple[int, int]]  # [lo, hi) of each fragment of a flat vector, in order, covering it
+
+
+def fragment_bounds(dim: int, fragments: int) -> Bounds:
     """[lo, hi) of each of `fragments` contiguous, near-equal fragments of a `dim`-vector."""
     edges = [round(i * dim / fragments) for i in range(fragments + 1)]
     return list(itertools.pairwise(edges))
@@ -40,13 +43,13 @@ class BoundaryModel:
     middle steps would let one device's repeated updates pass for a quorum.
     """
 
-    def __init__(self, theta_g: torch.Tensor, min_quorum: int, fragments: int = 1) -> None:
+    def __init__(self, theta_g: torch.Tensor, min_quorum: int, fragments: int | Bounds = 1) -> None:
         self.min_quorum = min_quorum
         self.theta_g = theta_g
         self.base = theta_g
         self.since_sync = torch.zeros_like(theta_g)
-        self.bounds = fragment_bounds(theta_g.numel(), fragments)
-        self.contributors = [0] * fragments
+        self.bounds = fragment_bounds(theta_g.numel(), fragments) if isinstance(fragments, int) else fragments
+        self.contributors = [0] * len(self.bounds)
 
     @property
     def theta_b(self) -> torch.Tensor:
