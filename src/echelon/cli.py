@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("echelon.commands.report", "plots and a markdown summary of a run directory"),
     "sweep": ("echelon.commands.sweep", "run a grid of simulated runs in parallel, resumably"),
     "law": ("echelon.commands.law", "fit the effective-divergence law to sweep results"),
+    "redteam": ("echelon.commands.redteam", "attack a finished run from the global coordinator's seat"),
     "bench": ("echelon.commands.bench", "run the budget-matched contest of strategies (bench contest FILE)"),
 }
 

@@ -1,0 +1,392 @@
+"""Privacy red-team (paper §4.3, §8.6, Table 14): attack what the global coordinator saw.
+
+The adversary is the honest-but-curious global coordinator. Its view is exactly what crossed to
+it: every boundary's `BoundaryStatus` (per middle step) and `BoundaryDelta` (per outer step, with
+Delta_b in the clear, or, under +SA, only the secure sum over boundaries), plus the run file every
+party holds (the roster of devices, their profiles, the knobs). `Recorder` records that view
+during a simulation, beside the simulator's private ground truth (which device contributed what
+to each middle step), kept apart in a clearly private file and used only to score the attacks.
+`echelon redteam RUN` checks the view against the run's signed audit log (every message's SHA-256
+must be one the global plane logged as received), so the attacks use nothing that did not cross.
+
+The three vectors and their success metrics (docs/fidelity.md has the reasoning):
+
+- Difference of sums (DoS). The attacker estimates how many device rounds each aggregate folds in,
+  N_k = round(tokens_k / tokens of one local round) from the crossed token count, and for two
+  adjacent aggregates of one boundary over the same number of middle steps whose estimates differ
+  by one, takes e = N_k * Delta_k - N_k' * Delta_k' as one device's update. Score: the largest
+  cosine similarity of e with the true contribution of a device to the larger aggregate.
+- Small cohort (SC). Every aggregate with N_k <= k is taken as one device's update. Score: the
+  largest cosine similarity of the aggregate with a member's true contribution.
+- Membership churn (MC). For every middle step the attacker guesses who contributed: the c
+  fastest devices of the boundary's roster, c from the crossed count (or from the crossed token
+  totals when counts are coarsened). Score: 1 for the exact member set, else 0. Its chance level
+  is the same guess without per-step metadata (c = the buffer capacity).
+
+An attack succeeds on an attempt whose score reaches `threshold` (0.9). Table 14 reports, per run,
+each vector's attempts, mean and max score and success rate; MC also its chance level.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from google.protobuf.message import Message
+from rich.table import Table
+
+from echelon.config import RunConfig
+from echelon.errors import UserError
+from echelon.planes.boundary import StepMembers
+from echelon.planes.coordinator import GlobalPlane
+from echelon.planes.tensors import from_payload
+from echelon.v1 import boundary_pb2
+
+VIEW_FILE = Path("redteam") / "coordinator_view.pt"
+TRUTH_FILE = Path("private") / "ground_truth.pt"
+PRIVATE_NOTE = (
+    "Simulator-private ground truth: which device contributed what to every middle step. It never "
+    "crossed a boundary and a deployment never produces it; `echelon redteam` uses it only to score "
+    "the attacks on the coordinator's view. Do not share it.\n"
+)
+THRESHOLD = 0.9
+
+
+def _boundary(address: str) -> str:
+    return address.split("/", 1)[1]
+
+
+@dataclass
+class CoordinatorView:
+    """What the global coordinator received, per boundary, in arrival order (`hashes`: the
+    SHA-256 of every message's wire frames, with its sender's party name)."""
+
+    statuses: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))
+    deltas: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))
+    sums: list[dict] = field(default_factory=list)  # +SA: the secure sum per outer step
+    hashes: list[tuple[str, str]] = field(default_factory=list)
+
+    def state(self) -> dict:
+        return {
+            "statuses": dict(self.statuses),
+            "deltas": dict(self.deltas),
+            "sums": self.sums,
+            "hashes": self.hashes,
+        }
+
+
+@dataclass
+class GroundTruth:
+    """Per boundary and middle step: each member's contribution eta_mid * w_i * delta_i / sum w."""
+
+    steps: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))
+
+    def state(self) -> dict:
+        return {"steps": dict(self.steps)}
+
+
+class Recorder:
+    """A simulation observer that records the coordinator's view and the private ground truth."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.middle_lr = cfg.echelon.middle_lr
+        self.view, self.truth = CoordinatorView(), GroundTruth()
+        self._pending: dict[str, torch.Tensor] = {}
+
+    def received(self, now: float, sender: str, message: Message, frames: list[bytes]) -> None:
+        b = _boundary(sender)
+        digest = hashlib.sha256(b"".join(frames)).hexdigest()
+        self.view.hashes.append(("boundary." + b, digest))
+        if isinstance(message, boundary_pb2.BoundaryStatus):
+            self.view.statuses[b].append(
+                {
+                    "time": now,
+                    "middle_step": message.middle_step,
+                    "contributors": message.contributors,
+                    "tokens_total": message.tokens_total,
+                }
+            )
+        elif isinstance(message, boundary_pb2.BoundaryDelta):
+            vector = from_payload(message.delta) if message.HasField("delta") else None
+            self.view.deltas[b].append(
+                {
+                    "time": now,
+                    "outer_step": message.outer_step,
+                    "middle_step": message.middle_step,
+                    "tokens": message.tokens,
+                    "contributors": message.contributors,
+                    "vector": vector,
+                }
+            )
+
+    def submitted(self, now: float, device: str, boundary: str, delta: torch.Tensor) -> None:
+        self._pending[device] = delta.clone()
+
+    def aggregated(self, now: float, boundary: str, step: StepMembers) -> None:
+        total = sum(step.weights.values())
+        contributions = {
+            _boundary(d): self.middle_lr * w / total * self._pending[d]
+            for d, w in sorted(step.weights.items())
+        }
+        self.truth.steps[_boundary(boundary)].append(
+            {"middle_step": step.middle_step, "members": contributions}
+        )
+
+    def outer_step(self, now: float, plane: GlobalPlane) -> None:
+        if plane.outer_aggregator is not None and plane.last_pseudo_gradient is not None:
+            self.view.sums.append({"outer_step": plane.outer_step, "vector": -plane.last_pseudo_gradient})
+
+    def save(self, run_dir: Path) -> None:
+        """Write the view and, apart, the private ground truth into `run_dir`."""
+        for rel, obj in ((VIEW_FILE, self.view.state()), (TRUTH_FILE, self.truth.state())):
+            (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(obj, run_dir / rel)
+        (run_dir / TRUTH_FILE).with_name("README.txt").write_text(PRIVATE_NOTE)
+
+
+def load_recordings(run_dir: Path) -> tuple[dict, dict]:
+    """The coordinator's view and the private ground truth recorded in `run_dir`."""
+    return (
+        torch.load(run_dir / VIEW_FILE, weights_only=True),
+        torch.load(run_dir / TRUTH_FILE, weights_only=True),
+    )
+
+
+def check_view_against_audit(view: dict, run_dir: Path) -> int:
+    """Every message of the view must be one the global plane's audit log records as received
+    from that party, with the same SHA-256; returns the number checked. UserError otherwise."""
+    log = run_dir / "audit" / "global.jsonl"
+    try:
+        lines = log.read_text().splitlines()
+    except OSError as e:
+        raise UserError(
+            f"cannot read {log}: {e.strerror}; the red-team attacks a run's audited view"
+        ) from None
+    logged = {
+        (r["peer"], r["payload_sha256"])
+        for r in map(json.loads, lines)
+        if r.get("kind") == "message" and r.get("direction") == "in" and r.get("outcome") == "received"
+    }
+    missing = [h for h in view["hashes"] if tuple(h) not in logged]
+    if missing:
+        raise UserError(
+            f"{run_dir}: {len(missing)} of {len(view['hashes'])} messages of the coordinator's view are not "
+            f"in {log} (e.g. from {missing[0][0]}, SHA-256 {missing[0][1][:16]}...): the recording is not this run's"
+        )
+    return len(view["hashes"])
+
+
+# ---------------------------------------------------------------- the attacks
+
+
+@dataclass(frozen=True)
+class AttackStats:
+    """One vector's attempts on a run: their scores' mean and max, and the share that succeeded."""
+
+    attempts: int
+    mean: float | None
+    max: float | None
+    success_rate: float | None
+    chance: float | None = None
+
+    @classmethod
+    def of(cls, scores: list[float], threshold: float, chance: float | None = None) -> AttackStats:
+        if not scores:
+            return cls(0, None, None, None, chance)
+        return cls(
+            len(scores),
+            float(np.mean(scores)),
+            float(np.max(scores)),
+            float(np.mean([s >= threshold for s in scores])),
+            chance,
+        )
+
+
+@dataclass(frozen=True)
+class RedTeamResult:
+    dos: AttackStats
+    mc: AttackStats
+    sc: AttackStats
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    na, nb = float(torch.linalg.vector_norm(a)), float(torch.linalg.vector_norm(b))
+    return float(torch.dot(a, b)) / (na * nb) if na > 0 and nb > 0 else 0.0
+
+
+def _round_tokens(cfg: RunConfig) -> int:
+    t = cfg.train
+    return t.inner_steps * t.grad_accum * t.micro_batch * cfg.data.seq_len
+
+
+@dataclass
+class Aggregate:
+    """One aggregate the coordinator saw, its interval, the attacker's count and the truth."""
+
+    vector: torch.Tensor
+    steps: int
+    count: int
+    truth: dict[str, torch.Tensor]  # device -> its contribution to this aggregate
+
+
+def _contributions(steps: list[dict], lo: int, hi: int) -> dict[str, torch.Tensor]:
+    """Each device's summed contribution to the middle steps lo < step <= hi."""
+    out: dict[str, torch.Tensor] = {}
+    for s in steps:
+        if lo < s["middle_step"] <= hi:
+            for device, v in s["members"].items():
+                out[device] = out[device] + v if device in out else v
+    return out
+
+
+def aggregates(cfg: RunConfig, view: dict, truth: dict) -> dict[str, list[Aggregate]]:
+    """Each boundary's aggregates as the coordinator saw them, in order, with the truth behind
+    them; under +SA the one sequence of secure sums (omega_b from the crossed token counts)."""
+    per_round = _round_tokens(cfg)
+    out: dict[str, list[Aggregate]] = {}
+    reports: dict[int, list[tuple[dict, dict[str, torch.Tensor]]]] = defaultdict(list)
+    for b, deltas in view["deltas"].items():
+        previous, seen = 0, []
+        for d in deltas:
+            contributions = _contributions(truth["steps"].get(b, []), previous, d["middle_step"])
+            reports[d["outer_step"]].append((d, contributions))
+            if d["vector"] is not None and contributions:
+                count = round(d["tokens"] / per_round)
+                seen.append(Aggregate(d["vector"], d["middle_step"] - previous, count, contributions))
+            previous = d["middle_step"]
+        out[b] = seen
+    if not view["sums"]:
+        return out
+    sums = []
+    for s in view["sums"]:
+        parts = reports.get(s["outer_step"], [])
+        total = sum(d["tokens"] for d, _ in parts)
+        contributions = {
+            device: d["tokens"] / total * v for d, c in parts if total for device, v in c.items()
+        }
+        if contributions:
+            steps = sum(d["middle_step"] for d, _ in parts)  # the intervals' lengths, as a label
+            sums.append(Aggregate(s["vector"], steps, round(total / per_round), contributions))
+    return {"(secure sum)": sums}
+
+
+def difference_of_sums(seen: list[Aggregate]) -> list[float]:
+    """DoS scores over adjacent aggregates with equal interval lengths whose counts differ by one."""
+    scores = []
+    for a, b in itertools.pairwise(seen):
+        if a.steps != b.steps or abs(a.count - b.count) != 1:
+            continue
+        big, small = (a, b) if a.count > b.count else (b, a)
+        estimate = big.count * big.vector - small.count * small.vector
+        scores.append(max(_cos(estimate, v) for v in big.truth.values()))
+    return scores
+
+
+def small_cohort(seen: list[Aggregate], k: int) -> list[float]:
+    """SC scores over aggregates whose estimated count is at most k."""
+    return [max(_cos(a.vector, v) for v in a.truth.values()) for a in seen if 0 < a.count <= k]
+
+
+def _roster(cfg: RunConfig, boundary: str) -> list[str]:
+    """The boundary's devices, fastest first (ties by id): public knowledge from the run file."""
+    devices = [d for b, d in cfg.all_devices if b == boundary]
+    return [d.id for d in sorted(devices, key=lambda d: (-d.tokens_per_s, d.id))]
+
+
+def membership(cfg: RunConfig, view: dict, truth: dict) -> tuple[list[float], list[float]]:
+    """MC scores per (boundary, middle step), and the same guess's scores without the metadata."""
+    per_round = _round_tokens(cfg)
+    exact = cfg.echelon.privacy.status_counts == "exact"
+    scores, prior = [], []
+    for b, steps in truth["steps"].items():
+        roster = _roster(cfg, b)
+        capacity = len(roster) if cfg.echelon.buffer_size == "boundary" else cfg.echelon.buffer_size
+        statuses = {s["middle_step"]: s for s in view["statuses"].get(b, [])}
+        last_total = 0
+        for s in steps:
+            status = statuses.get(s["middle_step"])
+            if status is None:
+                continue
+            if exact:
+                count = status["contributors"]
+            else:
+                count = max(status["contributors"], round((status["tokens_total"] - last_total) / per_round))
+            last_total = status["tokens_total"]
+            members = set(s["members"])
+            scores.append(float(set(roster[: max(1, count)]) == members))
+            prior.append(float(set(roster[:capacity]) == members))
+    return scores, prior
+
+
+def attack(
+    cfg: RunConfig, view: dict, truth: dict, *, threshold: float = THRESHOLD, sc_k: int = 1
+) -> RedTeamResult:
+    """Run the three attacks on a run's coordinator view, scored against the ground truth."""
+    dos: list[float] = []
+    sc: list[float] = []
+    for seen in aggregates(cfg, view, truth).values():
+        dos += difference_of_sums(seen)
+        sc += small_cohort(seen, sc_k)
+    mc, prior = membership(cfg, view, truth)
+    return RedTeamResult(
+        dos=AttackStats.of(dos, threshold, chance=0.0),
+        mc=AttackStats.of(mc, threshold, chance=float(np.mean(prior)) if prior else None),
+        sc=AttackStats.of(sc, threshold, chance=0.0),
+    )
+
+
+def describe_mitigations(cfg: RunConfig) -> str:
+    """The run's mitigations in a few words: `none`, `all`, or which are on."""
+    p, e = cfg.echelon.privacy, cfg.echelon
+    on = [
+        f"window {p.membership_window}" if p.membership_window else "",
+        "shuffle" if p.shuffle else "",
+        f"{p.status_counts} counts" if p.status_counts != "exact" else "",
+        "buffer = boundary" if e.buffer_size == "boundary" else "",
+    ]
+    on = [m for m in on if m]
+    return "all" if len(on) == 4 else ", ".join(on) or "none"
+
+
+def fmt(value: float | None) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def table14(rows: list[tuple[str, RunConfig, RedTeamResult]]) -> Table:
+    """Table 14: per run, its boundaries, quorum, buffer and mitigations, then each vector's
+    attempts, mean and max score and success rate (score >= threshold); MC also its chance level
+    (the same guess without per-step metadata). DoS and SC have chance 0."""
+    table = Table(
+        title="Table 14: privacy red-team from the global coordinator's seat",
+        caption="n: attempts; mean, max: scores; success: share of attempts scoring >= the threshold; "
+        "MC chance: the same guess without the per-step metadata; DoS and SC have chance 0; "
+        "— : no attempt (the attack's precondition never held)",
+        caption_justify="left",
+    )
+    table.add_column("run", no_wrap=True)
+    for col in ("b", "q", "buffer"):
+        table.add_column(col, justify="right")
+    table.add_column("mitigations")
+    for vector, last in (("DoS", "success"), ("MC", "chance"), ("SC", "success")):
+        for col in ("n", "mean", "max", last):
+            table.add_column(f"{vector} {col}", justify="right")
+    for name, cfg, r in rows:
+        e = cfg.echelon
+        cells = [
+            name,
+            str(len(cfg.boundaries)),
+            str(e.min_quorum),
+            str(e.buffer_size),
+            describe_mitigations(cfg),
+        ]
+        for stats, last in ((r.dos, r.dos.success_rate), (r.mc, r.mc.chance), (r.sc, r.sc.success_rate)):
+            cells += [str(stats.attempts), fmt(stats.mean), fmt(stats.max), fmt(last)]
+        table.add_row(*cells)
+    return table
