@@ -10,7 +10,7 @@ sometimes fire part-full) and half the devices cycling offline and back (churn).
    without mitigations (no membership window, first come first served, exact counts) and with
    them (the defaults: fixed-membership windows of 8 middle steps, shuffled participants,
    suppressed counts).
-2. The privacy ablation on 2 boundaries, q 2, buffer 2: validation loss and virtual time to the
+2. The privacy ablation on 2 boundaries, q 1, buffer 2: validation loss and virtual time to the
    token budget with no mitigation, each mitigation alone (buffer = boundary among them), and all
    of them, relative to none.
 
@@ -108,12 +108,12 @@ def grid(tokens: int, quick: bool) -> dict[str, RunConfig]:
                 runs[label] = cell(base, b, q, buffer, NONE)
                 runs[label + "+m"] = cell(base, b, q, buffer, ALL)
     for name, (privacy, buffer) in ABLATION.items():
-        runs[f"ablation: {name}"] = cell(base, 2, 2, buffer or 2, privacy)
+        runs[f"ablation: {name}"] = cell(base, 2, 1, buffer or 2, privacy)
     return runs
 
 
 def ablation_table(summaries: dict[str, dict]) -> Table:
-    table = Table(title="Privacy ablation (2 boundaries, q 2, buffer 2): cost of each mitigation")
+    table = Table(title="Privacy ablation (2 boundaries, q 1, buffer 2): cost of each mitigation")
     for col in ("mitigation", "val loss", "vs none", "virtual s", "vs none", "tokens/virtual s"):
         table.add_column(col, justify="left" if col == "mitigation" else "right")
     ref = summaries["ablation: none"]

@@ -180,7 +180,7 @@ class PrivacyConfig(Strict):
     status_counts: what crosses of who contributed: `exact` counts; `coarse`, every count rounded
         down to a multiple of count_bucket (never below min_quorum) and token counts to multiples
         of count_bucket local rounds; `suppressed`, only the quorum floor min_quorum, and token
-        counts in multiples of a whole cohort's round.
+        counts in multiples of a round of every device of the boundary.
     """
 
     membership_window: int | None = Field(8, ge=1, description="middle steps per fixed-membership window")

@@ -19,9 +19,10 @@ The three vectors and their success metrics (docs/fidelity.md has the reasoning)
 - Small cohort (SC). Every aggregate with N_k <= k is taken as one device's update. Score: the
   largest cosine similarity of the aggregate with a member's true contribution.
 - Membership churn (MC). For every middle step the attacker guesses who contributed: the c
-  fastest devices of the boundary's roster, c from the crossed count (or from the crossed token
-  totals when counts are coarsened). Score: 1 for the exact member set, else 0. Its chance level
-  is the same guess without per-step metadata (c = the buffer capacity).
+  fastest devices of the boundary's roster, c from the crossed count (when counts are coarsened,
+  a lower bound, raised by what the crossed token totals say, never above the buffer capacity).
+  Score: 1 for the exact member set, else 0. Its chance level is the same guess without
+  per-step metadata (c = the buffer capacity).
 
 An attack succeeds on an attempt whose score reaches `threshold` (0.9). Table 14 reports, per run,
 each vector's attempts, mean and max score and success rate; MC also its chance level.
@@ -317,7 +318,10 @@ def membership(cfg: RunConfig, view: dict, truth: dict) -> tuple[list[float], li
             if exact:
                 count = status["contributors"]
             else:
-                count = max(status["contributors"], round((status["tokens_total"] - last_total) / per_round))
+                # Counts are lower bounds; the token totals, in quanta, give an estimate when they moved.
+                moved = status["tokens_total"] - last_total
+                estimate = round(moved / per_round) if moved else capacity
+                count = min(capacity, max(status["contributors"], estimate))
             last_total = status["tokens_total"]
             members = set(s["members"])
             scores.append(float(set(roster[: max(1, count)]) == members))

@@ -414,14 +414,14 @@ class BoundaryPlane:
 
     def _crossing_tokens(self, tokens: int, nearest: bool = False) -> int:
         """A token count as it may cross: exact, or in quanta of count_bucket local rounds (coarse)
-        or of a whole cohort's round (suppressed): floored (monotone totals) or to the nearest
+        or of a round of the whole roster (suppressed): floored (monotone totals) or to the nearest
         quantum, at least one when positive (the outer step's token weights)."""
         privacy = self.cfg.privacy
         if tokens == 0 or privacy.status_counts == "exact" or self._round_tokens == 0:
             return tokens
-        rounds = (
-            privacy.count_bucket if privacy.status_counts == "coarse" else len(self._cohort or self._devices)
-        )
+        # Suppressed: quanta of a round of the whole roster, a constant (the cohort's size would leak).
+        roster = sum(1 for i in self._devices.values() if not i.departed)
+        rounds = privacy.count_bucket if privacy.status_counts == "coarse" else roster
         quantum = rounds * self._round_tokens
         if not nearest:
             return tokens - tokens % quantum
