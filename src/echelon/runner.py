@@ -324,7 +324,7 @@ def summarise(cfg: RunConfig, prep: Prepared, sim: Simulation, evals: list[float
         "virtual_time_s": sim.now,
         "wall_time_s": wall_s,
         # Throughput measured from the run: over the virtual clock (the modelled fleet, stalls and
-        # all), and of the real local-round compute on this machine.
+        # all), and of the real local-round compute on this machine, per CPU second.
         "tokens_per_virtual_s": sim.tokens / sim.now if sim.now else 0.0,
         "compute_tokens_per_s": sim.tokens / sim.compute_s if sim.compute_s else 0.0,
         "trainable_parameters": prep.bundle.dim,

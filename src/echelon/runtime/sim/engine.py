@@ -137,7 +137,9 @@ class Simulation:
         self._partial: dict[str, list[bytes]] = {}  # frames on their way to the global plane
         self.now = 0.0
         self.tokens = 0
-        self.compute_s = 0.0  # wall seconds of real local-round compute (for measured tokens/s)
+        # CPU seconds of the real local-round compute (measured tokens/s; CPU time, not wall time,
+        # so that other work on a shared machine does not count against it)
+        self.compute_s = 0.0
         self.traffic = Traffic()
 
     def _pick_cycling(self, devices: list[str]) -> set[str]:
@@ -239,9 +241,9 @@ class Simulation:
                 raise TypeError(f"unknown action {action!r}")
 
     def _start_local_round(self, device: str, action: StartLocalRound) -> None:
-        wall0 = time.perf_counter()
+        cpu0 = time.process_time()
         result = self._trainer.local_round(action.device, action.reference, action.anchor)
-        self.compute_s += time.perf_counter() - wall0
+        self.compute_s += time.process_time() - cpu0
         profile = self._profiles[device]
         speed = profile.tokens_per_s
         if profile.speed_jitter_pct:
