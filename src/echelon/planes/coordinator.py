@@ -151,13 +151,10 @@ class GlobalPlane:
     def peer_rejoined(self, now: float, boundary: str) -> list[PlaneAction]:
         """`boundary` (re)connected, or this plane resumed from a checkpoint: bring it up to date
         with the whole current reference, the cadence and, during a sync it has not answered,
-        the sync request again (a boundary answers a repeated request with the same delta). A
-        boundary back from an outage restarted: its middle steps count from zero again."""
+        the sync request again (a boundary answers a repeated request with the same delta)."""
         if boundary not in self._middle_step:
             return []
-        if boundary in self.absent:
-            self.absent.discard(boundary)
-            self._middle_step[boundary] = self._middle_at_sync[boundary] = 0
+        self.absent.discard(boundary)
         actions: list[PlaneAction] = [
             Send(boundary, self._reference(whole=True)),
             Send(boundary, boundary_pb2.CadenceUpdate(interval=self.cadence.interval)),
@@ -172,6 +169,8 @@ class GlobalPlane:
         if sender in self.absent:
             return []  # lost: it is brought back by peer_rejoined
         if isinstance(message, boundary_pb2.BoundaryStatus):
+            if message.middle_step < self._middle_step[sender]:
+                self._middle_at_sync[sender] = 0  # it restarted: its middle steps count from zero again
             self._middle_step[sender] = message.middle_step
             self.cadence.observe(sender, message.drift, message.middle_step)
             return [
@@ -312,8 +311,6 @@ class GlobalPlane:
         }
 
     def _outer_step(self, now: float) -> list[PlaneAction]:
-        if not self._reported:  # every boundary was lost during the sync: nothing to apply
-            return self._apply_outer(now, self._zero_fragment())
         omega = self._omega()
         if self.outer_aggregator is None:
             return self._apply_outer(now, -sum(omega[b] * self._reported[b].delta for b in sorted(omega)))
