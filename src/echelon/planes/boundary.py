@@ -249,9 +249,9 @@ class BoundaryPlane:
             self.model = BoundaryModel(theta_g, self.cfg.min_quorum, self._fragments)
             self.adopted_step = msg.outer_step
             if self.cfg.privacy.membership_window is not None:
-                actions += self._window_edge(now, "start")
+                actions += self._window_edge(now, "start")  # sends the cohort its reference
             for d, info in self._devices.items():
-                if info.live and self._eligible(d):
+                if info.live and not info.training and self._eligible(d):
                     actions += self._send_reference(d)
             return actions
         if msg.outer_step != self._awaiting_global:
