@@ -8,16 +8,18 @@ sometimes fire part-full) and half the devices cycling offline and back (churn).
 
 1. Table 14 over boundaries b in {2, 3}, quorum q in {1, 2}, buffer 1 .. all (`boundary`), each
    without mitigations (no membership window, first come first served, exact counts) and with
-   them (the defaults: fixed-membership windows of 8 middle steps, shuffled participants,
-   suppressed counts).
+   the metadata mitigations (the defaults: fixed-membership windows of 8 middle steps, shuffled
+   participants, suppressed counts); at buffer = all, these rows have every mitigation on.
+   Then the verdict: per vector, its success without mitigations (the worst row) and with all of
+   them, against the chance level.
 2. The privacy ablation on 2 boundaries, q 1, buffer 2: validation loss and virtual time to the
    token budget with no mitigation, each mitigation alone (buffer = boundary among them), and all
    of them, relative to none.
 
     .venv/bin/python benchmarks/redteam.py [--quick] [--workers N] [--out DIR]
 
---quick runs two cells (b 2, q 1, buffer 1 without and with mitigations) on a small budget. The
-last line is the table as JSON.
+--quick runs two cells on a small budget: b 2, q 1, buffer 2 without mitigations, and buffer = all
+with all of them. The last line is the table as JSON.
 """
 
 from __future__ import annotations
@@ -31,12 +33,19 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from echelon.analysis.redteam import RedTeamResult, attack, load_recordings, table14
+from echelon.analysis.redteam import (
+    RedTeamResult,
+    attack,
+    describe_mitigations,
+    fmt,
+    load_recordings,
+    table14,
+)
 from echelon.analysis.sweep import apply_point, execute, run_id
 from echelon.config import RunConfig
 from echelon.strategies import effective_config
 
-TOKENS = {"full": 16_000, "quick": 4_000}
+TOKENS = {"full": 16_000, "quick": 6_000}
 NONE = {"membership_window": None, "shuffle": False, "status_counts": "exact"}
 ALL = {"membership_window": 8, "shuffle": True, "status_counts": "suppressed"}
 # The ablation: each mitigation alone, on top of none.
@@ -51,7 +60,7 @@ ABLATION = {
 
 
 def base_run(tokens: int) -> dict:
-    speeds = [(2000, 30), (1000, 30), (600, 30)]
+    speeds = [(2000, 30), (700, 30), (400, 30)]
     return {
         "name": "redteam",
         "strategy": "echelon",
@@ -63,7 +72,14 @@ def base_run(tokens: int) -> dict:
             "partition": {"kind": "dirichlet", "alpha": 0.3},
         },
         "train": {"inner_steps": 2, "micro_batch": 4, "lr": 0.003},
-        "echelon": {"buffer_timeout_s": 0.25, "sync": {"interval": 1}, "privacy": NONE},
+        # SecAgg+ stage deadlines on the run's own scale: with the default 30 s a device lost in
+        # the middle of a round stalls its boundary for 30 s, ten runs' worth of virtual time.
+        "echelon": {
+            "buffer_timeout_s": 0.15,
+            "secagg": {"stage_timeout_s": 1.0},
+            "sync": {"interval": 1},
+            "privacy": NONE,
+        },
         # A run lasts a few virtual seconds (a local round ~0.1-0.4 s): churn on that scale.
         "churn": {"mean_uptime_s": 1.5, "mean_downtime_s": 0.5, "cycling_fraction": 0.5},
         "boundaries": [
@@ -96,8 +112,8 @@ def grid(tokens: int, quick: bool) -> dict[str, RunConfig]:
     base = base_run(tokens)
     runs: dict[str, RunConfig] = {}
     if quick:
-        for tag, privacy in (("", NONE), ("+m", ALL)):
-            runs[f"2b_q1_b1{tag}"] = cell(base, 2, 1, 1, privacy)
+        runs["2b_q1_b2"] = cell(base, 2, 1, 2, NONE)
+        runs["2b_q1_ball+m"] = cell(base, 2, 1, "boundary", ALL)
         return runs
     for b in (2, 3):
         for q in (1, 2):
@@ -130,6 +146,34 @@ def ablation_table(summaries: dict[str, dict]) -> Table:
     return table
 
 
+TOLERANCE = 0.05  # a success rate this close to its chance level counts as at chance
+
+
+def verdict_table(rows: list[tuple[str, RunConfig, RedTeamResult]]) -> Table:
+    """Per vector: its worst success rate without mitigations, and its success with all of them
+    (buffer = boundary, windows, shuffle, suppressed counts; the worst such row) against chance."""
+    table = Table(title="Table 14, verdict: each attack with and without the mitigations")
+    for col in ("vector", "none: worst run", "success", "chance", "all: worst run", "success", "chance", ""):
+        table.add_column(col, justify="left" if col in ("vector", "") or "run" in col else "right")
+    for vector in ("dos", "mc", "sc"):
+        cells = [vector.upper()]
+        for mitigations in ("none", "all"):
+            chosen = [r for r in rows if describe_mitigations(r[1]) == mitigations]
+            worst = max(chosen, key=lambda r: _excess(r[2], vector), default=None)
+            stats = getattr(worst[2], vector) if worst else None
+            cells += [worst[0], fmt(stats.success_rate), fmt(stats.chance)] if worst else ["—"] * 3
+        at_chance = worst is not None and _excess(worst[2], vector) <= TOLERANCE
+        cells.append("at chance" if at_chance else "ABOVE CHANCE")
+        table.add_row(*cells)
+    return table
+
+
+def _excess(result: RedTeamResult, vector: str) -> float:
+    """How far a vector's success rate lies above its chance level (-1: no opportunity)."""
+    stats = getattr(result, vector)
+    return -1.0 if stats.success_rate is None else stats.success_rate - stats.chance
+
+
 def _row(result: RedTeamResult) -> dict:
     return {v: vars(getattr(result, v)) for v in ("dos", "mc", "sc")}
 
@@ -156,8 +200,9 @@ def main() -> None:
                 continue
             view, truth = load_recordings(runs_dir / ids[label])
             rows.append((label, effective_config(cfg), attack(effective_config(cfg), view, truth)))
-    console = Console(width=max(Console().width, 200))
+    console = Console(width=max(Console().width, 240))
     console.print(table14(rows))
+    console.print(verdict_table(rows))
     if not args.quick:
         console.print(ablation_table(summaries))
     print(json.dumps({label: _row(r) for label, _, r in rows}))

@@ -10,6 +10,7 @@ import torch
 
 from echelon.analysis.redteam import (
     Aggregate,
+    AttackStats,
     check_view_against_audit,
     difference_of_sums,
     membership,
@@ -25,24 +26,38 @@ U1, U2, U3 = (torch.randn(64, generator=G) for _ in range(3))
 
 
 def test_small_cohort_recovers_a_lone_update_and_needs_a_small_count():
-    alone = Aggregate(U1.clone(), steps=1, count=1, truth={"d1": U1})
-    pair = Aggregate(U1 + U2, steps=1, count=2, truth={"d1": U1, "d2": U2})
-    assert small_cohort([alone, pair], k=1) == [pytest.approx(1.0)]
-    scores = small_cohort([pair], k=2)  # a pair is still close to each member, but not equal
-    assert len(scores) == 1 and 0.5 < scores[0] < 0.9
+    alone = Aggregate(U1.clone(), steps=1, count=1, bound=2, truth={"d1": U1})
+    pair = Aggregate(U1 + U2, steps=1, count=2, bound=2, truth={"d1": U1, "d2": U2})
+    tried, blind = small_cohort([alone, pair], k=1)
+    assert tried == [pytest.approx(1.0), None] and blind == [False, False]  # the bound alone says 2
+    (score,) = small_cohort([pair], k=2)[0]  # a pair is still close to each member, but not equal
+    assert 0.5 < score < 0.9
+
+
+def test_small_cohort_without_metadata_still_falls_on_a_buffer_of_one():
+    # Counts hidden (the estimate says 3) but the run file's buffer of one bounds every middle step.
+    alone = Aggregate(U1.clone(), steps=1, count=1, bound=1, truth={"d1": U1})
+    assert small_cohort([alone], k=1) == ([pytest.approx(1.0)], [True])
 
 
 def test_difference_of_sums_needs_adjacent_counts_differing_by_one():
     # d1's update persists between rounds (non-IID data): the difference isolates d2's.
     drifted = U1 + 0.05 * U3
-    a = Aggregate((U1 + U2) / 2, steps=1, count=2, truth={"d1": U1 / 2, "d2": U2 / 2})
-    b = Aggregate(drifted, steps=1, count=1, truth={"d1": drifted})
-    (score,) = difference_of_sums([a, b])
-    assert score > 0.95
-    same = Aggregate((U1 + U3) / 2, steps=1, count=2, truth={"d1": U1 / 2, "d3": U3 / 2})
-    assert difference_of_sums([a, same]) == []  # equal counts: no precondition, no attempt
-    longer = Aggregate(drifted, steps=2, count=1, truth={"d1": drifted})
-    assert difference_of_sums([a, longer]) == []  # different intervals are not compared
+    a = Aggregate((U1 + U2) / 2, steps=1, count=2, bound=2, truth={"d1": U1 / 2, "d2": U2 / 2})
+    b = Aggregate(drifted, steps=1, count=1, bound=2, truth={"d1": drifted})
+    (score,), blind = difference_of_sums([a, b])
+    assert score > 0.95 and blind == [False]  # equal bounds: nothing to go on without the counts
+    same = Aggregate((U1 + U3) / 2, steps=1, count=2, bound=2, truth={"d1": U1 / 2, "d3": U3 / 2})
+    assert difference_of_sums([a, same]) == ([None], [False])  # equal counts: an opportunity, no attempt
+    longer = Aggregate(drifted, steps=2, count=1, bound=4, truth={"d1": drifted})
+    assert difference_of_sums([a, longer]) == ([], [])  # different intervals are not compared
+
+
+def test_success_is_counted_over_opportunities_and_chance_is_the_blind_rate():
+    stats = AttackStats.of([None, 0.95, 0.5, None], [True, False, False, False], threshold=0.9)
+    assert (stats.opportunities, stats.attempts) == (4, 2)
+    assert stats.mean == pytest.approx(0.725) and stats.max == pytest.approx(0.95)
+    assert stats.success_rate == 0.25 and stats.chance == 0.25
 
 
 def _mc_config(counts: str) -> RunConfig:
@@ -66,7 +81,7 @@ def test_membership_guess_uses_what_crossed_and_falls_to_the_prior_without_it():
     exact, truth = _mc_view([2, 1, 1], [512, 256, 256])
     scores, prior = membership(_mc_config("exact"), exact, truth)
     assert scores == [1.0, 1.0, 0.0]  # a count of one: the faster device, right once of twice
-    assert prior == [1.0, 0.0, 0.0]
+    assert prior == [True, False, False]
     hidden, _ = _mc_view([2, 2, 2], [0, 512, 0])  # the quorum floor and whole-cohort token quanta
     scores, prior = membership(_mc_config("suppressed"), hidden, truth)
     assert scores == prior  # nothing per step to go on: chance

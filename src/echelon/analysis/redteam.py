@@ -9,23 +9,27 @@ to each middle step), kept apart in a clearly private file and used only to scor
 `echelon redteam RUN` checks the view against the run's signed audit log (every message's SHA-256
 must be one the global plane logged as received), so the attacks use nothing that did not cross.
 
-The three vectors and their success metrics (docs/fidelity.md has the reasoning):
+The three vectors and their success metrics (docs/fidelity.md has the reasoning). Each vector has
+opportunities (every aggregate for SC, every pair of adjacent aggregates over equally long intervals
+for DoS, every middle step for MC); the attacker attempts an opportunity when what it knows says the
+attack's precondition holds, and an attempt succeeds when its score reaches `threshold` (0.9).
+The success rate is successes over opportunities; its chance level is the same attacker's rate
+without the per-step metadata (the counts and token totals that crossed), knowing only the run file.
+The attacker's count of device rounds in an aggregate is N = round(tokens / tokens of one local
+round) from the crossed token count, never above the public bound: the interval's middle steps times
+the buffer's capacity (the run file's buffer_size, or the boundary's roster for `boundary`).
 
-- Difference of sums (DoS). The attacker estimates how many device rounds each aggregate folds in,
-  N_k = round(tokens_k / tokens of one local round) from the crossed token count, and for two
-  adjacent aggregates of one boundary over the same number of middle steps whose estimates differ
-  by one, takes e = N_k * Delta_k - N_k' * Delta_k' as one device's update. Score: the largest
-  cosine similarity of e with the true contribution of a device to the larger aggregate.
+- Difference of sums (DoS). For two adjacent aggregates of one boundary over the same number of
+  middle steps whose counts differ by one, the attacker takes e = N_k * Delta_k - N_k' * Delta_k' as
+  one device's update. Score: the largest cosine similarity of e with the true contribution of a
+  device to the larger aggregate. Without metadata the bounds of such a pair are equal: chance 0.
 - Small cohort (SC). Every aggregate with N_k <= k is taken as one device's update. Score: the
-  largest cosine similarity of the aggregate with a member's true contribution.
+  largest cosine similarity of the aggregate with a member's true contribution. Without metadata
+  the attacker attempts the aggregates whose bound is at most k (e.g. every one under buffer 1).
 - Membership churn (MC). For every middle step the attacker guesses who contributed: the c
   fastest devices of the boundary's roster, c from the crossed count (when counts are coarsened,
   a lower bound, raised by what the crossed token totals say, never above the buffer capacity).
-  Score: 1 for the exact member set, else 0. Its chance level is the same guess without
-  per-step metadata (c = the buffer capacity).
-
-An attack succeeds on an attempt whose score reaches `threshold` (0.9). Table 14 reports, per run,
-each vector's attempts, mean and max score and success rate; MC also its chance level.
+  Score: 1 for the exact member set, else 0. Without metadata, c is the buffer capacity.
 """
 
 from __future__ import annotations
@@ -189,24 +193,30 @@ def check_view_against_audit(view: dict, run_dir: Path) -> int:
 
 @dataclass(frozen=True)
 class AttackStats:
-    """One vector's attempts on a run: their scores' mean and max, and the share that succeeded."""
+    """One vector on a run: its opportunities, the attempts made and their scores' mean and max,
+    the success rate (successes over opportunities) and its chance level (the same attacker's rate
+    without the per-step metadata)."""
 
+    opportunities: int
     attempts: int
     mean: float | None
     max: float | None
     success_rate: float | None
-    chance: float | None = None
+    chance: float | None
 
     @classmethod
-    def of(cls, scores: list[float], threshold: float, chance: float | None = None) -> AttackStats:
-        if not scores:
-            return cls(0, None, None, None, chance)
+    def of(cls, attempted: list[float | None], blind: list[bool], threshold: float) -> AttackStats:
+        """`attempted`: per opportunity, the attempt's score or None (not attempted); `blind`: per
+        opportunity, whether the attacker without metadata succeeds."""
+        scores = [s for s in attempted if s is not None]
+        n = len(attempted)
         return cls(
+            n,
             len(scores),
-            float(np.mean(scores)),
-            float(np.max(scores)),
-            float(np.mean([s >= threshold for s in scores])),
-            chance,
+            float(np.mean(scores)) if scores else None,
+            float(np.max(scores)) if scores else None,
+            sum(s >= threshold for s in scores) / n if n else None,
+            float(np.mean(blind)) if n else None,
         )
 
 
@@ -227,13 +237,29 @@ def _round_tokens(cfg: RunConfig) -> int:
     return t.inner_steps * t.grad_accum * t.micro_batch * cfg.data.seq_len
 
 
+def _roster(cfg: RunConfig, boundary: str) -> list[str]:
+    """The boundary's devices, fastest first (ties by id): public knowledge from the run file."""
+    devices = [d for b, d in cfg.all_devices if b == boundary]
+    return [d.id for d in sorted(devices, key=lambda d: (-d.tokens_per_s, d.id))]
+
+
+def _capacity(cfg: RunConfig, boundary: str) -> int:
+    """The most devices one of the boundary's middle steps aggregates, by the run file."""
+    roster = len(_roster(cfg, boundary))
+    buffer = cfg.echelon.buffer_size
+    return roster if buffer == "boundary" else min(buffer, roster)
+
+
 @dataclass
 class Aggregate:
-    """One aggregate the coordinator saw, its interval, the attacker's count and the truth."""
+    """One aggregate the coordinator saw: its interval, the attacker's count of device rounds in
+    it (from the crossed tokens, capped by `bound`), the public bound on that count (middle steps
+    times the buffer's capacity) and the truth behind it."""
 
     vector: torch.Tensor
     steps: int
     count: int
+    bound: int
     truth: dict[str, torch.Tensor]  # device -> its contribution to this aggregate
 
 
@@ -252,15 +278,16 @@ def aggregates(cfg: RunConfig, view: dict, truth: dict) -> dict[str, list[Aggreg
     them; under +SA the one sequence of secure sums (omega_b from the crossed token counts)."""
     per_round = _round_tokens(cfg)
     out: dict[str, list[Aggregate]] = {}
-    reports: dict[int, list[tuple[dict, dict[str, torch.Tensor]]]] = defaultdict(list)
+    reports: dict[int, list[tuple[dict, dict[str, torch.Tensor], int]]] = defaultdict(list)
     for b, deltas in view["deltas"].items():
         previous, seen = 0, []
         for d in deltas:
             contributions = _contributions(truth["steps"].get(b, []), previous, d["middle_step"])
-            reports[d["outer_step"]].append((d, contributions))
+            bound = (d["middle_step"] - previous) * _capacity(cfg, b)
+            reports[d["outer_step"]].append((d, contributions, bound))
             if d["vector"] is not None and contributions:
-                count = round(d["tokens"] / per_round)
-                seen.append(Aggregate(d["vector"], d["middle_step"] - previous, count, contributions))
+                count = min(bound, round(d["tokens"] / per_round))
+                seen.append(Aggregate(d["vector"], d["middle_step"] - previous, count, bound, contributions))
             previous = d["middle_step"]
         out[b] = seen
     if not view["sums"]:
@@ -268,47 +295,57 @@ def aggregates(cfg: RunConfig, view: dict, truth: dict) -> dict[str, list[Aggreg
     sums = []
     for s in view["sums"]:
         parts = reports.get(s["outer_step"], [])
-        total = sum(d["tokens"] for d, _ in parts)
+        total = sum(d["tokens"] for d, _, _ in parts)
         contributions = {
-            device: d["tokens"] / total * v for d, c in parts if total for device, v in c.items()
+            device: d["tokens"] / total * v for d, c, _ in parts if total for device, v in c.items()
         }
         if contributions:
-            steps = sum(d["middle_step"] for d, _ in parts)  # the intervals' lengths, as a label
-            sums.append(Aggregate(s["vector"], steps, round(total / per_round), contributions))
+            steps = sum(d["middle_step"] for d, _, _ in parts)  # the intervals' lengths, as a label
+            bound = sum(b for _, _, b in parts)
+            count = min(bound, round(total / per_round))
+            sums.append(Aggregate(s["vector"], steps, count, bound, contributions))
     return {"(secure sum)": sums}
 
 
-def difference_of_sums(seen: list[Aggregate]) -> list[float]:
-    """DoS scores over adjacent aggregates with equal interval lengths whose counts differ by one."""
-    scores = []
+def _dos_pair(a: Aggregate, b: Aggregate, count_a: int | None, count_b: int | None) -> float | None:
+    if count_a is None or count_b is None or abs(count_a - count_b) != 1:
+        return None
+    (big, n_big), (small, n_small) = sorted(((a, count_a), (b, count_b)), key=lambda x: -x[1])
+    estimate = n_big * big.vector - n_small * small.vector
+    return max(_cos(estimate, v) for v in big.truth.values())
+
+
+def difference_of_sums(seen: list[Aggregate], threshold: float = THRESHOLD) -> tuple[list, list[bool]]:
+    """Per opportunity (adjacent aggregates over equally long intervals): the DoS score when the
+    counts differ by one, else None; and whether the attack succeeds on the public bounds alone."""
+    attempted, blind = [], []
     for a, b in itertools.pairwise(seen):
-        if a.steps != b.steps or abs(a.count - b.count) != 1:
+        if a.steps != b.steps:
             continue
-        big, small = (a, b) if a.count > b.count else (b, a)
-        estimate = big.count * big.vector - small.count * small.vector
-        scores.append(max(_cos(estimate, v) for v in big.truth.values()))
-    return scores
+        attempted.append(_dos_pair(a, b, a.count, b.count))
+        score = _dos_pair(a, b, a.bound, b.bound)
+        blind.append(score is not None and score >= threshold)
+    return attempted, blind
 
 
-def small_cohort(seen: list[Aggregate], k: int) -> list[float]:
-    """SC scores over aggregates whose estimated count is at most k."""
-    return [max(_cos(a.vector, v) for v in a.truth.values()) for a in seen if 0 < a.count <= k]
+def small_cohort(seen: list[Aggregate], k: int, threshold: float = THRESHOLD) -> tuple[list, list[bool]]:
+    """Per aggregate: the SC score when its count is at most k, else None; and whether the attack
+    succeeds on the public bound alone."""
+    attempted, blind = [], []
+    for a in seen:
+        score = max(_cos(a.vector, v) for v in a.truth.values())
+        attempted.append(score if 0 < a.count <= k else None)
+        blind.append(a.bound <= k and score >= threshold)
+    return attempted, blind
 
 
-def _roster(cfg: RunConfig, boundary: str) -> list[str]:
-    """The boundary's devices, fastest first (ties by id): public knowledge from the run file."""
-    devices = [d for b, d in cfg.all_devices if b == boundary]
-    return [d.id for d in sorted(devices, key=lambda d: (-d.tokens_per_s, d.id))]
-
-
-def membership(cfg: RunConfig, view: dict, truth: dict) -> tuple[list[float], list[float]]:
-    """MC scores per (boundary, middle step), and the same guess's scores without the metadata."""
+def membership(cfg: RunConfig, view: dict, truth: dict) -> tuple[list[float], list[bool]]:
+    """MC scores per (boundary, middle step), and the same guess's success without the metadata."""
     per_round = _round_tokens(cfg)
     exact = cfg.echelon.privacy.status_counts == "exact"
     scores, prior = [], []
     for b, steps in truth["steps"].items():
-        roster = _roster(cfg, b)
-        capacity = len(roster) if cfg.echelon.buffer_size == "boundary" else cfg.echelon.buffer_size
+        roster, capacity = _roster(cfg, b), _capacity(cfg, b)
         statuses = {s["middle_step"]: s for s in view["statuses"].get(b, [])}
         last_total = 0
         for s in steps:
@@ -325,7 +362,7 @@ def membership(cfg: RunConfig, view: dict, truth: dict) -> tuple[list[float], li
             last_total = status["tokens_total"]
             members = set(s["members"])
             scores.append(float(set(roster[: max(1, count)]) == members))
-            prior.append(float(set(roster[:capacity]) == members))
+            prior.append(set(roster[:capacity]) == members)
     return scores, prior
 
 
@@ -333,16 +370,20 @@ def attack(
     cfg: RunConfig, view: dict, truth: dict, *, threshold: float = THRESHOLD, sc_k: int = 1
 ) -> RedTeamResult:
     """Run the three attacks on a run's coordinator view, scored against the ground truth."""
-    dos: list[float] = []
-    sc: list[float] = []
+    dos: tuple[list, list[bool]] = ([], [])
+    sc: tuple[list, list[bool]] = ([], [])
     for seen in aggregates(cfg, view, truth).values():
-        dos += difference_of_sums(seen)
-        sc += small_cohort(seen, sc_k)
+        for acc, (tried, blind) in (
+            (dos, difference_of_sums(seen, threshold)),
+            (sc, small_cohort(seen, sc_k, threshold)),
+        ):
+            acc[0].extend(tried)
+            acc[1].extend(blind)
     mc, prior = membership(cfg, view, truth)
     return RedTeamResult(
-        dos=AttackStats.of(dos, threshold, chance=0.0),
-        mc=AttackStats.of(mc, threshold, chance=float(np.mean(prior)) if prior else None),
-        sc=AttackStats.of(sc, threshold, chance=0.0),
+        dos=AttackStats.of(*dos, threshold),
+        mc=AttackStats.of(list(mc), prior, threshold),
+        sc=AttackStats.of(*sc, threshold),
     )
 
 
@@ -352,8 +393,8 @@ def describe_mitigations(cfg: RunConfig) -> str:
     on = [
         f"window {p.membership_window}" if p.membership_window else "",
         "shuffle" if p.shuffle else "",
-        f"{p.status_counts} counts" if p.status_counts != "exact" else "",
-        "buffer = boundary" if e.buffer_size == "boundary" else "",
+        p.status_counts if p.status_counts != "exact" else "",
+        "buffer = all" if e.buffer_size == "boundary" else "",
     ]
     on = [m for m in on if m]
     return "all" if len(on) == 4 else ", ".join(on) or "none"
@@ -364,22 +405,23 @@ def fmt(value: float | None) -> str:
 
 
 def table14(rows: list[tuple[str, RunConfig, RedTeamResult]]) -> Table:
-    """Table 14: per run, its boundaries, quorum, buffer and mitigations, then each vector's
-    attempts, mean and max score and success rate (score >= threshold); MC also its chance level
-    (the same guess without per-step metadata). DoS and SC have chance 0."""
+    """Table 14: per run, its boundaries, quorum, buffer and mitigations, then per vector the
+    attempts made of its opportunities, their scores' mean and max, the success rate (successes
+    over opportunities) and its chance level (the same attacker without per-step metadata)."""
     table = Table(
         title="Table 14: privacy red-team from the global coordinator's seat",
-        caption="n: attempts; mean, max: scores; success: share of attempts scoring >= the threshold; "
-        "MC chance: the same guess without the per-step metadata; DoS and SC have chance 0; "
-        "— : no attempt (the attack's precondition never held)",
+        caption="tried: attempts / opportunities (aggregates for SC, adjacent equal-interval pairs for DoS, "
+        "middle steps for MC); mean, max: the attempts' scores; success: successes / opportunities (score "
+        ">= the threshold); chance: the same attacker's success without the per-step metadata (the run file "
+        "only); — : no attempt or no opportunity",
         caption_justify="left",
     )
     table.add_column("run", no_wrap=True)
     for col in ("b", "q", "buffer"):
         table.add_column(col, justify="right")
-    table.add_column("mitigations")
-    for vector, last in (("DoS", "success"), ("MC", "chance"), ("SC", "success")):
-        for col in ("n", "mean", "max", last):
+    table.add_column("mitigations", no_wrap=True)
+    for vector in ("DoS", "MC", "SC"):
+        for col in ("tried", "mean", "max", "success", "chance"):
             table.add_column(f"{vector} {col}", justify="right")
     for name, cfg, r in rows:
         e = cfg.echelon
@@ -390,7 +432,13 @@ def table14(rows: list[tuple[str, RunConfig, RedTeamResult]]) -> Table:
             str(e.buffer_size),
             describe_mitigations(cfg),
         ]
-        for stats, last in ((r.dos, r.dos.success_rate), (r.mc, r.mc.chance), (r.sc, r.sc.success_rate)):
-            cells += [str(stats.attempts), fmt(stats.mean), fmt(stats.max), fmt(last)]
+        for stats in (r.dos, r.mc, r.sc):
+            cells += [
+                f"{stats.attempts}/{stats.opportunities}",
+                fmt(stats.mean),
+                fmt(stats.max),
+                fmt(stats.success_rate),
+                fmt(stats.chance),
+            ]
         table.add_row(*cells)
     return table

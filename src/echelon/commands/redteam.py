@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
             f"{run_dir}`): the red-team attacks only an audited view"
         )
     cfg = load_run(run_dir / "config.yaml")
-    console = Console(width=max(Console().width, 200))
+    console = Console(width=max(Console().width, 240))
     if (run_dir / redteam.VIEW_FILE).is_file() and (run_dir / redteam.TRUTH_FILE).is_file():
         view, truth = redteam.load_recordings(run_dir)
     else:
