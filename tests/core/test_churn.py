@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from echelon.config import BudgetConfig, ChurnConfig, EchelonConfig, PrivacyConfig, RunConfig, SyncConfig
-from echelon.runtime.sim.engine import device_address
 from tests.conftest import small_run
 from tests.core.fleet import QuadraticTrainer, protocol_sim
 
@@ -33,31 +32,78 @@ class Members:
         return [(opened, done) for _, opened, done, members in self.steps if device in members]
 
 
-def log_online(sim) -> list[tuple[float, str, bool]]:
-    """Wrap `sim`'s churn events to log (time, device address, online) at every change."""
-    log: list[tuple[float, str, bool]] = []
-    leave, join = sim._on_leave, sim._on_join
+class ChurnLog:
+    """Wraps `sim`'s churn and local-round events to log, from the simulator's own state, every
+    change of a device's online status (time, device id, online) and every local round whose
+    result the device kept (time, device id)."""
 
-    def on_leave(device, cycle):
-        was = sim._online[device]
-        leave(device, cycle)
-        if was and not sim._online[device]:
-            log.append((sim.now, device, False))
+    def __init__(self, sim) -> None:
+        self.online: list[tuple[float, str, bool]] = []
+        self.rounds: list[tuple[float, str]] = []
+        self._depth = 0
+        for name in (
+            "_on_leave",
+            "_on_join",
+            "_on_device_join",
+            "_on_departure",
+            "_on_outage",
+            "_on_boundary_back",
+        ):
+            setattr(sim, name, self._watch(sim, getattr(sim, name)))
+        local_done = sim._on_local_done
 
-    def on_join(device, cycle=None):
-        was = sim._online[device]
-        join(device, cycle)
-        if not was and sim._online[device]:
-            log.append((sim.now, device, True))
+        def on_local_done(device, result, session):
+            if session == sim._session[device] and sim._online[device]:
+                self.rounds.append((sim.now, device.split("/", 1)[1]))
+            local_done(device, result, session)
 
-    sim._on_leave, sim._on_join = on_leave, on_join
-    return log
+        sim._on_local_done = on_local_done
+
+    def _watch(self, sim, handler):
+        def wrapped(*args):
+            self._depth += 1
+            before = {a: up for a, up in sim._online.items() if a.startswith("device/")}
+            try:
+                handler(*args)
+            finally:
+                self._depth -= 1
+            if self._depth == 0:  # log once, at the outermost event
+                for address, up in sorted(sim._online.items()):
+                    if address.startswith("device/") and before.get(address, False) != up:
+                        self.online.append((sim.now, address.split("/", 1)[1], up))
+
+        return wrapped
+
+    def online_at(self, device: str, t: float) -> bool:
+        """Whether `device` was online at time `t` (online from the start unless it joined later)."""
+        events = [(when, up) for when, dev, up in self.online if dev == device]
+        before = [up for when, up in events if when <= t]
+        return before[-1] if before else not events or not events[0][1]
+
+    def left_between(self, device: str, lo: float, hi: float) -> bool:
+        return any(dev == device and not up and lo <= when <= hi for when, dev, up in self.online)
 
 
-def online_at(log: list[tuple[float, str, bool]], device: str, t: float) -> bool:
-    """Whether `device` (an id) was online at time `t` by the log (online from the start)."""
-    events = [up for when, dev, up in log if dev == device_address(device) and when <= t]
-    return not events or events[-1]
+def assert_churn_invariants(members: Members, log: ChurnLog, edges: list[dict] | None) -> None:
+    """What churn must never break, checked on every aggregated middle step:
+
+    - no update of a device that had left is applied: each member finished the local round it
+      contributed while online and stayed online from then until the round opened (an update it
+      held when it went offline was lost with it, even if it came back before the round);
+    - with fixed-membership windows (`edges`, the `membership_window` records), each member was
+      in the cohort of its step's window: online at the window's opening edge.
+    """
+    for boundary, opened, _, devices in members.steps:
+        for d in devices:
+            finished = [t for t, dev in log.rounds if dev == d and t <= opened]
+            assert finished, (boundary, d, opened)
+            assert log.online_at(d, opened), (boundary, d, opened)
+            assert not log.left_between(d, finished[-1], opened), (boundary, d, finished[-1], opened)
+            if edges is not None:
+                edge = max(
+                    e["time"] for e in edges if boundary.endswith("/" + e["boundary"]) and e["time"] <= opened
+                )
+                assert log.online_at(d, edge), (boundary, d, edge, opened)
 
 
 def _run(churn: ChurnConfig, fleet=None, seconds: float = 120.0, joining=None, window: int | None = None):
@@ -81,7 +127,7 @@ def _run(churn: ChurnConfig, fleet=None, seconds: float = 120.0, joining=None, w
         joining=joining,
         observer=members,
     )
-    sim.online_log = log_online(sim)
+    sim.churn_log = ChurnLog(sim)
     sim.run(BudgetConfig(virtual_seconds=seconds))
     return sim, members, records
 
@@ -123,15 +169,8 @@ def test_cycling_devices_change_membership_only_at_window_edges():
     sim, members, records = _run(churn, seconds=200, window=4)
     edges = [f for k, f in records if k == "membership_window"]
     assert any(e["joined"] for e in edges) and any(e["left"] for e in edges)
-    log = sim.online_log
-    assert len(log) > 6  # devices really left and came back
-    for boundary, opened, _, devices in members.steps:
-        # The cohort of a step's window is the devices live at the window's opening edge: a device
-        # offline then may not be aggregated before the next edge, even once it is back.
-        edge = max(e["time"] for e in edges if boundary.endswith("/" + e["boundary"]) and e["time"] <= opened)
-        for d in devices:
-            assert online_at(log, d, edge), (boundary, d, edge, opened)
-            assert online_at(log, d, opened), (boundary, d, opened)
+    assert len(sim.churn_log.online) > 6  # devices really left and came back
+    assert_churn_invariants(members, sim.churn_log, edges)
 
 
 def _heavy(churn: dict | None) -> RunConfig:
@@ -151,6 +190,7 @@ def _heavy(churn: dict | None) -> RunConfig:
         ],
     )
     run["echelon"] = {**run["echelon"], "buffer_timeout_s": 1}
+    run["budget"] = {"tokens": 24_000}  # the token budget alone (small_run's stops at 3 outer steps)
     if churn:
         run["churn"] = churn
     return RunConfig.model_validate(run)
@@ -158,30 +198,36 @@ def _heavy(churn: dict | None) -> RunConfig:
 
 @pytest.mark.slow
 def test_heavy_churn_converges_within_a_margin_of_the_run_without_churn():
+    """Half the devices cycle (up 0.3 s, down 0.1 s on average, a local round ~0.1-0.4 s), and one
+    device of each boundary leaves for good mid-run, with the default fixed-membership windows."""
     from echelon.runner import build_simulation, prepare
     from echelon.strategies import effective_config
 
+    heavy = {
+        "mean_uptime_s": 0.3,
+        "mean_downtime_s": 0.1,
+        "cycling_fraction": 0.5,
+        "departures": [{"at_s": 1.0, "device": "d1"}, {"at_s": 1.5, "device": "e2"}],
+    }
     results = {}
-    for label, churn in (
-        ("steady", None),
-        ("churn", {"mean_uptime_s": 0.3, "mean_downtime_s": 0.1, "cycling_fraction": 0.5}),
-    ):
+    for label, churn in (("steady", None), ("churn", heavy)):
         cfg = effective_config(_heavy(churn))
+        assert cfg.echelon.privacy.membership_window  # the windows are on by default
         prep = prepare(cfg)
-        members = Members()
-        sim = build_simulation(cfg, prep, lambda k, f: None, observer=members)
-        online_log = log_online(sim)
+        members, records = Members(), []
+        emit = records.append
+        sim = build_simulation(cfg, prep, lambda k, f, emit=emit: emit((k, f)), observer=members)
+        log = ChurnLog(sim)
         sim.run(cfg.budget)
-        results[label] = (prep.trainer.evaluate(sim.global_plane.theta_g, 32, 16), members, online_log, sim)
-    steady, churned = results["steady"][0], results["churn"][0]
-    start = results["steady"][3]
+        assert sim.global_plane.finished
+        loss = prep.trainer.evaluate(sim.global_plane.theta_g, 32, 16)
+        results[label] = (loss, members, log, [f for k, f in records if k == "membership_window"])
+    (steady, *_), (churned, members, log, edges) = results["steady"], results["churn"]
     # The stated margin: within 3% of the validation loss of the same run without churn.
     assert churned <= 1.03 * steady, (churned, steady)
-    _, members, log, sim = results["churn"]
-    assert len(log) >= 20  # half the devices really cycled, many times
-    # No update of a device that had left was aggregated: a member of a round was online when the
-    # round opened (a delta lives on its device, and a device offline sends nothing).
-    for _, opened, _, devices in members.steps:
-        for d in devices:
-            assert online_at(log, d, opened), (d, opened)
-    assert start.global_plane.finished and sim.global_plane.finished
+    assert len(log.online) >= 20  # half the devices really cycled, many times
+    assert any(e["left"] for e in edges) and any(e["joined"] for e in edges)
+    assert_churn_invariants(members, log, edges)
+    for device, left in (("d1", 1.0), ("e2", 1.5)):
+        assert any(device in m for _, _, _, m in members.steps)
+        assert all(opened < left for _, opened, _, m in members.steps if device in m)  # never after
