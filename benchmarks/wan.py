@@ -1,19 +1,28 @@
-"""WAN figures: time-to-target of Echelon-DA against fixed-H Echelon, and quality under stress.
+"""WAN figures: the paper's Table 9 / Figure 3 (Echelon-DA against DiLoCo+SA, time to target) and
+Table 8 (quality and measured throughput under stress).
 
 Tiny model (LoRA), the built-in corpus, two boundaries of two devices, the same token budget for
-every run (paper §8.2: Figure 3 and the stress table):
+every run (paper §8.2):
 
-1. Time-to-target: virtual time (m:ss) until the global model's validation loss, evaluated at
-   every outer step, first reaches the target, for Echelon-DA (drift-aware cadence, H_b in
-   [2, 16]) and Echelon (fixed H = 4) at 5, 20 and 100 ms median WAN latency; the mean over
-   seeds ("-" when a seed never reaches it), and the final validation loss beside it.
-   The devices are fast (a local round lasts 0.1-0.3 virtual s) so that WAN latency is
+1. Table 9: virtual time (m:ss) until the global model's validation loss, evaluated at every outer
+   step, first reaches the target, at 5, 20 and 100 ms median WAN latency, mean +/- std over the
+   seeds ("-" when a seed never reaches it), for Echelon-DA (drift-aware cadence, H_b in [2, 16]),
+   DiLoCo+SA in its admissible form (`diloco+sa-boundary`: each boundary one DiLoCo worker whose
+   devices aggregate inside it, the outer round SecAgg+ across boundaries, lockstep, fixed H = 4),
+   the flat DiLoCo+SA (every device a worker: not admissible, simulation only) and fixed-H
+   Echelon; then the ratio Echelon-DA / DiLoCo+SA of the mean times (paper: 95 / 145 = 0.66 at
+   100 ms). The devices are fast (a local round lasts 0.1-0.3 virtual s) so that WAN latency is
    commensurate with compute, as on the paper's 1B model; hence seconds, not minutes.
-2. Degradation: Echelon-DA's final validation loss under 200 ms WAN, severe non-IID data
-   (Dirichlet alpha 0.1) and both together, relative to 0 ms with IID data (paper: at most 2.2%).
+2. Table 8: Echelon-DA's final validation loss under WAN latency (0, 50 bursty, 100, 200 ms),
+   Dirichlet non-IID severities (alpha 0.5 moderate, 0.1 severe) and churn (half the devices
+   cycling offline and back), relative to 0 ms IID (paper: at most 2.2%), with tokens/s measured
+   from the runs: over the virtual clock (the modelled fleet, with every stall) and of the real
+   local-round compute on this machine.
 
 Runs go through `echelon.analysis.sweep.execute` (parallel spawned processes); with --out they
 are kept there and a second invocation reuses them (e.g. to try another --target at once).
+--quick: one seed, a smaller budget, no flat DiLoCo+SA and three stress rows. The last line is
+the ratios as JSON.
 
     .venv/bin/python benchmarks/wan.py [--quick] [--target 4.6] [--seeds 3] [--out DIR]
 """
@@ -21,6 +30,8 @@ are kept there and a second invocation reuses them (e.g. to try another --target
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import statistics
 import tempfile
@@ -36,16 +47,30 @@ from echelon.config import RunConfig
 TARGET_LOSS = 4.6  # every setting and seed reaches it within the budget (the seeds differ in level)
 TOKENS = {"full": 60_000, "quick": 2_000}  # quick: a smoke run of every setting (CI), not the figure
 LATENCIES_MS = (5, 20, 100)
-METHODS = (("echelon-da", "Echelon-DA"), ("echelon", "Echelon (fixed H)"))
-IID = {"kind": "iid"}
-SEVERE = {"kind": "dirichlet", "alpha": 0.1}
-# label -> (WAN latency ms, partition); the first is the reference
-TREATMENTS = {
-    "0 ms, IID": (0, IID),
-    "200 ms, IID": (200, IID),
-    "0 ms, severe non-IID": (0, SEVERE),
-    "200 ms, severe non-IID": (200, SEVERE),
+DA, SA = "echelon-da", "diloco+sa-boundary"
+METHODS = {
+    DA: "Echelon-DA",
+    SA: "DiLoCo+SA (admissible)",
+    "diloco+sa": "DiLoCo+SA (flat)",
+    "echelon": "Echelon (fixed H)",
 }
+QUICK_METHODS = (DA, SA, "echelon")
+IID = {"kind": "iid"}
+MODERATE = {"kind": "dirichlet", "alpha": 0.5}
+SEVERE = {"kind": "dirichlet", "alpha": 0.1}
+BURSTY = {"p_enter": 0.05, "p_exit": 0.3, "latency_factor": 5.0}
+HALF_CYCLING = {"mean_uptime_s": 20.0, "mean_downtime_s": 5.0, "cycling_fraction": 0.5}
+# label -> (WAN latency ms, bursty, partition, churn); the first is the reference
+STRESS = {
+    "0 ms, IID": (0, False, IID, None),
+    "0 ms, moderate non-IID": (0, False, MODERATE, None),
+    "0 ms, severe non-IID": (0, False, SEVERE, None),
+    "50 ms bursty, severe non-IID": (50, True, SEVERE, None),
+    "100 ms, IID": (100, False, IID, None),
+    "200 ms, IID": (200, False, IID, None),
+    "20 ms, IID, churn (half cycling)": (20, False, IID, HALF_CYCLING),
+}
+QUICK_STRESS = ("0 ms, IID", "200 ms, IID", "20 ms, IID, churn (half cycling)")
 
 
 def base_run(tokens: int) -> dict:
@@ -70,21 +95,26 @@ def base_run(tokens: int) -> dict:
     }
 
 
-def configs(tokens: int, seeds: int) -> dict[tuple, RunConfig]:
+def configs(
+    tokens: int, seeds: int, methods: tuple[str, ...], stress: tuple[str, ...]
+) -> dict[tuple, RunConfig]:
     """("ttt", strategy, latency, seed) and ("stress", treatment, seed) -> run config."""
     base = base_run(tokens)
     out: dict[tuple, RunConfig] = {}
     for seed in range(seeds):
-        for strategy, _ in METHODS:
+        for strategy in methods:
             for ms in LATENCIES_MS:
                 point = {"strategy": strategy, "network.wan.latency_ms": ms, "seed": seed}
                 out[("ttt", strategy, ms, seed)] = RunConfig.model_validate(apply_point(base, point))
-        for label, (ms, partition) in TREATMENTS.items():
+        for label in stress:
+            ms, bursty, partition, churn = STRESS[label]
             point = {
-                "strategy": "echelon-da",
+                "strategy": DA,
                 "network.wan.latency_ms": ms,
                 "network.wan.jitter_pct": 20 if ms else 0,
+                "network.wan.bursty": BURSTY if bursty else None,
                 "data.partition": partition,
+                "churn": churn or {},
                 "seed": seed,
             }
             out[("stress", label, seed)] = RunConfig.model_validate(apply_point(base, point))
@@ -95,6 +125,12 @@ def _clock(seconds: float) -> str:
     return f"{int(seconds // 60)}:{seconds % 60:04.1f}"
 
 
+def _times(
+    data: dict[tuple, RunData], strategy: str, ms: int, seeds: int, target: float
+) -> list[float | None]:
+    return [time_to_target(data[("ttt", strategy, ms, s)].outer, target) for s in range(seeds)]
+
+
 def _time_cell(times: list[float | None]) -> str:
     if any(t is None for t in times):
         return f"- ({sum(t is not None for t in times)}/{len(times)} reached)"
@@ -102,20 +138,32 @@ def _time_cell(times: list[float | None]) -> str:
     return _clock(statistics.fmean(times)) + spread
 
 
-def time_table(data: dict[tuple, RunData], target: float, seeds: int, tokens: int) -> Table:
+def ratios(data: dict[tuple, RunData], seeds: int, target: float) -> dict[int, float | None]:
+    """Echelon-DA's mean time to target over DiLoCo+SA's (admissible), per latency."""
+    out: dict[int, float | None] = {}
+    for ms in LATENCIES_MS:
+        da, sa = _times(data, DA, ms, seeds, target), _times(data, SA, ms, seeds, target)
+        reached = None not in da and None not in sa
+        out[ms] = statistics.fmean(da) / statistics.fmean(sa) if reached else None
+    return out
+
+
+def time_table(
+    data: dict[tuple, RunData], target: float, seeds: int, tokens: int, methods: tuple[str, ...]
+) -> Table:
     table = Table(
-        title=f"Time to validation loss {target:g}, virtual m:ss ({tokens:,} tokens, {seeds} seed(s))"
+        title=f"Table 9: time to validation loss {target:g}, virtual m:ss ({tokens:,} tokens, {seeds} seed(s))"
     )
     table.add_column("method")
     table.add_column("metric")
     for ms in LATENCIES_MS:
         table.add_column(f"{ms} ms", justify="right")
-    for strategy, label in METHODS:
+    for strategy in methods:
         runs = {ms: [data[("ttt", strategy, ms, s)] for s in range(seeds)] for ms in LATENCIES_MS}
         table.add_row(
-            label,
+            METHODS[strategy],
             "time to target",
-            *(_time_cell([time_to_target(r.outer, target) for r in runs[ms]]) for ms in LATENCIES_MS),
+            *(_time_cell(_times(data, strategy, ms, seeds, target)) for ms in LATENCIES_MS),
         )
         table.add_row(
             "",
@@ -128,26 +176,41 @@ def time_table(data: dict[tuple, RunData], target: float, seeds: int, tokens: in
             *(f"{statistics.fmean(r.summary['outer_steps'] for r in runs[ms]):.1f}" for ms in LATENCIES_MS),
             end_section=True,
         )
+    r = ratios(data, seeds, target)
+    table.add_row(
+        "Echelon-DA / DiLoCo+SA",
+        "ratio of mean times",
+        *("-" if r[ms] is None else f"{r[ms]:.2f}" for ms in LATENCIES_MS),
+    )
     return table
 
 
-def stress_table(data: dict[tuple, RunData], seeds: int) -> Table:
-    table = Table(
-        title="Echelon-DA final validation loss under stress, relative to 0 ms IID (paper: <= 2.2%)"
+def stress_table(data: dict[tuple, RunData], seeds: int, stress: tuple[str, ...]) -> Table:
+    table = Table(title="Table 8: Echelon-DA under stress, relative to 0 ms IID (paper: <= 2.2% worse)")
+    cols = (
+        "treatment",
+        "val loss",
+        "PPL",
+        "degradation",
+        "tokens/virtual s",
+        "compute tokens/CPU s",
+        "outer steps",
     )
-    for col in ("treatment", "val loss", "degradation", "outer steps", "virtual time"):
+    for col in cols:
         table.add_column(col, justify="left" if col == "treatment" else "right")
     reference = None
-    for label in TREATMENTS:
+    for label in stress:
         runs = [data[("stress", label, s)] for s in range(seeds)]
         loss = statistics.fmean(r.summary["end_val_loss"] for r in runs)
         reference = loss if reference is None else reference
         table.add_row(
             label,
             f"{loss:.4f}",
+            f"{math.exp(loss):.2f}",
             f"{100 * (loss - reference) / reference:+.2f}%",
+            f"{statistics.fmean(r.summary['tokens_per_virtual_s'] for r in runs):.0f}",
+            f"{statistics.fmean(r.summary['compute_tokens_per_s'] for r in runs):.0f}",
             f"{statistics.fmean(r.summary['outer_steps'] for r in runs):.1f}",
-            _clock(statistics.fmean(r.summary["virtual_time_s"] for r in runs)),
         )
     return table
 
@@ -166,7 +229,9 @@ def main() -> None:
     args = parser.parse_args()
     seeds = args.seeds or (1 if args.quick else 3)
     tokens = TOKENS["quick" if args.quick else "full"]
-    runs = configs(tokens, seeds)
+    methods = QUICK_METHODS if args.quick else tuple(METHODS)
+    stress = QUICK_STRESS if args.quick else tuple(STRESS)
+    runs = configs(tokens, seeds, methods, stress)
     ids = {key: run_id(cfg) for key, cfg in runs.items()}
     with tempfile.TemporaryDirectory() as tmp:
         runs_dir = args.out or Path(tmp)
@@ -174,9 +239,14 @@ def main() -> None:
         if outcome.failures:
             raise SystemExit(f"runs failed: {outcome.failures}")
         data = {key: load_run_dir(runs_dir / ids[key]) for key in runs}
-    console = Console(width=max(Console().width, 110))
-    console.print(time_table(data, args.target, seeds, tokens))
-    console.print(stress_table(data, seeds))
+    console = Console(width=max(Console().width, 120))
+    console.print(time_table(data, args.target, seeds, tokens, methods))
+    console.print(stress_table(data, seeds, stress))
+    print(
+        json.dumps(
+            {"ratio_da_over_diloco_sa": {f"{ms} ms": r for ms, r in ratios(data, seeds, args.target).items()}}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Both runtimes build what they run here, so a deployment runs exactly what the si
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +29,10 @@ from echelon.planes.coordinator import GlobalPlane
 from echelon.planes.device import DevicePlane
 from echelon.secagg import Identity, SecAggPlusAggregator, StageTimeouts, simulated_identities
 from echelon.strategies import get_strategy
+from echelon.tensors import Bounds
 from echelon.train.data import Corpus, Document, build_corpus, load_documents, partition, partition_skew
 from echelon.train.model import ModelBundle, build_model
-from echelon.train.trainer import LocalTrainer, ScaffoldTrainer
+from echelon.train.trainer import LocalTrainer, ScaffoldTrainer, derived_seed, layer_fragments
 from echelon.yellowstone.execute.devices import PlannedDevice, PlannedTrainer
 
 
@@ -43,6 +45,7 @@ class Prepared:
     shards: dict[str, np.ndarray]
     trainer: LocalTrainer
     skew: float
+    fragments: int | Bounds  # the fragments of theta the outer steps synchronise in turn
 
 
 def prepare(
@@ -53,7 +56,8 @@ def prepare(
     bundle: ModelBundle | None = None,
     documents: list[Document] | None = None,
 ) -> Prepared:
-    """Model, corpus, shards and the local trainer for `cfg` (an `effective_config`).
+    """Model, corpus, shards (for every device, those that join later included) and the local
+    trainer for `cfg` (an `effective_config`).
 
     Devices that are replicas of a Yellowstone plan (`boundaries[].plan`) train on their plan's
     job, which keeps its checkpoints and logs under `workdir`; call `trainer.close()` after the run.
@@ -62,9 +66,12 @@ def prepare(
     the run file names.
     """
     bundle = bundle or build_model(cfg.model, cfg.seed)
+    fragments: int | Bounds = cfg.echelon.streaming.fragments
+    if fragments > 1:
+        fragments = layer_fragments(bundle, fragments)  # before any optimiser sees the parameters
     docs = load_documents(cfg.data, cfg.seed, documents)
     corpus = build_corpus(docs, bundle.tokenizer, cfg.data, cfg.seed)
-    device_ids = [d.id for _, d in cfg.devices]
+    device_ids = [d.id for _, d in cfg.all_devices]
     parts = partition(
         corpus.train_domain, len(device_ids), cfg.data.partition, cfg.seed, cfg.train.micro_batch
     )
@@ -83,14 +90,47 @@ def prepare(
         )
     else:
         local = ScaffoldTrainer if get_strategy(cfg.strategy).local == "scaffold" else LocalTrainer
-        trainer = local(bundle, corpus, shards, cfg.train, cfg.echelon.proximal_mu, cfg.seed)
-    return Prepared(bundle, corpus, shards, trainer, partition_skew(corpus.train_domain, parts))
+        trainer = local(
+            bundle,
+            corpus,
+            shards,
+            cfg.train,
+            cfg.echelon.proximal_mu,
+            cfg.seed,
+            decay_steps=_decay_steps(cfg),
+        )
+    skew = partition_skew(corpus.train_domain, parts)
+    return Prepared(bundle, corpus, shards, trainer, skew, fragments)
+
+
+def _decay_steps(cfg: RunConfig) -> int | None:
+    """The cosine schedule's length when the run file does not give one: the inner steps each
+    device takes if the token budget were shared evenly."""
+    t = cfg.train
+    if cfg.budget.tokens is None:
+        return None
+    tokens_per_step = t.grad_accum * t.micro_batch * cfg.data.seq_len
+    return max(1, cfg.budget.tokens // (tokens_per_step * len(cfg.all_devices)))
+
+
+def outer_range(cfg: RunConfig) -> float | None:
+    """+SA: the coordinate range of the outer round: secagg.outer_clip, or a boundary's own bound
+    on Delta_b, ||Delta_b|| <= m * eta_mid * C for m middle steps (each delta_b is a weighted mean
+    of deltas clipped to C), with m the longest interval the cadence schedules. Coordinates
+    beyond it are clipped by the encoding and counted by the boundary (`outer_input_clipped`)."""
+    e = cfg.echelon
+    if e.secagg.outer_clip:
+        return e.secagg.outer_clip
+    if e.clip is None:
+        return None
+    longest = e.sync.h_max if get_strategy(cfg.strategy).cadence == "drift_aware" else e.sync.interval
+    return longest * e.middle_lr * e.clip
 
 
 def make_aggregator(cfg: RunConfig, identity: Identity | None = None, *, outer: bool = False) -> Aggregator:
     """The boundary's aggregation path (SecAgg+ by default, or the plain weighted sum), or with
     `outer` the global plane's secure round over the boundaries' Delta_b (+SA): always SecAgg+,
-    quorum 1 (each Delta_b met the quorum inside its boundary), range secagg.outer_clip.
+    quorum 1 (each Delta_b met the quorum inside its boundary), range `outer_range`.
 
     With a party's `identity` (a deployment's certificates, or a simulation's when
     secagg.malicious_server is on) the rounds are defended against a malicious server, unless
@@ -101,8 +141,7 @@ def make_aggregator(cfg: RunConfig, identity: Identity | None = None, *, outer: 
         return PlainAggregator(min_quorum=e.min_quorum, timeout_s=e.aggregation_timeout_s)
     clip = e.clip
     if outer:
-        intervals = max(e.sync.interval, e.sync.h_max)
-        clip = s.outer_clip or (None if e.clip is None else e.clip * e.middle_lr * intervals)
+        clip = outer_range(cfg)
         if clip is None:
             raise UserError(
                 "secure outer aggregation needs a range: set echelon.clip or echelon.secagg.outer_clip"
@@ -123,12 +162,21 @@ def make_aggregator(cfg: RunConfig, identity: Identity | None = None, *, outer: 
 
 
 def make_guards(
-    cfg: RunConfig, party: str, dim: int, audit: AuditSink | None, ledger: Ledger | None = None
+    cfg: RunConfig,
+    party: str,
+    dim: int,
+    audit: AuditSink | None,
+    ledger: Ledger | None = None,
+    fragments: int | Bounds | None = None,
 ) -> tuple[EgressGuard, IngressGuard]:
     """`party`'s egress and ingress guards under the contract terms of `cfg` (an
-    `effective_config`) for `dim`-vectors; a boundary's `ledger` lists the aggregates it minted."""
+    `effective_config`) for `dim`-vectors; a boundary's `ledger` lists the aggregates it minted;
+    `fragments`: the fragments' ranges when they are layer-wise (`Prepared.fragments`)."""
     e = cfg.echelon
-    terms = Terms(e.min_quorum, dim, e.streaming.fragments, len(cfg.boundaries))
+    parts = e.streaming.fragments if fragments is None else fragments
+    terms = Terms(
+        e.min_quorum, dim, parts if isinstance(parts, int) else tuple(parts), len(boundary_configs(cfg))
+    )
     return EgressGuard(party, terms, audit, ledger), IngressGuard(party, terms, audit)
 
 
@@ -137,29 +185,49 @@ def simulated_identity(cfg: RunConfig) -> Callable[[str], Identity | None]:
     secagg.malicious_server is on, else none (the rounds then assume an honest-but-curious server)."""
     if not cfg.echelon.secagg.malicious_server:
         return lambda party: None
-    parties: dict[str, str | None] = {boundary_party(b.id): None for b in cfg.boundaries}
-    parties |= {device_party(d.id): boundary_party(b) for b, d in cfg.devices}
+    parties: dict[str, str | None] = {boundary_party(b): None for b in boundary_configs(cfg)}
+    parties |= {device_party(d.id): boundary_party(b) for b, d in cfg.all_devices}
     verifier, signers = simulated_identities(parties, cfg.seed)
     return lambda party: Identity(verifier, signers.get(party))
 
 
-def make_global_plane(cfg: RunConfig, theta0: torch.Tensor, identity: Identity | None = None) -> GlobalPlane:
-    """The global plane of `cfg` (an `effective_config`), starting from `theta0`."""
+def boundary_configs(cfg: RunConfig) -> dict[str, BoundaryConfig]:
+    """Every boundary that may take part: the run's, and one-device boundaries joining with their
+    device (the flat baselines' form of a join, `churn.joins`)."""
+    out = {b.id: b for b in cfg.boundaries}
+    for j in cfg.churn.joins:
+        if j.boundary not in out:
+            out[j.boundary] = BoundaryConfig(id=j.boundary, devices=(j.device,), wan=cfg.network.wan)
+    return out
+
+
+def make_global_plane(
+    cfg: RunConfig,
+    theta0: torch.Tensor,
+    identity: Identity | None = None,
+    fragments: int | Bounds | None = None,
+) -> GlobalPlane:
+    """The global plane of `cfg` (an `effective_config`), starting from `theta0`; `fragments`:
+    the fragments' ranges when they are layer-wise (`Prepared.fragments`)."""
     e, strategy = cfg.echelon, get_strategy(cfg.strategy)
     return GlobalPlane(
         [boundary_address(b.id) for b in cfg.boundaries],
         theta0,
         e.outer,
-        Cadence(e.sync, strategy.drift_aware),
+        Cadence(e.sync, strategy.cadence == "drift_aware"),
         e.sync.timeout_s,
-        barrier=strategy.synchronous or strategy.barrier,
+        barrier=strategy.barrier,
         outer_aggregator=make_aggregator(cfg, identity, outer=True) if strategy.secure_outer else None,
-        fragments=e.streaming.fragments,
+        fragments=e.streaming.fragments if fragments is None else fragments,
     )
 
 
 def make_boundary_plane(
-    cfg: RunConfig, boundary: BoundaryConfig, dim: int, identity: Identity | None = None
+    cfg: RunConfig,
+    boundary: BoundaryConfig,
+    dim: int,
+    identity: Identity | None = None,
+    fragments: int | Bounds | None = None,
 ) -> BoundaryPlane:
     """The coordinator of `boundary` in `cfg` (an `effective_config`), for `dim`-vectors."""
     strategy = get_strategy(cfg.strategy)
@@ -170,8 +238,11 @@ def make_boundary_plane(
         cfg.echelon,
         make_aggregator(cfg, identity),
         dim,
-        lockstep=strategy.synchronous,
+        lockstep=strategy.lockstep,
         outer_aggregator=make_aggregator(cfg, identity, outer=True) if strategy.secure_outer else None,
+        outer_range=outer_range(cfg) if strategy.secure_outer else None,
+        fragments=cfg.echelon.streaming.fragments if fragments is None else fragments,
+        seed=derived_seed(cfg.seed, 4, zlib.crc32(boundary.id.encode())),
     )
 
 
@@ -187,4 +258,5 @@ def make_device_plane(
         e.clip,
         e.reference_ema,
         model_dim=model_dim,
+        alignment_gate=e.alignment_gate,
     )

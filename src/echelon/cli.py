@@ -42,6 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "echelon.commands.contest",
         "tune every strategy with pilots, then run budget-matched finals",
     ),
+    "redteam": ("echelon.commands.redteam", "attack a finished run from the global coordinator's seat"),
 }
 
 

@@ -8,7 +8,7 @@ Relative paths in a run file are resolved against the file's own directory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -97,9 +97,26 @@ class TrainConfig(Strict):
     inner_steps: int = Field(8, ge=1, description="K, AdamW steps per local round")
     micro_batch: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = Field(
+        None, gt=0, description="clip each inner step's gradient to this global L2 norm; null: off"
+    )
+    warmup_steps: int = Field(0, ge=0, description="inner steps of linear warmup, counted per device")
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="after warmup: constant, or cosine decay to min_lr_ratio * lr"
+    )
+    decay_steps: int | None = Field(
+        None, ge=1, description="cosine: inner steps per device to decay over; null: from budget.tokens"
+    )
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine: the floor, as a fraction of lr")
+    precision: Literal["float32", "bfloat16"] = Field(
+        "float32", description="bfloat16: autocast the forward pass where the device supports it"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass (less memory, more compute)"
+    )
 
 
 class OuterConfig(Strict):
@@ -111,14 +128,17 @@ class OuterConfig(Strict):
 
 
 class SyncConfig(Strict):
-    """Outer synchronisation cadence: a fixed interval H (Echelon) or drift-aware (Echelon-DA)."""
+    """Outer synchronisation cadence: a fixed interval H (Echelon) or drift-aware (Echelon-DA; the
+    strategy decides which). Drift-aware: H_b = h_min + round((h_max - h_min) * (1 - sigmoid(kappa *
+    (D_b - D_0,b)))) with the scale-free drift D_b (see echelon.planes.controller)."""
 
-    mode: Literal["fixed", "drift_aware"] = "fixed"
-    interval: int = Field(8, ge=1, description="H in middle steps, fixed mode")
+    interval: int = Field(8, ge=1, description="H in middle steps (fixed cadence, and before calibration)")
     h_min: int = Field(8, ge=1)
     h_max: int = Field(100, ge=1)
     kappa: float = Field(2.4, gt=0)
-    d0: float | None = Field(None, description="drift midpoint; calibrated at the first sync when unset")
+    d0: float | None = Field(
+        None, ge=0, description="drift midpoint D_0 for every boundary; null: each calibrates its own"
+    )
     drift_ema: float = Field(0.9, ge=0, lt=1, description="beta of the drift proxy EMA")
     overlap: bool = Field(True, description="boundaries keep training while a sync is in flight")
     timeout_s: float = Field(600.0, gt=0, description="an outer step proceeds without boundaries this late")
@@ -164,17 +184,47 @@ class StreamingConfig(Strict):
     pseudo_gradient_dtype: Literal["float32", "bfloat16"] = Field("float32", description="low-bit Delta_b")
 
 
+class PrivacyConfig(Strict):
+    """Longitudinal-leakage mitigations (paper §4.3, §8.6; docs/fidelity.md), safe by default.
+
+    membership_window: a boundary's cohort (the devices its aggregates may include) changes only
+        every that many middle steps; devices that join or rejoin wait for the next edge.
+    shuffle: pick participants from the buffer at random (seeded) rather than first come first served.
+    status_counts: what crosses of who contributed: `exact` counts; `coarse`, every count rounded
+        down to a multiple of count_bucket (never below min_quorum) and token counts to multiples
+        of count_bucket local rounds; `suppressed`, only the quorum floor min_quorum, and token
+        counts in multiples of a round of every device of the boundary.
+    """
+
+    membership_window: int | None = Field(8, ge=1, description="middle steps per fixed-membership window")
+    shuffle: bool = True
+    status_counts: Literal["exact", "coarse", "suppressed"] = "suppressed"
+    count_bucket: int = Field(2, ge=1, description="coarse: counts are rounded down to multiples of this")
+
+
 class EchelonConfig(Strict):
     """Boundary-plane knobs (ARCHITECTURE.md §2)."""
 
     proximal_mu: float = Field(0.01, ge=0, description="mu of the proximal term; 0 disables")
     reference_ema: float | None = Field(None, ge=0, lt=1, description="beta_ref: anchor to an EMA of theta_b")
     clip: float | None = Field(1.0, gt=0, description="C, L2 clip of each device delta; null disables")
-    buffer_size: int = Field(2, ge=1, description="K_buf")
+    buffer_size: Annotated[int, Field(ge=1)] | Literal["boundary"] = Field(
+        2, description="K_buf; `boundary`: every middle step aggregates the boundary's whole cohort"
+    )
     buffer_timeout_s: float = Field(30.0, gt=0, description="tau, seconds after the first arrival")
     participation_window: int = Field(4, ge=1, description="W, middle steps")
+    staleness: Literal["age", "version_lag"] = Field(
+        "age",
+        description="s: middle steps since the device last participated (the paper's), or the version lag",
+    )
     staleness_exponent: float = Field(0.5, ge=0, description="a in w = (1 + s)^-a")
-    max_staleness: int = Field(8, ge=0, description="s_max; staler updates are dropped")
+    max_staleness: int | None = Field(None, ge=0, description="s_max: staler updates are dropped; null: off")
+    alignment_gate: float | None = Field(
+        None,
+        ge=-1,
+        le=1,
+        description="a device submits only if cos(delta_i, the boundary's recent direction) >= this; null: off",
+    )
     middle_lr: float = Field(1.0, gt=0, description="eta_mid")
     aggregation: Literal["plain", "secagg"] = Field(
         "secagg", description="secagg: the coordinator learns only the sum; plain: a simulation baseline"
@@ -187,10 +237,11 @@ class EchelonConfig(Strict):
     aggregation_timeout_s: float = Field(60.0, gt=0)
     outer: OuterConfig = OuterConfig()
     sync: SyncConfig = SyncConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     @model_validator(mode="after")
     def _quorum_reachable(self) -> EchelonConfig:
-        if self.buffer_size < self.min_quorum:
+        if self.buffer_size != "boundary" and self.buffer_size < self.min_quorum:
             raise ValueError(
                 f"buffer_size ({self.buffer_size}) is below min_quorum ({self.min_quorum}): no middle step "
                 "could ever cross; raise buffer_size or lower min_quorum"
@@ -227,13 +278,6 @@ class NetworkConfig(Strict):
     wan: LinkConfig = LinkConfig(latency_ms=20, jitter_pct=50, bandwidth_mbps=1_000)
 
 
-class ChurnConfig(Strict):
-    """Devices leave after an exponential uptime and rejoin after an exponential downtime."""
-
-    mean_uptime_s: float | None = Field(None, gt=0, description="null: no churn")
-    mean_downtime_s: float = Field(60.0, gt=0)
-
-
 class DeploymentConfig(Strict):
     """How the parties of a deployment (`echelon serve`, `echelon launch`) wait for each other, on
     the wall clock. The simulator ignores it."""
@@ -258,6 +302,46 @@ class DeviceConfig(Strict):
     )
 
 
+class DeviceJoin(Strict):
+    """A device outside the initial membership joins `boundary` at `at_s` (virtual seconds).
+
+    `boundary` names one of the run's boundaries, or the device's own id: a one-device boundary
+    that joins with it (the flat baselines' form)."""
+
+    at_s: float = Field(ge=0)
+    boundary: str = Identifier
+    device: DeviceConfig
+
+
+class DeviceDeparture(Strict):
+    """Device `device` leaves for good at `at_s`: it never comes back."""
+
+    at_s: float = Field(ge=0)
+    device: str = Identifier
+
+
+class BoundaryOutage(Strict):
+    """Boundary `boundary`, its coordinator and every device, goes offline at `at_s` and comes back
+    `duration_s` later, restarted (what it had not sent is lost)."""
+
+    boundary: str = Identifier
+    at_s: float = Field(ge=0)
+    duration_s: float = Field(gt=0)
+
+
+class ChurnConfig(Strict):
+    """Who comes and goes. Cycling: a share of the devices (a seeded pick) leave after an
+    exponential uptime and rejoin after an exponential downtime. Scheduled: joins of new devices,
+    departures for good, and whole-boundary outages."""
+
+    mean_uptime_s: float | None = Field(None, gt=0, description="null: no cycling")
+    mean_downtime_s: float = Field(60.0, gt=0)
+    cycling_fraction: float = Field(1.0, gt=0, le=1, description="share of the devices that cycle")
+    joins: tuple[DeviceJoin, ...] = ()
+    departures: tuple[DeviceDeparture, ...] = ()
+    outages: tuple[BoundaryOutage, ...] = ()
+
+
 class BoundaryConfig(Strict):
     """A boundary's devices, listed, or the replicas of a Yellowstone plan (`plan`): each replica
     of the plan's boundary with this id is one device, its compute profile the plan's prediction."""
@@ -272,12 +356,18 @@ class BoundaryConfig(Strict):
     def _devices_from_plan(cls, data: object, info: ValidationInfo) -> object:
         if not isinstance(data, dict) or data.get("plan") is None:
             return data
-        if data.get("devices"):
+        path = resolve_path(Path(data["plan"]), info)
+        planned = plan_replicas(path, str(data.get("id")))
+        # A configuration validated again (a strategy's resolution) carries the plan's own devices.
+        given = [
+            d if isinstance(d, DeviceConfig) else DeviceConfig.model_validate(d)
+            for d in data.get("devices") or ()
+        ]
+        if given and given != [DeviceConfig.model_validate(d) for d in planned]:
             raise ValueError(
                 "give `devices` or `plan`, not both: a plan's replicas are the boundary's devices"
             )
-        path = resolve_path(Path(data["plan"]), info)
-        return {**data, "plan": path, "devices": plan_replicas(path, str(data.get("id")))}
+        return {**data, "plan": path, "devices": planned}
 
     @model_validator(mode="after")
     def _some_devices(self) -> BoundaryConfig:
@@ -381,6 +471,12 @@ class RunConfig(Strict):
                     f"echelon.min_quorum is {self.echelon.min_quorum} but boundary {b.id!r} has only "
                     f"{len(b.devices)} devices"
                 )
+        self._churn_refers_to_known_parties(seen, devices)
+        t = self.train
+        if t.schedule == "cosine" and t.decay_steps is None and self.budget.tokens is None:
+            raise ValueError(
+                "train.schedule cosine needs train.decay_steps, or a budget.tokens to derive it from"
+            )
         return self
 
     @model_validator(mode="after")
@@ -392,10 +488,34 @@ class RunConfig(Strict):
                     raise ValueError(f"boundaries[{b.id}].plan {b.plan}: {problem}")
         return self
 
+    def _churn_refers_to_known_parties(self, boundaries: set[str], devices: set[str]) -> None:
+        joined: dict[str, float] = {}
+        for i, j in enumerate(self.churn.joins):
+            if j.device.id in devices or j.device.id in joined:
+                raise ValueError(f"churn.joins[{i}]: device id {j.device.id!r} is already in use")
+            if j.boundary not in boundaries and j.boundary != j.device.id:
+                raise ValueError(
+                    f"churn.joins[{i}]: no boundary {j.boundary!r}; name one of {', '.join(sorted(boundaries))}"
+                )
+            joined[j.device.id] = j.at_s
+        for i, d in enumerate(self.churn.departures):
+            if d.device not in devices and d.device not in joined:
+                raise ValueError(f"churn.departures[{i}]: no device {d.device!r} in the run")
+            if d.at_s < joined.get(d.device, 0.0):
+                raise ValueError(f"churn.departures[{i}]: device {d.device!r} leaves before it joins")
+        for i, o in enumerate(self.churn.outages):
+            if o.boundary not in boundaries:
+                raise ValueError(f"churn.outages[{i}]: no boundary {o.boundary!r} in the run")
+
     @property
     def devices(self) -> list[tuple[str, DeviceConfig]]:
-        """(boundary id, device) pairs in file order."""
+        """(boundary id, device) pairs of the initial membership, in file order."""
         return [(b.id, d) for b in self.boundaries for d in b.devices]
+
+    @property
+    def all_devices(self) -> list[tuple[str, DeviceConfig]]:
+        """The initial membership, then the devices that join later (`churn.joins`), in file order."""
+        return self.devices + [(j.boundary, j.device) for j in self.churn.joins]
 
 
 def plan_mismatch(cfg: RunConfig, path: Path) -> str | None:

@@ -202,6 +202,22 @@ def _output_problems(cfg: RunConfig, out: Path, shape: dict) -> list[tuple[str, 
     return []
 
 
+def _simulated_churn(cfg: RunConfig) -> list[tuple[str, str]]:
+    """The churn a deployment cannot carry out: it admits only the run file's devices, and every
+    device of a deployment cycles on the simulator's schedule."""
+    c, out = cfg.churn, []
+    for name in ("joins", "departures", "outages"):
+        if getattr(c, name):
+            out.append(
+                (f"churn.{name}", "scheduled churn runs only in simulation (`echelon train`); remove it")
+            )
+    if c.mean_uptime_s is not None and c.cycling_fraction < 1:
+        out.append(
+            ("churn.cycling_fraction", "a deployment cycles every device; set it to 1 or run in simulation")
+        )
+    return out
+
+
 def preflight(cfg: RunConfig, run_file: Path | str, out: Path | None, *, deploy: bool) -> None:
     """ConfigError naming `run_file` and every field at fault, or nothing: the run can start.
 
@@ -216,6 +232,8 @@ def preflight(cfg: RunConfig, run_file: Path | str, out: Path | None, *, deploy:
                 "would cross a boundary); it runs only in simulation: `echelon train`",
             )
         )
+    if deploy:
+        problems += _simulated_churn(cfg)
     shape = model_shape(cfg)
     problems += _data_problems(cfg) + _model_problems(cfg, shape) + _budget_problems(cfg)
     problems += _memory_problems(cfg, shape, available_memory())

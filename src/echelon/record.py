@@ -49,7 +49,10 @@ class RunSummary:
     virtual_time_s is the run's clock (virtual seconds in simulation, wall seconds since the
     global plane started in a deployment); bytes are wire bytes by message type; `refused`
     counts messages refused on arrival; `intra_boundary_bytes` is empty in a deployment (each
-    boundary's own business, never seen by the global plane).
+    boundary's own business, never seen by the global plane). Throughput is measured from the
+    run: `tokens_per_virtual_s` over the run's clock (the modelled fleet, stalls and all), and
+    `compute_tokens_per_s` per CPU second of the local rounds this process ran (0.0 in a
+    deployment, whose global plane runs none).
     """
 
     name: str
@@ -71,6 +74,8 @@ class RunSummary:
     cross_boundary_bytes_by_boundary: dict[str, int]
     intra_boundary_bytes: dict[str, int]
     refused: int
+    tokens_per_virtual_s: float
+    compute_tokens_per_s: float
     artefact: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -226,6 +231,7 @@ class RunRecorder:
         intra_boundary_bytes: dict[str, int],
         refused: int,
         hint: str = "",
+        compute_s: float = 0.0,
     ) -> RunSummary:
         """Write the final model and summary.json; UserError (the checkpoint kept) when the disk refuses."""
         from echelon.strategies import get_strategy
@@ -256,6 +262,8 @@ class RunRecorder:
                 cross_boundary_bytes_by_boundary=self.cross_bytes_by_boundary(),
                 intra_boundary_bytes=dict(sorted(intra_boundary_bytes.items())),
                 refused=refused,
+                tokens_per_virtual_s=self.tokens() / self.clock() if self.clock() else 0.0,
+                compute_tokens_per_s=self.tokens() / compute_s if compute_s else 0.0,
                 artefact=artefact.name,
             )
             rundir.write_atomic(

@@ -20,7 +20,10 @@ ITEMSIZE = {tensor_pb2.FLOAT32: 4, tensor_pb2.UINT32: 4, tensor_pb2.UINT64: 8, t
 FREE_PROVENANCE = frozenset({tensor_pb2.DEVICE, tensor_pb2.GLOBAL})
 
 
-def fragment_bounds(dim: int, fragments: int) -> list[tuple[int, int]]:
+Bounds = list[tuple[int, int]]  # [lo, hi) of each fragment of a flat vector, in order, covering it
+
+
+def fragment_bounds(dim: int, fragments: int) -> Bounds:
     """[lo, hi) of each of `fragments` contiguous, near-equal fragments of a `dim`-vector."""
     edges = [round(i * dim / fragments) for i in range(fragments + 1)]
     return list(itertools.pairwise(edges))

@@ -158,7 +158,7 @@ def test_cli_prints_the_comparison_table_and_plots(tmp_path, capsys):
             "b_eff": bb,
             "wan_latency_ms": lat,
             "boundaries": int(rng.integers(2, 5)),
-            "partition_skew": rng.uniform(),
+            "noniid_severity": rng.choice([0.0, 2.0, 10.0]),
             "cross_boundary_bytes": int(1e6 + 10 * bb),
         }
         for bb, g, lat in zip(b, gap, latency, strict=True)
@@ -187,3 +187,10 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     assert "results.csv" in err and "no column 'beff'" in err and "Traceback" not in err
     assert main(["law", "fit", str(tmp_path / "missing.csv")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_b_ref_defaults_to_a_fixed_reference_whatever_the_rows():
+    b, gap, _ = synthetic()
+    first = compare(gap, b, {}, n_boot=20).law
+    other = compare(gap[:40], 3 * b[:40], {}, n_boot=20).law
+    assert first.b_ref == other.b_ref == 1.0  # not a statistic of the fitted rows

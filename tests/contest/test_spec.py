@@ -85,9 +85,10 @@ def test_default_spaces_follow_the_strategy_fields():
         # base lr 0.003 x {1/3, 1, 3} for AdamW inner steps; x {10, 30, 100} for SCAFFOLD's SGD
         sgd = s.local == "scaffold"
         assert space["train.lr"] == ([0.03, 0.09, 0.3] if sgd else [0.001, 0.003, 0.009]), name
-        assert ("echelon.proximal_mu" in space) == s.proximal
-        assert ("echelon.outer.lr" in space) == (not s.averaging), name
-        assert ("echelon.sync.kappa" in space) == s.drift_aware
+        # A knob the strategy fixes is never searched: every value would train the same run.
+        assert ("echelon.proximal_mu" in space) == ("echelon.proximal_mu" not in s.fixes), name
+        assert ("echelon.outer.lr" in space) == ("echelon.outer.lr" not in s.fixes), name
+        assert ("echelon.sync.kappa" in space) == (s.cadence == "drift_aware"), name
         if "echelon.sync.interval" in space:
             assert space["echelon.sync.interval"] == [1, 2, 4]  # base H 2 x {1/2, 1, 2}
     assert "echelon.sync.interval" not in default_space(get_strategy("centralised"), base)
@@ -125,3 +126,30 @@ def test_quick_caps_seeds_and_trials_and_every_pilot_shares_the_token_budget(tmp
     finals = full.finals({"echelon": {"train.lr": 0.01}})
     assert [(f.budget, f.seed) for f in finals] == [("syncs", s) for s in range(4)]
     assert all(f.config.train.lr == 0.01 and f.config.budget.outer_steps == 1 for f in finals)
+
+
+def test_churn_is_a_stressor_every_contestant_runs_under(tmp_path):
+    from echelon.contest.spec import load_contest
+    from echelon.strategies import effective_config
+
+    base = _contest()["base"]
+    base["churn"] = {
+        "mean_uptime_s": 30.0,
+        "cycling_fraction": 0.5,
+        "joins": [{"at_s": 5.0, "boundary": "b0", "device": {"id": "late", "tokens_per_s": 900}}],
+        "departures": [{"at_s": 8.0, "device": "d1"}],
+        "outages": [{"boundary": "b1", "at_s": 3.0, "duration_s": 4.0}],
+    }
+    contest = load_contest(
+        _write(tmp_path, _contest(base=base, strategies=list(STRATEGIES), reference="echelon"))
+    )
+    for final in contest.finals({s: {} for s in STRATEGIES}):
+        eff = effective_config(final.config)
+        churn = eff.churn
+        if get_strategy(final.config.strategy).topology == "centralised":
+            assert churn.mean_uptime_s is None and not churn.outages  # one pooled worker does not churn
+            continue
+        assert churn.mean_uptime_s == 30.0 and churn.departures[0].device == "d1"
+        boundaries = {b.id for b in eff.boundaries}
+        assert all(o.boundary in boundaries for o in churn.outages)  # in each topology's own terms
+        assert churn.joins[0].boundary in boundaries | {"late"}

@@ -1,4 +1,5 @@
-"""Tables 5, 6 and 9 from synthetic final runs: mean, sample std, ratios and the labels."""
+"""Tables 5, 6 and 10 (the paper's numbering) and the relative table from synthetic final runs:
+mean, sample std, ratios and the labels."""
 
 from __future__ import annotations
 
@@ -10,7 +11,17 @@ from rich.console import Console
 from echelon.config import BudgetConfig, RunConfig
 from echelon.contest.protocol import PilotResult, select
 from echelon.contest.spec import Trial
-from echelon.contest.tables import Final, cells, stat, table5, table6, table9, to_markdown, to_rich
+from echelon.contest.tables import (
+    Final,
+    cells,
+    relative_table,
+    stat,
+    table5,
+    table6,
+    table10,
+    to_markdown,
+    to_rich,
+)
 from tests.helpers import small_run
 
 BUDGETS = {"tokens": BudgetConfig(tokens=1000), "bytes": BudgetConfig(cross_boundary_bytes=5000)}
@@ -49,35 +60,57 @@ def test_cells_group_by_strategy_and_budget():
     assert ("fedavg", "bytes") not in grid
 
 
-def test_tables_5_6_9():
+def test_tables_carry_the_papers_numbers_and_columns():
     grid = cells(FINALS)
-    t5 = table5(grid, ["echelon", "fedavg"], BUDGETS)
-    assert t5.header == ("strategy", "tokens budget", "bytes budget")
-    assert t5.rows[0] == ("echelon", "4.1000 ± 0.1000 *", "3.9000 *")
-    assert t5.rows[1] == ("fedavg [not admissible: simulation only]", "4.5000 ± 0.1414", "—")
+    t5 = table5(grid, ["echelon", "fedavg"], list(BUDGETS))
+    assert t5.title.startswith("Table 5:")
+    assert t5.header == (
+        "budget",
+        "strategy",
+        "val loss",
+        "PPL",
+        "cross-boundary MB",
+        "syncs",
+        "tokens",
+        "stop",
+    )
+    assert t5.rows[0][:6] == (
+        "tokens",
+        "echelon",
+        "4.1000 ± 0.1000",
+        f"{math.exp(4.1):.2f}",
+        "1.000 ± 0.000",
+        "5.0 ± 1.0",
+    )
+    assert t5.rows[1][4] == "2.000 ± 1.414"
+    assert t5.rows[3][1] == "fedavg [not admissible: simulation only]" and t5.rows[3][2] == "—"
 
-    t6 = table6(grid, ["echelon", "fedavg"], list(BUDGETS), 4.3)
-    echelon_tokens = t6.rows[0]
-    assert echelon_tokens[:4] == ("tokens", "echelon", "1.000 ± 0.000", "5.0 ± 1.0")
-    assert echelon_tokens[6] == "6.00 ± 1.41 (2/3)"
-    assert t6.rows[1][2] == "2.000 ± 1.414" and t6.rows[1][6] == "9.00 (1/2)"
-    assert t6.rows[3][1] == "fedavg [not admissible: simulation only]" and t6.rows[3][2] == "—"
+    t6 = table6(grid, ["echelon", "fedavg"], BUDGETS)  # the paper's fixed-budget normalisations
+    assert t6.title.startswith("Table 6:")
+    assert t6.header == ("strategy", "tokens budget", "bytes budget")
+    assert t6.rows[0] == ("echelon", "4.1000 ± 0.1000 *", "3.9000 *")
+    assert t6.rows[1] == ("fedavg [not admissible: simulation only]", "4.5000 ± 0.1414", "—")
 
-    t9 = table9(grid, ["echelon", "fedavg"], list(BUDGETS), "echelon")
-    assert t9.rows[0][2:] == ("+0.00%", "1.00x")
+    t10 = table10(grid, ["echelon", "fedavg"], list(BUDGETS), 4.3)
+    assert t10.title.startswith("Table 10:")
+    assert t10.rows[0][2] == "6.00 ± 1.41 (2/3)" and t10.rows[1][2] == "9.00 (1/2)"
+
+    rel = relative_table(grid, ["echelon", "fedavg"], list(BUDGETS), "echelon")
+    assert not rel.title.startswith("Table")  # the paper has no such table
+    assert rel.rows[0][2:] == ("+0.00%", "1.00x")
     gap = 100 * (4.5 - 4.1) / 4.1
-    assert t9.rows[1][2:] == (f"{gap:+.2f}%", "2.00x")
-    assert t9.rows[3][2:] == ("—", "—")  # fedavg has no bytes-budget runs
+    assert rel.rows[1][2:] == (f"{gap:+.2f}%", "2.00x")
+    assert rel.rows[3][2:] == ("—", "—")  # fedavg has no bytes-budget runs
 
 
 def test_non_admissible_label_survives_console_and_markdown():
-    t5 = table5(cells(FINALS), ["echelon", "fedavg"], BUDGETS)
+    t6 = table6(cells(FINALS), ["echelon", "fedavg"], BUDGETS)
     console = Console(width=200, record=True)
-    console.print(to_rich(t5))
+    console.print(to_rich(t6))
     text = console.export_text()
     assert "fedavg [not admissible: simulation only]" in text  # not swallowed as rich markup
-    assert "simulation only" in t5.note
-    assert "| fedavg [not admissible: simulation only] |" in to_markdown(t5)
+    assert "simulation only" in t6.note
+    assert "| fedavg [not admissible: simulation only] |" in to_markdown(t6)
 
 
 CONFIG = RunConfig.model_validate(small_run())

@@ -189,5 +189,5 @@ def test_churn_devices_leave_and_rejoin_and_the_run_completes():
     sim.run(BudgetConfig(virtual_seconds=300))
     assert sim.global_plane.finished
     assert steps.count("middle_step") > 20
-    assert sim.traffic.dropped > 0  # messages to offline devices were lost, as on a real network
+    assert sim.traffic.intra_messages["echelon.v1.Hello"] > 3 * 2  # devices left and came back, repeatedly
     assert np.isfinite(sim.global_plane.theta_g.numpy()).all()

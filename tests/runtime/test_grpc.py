@@ -62,12 +62,12 @@ async def _deploy(cfg: RunConfig, certs: Path, run_dir: Path) -> dict:
     return results[0]
 
 
-def _lockstep_config() -> RunConfig:
-    # Echelon in lockstep with full buffers: every middle step aggregates every device of its
-    # boundary, so the schedule is the same whatever the timing.
+def _lockstep_config(strategy: str = "echelon-sync") -> RunConfig:
+    # In lockstep with full buffers: every middle step aggregates every device of its boundary,
+    # so the schedule is the same whatever the timing.
     return RunConfig.model_validate(
         small_run(
-            strategy="echelon-sync",
+            strategy=strategy,
             echelon={"buffer_size": 2, "buffer_timeout_s": 600, "sync": {"interval": 1}},
             network={"wan": {"latency_ms": 0}, "lan": {"latency_ms": 0}},
             budget={"outer_steps": 2},
@@ -75,9 +75,15 @@ def _lockstep_config() -> RunConfig:
     )
 
 
-def test_deployment_and_simulation_reach_the_same_parameters(tmp_path):
+@pytest.mark.parametrize(
+    "strategy",
+    # diloco+sa-boundary: DiLoCo+SA's admissible form (each boundary one DiLoCo worker, the outer
+    # round SecAgg+), the privacy-parity baseline of Table 9, runs deployed as it is simulated.
+    ["echelon-sync", pytest.param("diloco+sa-boundary", marks=pytest.mark.slow)],
+)
+def test_deployment_and_simulation_reach_the_same_parameters(tmp_path, strategy):
     tensorboard = importlib.util.find_spec("tensorboard") is not None  # an optional extra
-    cfg = _lockstep_config().model_copy(update={"metrics": MetricsConfig(tensorboard=tensorboard)})
+    cfg = _lockstep_config(strategy).model_copy(update={"metrics": MetricsConfig(tensorboard=tensorboard)})
     summary = asyncio.run(_deploy(cfg, _certs(tmp_path / "certs", cfg), tmp_path / "deployed"))
     simulated = train(cfg, tmp_path / "simulated", progress=False)
     assert summary["outer_steps"] == simulated["outer_steps"] == 2

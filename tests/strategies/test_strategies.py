@@ -170,3 +170,69 @@ def test_flat_strategies_are_not_admissible_and_a_real_boundary_guard_refuses_th
 def test_admissible_strategies_are_hierarchical():
     for s in STRATEGIES.values():
         assert s.admissible == (s.topology == "hierarchical"), s.name
+
+
+def test_a_strategy_is_data_resolved_the_same_way_for_all():
+    from echelon.strategies.base import Strategy, resolve
+
+    # A new strategy needs no code beyond its entry: topology, mechanisms, fixed fields, defaults.
+    custom = Strategy(
+        "custom",
+        "a test strategy",
+        admissible=True,
+        fixes={"echelon.outer.lr": 0.3},
+        defaults={"echelon.clip": 0.5},
+    )
+    cfg = _config("echelon")
+    resolved = resolve(custom, cfg)
+    assert resolved.echelon.outer.lr == 0.3 and resolved.echelon.clip == 0.5
+    set_clip = _config("echelon", echelon={"buffer_size": 2, "clip": 2.0})
+    assert resolve(custom, set_clip).echelon.clip == 2.0  # a default yields to the run file
+    for s in STRATEGIES.values():
+        eff = effective_config(_config(s.name))
+        assert effective_config(eff) == eff, s.name  # resolving is idempotent
+        for dotted, value in s.fixes.items():
+            node = eff
+            for key in dotted.split("."):
+                node = getattr(node, key)
+            assert node == value, (s.name, dotted)
+
+
+def test_strategies_do_not_import_the_configuration_module():
+    import subprocess
+    import sys
+
+    code = "import sys, echelon.strategies; print('echelon.config' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"  # config imports the catalog; never the other way round
+
+
+def test_diloco_sa_has_an_admissible_form_that_a_deployment_accepts():
+    from echelon.runtime.grpc.roles import require_admissible
+
+    from echelon.errors import UserError
+
+    flat, boundary = get_strategy("diloco+sa"), get_strategy("diloco+sa-boundary")
+    assert not flat.admissible and "not admissible" in flat.label
+    assert boundary.admissible and boundary.topology == "hierarchical"
+    assert boundary.secure_outer and boundary.lockstep and boundary.tunes("echelon.outer.lr")
+    require_admissible(_config("diloco+sa-boundary"))  # no refusal
+    with pytest.raises(UserError, match="not admissible"):
+        require_admissible(_config("diloco+sa"))
+    eff = effective_config(_config("diloco+sa-boundary"))
+    assert eff.echelon.proximal_mu == 0.0 and not eff.echelon.sync.overlap
+    assert [len(b.devices) for b in eff.boundaries] == [2, 2]  # devices aggregate inside their boundary
+
+
+def test_admissible_diloco_sa_sends_no_delta_in_the_clear():
+    cfg = effective_config(_config("diloco+sa-boundary", budget={"outer_steps": 2}))
+    prep = prepare(cfg)
+    sim = build_simulation(cfg, prep, lambda kind, fields: None)
+    sent: list = []
+    sim._guards = {p: (_Recording(e, sent), i) for p, (e, i) in sim._guards.items()}
+    sim.run(cfg.budget)
+    assert sim.global_plane.outer_step == 2
+    deltas = [body for _, body in sent if body.DESCRIPTOR.name == "BoundaryDelta"]
+    assert deltas and not any(d.HasField("delta") for d in deltas)  # Delta_b crosses only masked
+    masked = [body for _, body in sent if body.DESCRIPTOR.name == "OuterAggregation"]
+    assert masked and all(_update_tensor(b) is None or _update_tensor(b).contributors >= 2 for b in masked)

@@ -2,8 +2,14 @@
 
 Definitions (ARCHITECTURE.md §2, paper §8.5 and Table 13):
 
-- B~ = B_eff / B_ref with B_ref fixed; by default the median B_eff of the fitted rows. B_ref only
-  rescales a (a' = a * B_ref^-alpha): alpha and every score are unaffected.
+- B~ = B_eff / B_ref with a fixed B_ref, by default B_REF = 1: B_eff (echelon.planes.coordinator)
+  is already dimensionless, the token-weighted mean over synchronisation intervals of (interval
+  length in middle steps x scale-free drift), so B~ = 1 is a run that synchronises after every
+  middle step at a drift of one update norm (docs/fidelity.md). B_ref only rescales a
+  (a' = a * B_ref^-alpha): alpha and every score are unaffected.
+- The linear baselines are the paper's Table 13 set: latency, boundary count, non-IID severity
+  (1 / Dirichlet alpha, 0 for IID: `noniid_severity` in sweep results) and bytes, alone and all
+  four together.
 - dL is a row's validation-loss gap to a baseline (see `loss_gaps`), optionally relative.
 - The law is fitted by least squares in log-log space, log dL = log a + alpha * log B~, so only
   rows with dL > 0 and B~ > 0 take part. Linear models dL = c0 + c . x are fitted by least squares
@@ -28,6 +34,7 @@ import numpy as np
 from echelon.errors import UserError
 
 LAW = "Normalised law"
+B_REF = 1.0
 
 
 # ---------------------------------------------------------------- reading a results table
@@ -258,7 +265,7 @@ def compare(
     b_eff: np.ndarray,
     predictors: dict[str, tuple[str, np.ndarray]],
     *,
-    b_ref: float | None = None,
+    b_ref: float = B_REF,
     folds: int = 5,
     n_boot: int = 2000,
     seed: int = 0,
@@ -274,7 +281,6 @@ def compare(
         raise UserError(f"the law fit needs at least 4 usable rows (got {n}); widen the sweep")
     if np.unique(b_eff).size < 2:
         raise UserError("B_eff is the same in every usable row: the law needs rows with different B_eff")
-    b_ref = float(np.median(b_eff)) if b_ref is None else b_ref
     b_norm = b_eff / b_ref
     folds = max(2, min(folds, n))
     rng = np.random.default_rng(seed)

@@ -1,4 +1,5 @@
-"""PNG plots of one run. Figures are drawn with matplotlib's object API on the Agg canvas.
+"""PNG plots of one run (and of a sweep's results). Figures are drawn with matplotlib's object API
+on the Agg canvas.
 
 No pyplot: nothing global is touched, so plotting is safe in worker processes and tests.
 """
@@ -128,4 +129,27 @@ def plot_law(b_norm: list[float], gap: list[float], a: float, alpha: float, path
     ax.set_ylabel("loss gap dL")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
+    _save(fig, path)
+
+
+def plot_footprint(rows: list[dict], path: Path) -> None:
+    """Paper Table 7 as a figure: validation loss (left) and measured compute tokens/s (right)
+    against the trainable parameters, one point per LoRA configuration (`label`, `trainable`,
+    `loss`, `tokens_per_s` per row)."""
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    left, right = fig.subplots(1, 2, sharex=True)
+    for ax, key, label in (
+        (left, "loss", "validation loss"),
+        (right, "tokens_per_s", "compute tokens per CPU second"),
+    ):
+        ax.plot([r["trainable"] for r in rows], [r[key] for r in rows], "o")
+        for r in rows:
+            ax.annotate(
+                r["label"], (r["trainable"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Trainable footprint: quality against throughput (cf. paper Table 7)")
     _save(fig, path)

@@ -198,10 +198,16 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
-def _train(cfg: RunConfig, run_dir: str) -> dict:
+def _train(cfg: RunConfig, run_dir: str, redteam: bool) -> dict:
     from echelon.runner import train
 
-    return train(cfg, Path(run_dir), progress=False)
+    observer = None
+    if redteam:
+        from echelon.analysis.redteam import Recorder
+        from echelon.strategies import effective_config
+
+        observer = Recorder(effective_config(cfg))
+    return train(cfg, Path(run_dir), progress=False, observer=observer)
 
 
 def execute(
@@ -211,8 +217,10 @@ def execute(
     workers: int,
     progress: bool = True,
     on_finish: Callable[[Execution], None] | None = None,
+    redteam: bool = False,
 ) -> Execution:
-    """Train every run (id -> config) into runs_dir/<id>/ in `workers` spawned processes.
+    """Train every run (id -> config) into runs_dir/<id>/ in `workers` spawned processes
+    (`redteam`: with the recordings `echelon redteam` attacks, see echelon.runner.train).
 
     Runs whose directory already holds summary.json are skipped. A run that fails is recorded in
     `failures` and the others go on. `on_finish` is called after each run ends (e.g. to rewrite
@@ -251,7 +259,7 @@ def execute(
     try:
         with bar:
             futures: dict[Future, str] = {
-                pool.submit(_train, cfg, str(runs_dir / rid)): rid for rid, cfg in pending.items()
+                pool.submit(_train, cfg, str(runs_dir / rid), redteam): rid for rid, cfg in pending.items()
             }
             for fut in as_completed(futures):
                 rid = futures[fut]
@@ -281,6 +289,7 @@ DESCRIPTIVE = (
     "wan_jitter_pct",
     "partition",
     "dirichlet_alpha",
+    "noniid_severity",
 )
 METRICS = (
     "start_val_loss",
@@ -294,6 +303,9 @@ METRICS = (
     "tokens",
     "partition_skew",
     "virtual_time_s",
+    "trainable_parameters",
+    "tokens_per_virtual_s",
+    "compute_tokens_per_s",
     "stop_reason",
 )
 
@@ -318,6 +330,8 @@ def describe_config(cfg: RunConfig) -> dict[str, Any]:
         "wan_jitter_pct": cfg.network.wan.jitter_pct,
         "partition": part.kind,
         "dirichlet_alpha": part.alpha if part.kind == "dirichlet" else None,
+        # The paper's non-IID stressor as one number: 1 / Dirichlet alpha (more skewed: larger), 0 for IID.
+        "noniid_severity": 1 / part.alpha if part.kind == "dirichlet" else 0.0,
     }
 
 
@@ -341,6 +355,9 @@ def run_outcome(run_dir: Path, target: float | None) -> dict[str, Any]:
         "tokens": s["tokens"],
         "partition_skew": s.get("partition_skew", ""),
         "virtual_time_s": s["virtual_time_s"],
+        "trainable_parameters": s.get("trainable_parameters", ""),
+        "tokens_per_virtual_s": s.get("tokens_per_virtual_s", ""),
+        "compute_tokens_per_s": s.get("compute_tokens_per_s", ""),
         "stop_reason": s.get("stop_reason", ""),
     }
 

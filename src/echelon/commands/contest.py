@@ -1,7 +1,8 @@
 """`echelon contest CONTEST.yaml`: the budget-matched contest of strategies.
 
 Every strategy is tuned with the same pilot budget, then its chosen settings run at each budget
-with several seeds; the command prints the tuning table and Tables 5, 6 and 9 and writes
+with several seeds; the command prints the tuning table, Tables 5, 6 and 10 (the paper's numbering)
+and the table relative to the reference strategy, and writes
 OUT/tuning.json, OUT/results.csv, OUT/tables.md and OUT/plots/. Rerunning resumes: finished runs
 are skipped. See `echelon.contest` and docs/contest.md.
 """

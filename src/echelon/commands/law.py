@@ -37,11 +37,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     base.add_argument("--gap-col", metavar="COL", help="this column already holds dL")
     fit.add_argument("--relative", action="store_true", help="dL as a fraction of the baseline loss")
     fit.add_argument("--b-col", default="b_eff", help="effective divergence budget column (default: b_eff)")
-    fit.add_argument("--b-ref", type=float, default=None, help="B_ref for B~ = B_eff/B_ref (default: median)")
+    fit.add_argument("--b-ref", type=float, default=1.0, help="B_ref for B~ = B_eff/B_ref (default: 1)")
     fit.add_argument("--latency-col", default="wan_latency_ms", help="WAN latency (default: wan_latency_ms)")
     fit.add_argument("--boundaries-col", default="boundaries", help="boundary count (default: boundaries)")
     fit.add_argument(
-        "--noniid-col", default="partition_skew", help="non-IID severity (default: partition_skew)"
+        "--noniid-col",
+        default="noniid_severity",
+        help="non-IID severity (default: noniid_severity = 1/Dirichlet alpha, 0 for IID)",
     )
     fit.add_argument(
         "--bytes-col",
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.folds < 2 or args.bootstrap < 1:
         raise UserError("--folds must be at least 2 and --bootstrap at least 1")
-    if args.b_ref is not None and args.b_ref <= 0:
+    if args.b_ref <= 0:
         raise UserError("--b-ref must be positive")
     rows = law.read_results(args.results)
     gaps = law.loss_gaps(

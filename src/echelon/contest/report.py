@@ -8,7 +8,16 @@ from pathlib import Path
 from echelon.contest.plots import plot_final_loss, plot_loss_curves
 from echelon.contest.protocol import PLOTS, RESULTS, TABLES, TUNING, Tuning, loss_curves, tuning_table
 from echelon.contest.spec import Contest, FinalRun
-from echelon.contest.tables import Final, TextTable, cells, table5, table6, table9, to_markdown
+from echelon.contest.tables import (
+    Final,
+    TextTable,
+    cells,
+    relative_table,
+    table5,
+    table6,
+    table10,
+    to_markdown,
+)
 from echelon.rundir import write_atomic
 
 LOSS_PLOT = "loss_vs_tokens.png"
@@ -24,15 +33,17 @@ class Report:
 
 
 def build_tables(contest: Contest, tuning: Tuning, finals: list[Final]) -> list[TextTable]:
-    """The tuning table, then Tables 5, 6 and 9 over the finished finals."""
+    """The tuning table, then Tables 5, 6 and 10 (the paper's numbering) and the table relative to
+    the reference strategy, over the finished finals."""
     grid = cells(finals)
     budgets = contest.spec.budgets
     strategies = contest.strategies
     return [
         tuning_table(contest, tuning),
-        table5(grid, strategies, budgets),
-        table6(grid, strategies, list(budgets), contest.spec.target_loss),
-        table9(grid, strategies, list(budgets), contest.spec.reference),
+        table5(grid, strategies, list(budgets)),
+        table6(grid, strategies, budgets),
+        table10(grid, strategies, list(budgets), contest.spec.target_loss),
+        relative_table(grid, strategies, list(budgets), contest.spec.reference),
     ]
 
 

@@ -71,16 +71,33 @@ DEFAULT_KNOBS: tuple[Knob, ...] = (
     Knob(
         "train.lr", "local SGD", lambda s: s.local == "scaffold", lambda c: _scaled(c.train.lr, (10, 30, 100))
     ),
-    Knob("echelon.proximal_mu", "proximal term", lambda s: s.proximal, lambda c: [0.0, 0.01, 0.1]),
-    Knob("echelon.outer.lr", "outer optimiser", lambda s: not s.averaging, lambda c: [0.5, 0.7, 1.0]),
-    Knob("echelon.outer.momentum", "outer optimiser", lambda s: not s.averaging, lambda c: [0.0, 0.5, 0.9]),
+    Knob(
+        "echelon.proximal_mu",
+        "proximal term",
+        lambda s: s.tunes("echelon.proximal_mu"),
+        lambda c: [0.0, 0.01, 0.1],
+    ),
+    Knob(
+        "echelon.outer.lr",
+        "outer optimiser",
+        lambda s: s.tunes("echelon.outer.lr"),
+        lambda c: [0.5, 0.7, 1.0],
+    ),
+    Knob(
+        "echelon.outer.momentum",
+        "outer optimiser",
+        lambda s: s.tunes("echelon.outer.momentum"),
+        lambda c: [0.0, 0.5, 0.9],
+    ),
     Knob(
         "echelon.sync.interval",
         "fixed cadence",
-        lambda s: not s.drift_aware and s.topology != "centralised",
+        lambda s: s.cadence == "fixed" and s.topology != "centralised",
         _intervals,
     ),
-    Knob("echelon.sync.kappa", "drift cadence", lambda s: s.drift_aware, lambda c: [1.2, 2.4, 4.8]),
+    Knob(
+        "echelon.sync.kappa", "drift cadence", lambda s: s.cadence == "drift_aware", lambda c: [1.2, 2.4, 4.8]
+    ),
     Knob("echelon.buffer_size", "boundary buffer", lambda s: s.topology == "hierarchical", _buffer_sizes),
 )
 

@@ -5,7 +5,7 @@ A contest file (YAML):
     base: run.yaml              # a run file (relative to the contest file) or an inline run;
                                 # its strategy, seed and budget are the contest's to set
     strategies: [echelon, fedavg, diloco]   # default: every registered strategy
-    reference: echelon          # Table 9 compares every strategy with this one
+    reference: echelon          # the relative table compares every strategy with this one
     budgets:                    # each is a separate budget-matched comparison of the finals;
       tokens: {tokens: 40000}   # a budget with several fields stops at the first reached
       bytes: {cross_boundary_bytes: 3000000}
@@ -218,7 +218,8 @@ def make_config(
     budget: BudgetConfig,
     seed: int,
 ) -> RunConfig:
-    """`base` with `strategy`, knob `settings`, `budget` and `seed`, named `<strategy>-<run id>`.
+    """`base` with `strategy`, knob `settings`, `budget` and `seed`, named `<strategy>-<run id>`
+    (a `+` in the strategy's name becomes `_`: run names are identifiers).
 
     Raises pydantic's ValidationError when the result is not a valid run.
     """
@@ -227,7 +228,7 @@ def make_config(
     cfg = RunConfig.model_validate(
         apply_point(base.model_dump(mode="json"), values), context={"base_dir": contest_path.resolve().parent}
     )
-    return cfg.model_copy(update={"name": f"{strategy[:51]}-{run_id(cfg)}"})
+    return cfg.model_copy(update={"name": f"{strategy[:51].replace('+', '_')}-{run_id(cfg)}"})
 
 
 def _load_base(path: Path, spec: ContestFile) -> RunConfig:

@@ -1,4 +1,5 @@
-"""The contest's tables, in the spirit of the paper's Tables 5, 6 and 9, from the final runs.
+"""The contest's tables, numbered as the paper numbers them (Tables 5, 6 and 10), from the final
+runs, and an unnumbered table relative to a reference strategy.
 
 Every statistic is over a strategy's seeds at one budget: the mean and the sample standard
 deviation (n - 1 in the denominator; none with a single seed). Losses are validation losses
@@ -118,10 +119,50 @@ def describe_budget(budget: BudgetConfig) -> str:
     return " or ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in limits)
 
 
+def _ppl(s: Stat) -> str:
+    """Perplexity exp(mean loss) (of the mean, so no std)."""
+    return f"{math.exp(s.mean):.2f}"
+
+
 def table5(
+    grid: Mapping[tuple[str, str], Cell], strategies: Iterable[str], budgets: Iterable[str]
+) -> TextTable:
+    """Paper Table 5: per budget and strategy, final validation loss and perplexity, cross-boundary
+    bytes, syncs and tokens (mean ± std over seeds), and what stopped the runs."""
+    rows = []
+    for b in budgets:
+        for s in strategies:
+            c = grid.get((s, b))
+            if c is None:
+                rows.append((b, get_strategy(s).label, *(MISSING,) * 6))
+                continue
+            rows.append(
+                (
+                    b,
+                    get_strategy(s).label,
+                    c.loss.fmt(),
+                    _ppl(c.loss),
+                    _megabytes(c.bytes),
+                    c.syncs.fmt(".1f"),
+                    c.tokens.fmt(".0f"),
+                    ", ".join(c.stop_reasons),
+                )
+            )
+    return TextTable(
+        "Table 5: final validation loss, perplexity, communication and syncs at matched budgets",
+        ("budget", "strategy", "val loss", "PPL", "cross-boundary MB", "syncs", "tokens", "stop"),
+        rows,
+        "Mean ± sample std over seeds; PPL = exp(mean val loss). Syncs: outer steps. Stop: which budget "
+        "ended the runs. Strategies marked [not admissible: simulation only] send per-device updates or "
+        "pool data across boundaries: they run in simulation only.",
+    )
+
+
+def table6(
     grid: Mapping[tuple[str, str], Cell], strategies: Iterable[str], budgets: Mapping[str, BudgetConfig]
 ) -> TextTable:
-    """Final validation loss (mean ± std over seeds) per strategy at each budget; * marks the best."""
+    """Paper Table 6: final validation loss (mean ± std over seeds) per strategy under each fixed
+    budget (bytes, wall clock, tokens, syncs); * marks the best."""
     best = {}
     for b in budgets:
         means = [c.loss.mean for (s, bb), c in grid.items() if bb == b]
@@ -142,7 +183,7 @@ def table5(
         "across boundaries: they run in simulation only."
     )
     return TextTable(
-        "Table 5: final validation loss at matched budgets",
+        "Table 6: final validation loss under each fixed budget",
         ("strategy", *(f"{b} budget" for b in budgets)),
         rows,
         note,
@@ -153,36 +194,25 @@ def _megabytes(s: Stat) -> str:
     return Stat(s.mean / 1e6, None if s.std is None else s.std / 1e6, s.n).fmt(".3f")
 
 
-def table6(
+def table10(
     grid: Mapping[tuple[str, str], Cell],
     strategies: Iterable[str],
     budgets: Iterable[str],
     target: float | None,
 ) -> TextTable:
-    """Cross-boundary bytes, syncs, tokens and time-to-target (mean ± std) per budget and strategy."""
+    """Paper Table 10: per budget and strategy, time to the target loss and validation perplexity."""
     rows = []
     for b in budgets:
         for s in strategies:
             c = grid.get((s, b))
             if c is None:
-                rows.append((b, get_strategy(s).label, *(MISSING,) * 6))
+                rows.append((b, get_strategy(s).label, *(MISSING,) * 3))
                 continue
             if target is None:
                 ttt = MISSING
             else:
                 ttt = f"{MISSING if c.ttt is None else c.ttt.fmt('.2f')} ({c.reached}/{c.runs})"
-            rows.append(
-                (
-                    b,
-                    get_strategy(s).label,
-                    _megabytes(c.bytes),
-                    c.syncs.fmt(".1f"),
-                    c.tokens.fmt(".0f"),
-                    c.virtual_time.fmt(".2f"),
-                    ttt,
-                    ", ".join(c.stop_reasons),
-                )
-            )
+            rows.append((b, get_strategy(s).label, ttt, _ppl(c.loss), c.virtual_time.fmt(".2f")))
     reached = (
         "no target_loss set"
         if target is None
@@ -190,27 +220,18 @@ def table6(
         "reached it (reached/runs)"
     )
     return TextTable(
-        "Table 6: communication, synchronisation and time-to-target",
-        (
-            "budget",
-            "strategy",
-            "cross-boundary MB",
-            "syncs",
-            "tokens",
-            "virtual s",
-            "time to target s",
-            "stop",
-        ),
+        "Table 10: time to target and validation perplexity",
+        ("budget", "strategy", "time to target s", "PPL", "virtual s"),
         rows,
-        f"Mean ± sample std over seeds. Syncs: outer steps. Time to target: {reached}. "
-        "Stop: which budget ended the runs.",
+        f"Mean ± sample std over seeds. Time to target: {reached}. PPL = exp(mean final val loss).",
     )
 
 
-def table9(
+def relative_table(
     grid: Mapping[tuple[str, str], Cell], strategies: Iterable[str], budgets: Iterable[str], reference: str
 ) -> TextTable:
-    """Each strategy against the reference at each budget: loss gap % and bytes ratio of the means."""
+    """Each strategy against the reference at each budget: loss gap % and bytes ratio of the means
+    (the paper has no such table; it is unnumbered)."""
     rows = []
     for b in budgets:
         ref = grid.get((reference, b))
@@ -223,7 +244,7 @@ def table9(
             ratio = c.bytes.mean / ref.bytes.mean if ref.bytes.mean else math.inf
             rows.append((b, get_strategy(s).label, f"{gap:+.2f}%", f"{ratio:.2f}x"))
     return TextTable(
-        f"Table 9: relative to {reference}",
+        f"Relative to {reference}",
         ("budget", "strategy", f"loss gap vs {reference}", f"bytes vs {reference}"),
         rows,
         f"Loss gap = (mean loss - {reference}'s mean loss) / {reference}'s mean loss (positive: worse); "

@@ -89,16 +89,24 @@ def body_of(envelope: boundary_pb2.CrossBoundaryEnvelope) -> Message:
 @dataclass(frozen=True)
 class Terms:
     """One run's terms: the quorum, the exchanged vector's length `dim` in `fragments` parts
-    (Streaming DiLoCo), and the number of boundaries."""
+    (Streaming DiLoCo: a count of contiguous near-equal parts, or the parts' [lo, hi) ranges when
+    they follow the model's layers), and the number of boundaries."""
 
     min_quorum: int
     dim: int
-    fragments: int = 1
+    fragments: int | tuple[tuple[int, int], ...] = 1
     boundaries: int = 1
 
     @cached_property
     def bounds(self) -> list[tuple[int, int]]:
-        return fragment_bounds(self.dim, self.fragments)
+        if isinstance(self.fragments, int):
+            return fragment_bounds(self.dim, self.fragments)
+        return list(self.fragments)
+
+    @property
+    def parts(self) -> int:
+        """How many fragments the model is synchronised in."""
+        return len(self.bounds)
 
     @property
     def max_tensor_bytes(self) -> int:
@@ -107,7 +115,7 @@ class Terms:
 
     def fragment_of(self, outer_step: int) -> int:
         """The fragment outer step `outer_step` (>= 1) synchronises: round robin."""
-        return (outer_step - 1) % self.fragments
+        return (outer_step - 1) % len(self.bounds)
 
     def numel(self, fragment: int) -> int:
         lo, hi = self.bounds[fragment]
@@ -160,7 +168,7 @@ class Terms:
     def _numel_problem(self, what: str, t: tensor_pb2.TensorPayload, fragment: int) -> list[str]:
         expected = self.numel(fragment)
         if whole_numel(t) != expected:
-            where = f"fragment {fragment} of {self.fragments}" if self.fragments > 1 else "the model"
+            where = f"fragment {fragment} of {self.parts}" if self.parts > 1 else "the model"
             return [f"{what}: a tensor of {whole_numel(t)} elements where {where} has {expected}"]
         return []
 
@@ -169,13 +177,13 @@ class Terms:
 
     def _sync_request(self, body: boundary_pb2.SyncRequest, sender: str) -> list[str]:
         out = self._step_problem(body.outer_step)
-        if self.fragments == 1:
+        if self.parts == 1:
             if body.fragments > 1 or body.fragment:
                 out.append(f"fragment {body.fragment} of {body.fragments} in a run without fragments")
-        elif body.fragments != self.fragments or body.fragment != self.fragment_of(body.outer_step):
+        elif body.fragments != self.parts or body.fragment != self.fragment_of(body.outer_step):
             out.append(
                 f"fragment {body.fragment} of {body.fragments}: outer step {body.outer_step} synchronises "
-                f"fragment {self.fragment_of(max(body.outer_step, 1))} of {self.fragments}"
+                f"fragment {self.fragment_of(max(body.outer_step, 1))} of {self.parts}"
             )
         return out
 
@@ -197,8 +205,8 @@ class Terms:
                     f"elements; the model has {self.dim}"
                 ]
             return []
-        if body.fragments != self.fragments or body.fragment >= self.fragments:
-            return [f"fragment {body.fragment} of {body.fragments} in a run of {self.fragments} fragments"]
+        if body.fragments != self.parts or body.fragment >= self.parts:
+            return [f"fragment {body.fragment} of {body.fragments} in a run of {self.parts} fragments"]
         return self._numel_problem("parameters", body.parameters, body.fragment)
 
     def _cadence(self, body: boundary_pb2.CadenceUpdate, sender: str) -> list[str]:

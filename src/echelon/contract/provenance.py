@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from echelon.tensors import fragment_bounds, payload
+from echelon.tensors import Bounds, fragment_bounds, payload
 from echelon.v1 import tensor_pb2
 
 LEDGER_SIZE = 8  # minted payloads a ledger keeps (one per fragment in flight, and a resend)
@@ -132,14 +132,18 @@ class BoundaryModel:
     """
 
     def __init__(
-        self, theta_g: torch.Tensor, min_quorum: int, fragments: int = 1, ledger: Ledger | None = None
+        self,
+        theta_g: torch.Tensor,
+        min_quorum: int,
+        fragments: int | Bounds = 1,
+        ledger: Ledger | None = None,
     ) -> None:
         self.min_quorum = min_quorum
         self.theta_g = theta_g
         self.base = theta_g
         self.since_sync = torch.zeros_like(theta_g)
-        self.bounds = fragment_bounds(theta_g.numel(), fragments)
-        self.contributors = [0] * fragments
+        self.bounds = fragment_bounds(theta_g.numel(), fragments) if isinstance(fragments, int) else fragments
+        self.contributors = [0] * len(self.bounds)
         self.ledger = ledger if ledger is not None else Ledger()
         self._rounds: dict[int, RoundSeal] = {}  # opened, not yet applied
 
@@ -253,13 +257,14 @@ class BoundaryModel:
 
     @classmethod
     def from_state_dict(
-        cls, state: dict, min_quorum: int, fragments: int = 1, ledger: Ledger | None = None
+        cls, state: dict, min_quorum: int, fragments: int | Bounds = 1, ledger: Ledger | None = None
     ) -> BoundaryModel:
         """A model continued from `state_dict()`, minting into `ledger` (the boundary's, which its
         egress guard checks); QuorumNotMet when a fragment's count is below the quorum (a
         checkpoint cannot turn a lone device's update into an aggregate)."""
         counts = [int(c) for c in state["contributors"]]
-        if len(counts) != fragments or any(0 < c < min_quorum for c in counts):
+        parts = fragments if isinstance(fragments, int) else len(fragments)
+        if len(counts) != parts or any(0 < c < min_quorum for c in counts):
             raise QuorumNotMet(f"checkpoint contributor counts {counts} under quorum {min_quorum}")
         model = cls(state["theta_g"].clone(), min_quorum, fragments, ledger)
         model.base, model.since_sync, model.contributors = (

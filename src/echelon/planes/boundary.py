@@ -1,15 +1,29 @@
 """The boundary plane: one boundary's coordinator (sans-IO).
 
 Middle step. Devices announce finished local rounds (`UpdateReady`, metadata only) into a
-buffer of capacity K_buf. The buffer fires when full, or when tau seconds have passed since its
-first arrival. A device not aggregated in the last W middle steps is starved: it is picked
-first, and a full buffer waits (up to tau) for a live starved device that is still training.
-Each picked device gets the staleness weight w_i = (1 + s_i)^-a, s_i = v_b - v_i (updates with
-s_i > s_max are dropped), and the aggregator computes sum_i w_i delta_i; the coordinator only
-ever holds that sum and the public sum of weights. Then
+buffer of capacity K_buf (or the whole cohort, `buffer_size: boundary`). The buffer fires when
+full, or when tau seconds have passed since its first arrival. A device not aggregated in the
+last W middle steps is starved: it is picked first, and a full buffer waits (up to tau) for a
+live starved device that is still training; the rest are picked at random (seeded) when
+`privacy.shuffle` is on, else first come first served. Each picked device gets the staleness
+weight w_i = (1 + s_i)^-a, where s_i is the age since device i last participated (or (re)joined),
+in middle steps (the paper's definition), or the version lag v_b - v_i as an option; with s_max
+set, staler updates are dropped, and every dropped update is recorded. The aggregator computes
+sum_i w_i delta_i; the coordinator only ever holds that sum and the public sum of weights. Then
 
-    delta_b = sum_i w_i delta_i / sum_i w_i,   theta_b += eta_mid * delta_b,   v_b += 1,
-    D_b = beta * D_b + (1 - beta) * ||theta_b - theta_g||_2   (drift proxy),   u_b = ||delta_b||_2.
+    delta_b = sum_i w_i delta_i / sum_i w_i,   theta_b += eta_mid * delta_b,   v_b += 1,   u_b = ||delta_b||_2,
+    D_b = EMA_beta(||theta_b - theta_g||_2) / (eta_mid * EMA_beta(u_b))   (scale-free drift proxy):
+
+the distance from the global reference in units of the boundary's own recent middle-step update.
+
+Membership. Devices are admitted (`admit`, e.g. after a deployment checked a joining device's
+certificate) and removed for good (`remove`); they go offline (`peer_lost`) and come back
+(`Hello`). With fixed-membership windows (`privacy.membership_window`), the cohort whose updates
+a middle step may aggregate changes only at window edges, every that many middle steps: a device
+that joins or rejoins from outside the cohort waits for the next edge. With a whole-cohort buffer
+a middle step never fires without a lost cohort member; at the buffer deadline the window ends
+early instead (an edge, recorded), so the member set of the aggregates changes only at edges.
+What crosses about the contributors (counts and tokens) follows `privacy.status_counts`.
 
 Outer step. On the global plane's `SyncRequest` the boundary sends Delta_b = theta_b - theta_g
 (a boundary aggregate). Without overlap it stops firing until the new global reference arrives
@@ -23,9 +37,11 @@ for the next global reference instead of starting again from theta_b.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from google.protobuf.message import Message
 
@@ -33,7 +49,7 @@ from echelon.config import EchelonConfig
 from echelon.contract.provenance import AggregateResult, BoundaryModel, Ledger, QuorumNotMet
 from echelon.planes.aggregation import AggregationClient, AggregationServer, Aggregator
 from echelon.sansio import Emit, PlaneAction, Send, SetTimer
-from echelon.tensors import float_problem, fragment_bounds, to_tensor
+from echelon.tensors import Bounds, float_problem, fragment_bounds, to_tensor
 from echelon.v1 import boundary_pb2, device_pb2, tensor_pb2
 
 BUFFER_TIMER = "buffer"
@@ -59,6 +75,17 @@ class _Device:
     live: bool = False
     training: bool = False
     last_aggregated: int = 0  # middle step of its latest contribution (or of its joining)
+    departed: bool = False  # removed for good
+
+
+@dataclass(frozen=True)
+class StepMembers:
+    """Who a finished middle step aggregated, with which weights, and when its round opened
+    (boundary-local knowledge: the coordinator invited them; it never crosses the boundary)."""
+
+    middle_step: int
+    weights: dict[str, float]
+    opened_at: float
 
 
 @dataclass
@@ -68,6 +95,7 @@ class _Round:
     weights: dict[str, float]
     buffer_occupancy: int
     dropped_stale: int
+    opened_at: float
     staleness: Counter = field(default_factory=Counter)
 
 
@@ -84,18 +112,32 @@ class BoundaryPlane:
         dim: int,
         lockstep: bool = False,
         outer_aggregator: Aggregator | None = None,
+        outer_range: float | None = None,
+        fragments: int | Bounds = 1,
+        seed: int = 0,
     ) -> None:
         """`outer_aggregator`: secure outer aggregation (+SA); Delta_b then joins the global plane's
-        round masked instead of crossing in BoundaryDelta."""
+        round masked instead of crossing in BoundaryDelta, each coordinate encoded within
+        +/- `outer_range` (coordinates beyond it are clipped, and counted). `fragments`: P, or the
+        fragments' [lo, hi) ranges (Streaming DiLoCo). `seed`: the shuffling of participants."""
         self.boundary_id, self.global_address, self.cfg, self.dim = boundary_id, global_address, cfg, dim
         self._aggregator = aggregator
         self._devices = {d: _Device() for d in devices}
         self.model: BoundaryModel | None = None  # theta_b and Delta_b, with their provenance
         self.ledger = Ledger()  # the aggregates this boundary minted: its egress guard checks them
+        self._fragments = fragments
+        self._bounds = fragment_bounds(dim, fragments) if isinstance(fragments, int) else list(fragments)
         self.version = 0
         self.middle_step = 0
         self.drift = 0.0
         self.update_norm = 0.0
+        self._distance_ema = 0.0  # EMA of ||theta_b - theta_g||
+        self._norm_ema = 0.0  # EMA of u_b
+        self._rng = np.random.default_rng(seed)
+        self._cohort: set[str] | None = None  # fixed-membership window: who may be aggregated
+        self._window_start = 0
+        self._round_tokens = 0  # tokens of one local round, as the latest arrival reported
+        self.last_step: StepMembers | None = None
         self._buffer: list[_Arrival] = []
         self._round: _Round | None = None
         self._next_round_id = 1
@@ -113,6 +155,7 @@ class BoundaryPlane:
         self.adopted_step = 0  # the outer step of the global reference theta_b is based on
         self._last_delta: boundary_pb2.BoundaryDelta | None = None  # resent if asked again
         self._outer_aggregator = outer_aggregator
+        self._outer_range = outer_range
         self._outer_input: tuple[int, torch.Tensor, int] | None = None  # +SA: (outer step, Delta_b, quorum)
         self._outer_client: AggregationClient | None = None
 
@@ -148,7 +191,7 @@ class BoundaryPlane:
         from_global |= isinstance(message, boundary_pb2.OuterAggregation | boundary_pb2.CadenceUpdate)
         if from_global != (sender == self.global_address):
             return f"{message.DESCRIPTOR.name} may not come from {sender}"
-        fragments = self.cfg.streaming.fragments
+        fragments = len(self._bounds)
         if isinstance(message, boundary_pb2.SyncRequest):
             if (message.fragments > 1 or fragments > 1) and (
                 message.fragments != fragments or message.fragment >= fragments
@@ -158,7 +201,7 @@ class BoundaryPlane:
             if message.fragments > 1 and (message.fragments != fragments or message.fragment >= fragments):
                 return f"fragment {message.fragment} of {message.fragments} in a run of {fragments}"
             whole = message.fragments <= 1
-            lo, hi = (0, self.dim) if whole else fragment_bounds(self.dim, fragments)[message.fragment]
+            lo, hi = (0, self.dim) if whole else self._bounds[message.fragment]
             return float_problem(message.parameters, hi - lo)
         elif isinstance(message, boundary_pb2.CadenceUpdate) and message.interval < 1:
             return "an outer interval H of 0 middle steps"
@@ -173,27 +216,49 @@ class BoundaryPlane:
 
     def peer_lost(self, now: float, device: str) -> list[PlaneAction]:
         """A device disconnected: its buffered update is lost with it (the delta lived on the device)."""
-        info = self._devices[device]
+        info = self._devices.get(device)
+        if info is None:
+            return []
         info.live = info.training = False
-        self._buffer = [a for a in self._buffer if a.device != device]
-        return self._try_fire(now)
+        return (
+            self._drop_buffered(now, device, "device lost") + self._reform_if_stuck(now) + self._try_fire(now)
+        )
+
+    def admit(self, now: float, device: str) -> list[PlaneAction]:
+        """Admit a device outside the initial membership (a deployment calls this once the
+        device's certificate is checked); it takes part once it says hello (and, with
+        fixed-membership windows, from the next window edge)."""
+        if device not in self._devices:
+            self._devices[device] = _Device()
+        return []
+
+    def remove(self, now: float, device: str) -> list[PlaneAction]:
+        """`device` left for good: it is never aggregated again, even if it says hello."""
+        info = self._devices.get(device)
+        if info is None:
+            return []
+        info.departed = True
+        return self.peer_lost(now, device)
 
     # -- handlers -------------------------------------------------------------------------------
 
     def _on_hello(self, now: float, device: str) -> list[PlaneAction]:
-        if device not in self._devices:
+        info = self._devices.get(device)
+        if info is None or info.departed:
             return []
-        info = self._devices[device]
         info.live, info.training = True, False
         info.last_aggregated = self.middle_step
-        self._buffer = [a for a in self._buffer if a.device != device]
-        return self._send_reference(device) if self.model is not None else []
+        actions = self._drop_buffered(now, device, "device restarted")
+        if self.model is not None and self._eligible(device):
+            actions += self._send_reference(device)
+        return actions + self._reform_if_stuck(now)
 
     def _on_update_ready(self, now: float, device: str, msg: device_pb2.UpdateReady) -> list[PlaneAction]:
         info = self._devices.get(device)
         if info is None or not info.live or not info.training:
             return []
         info.training = False
+        self._round_tokens = msg.tokens
         self._buffer.append(_Arrival(device, msg.base_version, msg.tokens, msg.train_loss, now))
         return self._arm_buffer_timer(now) + self._try_fire(now)
 
@@ -209,12 +274,12 @@ class BoundaryPlane:
             return []
         if self.model is None:
             # The initial reference (or the current one, after a restart): devices that said hello start.
-            self.model = BoundaryModel(
-                theta_g, self.cfg.min_quorum, self.cfg.streaming.fragments, self.ledger
-            )
+            self.model = BoundaryModel(theta_g, self.cfg.min_quorum, self._fragments, self.ledger)
             self.adopted_step = msg.outer_step
+            if self.cfg.privacy.membership_window is not None:
+                actions += self._window_edge(now, "start")  # sends the cohort its reference
             for d, info in self._devices.items():
-                if info.live:
+                if info.live and not info.training and self._eligible(d):
                     actions += self._send_reference(d)
             return actions
         if msg.outer_step != self._awaiting_global:
@@ -236,7 +301,7 @@ class BoundaryPlane:
         self.version += 1
         held, self._held = self._held, []
         for d in held:
-            if self._devices[d].live:
+            if self._devices[d].live and self._eligible(d):
                 actions += self._send_reference(d)
         return actions + self._try_fire(now)
 
@@ -259,13 +324,14 @@ class BoundaryPlane:
 
     def _send_boundary_delta(self) -> list[PlaneAction]:
         outer_step, self._sync_requested = self._sync_requested, None
+        f = self._sync_fragment
+        quorum = self._crossing_count(self.model.contributors[f])
         delta = boundary_pb2.BoundaryDelta(
             outer_step=outer_step,
-            tokens=self._tokens_since_sync,
+            tokens=self._crossing_tokens(self._tokens_since_sync, nearest=True),
             middle_step=self.middle_step,
-            contributors=self.model.contributors[self._sync_fragment],
+            contributors=quorum,
         )
-        f = self._sync_fragment
         dtype = (
             tensor_pb2.BFLOAT16
             if self.cfg.streaming.pseudo_gradient_dtype == "bfloat16"
@@ -273,10 +339,12 @@ class BoundaryPlane:
         )
         payload = self.model.delta_payload(f, dtype)
         if payload is not None and self._outer_aggregator is None:
+            # The quorum it guarantees, as coarse as privacy.status_counts says (a lower bound still).
+            payload.contributors = quorum
             delta.delta.CopyFrom(payload)
         elif payload is not None:
             # +SA: Delta_b waits for the global plane's aggregation request and crosses masked.
-            self._outer_input = (outer_step, self.model.delta(f).clone(), self.model.contributors[f])
+            self._outer_input = (outer_step, self.model.delta(f).clone(), quorum)
         self.model.start_sync(f)
         self._last_delta = delta
         self._middle_at_send = self.middle_step
@@ -291,10 +359,14 @@ class BoundaryPlane:
                 return []  # nothing to contribute for that outer step (or a replay)
             _, delta_b, quorum = self._outer_input
             self._outer_input = None
+            clipped = self._outer_clipped(delta_b, msg.request.weight)
             self._outer_client = self._outer_aggregator.join(
                 self.global_address, msg.request, delta_b.numpy(), tensor_pb2.BOUNDARY_AGGREGATE, quorum
             )
             actions = self._outer_client.start(now)
+            if clipped:
+                fields = {"boundary": self.boundary_id, "outer_step": msg.outer_step, "coordinates": clipped}
+                actions = [*actions, Emit("outer_input_clipped", fields)]
         elif msg.WhichOneof("body") == "secagg" and self._outer_client is not None:
             actions = self._outer_client.receive(now, msg.secagg)
         else:
@@ -308,26 +380,151 @@ class BoundaryPlane:
             for a in actions
         ]
 
+    # -- membership ----------------------------------------------------------------------------
+
+    def _eligible(self, device: str) -> bool:
+        """Whether `device` may train for (and be aggregated into) the current window."""
+        return self._cohort is None or device in self._cohort
+
+    def _window_edge(self, now: float, reason: str) -> list[PlaneAction]:
+        """A fixed-membership window edge: the cohort becomes the live devices; newcomers start."""
+        before = self._cohort or set()
+        self._cohort = {d for d, i in self._devices.items() if i.live and not i.departed}
+        self._window_start = self.middle_step
+        record = {
+            "boundary": self.boundary_id,
+            "time": now,
+            "middle_step": self.middle_step,
+            "reason": reason,
+            "cohort": len(self._cohort),
+            "joined": len(self._cohort - before),
+            "left": len(before - self._cohort),
+        }
+        actions: list[PlaneAction] = [Emit("membership_window", record)]
+        if self.model is None:
+            return actions
+        for d in sorted(self._cohort - before):
+            info = self._devices[d]
+            info.last_aggregated = self.middle_step  # its information is fresh from here on
+            if not info.training and not any(a.device == d for a in self._buffer) and d not in self._held:
+                actions += self._send_reference(d)
+        return actions
+
+    def _reform_if_stuck(self, now: float) -> list[PlaneAction]:
+        """An early edge when the cohort's live members cannot reach the quorum but live devices
+        outside it wait: no aggregate can be formed, so changing the cohort reveals nothing."""
+        if self._cohort is None or self.model is None:
+            return []
+        live = {d for d, i in self._devices.items() if i.live and not i.departed}
+        if len(live & self._cohort) >= self.cfg.min_quorum or not live - self._cohort:
+            return []
+        return self._window_edge(now, "quorum unreachable")
+
+    def _window_due(self) -> bool:
+        window = self.cfg.privacy.membership_window
+        return window is not None and self.middle_step - self._window_start >= window
+
+    def _capacity(self) -> int:
+        """K_buf, or the whole cohort (its live members) with `buffer_size: boundary`."""
+        if self.cfg.buffer_size != "boundary":
+            return self.cfg.buffer_size
+        members = self._cohort if self._cohort is not None else self._devices
+        return max(1, sum(1 for d in members if self._devices[d].live))
+
+    # -- what crosses about the contributors ----------------------------------------------------
+
+    def _crossing_count(self, count: int) -> int:
+        """A contributor count as it may cross: exact, coarse (a lower bound), or the quorum floor."""
+        privacy, quorum = self.cfg.privacy, self.cfg.min_quorum
+        if count == 0 or privacy.status_counts == "exact":
+            return count
+        if privacy.status_counts == "coarse":
+            return max(quorum, count - count % privacy.count_bucket)
+        return quorum
+
+    def _crossing_tokens(self, tokens: int, nearest: bool = False) -> int:
+        """A token count as it may cross: exact, or in quanta of count_bucket local rounds (coarse)
+        or of a round of the whole roster (suppressed): floored (monotone totals) or to the nearest
+        quantum, at least one when positive (the outer step's token weights)."""
+        privacy = self.cfg.privacy
+        if tokens == 0 or privacy.status_counts == "exact" or self._round_tokens == 0:
+            return tokens
+        # Suppressed: quanta of a round of the whole roster, a constant (the cohort's size would leak).
+        roster = sum(1 for i in self._devices.values() if not i.departed)
+        rounds = privacy.count_bucket if privacy.status_counts == "coarse" else roster
+        quantum = rounds * self._round_tokens
+        if not nearest:
+            return tokens - tokens % quantum
+        return max(1, math.floor(tokens / quantum + 0.5)) * quantum
+
+    def _outer_clipped(self, delta_b: torch.Tensor, weight: float) -> int:
+        """+SA: coordinates of weight * Delta_b outside the outer round's encoding range."""
+        if self._outer_range is None:
+            return 0
+        return int((weight * delta_b).abs().gt(self._outer_range).sum())
+
     # -- middle steps ---------------------------------------------------------------------------
 
     def _starved(self, device: str) -> bool:
         return self.middle_step - self._devices[device].last_aggregated >= self.cfg.participation_window
+
+    def _staleness(self, arrival: _Arrival) -> int:
+        """s_i: the age since the device last participated (middle steps), or its version lag."""
+        if self.cfg.staleness == "version_lag":
+            return self.version - arrival.base_version
+        return self.middle_step - self._devices[arrival.device].last_aggregated
+
+    def _drop_buffered(self, now: float, device: str, reason: str) -> list[PlaneAction]:
+        lost = [a for a in self._buffer if a.device == device]
+        self._buffer = [a for a in self._buffer if a.device != device]
+        return [self._dropped(now, a, reason) for a in lost]
+
+    def _dropped(self, now: float, arrival: _Arrival, reason: str) -> Emit:
+        fields = {
+            "boundary": self.boundary_id,
+            "time": now,
+            "reason": reason,
+            "staleness": self._staleness(arrival),
+        }
+        return Emit("update_dropped", fields)
+
+    def _pick(self) -> list[_Arrival]:
+        """Starved devices first; the rest at random (shuffle) or in arrival order."""
+        order = list(self._buffer)
+        if self.cfg.privacy.shuffle:
+            order = [order[i] for i in self._rng.permutation(len(order))]
+        return sorted(order, key=lambda a: not self._starved(a.device))[: self._capacity()]
 
     def _try_fire(self, now: float) -> list[PlaneAction]:
         if self.finished or self._round is not None or self.model is None or not self._buffer:
             return []
         if self._awaiting_global is not None and not self.cfg.sync.overlap:
             return []  # retried when the global reference arrives
-        full = len(self._buffer) >= self.cfg.buffer_size
+        full = len(self._buffer) >= self._capacity()
         # Participation window: a full buffer still waits (until the deadline) for a starved device.
-        starved_training = any(i.live and i.training and self._starved(d) for d, i in self._devices.items())
-        if now < self._deadline() and (not full or starved_training):
+        starved_training = any(
+            i.live and i.training and self._starved(d) and self._eligible(d) for d, i in self._devices.items()
+        )
+        # A whole-cohort buffer waits (until the deadline) for cohort members that are offline.
+        missing = (
+            self.cfg.buffer_size == "boundary"
+            and self._cohort is not None
+            and any(not self._devices[d].live for d in self._cohort)
+        )
+        if now < self._deadline() and (not full or starved_training or missing):
             return []  # the buffer timer, set for the deadline, retries
-        picked = sorted(self._buffer, key=lambda a: not self._starved(a.device))[: self.cfg.buffer_size]
-        stale = [a for a in picked if self.version - a.base_version > self.cfg.max_staleness]
-        fresh = [a for a in picked if a not in stale]
         actions: list[PlaneAction] = []
+        if missing:
+            actions += self._window_edge(now, "member lost")  # the member set changes only at an edge
+        picked = self._pick()
+        stale = [
+            a
+            for a in picked
+            if self.cfg.max_staleness is not None and self._staleness(a) > self.cfg.max_staleness
+        ]
+        fresh = [a for a in picked if a not in stale]
         for a in stale:
+            actions.append(self._dropped(now, a, "stale"))
             actions.append(Send(a.device, device_pb2.UpdateDiscarded(reason="too stale")))
             actions += self._send_reference(a.device)
         if len(fresh) < self.cfg.min_quorum:
@@ -335,11 +532,8 @@ class BoundaryPlane:
             self._buffer = [a for a in self._buffer if a not in stale]
             return actions + self._arm_buffer_timer(now)
         self._buffer = [a for a in self._buffer if a not in picked]
-        staleness = Counter(self.version - a.base_version for a in fresh)
-        weights = {
-            a.device: staleness_weight(self.version - a.base_version, self.cfg.staleness_exponent)
-            for a in fresh
-        }
+        staleness = Counter(self._staleness(a) for a in fresh)
+        weights = {a.device: staleness_weight(self._staleness(a), self.cfg.staleness_exponent) for a in fresh}
         round_id = self._next_round_id
         self._next_round_id += 1
         seal = self.model.open_round(round_id, len(weights))
@@ -350,6 +544,7 @@ class BoundaryPlane:
             weights,
             len(picked) + len(self._buffer),
             len(stale),
+            now,
             staleness,
         )
         actions += self._arm_buffer_timer(now)
@@ -386,11 +581,13 @@ class BoundaryPlane:
             delta_b = self.model.apply_aggregate(outcome, self.cfg.middle_lr)
             self.version += 1
             self.middle_step += 1
+            self.last_step = StepMembers(
+                self.middle_step, {d: rnd.weights[d] for d in contributed}, rnd.opened_at
+            )
             if self._deferred is not None:
                 actions += self._on_global_reference(now, self._deferred)
             self.update_norm = float(torch.linalg.vector_norm(delta_b))
-            beta = self.cfg.sync.drift_ema
-            self.drift = beta * self.drift + (1 - beta) * self.model.drift_distance()
+            self.drift = self._drift_proxy()
             tokens = sum(rnd.arrivals[d].tokens for d in contributed)
             self._tokens_since_sync += tokens
             self.tokens_total += tokens
@@ -404,10 +601,10 @@ class BoundaryPlane:
                         middle_step=self.middle_step,
                         drift=self.drift,
                         update_norm=self.update_norm,
-                        tokens=self._tokens_since_sync,
-                        contributors=outcome.contributors,
+                        tokens=self._crossing_tokens(self._tokens_since_sync),
+                        contributors=self._crossing_count(outcome.contributors),
                         train_loss=loss,
-                        tokens_total=self.tokens_total,
+                        tokens_total=self._crossing_tokens(self.tokens_total),
                     ),
                 )
             )
@@ -432,14 +629,25 @@ class BoundaryPlane:
             and self.interval is not None
             and self.middle_step - self._middle_at_send >= self.interval
         )
+        if isinstance(outcome, AggregateResult) and self._window_due():
+            actions += self._window_edge(now, "window")
         for d in rnd.arrivals:
             if hold:
                 self._held.append(d)
-            elif self._devices[d].live:
+            elif self._devices[d].live and self._eligible(d):
                 actions += self._send_reference(d)
         if self._sync_requested is not None:
             actions += self._send_boundary_delta()
         return actions + self._try_fire(now)
+
+    def _drift_proxy(self) -> float:
+        """D_b: EMA of ||theta_b - theta_g|| over eta_mid times the EMA of u_b (same beta, so the
+        EMAs' start-up bias cancels): how many of its own recent updates the boundary is away."""
+        beta = self.cfg.sync.drift_ema
+        self._distance_ema = beta * self._distance_ema + (1 - beta) * self.model.drift_distance()
+        self._norm_ema = beta * self._norm_ema + (1 - beta) * self.update_norm
+        scale = self.cfg.middle_lr * self._norm_ema
+        return self._distance_ema / scale if scale > 0 else 0.0
 
     def _send_reference(self, device: str) -> list[PlaneAction]:
         self._devices[device].training = True
@@ -495,7 +703,7 @@ class BoundaryPlane:
         self.model = (
             None
             if model is None
-            else BoundaryModel.from_state_dict(model, e.min_quorum, e.streaming.fragments, self.ledger)
+            else BoundaryModel.from_state_dict(model, e.min_quorum, self._fragments, self.ledger)
         )
         if self.model is not None and self.model.theta_g.numel() != self.dim:
             raise ValueError("the checkpoint is of another model size")

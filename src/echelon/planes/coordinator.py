@@ -7,7 +7,18 @@ boundary for Delta_b = theta_b - theta_g and applies a DiLoCo-style outer step:
     g = -sum_b omega_b Delta_b,   omega_b = tokens_b / sum_b tokens_b   (tokens are metadata),
     theta_g = OuterOpt(theta_g, g),   SGD with Nesterov momentum (lr 0.7, momentum 0.9).
 
-With lr 1 and momentum 0 this is plain averaging of the boundary references.
+With lr 1 and momentum 0 this is plain averaging of the boundary references. With P fragments
+(Streaming DiLoCo, Douillard et al. 2025) an outer step synchronises one fragment, in turn, every
+H/P middle steps, so each fragment is synchronised every H steps, staggered.
+
+Effective divergence budget (paper §8.5): at each outer step k, every reporting boundary adds
+m_b(k) * D_b(k) * tokens_b(k), its middle steps in the interval times its drift proxy at the sync
+times the tokens it exchanged; B_eff is the running sum divided by all tokens exchanged so far,
+so B_eff = sum_k sum_b m_b(k) D_b(k) tokens_b(k) / sum_k sum_b tokens_b(k) is the token-weighted
+mean of (interval length x drift), in middle steps x update norms (docs/fidelity.md).
+
+Membership: boundaries may be lost (`peer_lost`: outer steps go on without them), rejoin
+(`peer_rejoined`) and join late (`admit`).
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ from echelon.contract.provenance import AggregateResult, RoundSeal
 from echelon.planes.aggregation import AggregationServer, Aggregator
 from echelon.planes.controller import Cadence
 from echelon.sansio import Emit, PlaneAction, Send, SetTimer
-from echelon.tensors import encode, float_problem, fragment_bounds, to_tensor
+from echelon.tensors import Bounds, encode, float_problem, fragment_bounds, to_tensor
 from echelon.v1 import boundary_pb2, device_pb2, tensor_pb2
 
 SYNC_TIMER = "sync-timeout"
@@ -73,19 +84,20 @@ class GlobalPlane:
         sync_timeout_s: float,
         barrier: bool = False,
         outer_aggregator: Aggregator | None = None,
-        fragments: int = 1,
+        fragments: int | Bounds = 1,
     ) -> None:
         """`barrier`: synchronise only when every boundary has done H middle steps (synchronous
         strategies), or `sync_timeout_s` after the first one did; otherwise the leading boundary
         triggers the outer step. `outer_aggregator` (+SA): the Delta_b reach this plane only as a
         secure aggregate sum_b omega_b Delta_b, through a round it serves (`OuterAggregation`).
-        `fragments` (Streaming DiLoCo): outer step k synchronises fragment (k - 1) mod P only,
-        each fragment with its own outer optimizer state."""
+        `fragments` (Streaming DiLoCo): P, or the [lo, hi) ranges of the P fragments of theta; outer
+        step k synchronises fragment (k - 1) mod P only, each fragment with its own outer
+        optimizer state, and an outer step comes every H/P middle steps."""
         self.outer_aggregator = outer_aggregator
         self._outer_round: AggregationServer | None = None
         self._outer_seal: RoundSeal | None = None
         self.boundaries = list(boundaries)
-        self.bounds = fragment_bounds(theta0.numel(), fragments)
+        self.bounds = fragment_bounds(theta0.numel(), fragments) if isinstance(fragments, int) else fragments
         self.outers = [OuterOptimizer(theta0[lo:hi], outer) for lo, hi in self.bounds]
         self.theta_g = theta0.clone()
         self.cadence = cadence
@@ -98,8 +110,11 @@ class GlobalPlane:
         self._update_norm = dict.fromkeys(boundaries, 0.0)
         self._tokens_total = dict.fromkeys(boundaries, 0)
         self.ticks = 0
-        self.b_eff = 0.0  # effective divergence budget: sum over ticks of D_b * tokens_b
+        self._divergence = 0.0  # sum over outer steps and boundaries of m_b * D_b * tokens_b
+        self._exchanged_tokens = 0  # sum over outer steps and boundaries of tokens_b
         self._middle_at_sync = dict.fromkeys(boundaries, 0)
+        self.absent: set[str] = set()  # boundaries lost and not back: outer steps go on without them
+        self.last_pseudo_gradient: torch.Tensor | None = None
         self._syncing: int | None = None
         self._reported: dict[str, _Reported] = {}
         self.final_reason: str | None = None
@@ -115,12 +130,38 @@ class GlobalPlane:
             + [Emit("outer_step", {"outer_step": 0, "time": now})]
         )
 
+    @property
+    def b_eff(self) -> float:
+        """The effective divergence budget so far (see the module docstring); 0 before any sync."""
+        return self._divergence / self._exchanged_tokens if self._exchanged_tokens else 0.0
+
+    def admit(self, now: float, boundary: str) -> list[PlaneAction]:
+        """A boundary outside the initial membership joins (a deployment admits it by its
+        certificate first); it is brought up to date like a rejoining one."""
+        if boundary not in self._middle_step:
+            self.boundaries.append(boundary)
+            self._middle_step[boundary] = self._middle_at_sync[boundary] = 0
+            self._update_norm[boundary], self._tokens_total[boundary] = 0.0, 0
+        return self.peer_rejoined(now, boundary)
+
+    def peer_lost(self, now: float, boundary: str) -> list[PlaneAction]:
+        """`boundary` went offline: outer steps go on without it until it rejoins. An outer step
+        waiting only for it proceeds now."""
+        if boundary not in self._middle_step or boundary in self.absent:
+            return []
+        self.absent.add(boundary)
+        self.cadence.forget(boundary)
+        if self._syncing is not None and self._outer_round is None and self._all_reported():
+            return self._outer_step(now) if self._reported else []
+        return self._maybe_sync(now)
+
     def peer_rejoined(self, now: float, boundary: str) -> list[PlaneAction]:
         """`boundary` (re)connected, or this plane resumed from a checkpoint: bring it up to date
         with the whole current reference, the cadence and, during a sync it has not answered,
         the sync request again (a boundary answers a repeated request with the same delta)."""
         if boundary not in self._middle_step:
             return []
+        self.absent.discard(boundary)
         actions: list[PlaneAction] = [
             Send(boundary, self._reference(whole=True)),
             Send(boundary, boundary_pb2.CadenceUpdate(interval=self.cadence.interval)),
@@ -132,9 +173,13 @@ class GlobalPlane:
     def receive(self, now: float, sender: str, message: Message) -> list[PlaneAction]:
         if sender not in self._middle_step or self.finished:
             return []
+        if sender in self.absent:
+            return []  # lost: it is brought back by peer_rejoined
         if isinstance(message, boundary_pb2.BoundaryStatus):
+            if message.middle_step < self._middle_step[sender]:
+                self._middle_at_sync[sender] = 0  # it restarted: its middle steps count from zero again
             self._middle_step[sender] = message.middle_step
-            self.cadence.observe(sender, message.drift)
+            self.cadence.observe(sender, message.drift, message.middle_step)
             return [
                 self._controller_tick(now, sender, message),
                 *self._announce_cadence(),
@@ -156,7 +201,7 @@ class GlobalPlane:
             self._reported[sender] = _Reported(
                 delta, message.tokens, message.contributors, message.middle_step
             )
-            if len(self._reported) == len(self.boundaries):
+            if self._all_reported():
                 return self._outer_step(now)
         if isinstance(message, boundary_pb2.OuterAggregation) and self._outer_round is not None:
             if message.outer_step != self._syncing or message.WhichOneof("body") != "secagg":
@@ -178,13 +223,14 @@ class GlobalPlane:
             return None, "a BoundaryDelta holding NaN or infinite values"
         return delta, None
 
+    def _all_reported(self) -> bool:
+        return all(b in self._reported or b in self.absent for b in self.boundaries)
+
     def _controller_tick(self, now: float, sender: str, status: boundary_pb2.BoundaryStatus) -> Emit:
-        """One controller tick (a boundary reported): telemetry, and B_eff += D_b * new tokens of b."""
+        """One controller tick (a boundary reported): the controller's telemetry (paper Table 11)."""
         self.ticks += 1
         self._update_norm[sender] = status.update_norm
-        new_tokens = status.tokens_total - self._tokens_total[sender]
         self._tokens_total[sender] = status.tokens_total
-        self.b_eff += status.drift * new_tokens
         c = self.cadence
         return Emit(
             "controller",
@@ -196,7 +242,7 @@ class GlobalPlane:
                 "scheduled": {b: c.scheduled(b) for b in c.drift},
                 "interval": c.interval,
                 "driver": c.driver,
-                "d0": c.d0,
+                "d0": {b: c.d0(b) for b in c.drift},
                 "b_eff": self.b_eff,
             },
         )
@@ -264,13 +310,19 @@ class GlobalPlane:
         self.final_reason = reason
         return self._start_sync(now) if self._syncing is None else []
 
+    def _sync_every(self) -> int:
+        """Middle steps between outer steps: H, or H/P with P fragments (each synced every H)."""
+        return max(1, round(self.cadence.interval / len(self.bounds)))
+
     def _maybe_sync(self, now: float) -> list[PlaneAction]:
-        if self._syncing is not None or self.final_reason is not None:
+        present = [b for b in self.boundaries if b not in self.absent]
+        if self._syncing is not None or self.final_reason is not None or not present:
             return []
-        steps = [self._middle_step[b] - self._middle_at_sync[b] for b in self.boundaries]
-        if max(steps) < self.cadence.interval:
+        steps = [self._middle_step[b] - self._middle_at_sync[b] for b in present]
+        every = self._sync_every()
+        if max(steps) < every:
             return []
-        if not self.barrier or min(steps) >= self.cadence.interval:
+        if not self.barrier or min(steps) >= every:
             return self._start_sync(now)
         if not self._barrier_armed:
             self._barrier_armed = True
@@ -287,11 +339,10 @@ class GlobalPlane:
 
     def _start_sync(self, now: float) -> list[PlaneAction]:
         self._barrier_armed = False
-        self.cadence.on_sync()
         self._syncing = self.outer_step + 1
         self._reported = {}
         request = self._sync_request()
-        actions: list[PlaneAction] = [Send(b, request) for b in self.boundaries]
+        actions: list[PlaneAction] = [Send(b, request) for b in self.boundaries if b not in self.absent]
         return actions + [SetTimer(f"{SYNC_TIMER}/{self._syncing}", now + self.sync_timeout_s)]
 
     def _omega(self) -> dict[str, float]:
@@ -349,10 +400,15 @@ class GlobalPlane:
         lo, hi = self.bounds[f]
         self.theta_g = self.theta_g.clone()
         self.theta_g[lo:hi] = self.outers[f].step(pseudo_gradient)
+        self.last_pseudo_gradient = pseudo_gradient  # what this plane learned at the step (its own view)
         self.outer_step = self._syncing
         self.tokens_applied += total
         self._syncing, self._reported = None, {}
         for b, r in reported.items():
+            # The budget's interval term: the middle steps this boundary folded into its Delta_b.
+            interval = max(0, r.middle_step - self._middle_at_sync[b])
+            self._divergence += interval * self.cadence.drift.get(b, 0.0) * r.tokens
+            self._exchanged_tokens += r.tokens
             self._middle_at_sync[b] = r.middle_step
         record = {
             "outer_step": self.outer_step,

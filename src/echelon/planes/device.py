@@ -5,6 +5,13 @@ it (`UpdateReady`: metadata only). The delta stays on the device until the bound
 into an aggregation round; then the aggregator's client pre-scales it by the staleness weight
 the boundary assigned and submits it (masked, with secure aggregation).
 
+Alignment gating (paper Proposition 1, optional): the device estimates the boundary's direction
+from the references it is sent, as an EMA (decay 0.9) of the movement between consecutive
+references (theta_b's recent direction, smoothed so one noisy step does not set it), and
+announces its delta only when cos(delta_i, direction) >= the gate; otherwise it discards the
+delta and trains again. The gate runs on the device, so secure aggregation is untouched; the
+coordinator learns only that no update came.
+
 Events: start, receive(message), local_round_finished(result). Actions: Send, StartLocalRound.
 """
 
@@ -19,6 +26,8 @@ from echelon.planes.aggregation import AggregationClient, Aggregator
 from echelon.sansio import Emit, LocalResult, PlaneAction, Send
 from echelon.tensors import float_problem, to_tensor
 from echelon.v1 import device_pb2, tensor_pb2
+
+DIRECTION_EMA = 0.9  # decay of the boundary-direction estimate of alignment gating
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,11 +67,15 @@ class DevicePlane:
         clip: float | None,
         reference_ema: float | None,
         model_dim: int | None = None,
+        alignment_gate: float | None = None,
     ) -> None:
-        """`model_dim`: length of the model part of the exchanged state (None: all of it)."""
+        """`model_dim`: length of the model part of the exchanged state (None: all of it).
+        `alignment_gate`: the least cos(delta_i, boundary direction) an announced delta has."""
         self.device_id, self.boundary = device_id, boundary
         self._aggregator, self._clip, self._reference_ema = aggregator, clip, reference_ema
         self._model_dim = model_dim
+        self._gate = alignment_gate
+        self._direction: torch.Tensor | None = None  # EMA of the boundary's movement, as seen here
         self.reference: torch.Tensor | None = None
         self.version = 0
         self._anchor: torch.Tensor | None = None
@@ -88,7 +101,14 @@ class DevicePlane:
             }
             return [Emit("refused", fields)]
         if isinstance(message, device_pb2.BoundaryReference):
-            self.reference = to_tensor(message.parameters)
+            reference = to_tensor(message.parameters)
+            if self.reference is not None and message.version != self.version:
+                step = reference - self.reference
+                ema = DIRECTION_EMA
+                self._direction = (
+                    step if self._direction is None else ema * self._direction + (1 - ema) * step
+                )
+            self.reference = reference
             self.version = message.version
             if self._reference_ema is None or self._anchor is None:
                 self._anchor = self.reference
@@ -134,6 +154,23 @@ class DevicePlane:
         self.training = False
         self.local_rounds += 1
         self.pending = clip_delta(result.theta - self.reference, self._clip, self._model_dim)
+        if self._gate is not None and self._direction is not None:
+            alignment = self._alignment(self.pending)
+            accepted = alignment >= self._gate
+            gate = Emit("alignment_gate", {"alignment": alignment, "accepted": accepted})
+            if not accepted:
+                self.pending = None
+                return [gate, *self._maybe_train()]
+            return [gate, *self._announce(result)]
+        return self._announce(result)
+
+    def _alignment(self, delta: torch.Tensor) -> float:
+        """cos(delta_i, direction) over the model part (0 when either is zero)."""
+        a, b = delta[: self._model_dim], self._direction[: self._model_dim]
+        norms = float(torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b))
+        return float(torch.dot(a, b)) / norms if norms > 0 else 0.0
+
+    def _announce(self, result: LocalResult) -> list[PlaneAction]:
         ready = device_pb2.UpdateReady(
             base_version=self.version,
             tokens=result.tokens,

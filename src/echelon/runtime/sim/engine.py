@@ -4,25 +4,34 @@ Device compute is real (the trainer computes gradients) but a local round's dura
 from the device's profile (tokens / tokens_per_s, with optional per-round straggling), so
 heterogeneous speeds are modelled deterministically. Every message is serialised to protobuf
 bytes and parsed back on arrival; cross-boundary messages pass the sender's egress guard and the
-receiver's ingress guard, so byte counts are true wire bytes. Churn takes devices offline and
-back. The same seed gives the same event order, the same losses and the same bytes.
+receiver's ingress guard, so byte counts are true wire bytes. The same seed gives the same event
+order, the same losses and the same bytes.
+
+Churn (`ChurnConfig`): a seeded share of the devices cycle offline and back; devices outside the
+initial membership join (their boundary admits them, as a deployment would after checking their
+certificate; a one-device boundary joining with its device is admitted by the global plane);
+devices leave for good; a whole boundary, coordinator and devices, goes offline and comes back
+restarted. An `Observer` may watch what the global plane receives and what devices submit.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
+import torch
 from google.protobuf.message import Message
 
 from echelon.config import BudgetConfig, ChurnConfig, DeviceConfig, LinkConfig
 from echelon.contract.guard import ContractViolation, EgressGuard, IngressGuard
 from echelon.parties import GLOBAL, boundary_address, device_address, party_of
-from echelon.planes.boundary import BoundaryPlane
+from echelon.planes.boundary import BoundaryPlane, StepMembers
 from echelon.planes.coordinator import GlobalPlane
 from echelon.planes.device import DevicePlane, StartLocalRound
 from echelon.runtime.network import Network
@@ -36,6 +45,22 @@ class SimulationStalled(RuntimeError):
     """No event is left but the run has not finished (e.g. a quorum that can never be met)."""
 
 
+class Observer(Protocol):
+    """Watches a simulation (the red-team records with it); never changes what happens."""
+
+    def received(self, now: float, sender: str, message: Message, frames: list[bytes]) -> None:
+        """The global plane received `message` (cross-boundary wire `frames`) from `sender`."""
+
+    def submitted(self, now: float, device: str, boundary: str, delta: torch.Tensor) -> None:
+        """`device` joined an aggregation round of `boundary` with its clipped delta."""
+
+    def aggregated(self, now: float, boundary: str, step: StepMembers) -> None:
+        """`boundary` finished a middle step over `step`'s members."""
+
+    def outer_step(self, now: float, plane: GlobalPlane) -> None:
+        """The global plane applied an outer step (`plane.last_pseudo_gradient` is what it learned)."""
+
+
 @dataclass
 class Traffic:
     """Wire bytes and messages by message type, inside boundaries and across them."""
@@ -47,7 +72,11 @@ class Traffic:
 
 
 class Simulation:
-    """Runs a global plane, boundary planes and device planes until the global plane finishes."""
+    """Runs a global plane, boundary planes and device planes until the global plane finishes.
+
+    `boundaries` and `devices` hold every plane that may ever take part, including those that
+    join later (`churn.joins`); `make_boundary` builds a fresh boundary plane for a restart.
+    """
 
     def __init__(
         self,
@@ -64,6 +93,8 @@ class Simulation:
         guards: dict[str, tuple[EgressGuard, IngressGuard]],
         seed: int,
         on_emit: Callable[[str, dict], None],
+        make_boundary: Callable[[str], BoundaryPlane] | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.global_plane = global_plane
         self._actors: dict[str, object] = {GLOBAL: global_plane}
@@ -73,18 +104,38 @@ class Simulation:
         self._profiles = {device_address(d): p for d, p in device_profiles.items()}
         self._trainer, self._lan, self._wan, self._churn = trainer, lan, wan, churn
         self._guards, self._seed, self._on_emit = guards, seed, on_emit
+        self._make_boundary, self._observer = make_boundary, observer
         self._network = Network(seed)
         self._queue: list[tuple[float, int, str, tuple]] = []
         self._seq = itertools.count()
         self._timer_generation: Counter = Counter()
-        self._online = dict.fromkeys(self._profiles, True)
+        joining = {device_address(j.device.id) for j in churn.joins}
+        self._online = {a: a not in joining for a in self._profiles}
+        self._online |= {boundary_address(b): True for b in boundaries}
+        self._departed: set[str] = set()
         self._session = Counter()  # bumps when a device goes offline; stale completions are ignored
+        self._cycle = Counter()  # bumps when a device's cycling restarts; stale leave/join events are ignored
         self._rngs = {
             d: np.random.default_rng(derived_seed(seed, 3, i)) for i, d in enumerate(sorted(self._profiles))
         }
+        initial = sorted(a for a in self._profiles if a not in joining)
+        self._cycling = self._pick_cycling(initial)
+        self._partial: dict[str, list[bytes]] = {}  # frames on their way to the global plane
         self.now = 0.0
         self.tokens = 0
+        # CPU seconds of the real local-round compute (measured tokens/s; CPU time, not wall time,
+        # so that other work on a shared machine does not count against it)
+        self.compute_s = 0.0
         self.traffic = Traffic()
+
+    def _pick_cycling(self, devices: list[str]) -> set[str]:
+        """The devices that cycle offline and back: a seeded share of the initial membership."""
+        churn = self._churn
+        if churn.mean_uptime_s is None:
+            return set()
+        count = max(1, round(churn.cycling_fraction * len(devices)))
+        rng = np.random.default_rng(derived_seed(self._seed, 5))
+        return {devices[i] for i in rng.choice(len(devices), size=count, replace=False)}
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -92,8 +143,15 @@ class Simulation:
         """Process events until the global plane finishes (after a budget is reached)."""
         self._do(GLOBAL, self.global_plane.start(0.0))
         for d in sorted(self._profiles):
-            self._do(d, self._actors[d].start(0.0))
-            self._schedule_leave(d)
+            if self._online[d]:
+                self._do(d, self._actors[d].start(0.0))
+                self._schedule_leave(d)
+        for j in self._churn.joins:
+            self._push(j.at_s, "device_join", device_address(j.device.id))
+        for leave in self._churn.departures:
+            self._push(leave.at_s, "departure", device_address(leave.device))
+        for o in self._churn.outages:
+            self._push(o.at_s, "outage", boundary_address(o.boundary), o.at_s + o.duration_s)
         while self._queue:
             self.now, _, kind, args = heapq.heappop(self._queue)
             getattr(self, f"_on_{kind}")(*args)
@@ -164,13 +222,19 @@ class Simulation:
                 self._timer_generation[src, action.key] += 1
             elif isinstance(action, Emit):
                 self._on_emit(action.kind, {"time": self.now, **action.fields})
+                if self._observer is not None and action.kind == "middle_step":
+                    self._observer.aggregated(self.now, src, self._actors[src].last_step)
+                if self._observer is not None and action.kind == "outer_step" and src == GLOBAL:
+                    self._observer.outer_step(self.now, self.global_plane)
             elif isinstance(action, StartLocalRound):
                 self._start_local_round(src, action)
             else:
                 raise TypeError(f"unknown action {action!r}")
 
     def _start_local_round(self, device: str, action: StartLocalRound) -> None:
+        cpu0 = time.process_time()
         result = self._trainer.local_round(action.device, action.reference, action.anchor)
+        self.compute_s += time.process_time() - cpu0
         profile = self._profiles[device]
         speed = profile.tokens_per_s
         if profile.speed_jitter_pct:
@@ -209,18 +273,30 @@ class Simulation:
             return
         if src in self._boundary_of or dst in self._boundary_of:
             message = unwrap(device_pb2.DeviceEnvelope.FromString(data))
+            if (
+                self._observer is not None
+                and dst in self._boundary_of
+                and isinstance(message, device_pb2.AggregationRequest)
+                and self._actors[dst].pending is not None
+            ):
+                self._observer.submitted(self.now, dst, src, self._actors[dst].pending)
         else:
             try:
                 message = self._guards[party_of(dst)][1].receive(self.now, data, party_of(src))
             except ContractViolation as e:
                 self.traffic.refused.append(str(e))
+                self._partial.pop(src, None)
                 return
+            if dst == GLOBAL and self._observer is not None:
+                self._partial.setdefault(src, []).append(data)
             if message is None:
                 return  # a slice of a larger message: wait for the rest
+            if dst == GLOBAL and self._observer is not None:
+                self._observer.received(self.now, src, message, self._partial.pop(src))
         self._do(dst, self._actors[dst].receive(self.now, src, message))
 
     def _on_timer(self, actor: str, key: str, generation: int) -> None:
-        if self._timer_generation[actor, key] == generation:
+        if self._timer_generation[actor, key] == generation and self._online.get(actor, True):
             self._do(actor, self._actors[actor].on_timer(self.now, key))
 
     def _on_local_done(self, device: str, result, session: int) -> None:
@@ -229,18 +305,79 @@ class Simulation:
         self.tokens += result.tokens
         self._do(device, self._actors[device].local_round_finished(self.now, result))
 
-    def _schedule_leave(self, device: str) -> None:
-        if self._churn.mean_uptime_s is not None:
-            self._push(self.now + self._rngs[device].exponential(self._churn.mean_uptime_s), "leave", device)
+    # -- churn ----------------------------------------------------------------------------------
 
-    def _on_leave(self, device: str) -> None:
+    def _schedule_leave(self, device: str) -> None:
+        self._cycle[device] += 1
+        if device in self._cycling:
+            at = self.now + self._rngs[device].exponential(self._churn.mean_uptime_s)
+            self._push(at, "leave", device, self._cycle[device])
+
+    def _go_offline(self, device: str) -> None:
         self._online[device] = False
         self._session[device] += 1
+        self._cycle[device] += 1
+
+    def _on_leave(self, device: str, cycle: int) -> None:
+        if cycle != self._cycle[device] or not self._online[device]:
+            return
+        self._go_offline(device)
         boundary = self._boundary_of[device]
         self._do(boundary, self._actors[boundary].peer_lost(self.now, device))
-        self._push(self.now + self._rngs[device].exponential(self._churn.mean_downtime_s), "join", device)
+        at = self.now + self._rngs[device].exponential(self._churn.mean_downtime_s)
+        self._push(at, "join", device, self._cycle[device])
 
-    def _on_join(self, device: str) -> None:
+    def _on_join(self, device: str, cycle: int | None = None) -> None:
+        """A device comes (back) online: a cycling one after its downtime (`cycle`), or a new one."""
+        stale = cycle is not None and cycle != self._cycle[device]
+        if stale or device in self._departed or not self._online[self._boundary_of[device]]:
+            return  # a boundary back from an outage brings its devices back itself
         self._online[device] = True
         self._do(device, self._actors[device].start(self.now))
         self._schedule_leave(device)
+
+    def _on_device_join(self, device: str) -> None:
+        """A device outside the initial membership joins: its boundary admits it (a one-device
+        boundary joining with it is admitted by the global plane first)."""
+        boundary = self._boundary_of[device]
+        if boundary not in self.global_plane.boundaries:
+            self._do(GLOBAL, self.global_plane.admit(self.now, boundary))
+        self._do(boundary, self._actors[boundary].admit(self.now, device))
+        self._on_join(device)
+
+    def _on_departure(self, device: str) -> None:
+        """`device` leaves for good."""
+        self._departed.add(device)
+        self._go_offline(device)
+        boundary = self._boundary_of[device]
+        if self._online[boundary]:
+            self._do(boundary, self._actors[boundary].remove(self.now, device))
+
+    def _on_outage(self, boundary: str, until: float) -> None:
+        """The boundary's coordinator and every device go offline; they come back at `until`."""
+        self._online[boundary] = False
+        for d, b in self._boundary_of.items():
+            if b == boundary and self._online[d]:
+                self._go_offline(d)
+        self._do(GLOBAL, self.global_plane.peer_lost(self.now, boundary))
+        self._push(until, "boundary_back", boundary)
+
+    def _on_boundary_back(self, boundary: str) -> None:
+        """The boundary restarted: a fresh plane, brought up to date by the global plane; its
+        devices (those not gone for good, and already members) start again."""
+        if self._make_boundary is None:
+            raise RuntimeError("a boundary outage needs make_boundary to restart the boundary")
+        plane = self._make_boundary(boundary.split("/", 1)[1])
+        self._actors[boundary] = plane
+        egress, _ = self._guards[party_of(boundary)]
+        egress.ledger = plane.ledger  # the restarted plane mints its own aggregates
+        self._online[boundary] = True
+        self._do(GLOBAL, self.global_plane.peer_rejoined(self.now, boundary))
+        joined = {device_address(j.device.id): j.at_s for j in self._churn.joins}
+        for d in sorted(self._profiles):
+            if self._boundary_of[d] != boundary or d in self._departed or joined.get(d, 0.0) > self.now:
+                continue
+            self._do(boundary, plane.admit(self.now, d))
+            self._online[d] = True
+            self._do(d, self._actors[d].start(self.now))
+            self._schedule_leave(d)
