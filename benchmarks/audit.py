@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.console import Console
 from rich.table import Table
@@ -32,7 +33,7 @@ from echelon.audit.log import AuditLog
 from echelon.audit.report import UNANCHORED
 from echelon.audit.verify import verify_log, verify_run
 from echelon.commands.demo import demo_file
-from echelon.config import load_run
+from echelon.config import RunConfig
 from echelon.contract.guard import EgressGuard, IngressGuard
 from echelon.contract.policy import Terms
 from echelon.contract.provenance import BoundaryModel
@@ -66,11 +67,16 @@ class TimedLog:
         self.spent[0] += time.perf_counter() - t0
 
 
-def logging_overhead(tokens: int, out: Path) -> dict:
+def logging_overhead(tokens: int, out: Path, quick: bool = False) -> dict:
     import echelon.runner as runner
 
-    cfg = load_run(demo_file())
-    cfg = cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"tokens": tokens})})
+    spec = yaml.safe_load(demo_file().read_text())
+    spec["budget"] = {"tokens": tokens}
+    if quick:  # a smoke run: a small corpus, short sequences and rounds, a small evaluation
+        spec["data"] |= {"max_documents": 40, "seq_len": 32}
+        spec["train"] |= {"inner_steps": 2, "micro_batch": 4}
+        spec["eval"] = {"sequences": 8, "batch": 8}
+    cfg = RunConfig.model_validate(spec)
     spent = [0.0]
 
     def timed_open(run_dir, run_cfg, min_quorum, binding):
@@ -131,9 +137,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=200_000, help="token budget of the demo run")
     parser.add_argument("--records", type=int, default=1_000_000, help="records in the generated log")
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run (CI): 3,000 tokens, 50,000 records, not the figure"
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.tokens, args.records = 3_000, 50_000
     with tempfile.TemporaryDirectory() as tmp:
-        over = logging_overhead(args.tokens, Path(tmp) / "overhead")
+        over = logging_overhead(args.tokens, Path(tmp) / "overhead", args.quick)
         speed = verification_speed(args.records, Path(tmp) / "speed")
     table = Table(title="Audit log: overhead and verification speed")
     for col in ("Figure", "Value", "Target"):

@@ -66,9 +66,7 @@ def prepare(
     the run file names.
     """
     bundle = bundle or build_model(cfg.model, cfg.seed)
-    fragments: int | Bounds = cfg.echelon.streaming.fragments
-    if fragments > 1:
-        fragments = layer_fragments(bundle, fragments)  # before any optimiser sees the parameters
+    fragments = plane_fragments(cfg, bundle)
     docs = load_documents(cfg.data, cfg.seed, documents)
     corpus = build_corpus(docs, bundle.tokenizer, cfg.data, cfg.seed)
     device_ids = [d.id for _, d in cfg.all_devices]
@@ -101,6 +99,14 @@ def prepare(
         )
     skew = partition_skew(corpus.train_domain, parts)
     return Prepared(bundle, corpus, shards, trainer, skew, fragments)
+
+
+def plane_fragments(cfg: RunConfig, bundle: ModelBundle) -> int | Bounds:
+    """The fragments of theta the outer steps synchronise in turn: 1, or with Streaming DiLoCo the
+    [lo, hi) ranges of P strided layer fragments (the trainable parameters are ordered so, before
+    any optimiser sees them). Every party of a run computes the same ranges from the same model."""
+    fragments = cfg.echelon.streaming.fragments
+    return layer_fragments(bundle, fragments) if fragments > 1 else fragments
 
 
 def _decay_steps(cfg: RunConfig) -> int | None:

@@ -18,7 +18,7 @@ import grpc
 from google.protobuf.message import Message
 
 from echelon import rundir
-from echelon.assembly import make_boundary_plane, make_guards
+from echelon.assembly import make_boundary_plane, make_guards, plane_fragments
 from echelon.config import RunConfig
 from echelon.contract.guard import ContractViolation
 from echelon.errors import UserError
@@ -76,8 +76,9 @@ class BoundaryRole:
         self.address = boundary_address(boundary_id)
         self.party = party_of(self.address)
         self.creds, self.listen, self.global_target, self.run_dir = creds, listen, global_target, run_dir
-        dim = build_model(cfg.model, cfg.seed).dim
-        self.plane = make_boundary_plane(cfg, spec, dim, creds.identity())
+        bundle = build_model(cfg.model, cfg.seed)
+        fragments = plane_fragments(cfg, bundle)
+        self.plane = make_boundary_plane(cfg, spec, bundle.dim, creds.identity(), fragments)
         self.checkpoint = rundir.checkpoint_path(run_dir, self.party)
         if resume and self.checkpoint.exists():
             try:
@@ -87,7 +88,7 @@ class BoundaryRole:
             log.info("resuming at middle step %d", self.plane.middle_step)
         self.audit = evidence.open_audit(run_dir, self.party, creds, cfg)
         self.egress, self.ingress = make_guards(
-            cfg, self.party, self.plane.dim, self.audit, self.plane.ledger
+            cfg, self.party, self.plane.dim, self.audit, self.plane.ledger, fragments
         )
         network = Network(cfg.seed)
         self.to_global = Outbox(network.link(self.address, GLOBAL, spec.wan or cfg.network.wan))

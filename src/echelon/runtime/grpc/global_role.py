@@ -59,7 +59,9 @@ class GlobalRole:
         self.run_dir, self.listen = run_dir, listen
         self.wall0 = time.perf_counter()
         self.prep = prepare(cfg, local_devices=set())  # the global plane evaluates; it runs no device
-        self.plane = make_global_plane(cfg, self.prep.trainer.initial_state(), creds.identity())
+        self.plane = make_global_plane(
+            cfg, self.prep.trainer.initial_state(), creds.identity(), self.prep.fragments
+        )
         evals: list[float] = []
         path = rundir.checkpoint_path(run_dir, GLOBAL)
         if resume:
@@ -71,7 +73,9 @@ class GlobalRole:
             evals = list(state["evals"])
             log.info("resuming from outer step %d", self.plane.outer_step)
         self.audit = evidence.open_audit(run_dir, GLOBAL, creds, cfg)
-        self.egress, self.ingress = make_guards(cfg, GLOBAL, self.plane.theta_g.numel(), self.audit)
+        self.egress, self.ingress = make_guards(
+            cfg, GLOBAL, self.plane.theta_g.numel(), self.audit, None, self.prep.fragments
+        )
         network = Network(cfg.seed)
         self.outboxes = {
             boundary_address(b.id): Outbox(
