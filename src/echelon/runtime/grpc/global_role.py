@@ -53,7 +53,13 @@ class GlobalRole:
     """The global plane of `cfg` serving its boundaries on `listen`; `run()` until the run ends."""
 
     def __init__(
-        self, cfg: RunConfig, creds: Credentials, listen: str, run_dir: Path, resume: bool, tensorboard: bool
+        self,
+        cfg: RunConfig,
+        creds: Credentials,
+        listen: str,
+        run_dir: Path,
+        resume: bool,
+        tensorboard: bool = False,
     ) -> None:
         self.cfg = cfg = deployable(cfg)
         self.run_dir, self.listen = run_dir, listen
