@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.console import Console
 from rich.table import Table
@@ -32,8 +31,7 @@ from echelon.audit.layout import log_path
 from echelon.audit.log import AuditLog
 from echelon.audit.report import UNANCHORED
 from echelon.audit.verify import verify_log, verify_run
-from echelon.commands.demo import demo_file
-from echelon.config import RunConfig
+from echelon.commands.demo import demo_config
 from echelon.contract.guard import EgressGuard, IngressGuard
 from echelon.contract.policy import Terms
 from echelon.contract.provenance import BoundaryModel
@@ -70,13 +68,7 @@ class TimedLog:
 def logging_overhead(tokens: int, out: Path, quick: bool = False) -> dict:
     import echelon.runner as runner
 
-    spec = yaml.safe_load(demo_file().read_text())
-    spec["budget"] = {"tokens": tokens}
-    if quick:  # a smoke run: a small corpus, short sequences and rounds, a small evaluation
-        spec["data"] |= {"max_documents": 40, "seq_len": 32}
-        spec["train"] |= {"inner_steps": 2, "micro_batch": 4}
-        spec["eval"] = {"sequences": 8, "batch": 8}
-    cfg = RunConfig.model_validate(spec)
+    cfg = demo_config(tokens, smoke=quick)
     spent = [0.0]
 
     def timed_open(run_dir, run_cfg, min_quorum, binding):

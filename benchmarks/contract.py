@@ -29,8 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from echelon.assembly import prepare
-from echelon.commands.demo import demo_file
-from echelon.config import load_run
+from echelon.commands.demo import demo_config
 from echelon.contract.guard import ContractViolation, EgressGuard, IngressGuard
 from echelon.contract.policy import Terms
 from echelon.contract.provenance import AggregateResult, BoundaryModel, UnsealedResult
@@ -115,12 +114,9 @@ def per_megabyte(megabytes: float, reps: int) -> dict:
     return {"guard_s": guard_s / mb, "base_s": base_s / mb, "mb": mb}
 
 
-def in_a_run(tokens: int) -> dict:
-    """Wall time of the demo run simulated, and the time inside its guards."""
-    cfg = load_run(demo_file())
-    cfg = effective_config(
-        cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"tokens": tokens})})
-    )
+def in_a_run(tokens: int, smoke: bool = False) -> dict:
+    """Wall time of the demo run simulated (`smoke`: its small form), and the time inside its guards."""
+    cfg = effective_config(demo_config(tokens, smoke))
     spent = [0.0]
     messages = [0]
     send, receive = EgressGuard.send, IngressGuard.receive
@@ -399,14 +395,20 @@ def main() -> None:
     parser.add_argument("--megabytes", type=float, default=32.0, help="size of the large aggregate")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument(
-        "--quick", action="store_true", help="8 MB aggregate, 3 repetitions, a 16,000-token demo"
+        "--quick",
+        action="store_true",
+        help="a smoke run (CI): 4 MB aggregate, 2 repetitions, a small 3,000-token demo",
     )
     args = parser.parse_args()
     if args.quick:
-        args.tokens, args.megabytes, args.reps = 16_000, 8.0, 3
+        args.tokens, args.megabytes, args.reps = 3_000, 4.0, 2
     console = Console(width=160)
 
-    msg, mb, run = per_message(args.reps), per_megabyte(args.megabytes, args.reps), in_a_run(args.tokens)
+    msg, mb, run = (
+        per_message(args.reps),
+        per_megabyte(args.megabytes, args.reps),
+        in_a_run(args.tokens, args.quick),
+    )
     cost = Table(title="Guard cost (egress + ingress, every check) against serialise + parse")
     for col in ("Figure", "Guards", "Baseline", "Ratio", "Target"):
         cost.add_column(col, justify="right")

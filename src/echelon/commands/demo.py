@@ -9,10 +9,25 @@ from pathlib import Path
 
 from echelon.commands.serve import positive_int
 from echelon.commands.train import add_run_options, train_file
+from echelon.config import RunConfig
 
 
 def demo_file() -> Path:
     return Path(str(resources.files("echelon") / "presets" / "demo.yaml"))
+
+
+def demo_config(tokens: int, smoke: bool = False) -> RunConfig:
+    """The demo run with a budget of `tokens`; `smoke`: its fleet and strategy on a small corpus,
+    short sequences and rounds and a small evaluation, for benchmarks' quick modes (not figures)."""
+    import yaml
+
+    spec = yaml.safe_load(demo_file().read_text())
+    spec["budget"] = {"tokens": tokens}
+    if smoke:
+        spec["data"] |= {"max_documents": 40, "seq_len": 32}
+        spec["train"] |= {"inner_steps": 2, "micro_batch": 4}
+        spec["eval"] = {"sequences": 8, "batch": 8}
+    return RunConfig.model_validate(spec)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
