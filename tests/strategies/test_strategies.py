@@ -208,9 +208,8 @@ def test_strategies_do_not_import_the_configuration_module():
 
 
 def test_diloco_sa_has_an_admissible_form_that_a_deployment_accepts():
-    from echelon.runtime.grpc.roles import require_admissible
-
     from echelon.errors import UserError
+    from echelon.preflight import require_admissible
 
     flat, boundary = get_strategy("diloco+sa"), get_strategy("diloco+sa-boundary")
     assert not flat.admissible and "not admissible" in flat.label

@@ -49,6 +49,17 @@ class Cadence:
         self.drift.pop(boundary, None)
         self._calibration.pop(boundary, None)
 
+    def state_dict(self) -> dict:
+        """The drift reports and each boundary's calibration, as plain values."""
+        calibration = {b: {"seen": list(c.seen), "d0": c.d0} for b, c in self._calibration.items()}
+        return {"drift": dict(self.drift), "calibration": calibration}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.drift = dict(state["drift"])
+        self._calibration = {
+            b: _Calibration(list(c["seen"]), c["d0"]) for b, c in state["calibration"].items()
+        }
+
     def d0(self, boundary: str) -> float | None:
         """D_0,b, or None while the boundary is still in its first window."""
         cal = self._calibration.get(boundary)

@@ -471,9 +471,11 @@ class GlobalPlane:
         if self._syncing is not None:
             raise RuntimeError("the global plane is checkpointed between outer steps, not during a sync")
         return {
+            "boundaries": list(self.boundaries),
+            "absent": sorted(self.absent),
             "theta_g": self.theta_g.clone(),
             "outers": [o.state_dict() for o in self.outers],
-            "cadence": {"drift": dict(self.cadence.drift), "d0": self.cadence.d0},
+            "cadence": self.cadence.state_dict(),
             "announced_interval": self._announced_interval,
             "barrier_armed": self._barrier_armed,
             "outer_step": self.outer_step,
@@ -482,7 +484,8 @@ class GlobalPlane:
             "tokens_total": dict(self._tokens_total),
             "tokens_applied": self.tokens_applied,
             "ticks": self.ticks,
-            "b_eff": self.b_eff,
+            "divergence": self._divergence,
+            "exchanged_tokens": self._exchanged_tokens,
             "middle_at_sync": dict(self._middle_at_sync),
             "final_reason": self.final_reason,
             "finished": self.finished,
@@ -491,14 +494,18 @@ class GlobalPlane:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state_dict()`'s output (ValueError when it is another run's shape)."""
-        if state["theta_g"].shape != self.theta_g.shape or set(state["middle_step"]) != set(self.boundaries):
+        if state["theta_g"].shape != self.theta_g.shape or not set(self.boundaries) <= set(
+            state["boundaries"]
+        ):
             raise ValueError("the checkpoint is of another run (other boundaries or model size)")
+        self.boundaries, self.absent = list(state["boundaries"]), set(state["absent"])
         self.theta_g = state["theta_g"].clone()
         for outer, saved in zip(self.outers, state["outers"], strict=True):
             outer.load_state_dict(saved)
-        self.cadence.drift, self.cadence.d0 = dict(state["cadence"]["drift"]), state["cadence"]["d0"]
+        self.cadence.load_state_dict(state["cadence"])
         self._announced_interval, self._barrier_armed = state["announced_interval"], state["barrier_armed"]
-        self.outer_step, self.ticks, self.b_eff = state["outer_step"], state["ticks"], state["b_eff"]
+        self.outer_step, self.ticks = state["outer_step"], state["ticks"]
+        self._divergence, self._exchanged_tokens = state["divergence"], state["exchanged_tokens"]
         self._middle_step, self._update_norm = dict(state["middle_step"]), dict(state["update_norm"])
         self._tokens_total, self._middle_at_sync = dict(state["tokens_total"]), dict(state["middle_at_sync"])
         self.tokens_applied = state["tokens_applied"]
