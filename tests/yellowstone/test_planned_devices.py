@@ -88,7 +88,9 @@ def test_planned_replicas_train_like_single_process_devices_and_the_audit_passes
     assert a["end_val_loss"] < a["start_val_loss"]
     # A simulated run's signing keys only ever lived in memory: its public keys are the run's own.
     report = verify_run(tmp_path / "planned", accept=frozenset({UNANCHORED}))
-    assert report.ok and report.per_device_bytes == 0, [f.reason for f in report.violations + report.in_flight][:5]
+    assert report.ok and report.per_device_bytes == 0, [
+        f.reason for f in report.violations + report.in_flight
+    ][:5]
     job = tmp_path / "planned" / "plans" / "plan-0"
     assert {p.name for p in (job / "replicas").iterdir()} == {"lab-r0", "lab-r1"}
     assert json.loads((job / "topology.json").read_text())["applied"] == []
@@ -152,4 +154,6 @@ def test_a_deployment_runs_planned_devices_as_the_simulator_does(tmp_path):
         job = read_plan(tmp_path / "deployed" / "plans" / device / "plan-0" / "plan.json")
         assert [r.id for r in job.boundaries[0].replicas] == [replica]
     report = verify_run(tmp_path / "deployed", certs)  # keys pinned by `certs init`
-    assert report.ok and report.per_device_bytes == 0, [f.reason for f in report.violations + report.in_flight][:5]
+    assert report.ok and report.per_device_bytes == 0, [
+        f.reason for f in report.violations + report.in_flight
+    ][:5]
