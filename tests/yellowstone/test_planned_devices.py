@@ -153,7 +153,9 @@ def test_a_deployment_runs_planned_devices_as_the_simulator_does(tmp_path):
     for device, replica in (("lab-r0", "lab/r0"), ("lab-r1", "lab/r1")):
         job = read_plan(tmp_path / "deployed" / "plans" / device / "plan-0" / "plan.json")
         assert [r.id for r in job.boundaries[0].replicas] == [replica]
-    report = verify_run(tmp_path / "deployed", certs)  # keys pinned by `certs init`
+    # The keys `certs init` pinned, for the configuration (config.yaml, as `echelon launch` writes it).
+    (tmp_path / "deployed" / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    report = verify_run(tmp_path / "deployed", certs)
     assert report.ok and report.per_device_bytes == 0, [
         f.reason for f in report.violations + report.in_flight
     ][:5]
