@@ -164,9 +164,8 @@ def load_recordings(run_dir: Path) -> tuple[dict, dict]:
     )
 
 
-def check_view_against_audit(view: dict, run_dir: Path) -> int:
-    """Every message of the view must be one the global plane's audit log records as received
-    from that party, with the same SHA-256; returns the number checked. UserError otherwise."""
+def _received(run_dir: Path) -> list[dict]:
+    """The messages the global plane's audit log records as received, in order."""
     log = run_dir / "audit" / "global.jsonl"
     try:
         lines = log.read_text().splitlines()
@@ -174,11 +173,35 @@ def check_view_against_audit(view: dict, run_dir: Path) -> int:
         raise UserError(
             f"cannot read {log}: {e.strerror}; the red-team attacks a run's audited view"
         ) from None
-    logged = {
-        (r["peer"], r["payload_sha256"])
+    return [
+        r
         for r in map(json.loads, lines)
         if r.get("kind") == "message" and r.get("direction") == "in" and r.get("outcome") == "received"
-    }
+    ]
+
+
+def check_same_crossings(run_dir: Path, replay_dir: Path) -> None:
+    """A replay's global plane received what the run's did: the same senders, message types,
+    rounds, quorums and provenances, in order (the frames' bytes differ: each run has its own
+    audit chain, whose head every envelope carries). UserError otherwise."""
+    fields = ("peer", "message_type", "round_id", "quorum", "provenance")
+    run, replay = ([tuple(r[f] for f in fields) for r in _received(d)] for d in (run_dir, replay_dir))
+    if run != replay:
+        at = next(
+            (i for i, (a, b) in enumerate(zip(run, replay, strict=False)) if a != b),
+            min(len(run), len(replay)),
+        )
+        raise UserError(
+            f"{run_dir}: replaying its config.yaml crossed other messages than the run did (from message {at} "
+            f"of {len(run)}): the run cannot be replayed; attack a run recorded with the red-team's observer"
+        )
+
+
+def check_view_against_audit(view: dict, run_dir: Path) -> int:
+    """Every message of the view must be one the global plane's audit log records as received
+    from that party, with the same SHA-256; returns the number checked. UserError otherwise."""
+    log = run_dir / "audit" / "global.jsonl"
+    logged = {(r["peer"], r["payload_sha256"]) for r in _received(run_dir)}
     missing = [h for h in view["hashes"] if tuple(h) not in logged]
     if missing:
         raise UserError(

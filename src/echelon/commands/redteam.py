@@ -51,15 +51,18 @@ def run(args: argparse.Namespace) -> int:
     console = Console(width=max(Console().width, 240))
     if (run_dir / redteam.VIEW_FILE).is_file() and (run_dir / redteam.TRUTH_FILE).is_file():
         view, truth = redteam.load_recordings(run_dir)
+        checked = redteam.check_view_against_audit(view, run_dir)
+        how = "each matched to the global audit log"
     else:
         console.print(f"{run_dir} has no recordings: replaying it from its config.yaml", highlight=False)
         with tempfile.TemporaryDirectory() as tmp:
-            train(cfg, Path(tmp) / "replay", progress=False, observer=redteam.Recorder(effective_config(cfg)))
-            view, truth = redteam.load_recordings(Path(tmp) / "replay")
-    checked = redteam.check_view_against_audit(view, run_dir)
-    console.print(
-        f"coordinator's view: {checked} messages, each matched to the global audit log", highlight=False
-    )
+            replay = Path(tmp) / "replay"
+            train(cfg, replay, progress=False, observer=redteam.Recorder(effective_config(cfg)))
+            view, truth = redteam.load_recordings(replay)
+            checked = redteam.check_view_against_audit(view, replay)
+            redteam.check_same_crossings(run_dir, replay)
+        how = "replayed: each matched to the replay's audit log, whose crossings are the run's"
+    console.print(f"coordinator's view: {checked} messages, {how}", highlight=False)
     result = redteam.attack(effective_config(cfg), view, truth, threshold=args.threshold, sc_k=args.sc_k)
     console.print(redteam.table14([(cfg.name, effective_config(cfg), result)]))
     return 0
