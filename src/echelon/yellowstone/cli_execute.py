@@ -20,6 +20,7 @@ from rich.table import Table
 
 from echelon.errors import UserError
 from echelon.rundir import RunDirectory
+from echelon.yellowstone.cli_plan import count
 from echelon.yellowstone.execute.job import FAILURES, model_config, safe_name
 from echelon.yellowstone.execute.topology import check_executable, plan_devices, plan_digest
 from echelon.yellowstone.plan import Plan, read_plan
@@ -27,19 +28,9 @@ from echelon.yellowstone.plan import Plan, read_plan
 GIB = 1024**3
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("plan", type=Path, help="plan.json written by `echelon plan`")
-    parser.add_argument("--steps", type=_positive, default=30, help="optimizer steps per replica")
+    parser.add_argument("--steps", type=count(), default=30, help="optimizer steps per replica")
     parser.add_argument("--out", type=Path, default=None, help="run directory (default runs/exec-<fleet>)")
     parser.add_argument("--force", action="store_true", help="replace an existing run directory")
     parser.add_argument(
@@ -47,11 +38,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="model initialisation and batch order")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    parser.add_argument("--checkpoint-every", type=_positive, default=1, help="steps between checkpoints")
+    parser.add_argument("--checkpoint-every", type=count(), default=1, help="steps between checkpoints")
     parser.add_argument("--max-restarts", type=int, default=3, help="failures the job survives")
-    parser.add_argument("--threads", type=_positive, default=None, help="torch threads per process")
+    parser.add_argument("--threads", type=count(), default=None, help="torch threads per process")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds a rank waits for a peer")
-    parser.add_argument("--documents", type=_positive, default=200, help="built-in corpus documents to load")
+    parser.add_argument("--documents", type=count(), default=200, help="built-in corpus documents to load")
     parser.add_argument(
         "--print-commands",
         action="store_true",

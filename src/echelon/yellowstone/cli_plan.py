@@ -23,15 +23,18 @@ from echelon.yellowstone.planner import plan_fleet
 from echelon.yellowstone.render import render_png, render_text
 
 
-def _count(most: int):
-    """A whole number from 1 to `most` (larger values describe no real training run)."""
+def count(most: int | None = None):
+    """argparse type: a whole number from 1 to `most` (None: no upper bound; larger values
+    describe no real training run)."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if not 1 <= value <= most:
+        if most is None and value < 1:
+            raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        if most is not None and not 1 <= value <= most:
             raise argparse.ArgumentTypeError(f"must be from 1 to {most:,}, got {value:,}")
         return value
 
@@ -61,14 +64,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.set_defaults(trainable="lora")
     parser.add_argument(
-        "--lora-rank", type=_count(4096), default=16, help="LoRA rank r (adapters on q_proj, v_proj)"
+        "--lora-rank", type=count(4096), default=16, help="LoRA rank r (adapters on q_proj, v_proj)"
     )
     parser.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16")
-    parser.add_argument("--seq-len", type=_count(2**20), default=2048, help="tokens per sequence")
+    parser.add_argument("--seq-len", type=count(2**20), default=2048, help="tokens per sequence")
     parser.add_argument(
-        "--micro-batch", type=_count(4096), default=4, help="sequences per micro-batch and replica"
+        "--micro-batch", type=count(4096), default=4, help="sequences per micro-batch and replica"
     )
-    parser.add_argument("--micro-batches", type=_count(4096), default=8, help="micro-batches per step (1F1B)")
+    parser.add_argument("--micro-batches", type=count(4096), default=8, help="micro-batches per step (1F1B)")
     parser.add_argument(
         "--out", type=Path, default=None, help="output directory (default runs/plan-<fleet name>)"
     )
