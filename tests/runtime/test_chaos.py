@@ -91,7 +91,7 @@ def test_an_interrupted_run_audits_without_violations(tmp_path):
 
 
 def test_a_deployment_honours_churn(tmp_path):
-    spec = {**RUN, "churn": {"mean_uptime_s": 8, "mean_downtime_s": 2}, "budget": {"outer_steps": 5}}
+    spec = {**RUN, "churn": {"mean_uptime_s": 3, "mean_downtime_s": 1}, "budget": {"outer_steps": 3}}
     launch = Launch(tmp_path, spec)
     _done(launch)
     logs = [p.read_text() for p in (launch.out / "logs").glob("device.*.log")]
