@@ -109,7 +109,7 @@ RULES: list[tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], str]] = [
         "the simulator drives the planes; it assembles nothing and knows no deployment",
     ),
     (
-        ("echelon.config", "echelon.strategies", "echelon.errors", "echelon.yamlio"),
+        ("echelon.config", "echelon.strategies", "echelon.errors", "echelon.yamlio", "echelon.cliargs"),
         (),
         ("echelon.planes", "echelon.secagg", *RUNTIMES, "echelon.train", "torch", *ML),
         "run files are validated without a plane, a runtime or a model",

@@ -17,23 +17,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from echelon.cliargs import count
 from echelon.config import RunConfig, load_run
 from echelon.errors import UserError
 from echelon.parties import GLOBAL, boundary_party, device_party
 
 if TYPE_CHECKING:
     from echelon.runtime.grpc.handshakes import HandshakeTap
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
-    return value
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +37,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--boundary", dest="boundary_target", help="host:port of the device's boundary (device)"
     )
     parser.add_argument("--run-dir", type=Path, help="where metrics, summary, weights and audit logs go")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (device)")
+    parser.add_argument("--threads", type=count(), default=None, help="torch threads (device)")
     parser.add_argument(
         "--resume", action="store_true", help="continue from RUN_DIR's checkpoint (global, boundary)"
     )

@@ -18,9 +18,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from echelon.cliargs import count
 from echelon.errors import UserError
 from echelon.rundir import RunDirectory
-from echelon.yellowstone.cli_plan import count
 from echelon.yellowstone.execute.job import FAILURES, model_config, safe_name
 from echelon.yellowstone.execute.topology import check_executable, plan_devices, plan_digest
 from echelon.yellowstone.plan import Plan, read_plan

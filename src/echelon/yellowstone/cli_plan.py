@@ -13,6 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from echelon.cliargs import count
 from echelon.errors import UserError
 from echelon.rundir import write_atomic
 from echelon.yellowstone.cost import CostSettings
@@ -21,25 +22,6 @@ from echelon.yellowstone.model_profile import DTYPE_BYTES, PRESETS, build_profil
 from echelon.yellowstone.plan import Plan, write_plan
 from echelon.yellowstone.planner import plan_fleet
 from echelon.yellowstone.render import render_png, render_text
-
-
-def count(most: int | None = None):
-    """argparse type: a whole number from 1 to `most` (None: no upper bound; larger values
-    describe no real training run)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if most is None and value < 1:
-            raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-        if most is not None and not 1 <= value <= most:
-            raise argparse.ArgumentTypeError(f"must be from 1 to {most:,}, got {value:,}")
-        return value
-
-    return parse
-
 
 EXIT_STATUS = """exit status:
   0  plan written; every boundary planned and every check passed
