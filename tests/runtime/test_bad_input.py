@@ -120,8 +120,8 @@ def test_the_disk_estimate_covers_what_a_run_writes(tmp_path):
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["--threads", "-1"], "--threads: -1 is not at least 1"),
-        (["--threads", "0"], "--threads: 0 is not at least 1"),
+        (["--threads", "-1"], "--threads: must be at least 1, got -1"),
+        (["--threads", "0"], "--threads: must be at least 1, got 0"),
     ],
 )
 def test_launch_flags_are_checked(tmp_path, capsys, argv, expected):
