@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import echelon
 from echelon.config import DataConfig
@@ -80,3 +81,35 @@ def test_hf_dataset_without_the_text_field_names_the_row_and_the_fix(tmp_path):
     path.write_text(json.dumps({"body": "x"}) + "\n" + json.dumps({"body": "y"}) + "\n")
     with pytest.raises(echelon.UserError, match=r"row 0: field 'text' is missing.*data.text_field"):
         load_documents(DataConfig(source="hf_dataset", path=path), seed=0)
+
+
+class _Frozen(torch.optim.Optimizer):
+    """An inner optimiser that counts its steps and never moves a parameter."""
+
+    steps = 0
+
+    def __init__(self, params, cfg) -> None:
+        super().__init__(params, {"lr": cfg.lr})
+
+    def step(self, closure=None) -> None:
+        type(self).steps += 1
+
+
+def test_an_inner_optimizer_of_your_own_makes_every_inner_step(tmp_path):
+    from tests.helpers import small_run
+
+    cfg = small_run(budget={"outer_steps": 1})
+    summary = echelon.simulate(cfg, tmp_path / "r", optimizer=_Frozen)
+    assert _Frozen.steps > 0 and _Frozen.steps % cfg["train"]["inner_steps"] == 0
+    # Nothing moved on any device, so no boundary delta and no outer step changed the model.
+    assert summary.end_val_loss == summary.start_val_loss
+    moved = echelon.simulate(cfg, tmp_path / "adamw")
+    assert moved.end_val_loss != moved.start_val_loss
+
+
+def test_scaffold_refuses_an_inner_optimizer_of_your_own_before_writing_anything(tmp_path):
+    from tests.helpers import small_run
+
+    with pytest.raises(echelon.UserError, match="SCAFFOLD"):
+        echelon.simulate(small_run(strategy="scaffold"), tmp_path / "r", optimizer=_Frozen)
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written

@@ -24,11 +24,13 @@ _API = {
     "read_metrics": "echelon.record",
     "plan": "echelon.api",
     "TaskLoss": "echelon.train.model",
+    "InnerOptimizer": "echelon.train.model",
     "UserError": "echelon.errors",
     "ConfigError": "echelon.errors",
 }
 __all__ = [
     "ConfigError",
+    "InnerOptimizer",
     "RunConfig",
     "RunSummary",
     "TaskLoss",
@@ -47,7 +49,7 @@ if TYPE_CHECKING:
     from echelon.config import RunConfig
     from echelon.errors import ConfigError, UserError
     from echelon.record import RunSummary, read_metrics
-    from echelon.train.model import TaskLoss
+    from echelon.train.model import InnerOptimizer, TaskLoss
 
 
 def __getattr__(name: str) -> object:

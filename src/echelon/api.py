@@ -17,6 +17,7 @@ saved dataset, JSONL or parquet through `datasets`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from echelon.config import RunConfig, load_run
-from echelon.errors import ConfigError
+from echelon.errors import ConfigError, UserError
 from echelon.record import RunSummary
 from echelon.yamlio import validation_problems
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedTokenizerFast
 
-    from echelon.train.model import TaskLoss
+    from echelon.train.model import InnerOptimizer, TaskLoss
     from echelon.yellowstone.plan import Plan
 
 __all__ = ["launch", "load_config", "plan", "read_summary", "simulate"]
@@ -55,6 +56,7 @@ def simulate(
     *,
     model: nn.Module | None = None,
     loss: TaskLoss | None = None,
+    optimizer: InnerOptimizer | None = None,
     tokenizer: PreTrainedTokenizerFast | None = None,
     data: Iterable[Mapping[str, Any]] | None = None,
     force: bool = False,
@@ -64,20 +66,28 @@ def simulate(
 
     `model` replaces the run file's model (it trains its parameters that require a gradient;
     set `model.trainable: full`), tokenised with `tokenizer` (default: a byte-level one) and
-    scored by `loss` (default: the causal LM's own). `data` replaces the run file's documents.
+    scored by `loss` (default: the causal LM's own). `optimizer` builds each device's inner
+    optimiser (`echelon.InnerOptimizer`; default: AdamW from the run file's `train`). `data`
+    replaces the run file's documents.
     """
     from echelon.preflight import preflight
     from echelon.runner import train
     from echelon.train.data import row_document
-    from echelon.train.model import causal_lm_loss, own_model
+    from echelon.train.model import build_model, causal_lm_loss, own_model
 
     cfg = config if isinstance(config, RunConfig) else load_config(config)
     out = Path(out)
     bundle = None
+    if optimizer is not None:
+        _require_local_rounds(cfg)
     if model is None:  # the run file's model: checked against this machine before any work
         preflight(cfg, "the run configuration", out, deploy=False)
+        if optimizer is not None:
+            bundle = build_model(cfg.model, cfg.seed)
     else:
         bundle = own_model(model, cfg.model, loss or causal_lm_loss, tokenizer)
+    if optimizer is not None:
+        bundle = dataclasses.replace(bundle, inner_optimizer=optimizer)
     documents = None
     if data is not None:
         d = cfg.data
@@ -86,6 +96,23 @@ def simulate(
         ]
     train(cfg, out, force=force, progress=progress, bundle=bundle, documents=documents)
     return RunSummary.read(out)
+
+
+def _require_local_rounds(cfg: RunConfig) -> None:
+    """UserError unless every device's inner steps are the simulator's own local rounds (where an
+    inner optimiser of the caller's is used)."""
+    from echelon.strategies import get_strategy
+
+    if get_strategy(cfg.strategy).local == "scaffold":
+        raise UserError(
+            f"strategy {cfg.strategy}: SCAFFOLD's local steps are plain SGD by definition; "
+            "drop the optimizer or choose another strategy"
+        )
+    if any(d.replica is not None for b in cfg.boundaries for d in b.devices):
+        raise UserError(
+            "boundaries with a `plan`: a plan's replicas run their own optimiser; "
+            "drop the optimizer or list the boundaries' devices"
+        )
 
 
 def launch(

@@ -26,7 +26,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from echelon.config import ModelConfig
+from echelon.config import ModelConfig, TrainConfig
 from echelon.errors import UserError
 from echelon.train.presets import TINY_LLAMA
 
@@ -57,6 +57,19 @@ class TaskLoss(Protocol):
     def __call__(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor: ...
 
 
+class InnerOptimizer(Protocol):
+    """The optimiser of a device's inner steps over `params`, built once per device from the run
+    file's `train` section (its `lr` is the starting rate; the schedule sets each group's "lr"
+    before every step, and clipping happens before `step()`)."""
+
+    def __call__(self, params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer: ...
+
+
+def adamw(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The paper's inner optimiser: AdamW with the run file's betas and weight decay."""
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=True)
+
+
 def causal_lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy, as a Hugging Face causal LM computes it from its labels."""
     return model(input_ids=batch, labels=batch).loss
@@ -64,7 +77,8 @@ def causal_lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class ModelBundle:
-    """A causal LM, its tokenizer, the flat view of its trainable parameters and its task loss."""
+    """A causal LM, its tokenizer, the flat view of its trainable parameters, its task loss and
+    the optimiser of its inner steps."""
 
     model: nn.Module
     tokenizer: PreTrainedTokenizerFast
@@ -72,6 +86,7 @@ class ModelBundle:
     names: list[str]
     trainable: list[nn.Parameter]
     task_loss: TaskLoss = causal_lm_loss
+    inner_optimizer: InnerOptimizer = adamw
 
     @property
     def dim(self) -> int:

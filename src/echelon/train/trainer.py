@@ -118,12 +118,7 @@ class LocalTrainer:
             d: DeviceStream(ix, cfg.micro_batch, np.random.default_rng(derived_seed(seed, 1, i)))
             for i, (d, ix) in enumerate(shards.items())
         }
-        self._optimizers = {
-            d: torch.optim.AdamW(
-                bundle.trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=True
-            )
-            for d in shards
-        }
+        self._optimizers = {d: bundle.inner_optimizer(bundle.trainable, cfg) for d in shards}
         self._rounds = dict.fromkeys(shards, 0)
         self.tokens_per_round = cfg.inner_steps * cfg.grad_accum * cfg.micro_batch * corpus.seq_len
 
