@@ -29,6 +29,7 @@ def _write(tmp_path: Path) -> Path:
         "target_loss": 50.0,
         "pilot": {"tokens": 1000, "trials": 2, "search": "grid"},
         "spaces": {"echelon": {"train.lr": [0.0001, 0.03]}, "fedavg": {"train.lr": [0.0001, 0.03]}},
+        "stressors": {"wan200": {"network.wan.latency_ms": 200}},
     }
     path = tmp_path / "contest.yaml"
     path.write_text(yaml.safe_dump(contest, sort_keys=False))
@@ -44,7 +45,7 @@ def test_contest_tunes_runs_finals_and_resumes(tmp_path, capsys):
     path, out = _write(tmp_path), tmp_path / "out"
     assert _run(path, out) == 0
     printed = capsys.readouterr().out
-    assert "6 runs trained now, 0 already finished, 0 failed" in printed
+    assert "8 runs trained now, 0 already finished, 0 failed" in printed
     assert LABEL in printed and all(f"Table {n}:" in printed for n in (5, 6, 10)) and "Table 9" not in printed
 
     # The chosen setting is the pilot with the lowest final validation loss.
@@ -65,7 +66,9 @@ def test_contest_tunes_runs_finals_and_resumes(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert [(r["strategy"], r["budget"], r["seed"]) for r in rows] == [
         ("echelon", "syncs", "0"),
+        ("echelon", "syncs/wan200", "0"),
         ("fedavg", "syncs", "0"),
+        ("fedavg", "syncs/wan200", "0"),
     ]
     for r in rows:
         settings = json.loads(r["settings"])
@@ -73,16 +76,17 @@ def test_contest_tunes_runs_finals_and_resumes(tmp_path, capsys):
         assert (
             r["outer_steps"] == "1" and r["stop_reason"] == "outer_steps" and r["time_to_target_s"] == "0.0"
         )
-    assert [r["admissible"] for r in rows] == ["True", "False"]
+    assert [r["admissible"] for r in rows] == ["True", "True", "False", "False"]
+    assert all(float(b["virtual_time_s"]) > float(a["virtual_time_s"]) for a, b in zip(rows[::2], rows[1::2]))
     tables = (out / TABLES).read_text()
-    assert LABEL in tables and "## Relative to echelon" in tables
+    assert LABEL in tables and "## Relative to echelon" in tables and "syncs/wan200" in tables
     assert (out / "plots" / "loss_vs_tokens.png").stat().st_size > 0
     assert (out / "plots" / "final_loss.png").stat().st_size > 0
 
     # Rerun: nothing trains again and the finished runs are untouched.
     stamps = {d.name: os.stat(d / "summary.json").st_mtime_ns for d in (out / RUNS).iterdir()}
     assert _run(path, out) == 0
-    assert "0 runs trained now, 6 already finished" in capsys.readouterr().out
+    assert "0 runs trained now, 8 already finished" in capsys.readouterr().out
     assert {d.name: os.stat(d / "summary.json").st_mtime_ns for d in (out / RUNS).iterdir()} == stamps
 
     # An interrupted final (left as .partial) is the only run trained again.
@@ -90,7 +94,7 @@ def test_contest_tunes_runs_finals_and_resumes(tmp_path, capsys):
     lost.rename(lost.with_name(lost.name + ".partial"))
     (out / RESULTS).unlink()
     assert _run(path, out) == 0
-    assert "1 runs trained now, 5 already finished" in capsys.readouterr().out
+    assert "1 runs trained now, 7 already finished" in capsys.readouterr().out
     assert (lost / "summary.json").is_file() and not lost.with_name(lost.name + ".partial").exists()
     with (out / RESULTS).open() as f:
         assert [r["run_id"] for r in csv.DictReader(f)] == [r["run_id"] for r in rows]

@@ -64,6 +64,10 @@ def _write(tmp_path, contest: dict):
         ({"pilot": {"trials": 2}}, "pilot.tokens", "required field is missing"),
         ({"base": "missing.yaml"}, "missing.yaml", "no such file"),
         ({"base": {"boundaries": []}}, "base.boundaries", "at least 1"),
+        ({"stressors": {"churn": {"churn.mean_uptime_s": -1}}}, "stressors.churn", "greater than 0"),
+        ({"stressors": {"churn": {"budget.tokens": 5}}}, "stressors", "set by the contest"),
+        ({"stressors": {"churn": {}}}, "stressors", "set at least one run-file field"),
+        ({"stressors": {"a b": {"churn.mean_uptime_s": 4}}}, "stressors", "stressor name 'a b'"),
     ],
 )
 def test_bad_contest_file_exits_2_naming_file_and_field(tmp_path, capsys, overrides, field, words):
@@ -153,3 +157,20 @@ def test_churn_is_a_stressor_every_contestant_runs_under(tmp_path):
         boundaries = {b.id for b in eff.boundaries}
         assert all(o.boundary in boundaries for o in churn.outages)  # in each topology's own terms
         assert churn.joins[0].boundary in boundaries | {"late"}
+
+
+def test_each_stressor_is_a_comparison_of_every_budget_tuned_on_the_base(tmp_path):
+    stress = {"churn.mean_uptime_s": 4, "churn.mean_downtime_s": 1, "network.wan.latency_ms": 200}
+    budgets = {"syncs": {"outer_steps": 1}, "tokens": {"tokens": 500}}
+    contest = load_contest(_write(tmp_path, _contest(budgets=budgets, stressors={"hostile": stress})))
+    assert list(contest.comparisons()) == ["syncs", "tokens", "syncs/hostile", "tokens/hostile"]
+    for trials in contest.pilots.values():  # pilots tune on the base
+        assert all(t.config.churn.mean_uptime_s is None for t in trials)
+    finals = contest.finals({"echelon": {"train.lr": 0.01}, "fedavg": {}})
+    assert len(finals) == 2 * 4 and len({f.run_id for f in finals}) == 8
+    for f in finals:
+        stressed = f.budget.endswith("/hostile")
+        assert (f.config.churn.mean_uptime_s == 4) is stressed
+        assert (f.config.network.wan.latency_ms == 200) is stressed
+        assert f.settings == ({"train.lr": 0.01} if f.strategy == "echelon" else {})
+        assert f.config.budget.outer_steps == (1 if f.budget.startswith("syncs") else None)

@@ -68,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
     tuning, pilot_runs = run_pilots(contest, out, workers=args.workers, progress=progress)
     planned = contest.finals({s: r.trial.settings for s, r in tuning.chosen.items()})
     console.print(
-        f"finals: {len(planned)} runs ({len(tuning.chosen)} strategies x {len(contest.spec.budgets)} "
-        f"budgets x {len(contest.seeds)} seeds)",
+        f"finals: {len(planned)} runs ({len(tuning.chosen)} strategies x {len(contest.comparisons())} "
+        f"budget comparisons x {len(contest.seeds)} seeds)",
         highlight=False,
     )
     finals, final_runs = run_finals(contest, planned, out, workers=args.workers, progress=progress)

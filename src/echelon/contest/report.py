@@ -36,7 +36,7 @@ def build_tables(contest: Contest, tuning: Tuning, finals: list[Final]) -> list[
     """The tuning table, then Tables 5, 6 and 10 (the paper's numbering) and the table relative to
     the reference strategy, over the finished finals."""
     grid = cells(finals)
-    budgets = contest.spec.budgets
+    budgets = {name: limits for name, (limits, _) in contest.comparisons().items()}
     strategies = contest.strategies
     return [
         tuning_table(contest, tuning),
@@ -52,7 +52,7 @@ def write_report(
 ) -> Report:
     """Write OUT/tables.md and the plots (when any final finished); return what was written."""
     tables = build_tables(contest, tuning, finals)
-    budgets = list(contest.spec.budgets)
+    budgets = list(contest.comparisons())
     plots = []
     if finals:
         (out / PLOTS).mkdir(parents=True, exist_ok=True)

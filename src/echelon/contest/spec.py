@@ -23,6 +23,10 @@ A contest file (YAML):
       tie_tolerance: 0.0        # pilot losses this close count as tied (fewer bytes wins)
     spaces:                     # a strategy's whole search space; default: `space.default_space`
       diloco: {train.lr: [0.001, 0.003], echelon.outer.lr: [0.5, 0.7]}
+    stressors:                  # optional: every budget is compared once on the base and once
+      churn:                    # under each stressor (run-file fields set on the base for the
+        churn.mean_uptime_s: 4  # finals; pilots tune on the base, as a user tunes before
+        churn.mean_downtime_s: 1  # the fleet misbehaves): a comparison named `tokens/churn`
 
 `load_contest` validates the file and every pilot's run config, so mistakes surface as a
 ConfigError (file, field, fix) before anything trains.
@@ -73,6 +77,7 @@ class ContestFile(OnBaseRun):
     target_loss: float | None = Field(None, gt=0)
     pilot: PilotConfig
     spaces: dict[str, dict[str, list[Any]]] = Field(default_factory=dict)
+    stressors: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("strategies")
     @classmethod
@@ -124,6 +129,23 @@ class ContestFile(OnBaseRun):
                     raise ValueError(f"{where}: a value is listed twice")
         return spaces
 
+    @field_validator("stressors")
+    @classmethod
+    def _stressor_fields(cls, stressors: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, fields in stressors.items():
+            if not BUDGET_NAME.match(name):
+                raise ValueError(f"stressor name {name!r}: use letters, digits, - and _ (e.g. churn, wan200)")
+            if not fields:
+                raise ValueError(f"{name}: set at least one run-file field, e.g. churn.mean_uptime_s: 4")
+            for knob in fields:
+                if not GRID_KEY.match(knob):
+                    raise ValueError(
+                        f"{name}.{knob}: not a dotted run-file field such as churn.mean_uptime_s"
+                    )
+                if knob.split(".")[0] in RESERVED:
+                    raise ValueError(f"{name}.{knob}: {', '.join(RESERVED)} are set by the contest")
+        return stressors
+
     @field_validator("reference")
     @classmethod
     def _reference_competes(cls, reference: str, info: ValidationInfo) -> str:
@@ -171,7 +193,8 @@ class Trial:
 
 @dataclass(frozen=True)
 class FinalRun:
-    """One final run: strategy, budget name, seed, the chosen settings, run id and config."""
+    """One final run: strategy, comparison (`Contest.comparisons`), seed, the chosen settings, run
+    id and config."""
 
     strategy: str
     budget: str
@@ -197,16 +220,26 @@ class Contest:
     space_source: dict[str, Literal["default", "contest file"]]
     pilots: dict[str, list[Trial]]
 
+    def comparisons(self) -> dict[str, tuple[BudgetConfig, dict[str, Any]]]:
+        """Each budget-matched comparison by name: every budget on the base (`tokens`), then every
+        budget under every stressor (`tokens/churn`), with its limits and the run-file fields the
+        stressor sets."""
+        out = {b: (limits, {}) for b, limits in self.spec.budgets.items()}
+        for stressor, fields in self.spec.stressors.items():
+            out |= {f"{b}/{stressor}": (limits, fields) for b, limits in self.spec.budgets.items()}
+        return out
+
     def finals(self, chosen: dict[str, dict[str, Any]]) -> list[FinalRun]:
-        """Every final run for the strategies in `chosen` (strategy -> settings): budget x seed."""
+        """Every final run for the strategies in `chosen` (strategy -> settings): comparison x seed."""
         runs = []
         for strategy in self.strategies:
             if strategy not in chosen:
                 continue
-            for budget, limits in self.spec.budgets.items():
+            for name, (limits, stress) in self.comparisons().items():
                 for seed in self.seeds:
-                    cfg = make_config(self.base, self.path, strategy, chosen[strategy], limits, seed)
-                    runs.append(FinalRun(strategy, budget, seed, chosen[strategy], run_id(cfg), cfg))
+                    settings = {**chosen[strategy], **stress}
+                    cfg = make_config(self.base, self.path, strategy, settings, limits, seed)
+                    runs.append(FinalRun(strategy, name, seed, chosen[strategy], run_id(cfg), cfg))
         return runs
 
 
@@ -317,4 +350,12 @@ def load_contest(path: str | Path, *, quick: bool = False) -> Contest:
                 ]
                 raise ConfigError(str(p), problems) from None
             pilots[strategy].append(Trial(strategy, i, s, run_id(cfg), cfg))
+        for stressor, fields in spec.stressors.items():
+            try:
+                make_config(base, p, strategy, fields, pilot_budget, pilot_seed)
+            except ValidationError as e:
+                problems = [(f"stressors.{stressor}", f"{f}: {m}") for f, m in validation_problems(e)]
+                raise ConfigError(str(p), problems) from None
+            except ValueError as e:
+                raise ConfigError(str(p), [(f"stressors.{stressor}", f"with {strategy}: {e}")]) from None
     return Contest(p, spec, base, strategies, seeds, trials, pilot_seed, quick, spaces, source, pilots)
