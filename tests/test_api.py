@@ -102,9 +102,7 @@ def test_an_inner_optimizer_of_your_own_makes_every_inner_step(tmp_path):
     summary = echelon.simulate(cfg, tmp_path / "r", optimizer=_Frozen)
     assert _Frozen.steps > 0 and _Frozen.steps % cfg["train"]["inner_steps"] == 0
     # Nothing moved on any device, so no boundary delta and no outer step changed the model.
-    assert summary.end_val_loss == summary.start_val_loss
-    moved = echelon.simulate(cfg, tmp_path / "adamw")
-    assert moved.end_val_loss != moved.start_val_loss
+    assert summary.end_val_loss == summary.start_val_loss  # AdamW moves it: the embedding test
 
 
 def test_scaffold_refuses_an_inner_optimizer_of_your_own_before_writing_anything(tmp_path):
