@@ -24,7 +24,7 @@ are kept there and a second invocation reuses them (e.g. to try another --target
 --quick: one seed, a smaller budget, no flat DiLoCo+SA and three stress rows. The last line is
 the ratios as JSON.
 
-    .venv/bin/python benchmarks/wan.py [--quick] [--target 4.6] [--seeds 3] [--out DIR]
+    .venv/bin/python benchmarks/wan.py [--quick] [--target 4.65] [--seeds 3] [--out DIR]
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ from echelon.analysis.rundata import RunData, load_run_dir, time_to_target
 from echelon.analysis.sweep import apply_point, execute, run_id
 from echelon.config import RunConfig
 
-TARGET_LOSS = 4.6  # every setting and seed reaches it within the budget (the seeds differ in level)
+# The lowest round target every Table 9 run reaches within the budget (the seeds differ in level):
+# at 4.6, Echelon-DA's seed 2 at 100 ms ended at 4.601 and the ratio there was undefined.
+TARGET_LOSS = 4.65
 TOKENS = {"full": 60_000, "quick": 2_000}  # quick: a smoke run of every setting (CI), not the figure
 LATENCIES_MS = (5, 20, 100)
 DA, SA = "echelon-da", "diloco+sa-boundary"
