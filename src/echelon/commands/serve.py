@@ -56,6 +56,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also write TensorBoard event files to RUN_DIR/tb (global; the run file's metrics.tensorboard)",
     )
+    parser.add_argument(
+        "--run-started",
+        type=float,
+        default=None,
+        help="Unix time the run started: a device's churn.departures at_s counts from it (default: now)",
+    )
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -95,7 +101,7 @@ def _party(args: argparse.Namespace, cfg: RunConfig) -> str:
         parse_address(args.global_target, "--global")
         return boundary_party(args.id)
     _need(args, "id", "boundary_target")
-    known = [d.id for _, d in cfg.devices]
+    known = [d.id for _, d in cfg.all_devices]  # the initial membership and the devices that join
     if args.id not in known:
         raise UserError(f"--id {args.id!r} is not a device of {args.config} (devices: {', '.join(known)})")
     parse_address(args.boundary_target, "--boundary")
@@ -138,7 +144,7 @@ async def _serve(args: argparse.Namespace, cfg: RunConfig, party: str, tap: Hand
             torch.set_num_threads(args.threads)
         # A device that is a replica of a Yellowstone plan keeps its job's files under the run dir.
         workdir = args.run_dir / "plans" / args.id if args.run_dir else None
-        job = run_device(cfg, creds, args.id, args.boundary_target, workdir)
+        job = run_device(cfg, creds, args.id, args.boundary_target, workdir, args.run_started)
     tasks = [asyncio.ensure_future(job)]
     if args.parent_pid is not None:
         tasks.append(asyncio.ensure_future(_watch_parent(args.parent_pid)))

@@ -5,7 +5,9 @@ records the run as the simulator does (`echelon.record.RunRecorder`: metrics, su
 weights), beside its audit log. Its plane is checkpointed
 (a state dict) at every outer step, before that step's reference goes out; `resume` continues
 from the checkpoint and brings every (re)connecting boundary up to date
-(`GlobalPlane.peer_rejoined`), so no outer step is lost or applied twice. When no boundary has
+(`GlobalPlane.peer_rejoined`), so no outer step is lost or applied twice. A boundary whose stream
+ended is absent (`GlobalPlane.peer_lost`, as in the simulator's outage): outer steps go on
+without it until it reconnects. When no boundary has
 been heard from for `deployment.patience_s`, it ends the run on the last synchronised model.
 """
 
@@ -206,8 +208,9 @@ class GlobalRole:
             self.streams.release(address, token)
             self.ingress.forget(party)  # a half-received message died with the stream
             if not self.done.is_set():
-                log.warning("%s disconnected", party)
+                log.warning("%s disconnected: absent from the outer steps until it reconnects", party)
                 self.audit.checkpoint("disconnect")
+                self.node.do(self.plane.peer_lost(self.node.now(), address))
 
     def streams_held(self) -> list[str]:
         return [a for a in self.outboxes if a in self.streams]
