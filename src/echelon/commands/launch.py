@@ -63,11 +63,11 @@ def keys_dir(out: Path) -> Path:
 class Deployment:
     """The processes of one launched run, supervised; `stop` leaves none behind.
 
-    Churn is carried out on the wall clock since the deployment started: a device of
-    `churn.joins` is started at its `at_s`; a device of `churn.departures` leaves on its own at its
-    `at_s` (it says goodbye and ends) and is never restarted after it; a boundary of
-    `churn.outages` is stopped with its devices at `at_s` and restarted `duration_s` later, the
-    boundary from its checkpoint."""
+    Churn is carried out on the wall clock, `at_s` counting from the run's start (`started`: the
+    global plane's outer step 0, once every boundary is connected): a device of `churn.joins` is
+    started at its `at_s`; a device of `churn.departures` is told to leave for good (SIGUSR1: it
+    says goodbye and ends) and is never restarted after; a boundary of `churn.outages` is stopped
+    with its devices at `at_s` and restarted `duration_s` later, the boundary from its checkpoint."""
 
     def __init__(
         self,
@@ -87,7 +87,7 @@ class Deployment:
         self._ended_at: float | None = None  # when the global plane ended the run
         self.logs = run_dir / "logs"
         self.logs.mkdir(exist_ok=True)
-        self.t0, started = time.monotonic(), time.time()
+        self.t0: float | None = None  # when the run started (monotonic), see `started`
         base = [sys.executable, "-m", "echelon", "serve"]
         common = ["--config", str(run_file), "--certs", str(certs), "--parent-pid", str(os.getpid())]
         global_at = f"127.0.0.1:{_free_port()}"
@@ -105,7 +105,7 @@ class Deployment:
             for d in devices:
                 self.argv[device_party(d)] = [
                     *[*base, "device", *common, "--id", d, "--boundary", at, "--threads", str(threads)],
-                    *["--run-dir", str(run_dir), "--run-started", repr(started)],
+                    *["--run-dir", str(run_dir)],
                 ]
         churn = cfg.churn
         self.joins = {device_party(j.device.id): j.at_s for j in churn.joins}  # not started before at_s
@@ -116,6 +116,7 @@ class Deployment:
             for o in churn.outages
         ]
         self.offline: set[str] = set()  # parties stopped by an outage in progress
+        self.left: set[str] = set()  # devices told to leave for good
         for party in self.argv:
             if party not in self.joins:
                 self._start(party, resume)
@@ -136,13 +137,26 @@ class Deployment:
         with (self.logs / f"{party}.log").open("a") as f:
             f.write(f"--- echelon launch: {text} ---\n")
 
+    def started(self) -> None:
+        """The run started (its outer step 0 is on record): the churn schedule's clock starts."""
+        if self.t0 is None:
+            self.t0 = time.monotonic()
+
     def churn(self) -> list[str]:
         """Carry out the churn whose time came; returns what it did."""
+        if self.t0 is None:
+            return []
         now, notes = time.monotonic() - self.t0, []
         for party, at in self.joins.items():
             if party not in self.procs and now >= at:
                 self._start(party, resume=False)
                 notes.append(f"{party} joins (churn.joins, at {at:g} s)")
+        for party, at in self.departures.items():
+            if party not in self.left and now >= at:
+                self.left.add(party)
+                if party in self.procs and self.procs[party].poll() is None:
+                    self.procs[party].send_signal(signal.SIGUSR1)
+                notes.append(f"{party} leaves for good (churn.departures, at {at:g} s)")
         for boundary, devices, start, end in self.outages:
             parties = [boundary, *devices]
             if start <= now < end and boundary not in self.offline:
@@ -154,16 +168,12 @@ class Deployment:
                 notes.append(f"{boundary} and its devices offline (churn.outages, {start:g} to {end:g} s)")
             elif now >= end and boundary in self.offline:
                 self.offline -= set(parties)
-                back = [p for p in parties if p in self.procs and not self._gone(p, now)]
+                back = [p for p in parties if p in self.procs and p not in self.left]
                 for p in back:
                     self._note(p, "back online (churn.outages)")
                     self._start(p, resume=True)
                 notes.append(f"{boundary} and its devices back online, the boundary from its checkpoint")
         return notes
-
-    def _gone(self, party: str, now: float) -> bool:
-        """The device left for good (its churn.departures time passed): never started again."""
-        return party in self.departures and now >= self.departures[party]
 
     def supervise(self) -> list[str]:
         """Carry out the churn due, and restart every party that died (a crash, a kill) while the
@@ -172,10 +182,9 @@ class Deployment:
         if self.procs[GLOBAL].poll() == 0:
             return []  # the run is over: boundaries and devices are ending on their own
         notes = self.churn()
-        now = time.monotonic() - self.t0
         for party, p in self.procs.items():
             code = p.poll()
-            if code in (None, 0) or party in self.offline or self._gone(party, now):
+            if code in (None, 0) or party in self.offline or party in self.left:
                 continue
             done = self.restarts.get(party, 0)
             if done >= self.max_restarts:
@@ -287,6 +296,7 @@ def launch(
                     print(f"echelon launch: {note}", file=sys.stderr)
                 records, seen = _outer_steps(run_dir.staging / "metrics.jsonl", seen)
                 for r in records:
+                    deployment.started()
                     bar.update(r)
                 time.sleep(0.2)
         deployment.stop()  # devices left reconnecting to a finished boundary

@@ -1,7 +1,8 @@
 """`echelon serve global|boundary|device --config RUN.yaml`: run one party of a deployment over gRPC.
 
 Every party reads the same run file and the deployment's certificates (`echelon certs init`).
-Boundaries dial the global plane; devices dial their boundary. `echelon launch` starts them all
+Boundaries dial the global plane; devices dial their boundary. A device leaves the run for good on
+SIGUSR1 (it says goodbye to its boundary, which never aggregates it again). `echelon launch` starts them all
 on loopback; on real machines, start each with its own addresses. Every flag is checked before
 any work starts (ids, addresses, directories, certificates).
 """
@@ -55,12 +56,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--tensorboard",
         action="store_true",
         help="also write TensorBoard event files to RUN_DIR/tb (global; the run file's metrics.tensorboard)",
-    )
-    parser.add_argument(
-        "--run-started",
-        type=float,
-        default=None,
-        help="Unix time the run started: a device's churn.departures at_s counts from it (default: now)",
     )
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -144,7 +139,7 @@ async def _serve(args: argparse.Namespace, cfg: RunConfig, party: str, tap: Hand
             torch.set_num_threads(args.threads)
         # A device that is a replica of a Yellowstone plan keeps its job's files under the run dir.
         workdir = args.run_dir / "plans" / args.id if args.run_dir else None
-        job = run_device(cfg, creds, args.id, args.boundary_target, workdir, args.run_started)
+        job = run_device(cfg, creds, args.id, args.boundary_target, workdir)
     tasks = [asyncio.ensure_future(job)]
     if args.parent_pid is not None:
         tasks.append(asyncio.ensure_future(_watch_parent(args.parent_pid)))

@@ -4,11 +4,11 @@ It runs the very `DevicePlane` the simulator runs; local rounds run on a worker 
 stream stays served while it computes. With `churn:` in the run file the device goes away and
 comes back as the simulator schedules it: the same seeded share of the devices cycles
 (`echelon.runtime.churn`), with uptimes and downtimes drawn from the same exponentials and the
-same seeds; a round in progress when it leaves is lost, as are the frames it had not sent. A
-device that `churn.departures` names leaves for good at its `at_s`, wall seconds since the run
-started (`run_started`, a Unix time): it says goodbye to its boundary (once more online if it was
-away) and ends. A device of `churn.joins` is started at its time by whoever runs it (`echelon
-launch` does); its boundary admits it by its certificate. A device that is a replica of a
+same seeds; a round in progress when it leaves is lost, as are the frames it had not sent.
+`depart()` (SIGUSR1 to `echelon serve device`; `echelon launch` sends it at the device's
+`churn.departures` time) makes it leave for good: it says goodbye to its boundary (once more
+online if it was away) and ends. A device of `churn.joins` is started at its time by whoever runs
+it (`echelon launch` does); its boundary admits it by its certificate. A device that is a replica of a
 Yellowstone plan (`boundaries[].plan`) runs its rounds on the plan's job, whose files live under
 its `workdir`.
 """
@@ -16,8 +16,9 @@ its `workdir`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import time
+import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -54,8 +55,7 @@ def owner_of(cfg: RunConfig, device_id: str) -> str:
 
 class DeviceRole:
     """Device `device_id` of `cfg`, training for its boundary at `boundary_target`; a plan's
-    replica keeps its job's files under `workdir`; `run_started`: the Unix time its departure
-    (`churn.departures`) counts from (None: now)."""
+    replica keeps its job's files under `workdir`."""
 
     def __init__(
         self,
@@ -64,7 +64,6 @@ class DeviceRole:
         device_id: str,
         boundary_target: str,
         workdir: Path | None = None,
-        run_started: float | None = None,
     ) -> None:
         self.cfg = cfg = deployable(cfg)
         owner = owner_of(cfg, device_id)
@@ -83,15 +82,12 @@ class DeviceRole:
         self.churn_rng = churn_rngs(every, cfg.seed)[self.address]  # the simulator's draws
         initial = [device_address(d.id) for _, d in cfg.devices]
         self.cycles = self.address in cycling_devices(cfg.churn, initial, cfg.seed)
-        leave = next((d.at_s for d in cfg.churn.departures if d.device == device_id), None)
-        started = time.time() if run_started is None else run_started
-        # When it leaves for good, on the loop's clock (wall seconds since the run started).
-        self.leave_at = None if leave is None else time.monotonic() + started + leave - time.time()
         self.session = 0  # bumps when the device goes away: a round of an earlier session is dropped
         self.cap = envelope_cap(self.prep.trainer.initial_state().numel(), 1)
         self.node = Node(self.plane, self.address, self.route, evidence.log_event, self.on_other)
         self.reassembly = DeviceReassembly(self.cap, self.node.now)
         self.failure = asyncio.Event()
+        self.leaving = asyncio.Event()  # set by `depart`: leave the run for good
 
     def route(self, to: str, message: Message) -> None:
         self.outbox.put(device_frames(self.device_id, message))
@@ -127,6 +123,11 @@ class DeviceRole:
             log.error("refused a message from its boundary: %s", err)
             raise
 
+    def depart(self) -> None:
+        """Leave the run for good, now (the departure is carried out by `run`)."""
+        log.info("churn: leaving the run for good")
+        self.leaving.set()
+
     def on_goodbye(self) -> None:
         self.reassembly.reset()
         self.node.call("leave")
@@ -146,21 +147,19 @@ class DeviceRole:
             on_lost=lambda why: None,
         )
         dial, watch = asyncio.ensure_future(dialer.run()), asyncio.ensure_future(self.failure.wait())
-        if goodbye:
-            watch.cancel()
-            watch = asyncio.ensure_future(self._said_goodbye())
+        leaving = asyncio.ensure_future(self._said_goodbye() if goodbye else self.leaving.wait())
         try:
-            await asyncio.wait([dial, watch], timeout=uptime, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([dial, watch, leaving], timeout=uptime, return_when=asyncio.FIRST_COMPLETED)
             if self.node.failed is not None:
                 raise self.node.failed
             if dial.done():
                 dial.result()
                 return True
-            return goodbye and watch.done()
+            return goodbye and leaving.done()
         finally:
-            for task in (dial, watch):
+            for task in (dial, watch, leaving):
                 task.cancel()
-            await asyncio.gather(dial, watch, return_exceptions=True)
+            await asyncio.gather(dial, watch, leaving, return_exceptions=True)
 
     async def _said_goodbye(self) -> None:
         """Until the goodbye was queued and has left (GOODBYE_GRACE_S more for it to arrive)."""
@@ -168,27 +167,21 @@ class DeviceRole:
             await asyncio.sleep(0.1)
         await asyncio.sleep(GOODBYE_GRACE_S)
 
-    def _until_leave(self) -> float | None:
-        return None if self.leave_at is None else max(0.0, self.leave_at - time.monotonic())
-
     async def run(self) -> None:
         churn = self.cfg.churn
         try:
-            while True:
+            while not self.leaving.is_set():
                 uptime = self.churn_rng.exponential(churn.mean_uptime_s) if self.cycles else None
-                leave = self._until_leave()
-                if await self._online(uptime if leave is None else min(uptime or leave, leave)):
+                if await self._online(uptime):
                     return
                 self.session += 1
                 self.outbox.clear()  # what it had not sent is lost with it
-                if self._until_leave() == 0.0:
+                if self.leaving.is_set():
                     break
                 downtime = self.churn_rng.exponential(churn.mean_downtime_s)
                 log.info("churn: offline for %.1f s", downtime)
-                await asyncio.sleep(downtime if leave is None else min(downtime, self._until_leave()))
-                if self._until_leave() == 0.0:
-                    break
-            log.info("churn: leaving the run for good")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.leaving.wait(), downtime)
             if not await self._online(self.cfg.deployment.patience_s, goodbye=True):
                 log.warning("left without its boundary hearing the goodbye")
         finally:
@@ -203,9 +196,10 @@ async def run_device(
     device_id: str,
     boundary_target: str,
     workdir: Path | None = None,
-    run_started: float | None = None,
 ) -> None:
     """Train device `device_id` for its boundary until the boundary says the run is over, or the
-    device leaves for good (`churn.departures`, counted from `run_started`). A device that is a
-    plan's replica runs its rounds on the plan's job, kept under `workdir`."""
-    await DeviceRole(cfg, creds, device_id, boundary_target, workdir, run_started).run()
+    device leaves for good (SIGUSR1). A device that is a plan's replica runs its rounds on the
+    plan's job, kept under `workdir`."""
+    role = DeviceRole(cfg, creds, device_id, boundary_target, workdir)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, role.depart)
+    await role.run()
