@@ -137,12 +137,23 @@ class BoundaryRole:
         evidence.log_event(kind, fields)
         if kind == "departed":
             device = device_party(fields["device"].split("/", 1)[1])
-            log.info("%s left the run for good (after middle step %d)", device, fields["middle_step"])
+            log.info(
+                "%s left the run for good at %.3f s (after middle step %d)",
+                device,
+                fields["time"],
+                fields["middle_step"],
+            )
             self.audit.membership(self.node.now(), device, "departed", "it said goodbye: removed for good")
         if kind == "middle_step" and self.plane.last_step is not None:
             # Boundary-local knowledge (never crosses): who this middle step aggregated.
-            members = ", ".join(sorted(self.plane.last_step.weights))
-            log.info("middle step %d aggregated %s", self.plane.last_step.middle_step, members)
+            step = self.plane.last_step
+            members = ", ".join(sorted(step.weights))
+            log.info(
+                "middle step %d aggregated %s (round opened at %.3f s)",
+                step.middle_step,
+                members,
+                step.opened_at,
+            )
         if kind == "refused" and self.arriving is not None:
             frame, body = self.arriving
             now = self.node.now()
