@@ -220,6 +220,10 @@ class Simulation:
                 raise TypeError(f"unknown action {action!r}")
 
     def _start_local_round(self, device: str, action: StartLocalRound) -> None:
+        if self.global_plane.final_reason is not None:
+            # A budget is spent: the final outer step is under way (it may wait on a slow link or
+            # a stalled round), and what a new round trained would count without being aggregated.
+            return
         cpu0 = time.process_time()
         result = self._trainer.local_round(action.device, action.reference, action.anchor)
         self.compute_s += time.process_time() - cpu0
