@@ -96,8 +96,10 @@ def test_an_interrupted_run_audits_without_violations(tmp_path):
 
 
 def test_a_deployment_cycles_the_devices_the_simulator_picks(tmp_path):
-    churn = {"mean_uptime_s": 3, "mean_downtime_s": 1, "cycling_fraction": 0.5}
-    launch = Launch(tmp_path, {**RUN, "churn": churn, "budget": {"outer_steps": 3}})
+    # Short uptimes (the picked devices' first ones are 0.08 s and 3 s from their seeds), so
+    # each picked device goes offline within the run whatever the machine's speed.
+    churn = {"mean_uptime_s": 1, "mean_downtime_s": 1, "cycling_fraction": 0.5}
+    launch = Launch(tmp_path, {**RUN, "churn": churn, "budget": {"outer_steps": 6}})
     _done(launch)
     cfg = RunConfig.model_validate(yaml.safe_load(launch.run_file.read_text()))
     picked = cycling_devices(cfg.churn, [device_address(d.id) for _, d in cfg.devices], cfg.seed)
