@@ -210,7 +210,8 @@ class GlobalRole:
             if not self.done.is_set():
                 log.warning("%s disconnected: absent from the outer steps until it reconnects", party)
                 self.audit.checkpoint("disconnect")
-                self.node.do(self.plane.peer_lost(self.node.now(), address))
+                if self.started:  # before the start every boundary is awaited anyway
+                    self.node.do(self.plane.peer_lost(self.node.now(), address))
 
     def streams_held(self) -> list[str]:
         return [a for a in self.outboxes if a in self.streams]
