@@ -43,6 +43,11 @@ def _role(cfg: RunConfig, certs: Path, run_dir: Path, resume: bool = False) -> B
     return BoundaryRole(cfg, load_credentials(certs, "boundary.b0"), "b0", _port(), _port(), run_dir, resume)
 
 
+async def _close(role: BoundaryRole) -> None:
+    role.audit.close()
+    await role.server.stop(None)  # never started: nothing of it is left to a later event loop
+
+
 def _decisions(run_dir: Path, certs: Path) -> list[tuple[str, str]]:
     """(event, reason) of every membership decision in b0's audit log, which must verify."""
     key = load_credentials(certs, "boundary.b0").audit_key().public_key()
@@ -70,7 +75,7 @@ def test_a_joiner_is_admitted_once_and_the_rest_are_refused_on_record(joined, tm
                 role.admission("boundary.b1", None),  # no device at all
             ]
         finally:
-            role.audit.close()
+            await _close(role)
 
     other, unknown, nobody = asyncio.run(scenario())
     assert other == "its certificate names boundary.b1, not boundary.b0"
@@ -94,7 +99,7 @@ def test_a_device_that_said_goodbye_is_refused_even_after_the_boundary_restarts(
             role.after_event()
             return role.admission("device.d9", "boundary.b0")
         finally:
-            role.audit.close()
+            await _close(role)
 
     async def restarted():
         role = _role(cfg, certs, tmp_path, resume=True)
@@ -102,7 +107,7 @@ def test_a_device_that_said_goodbye_is_refused_even_after_the_boundary_restarts(
             assert role.plane.member(device_address("d9"))  # the admission survived the restart
             return role.admission("device.d9", "boundary.b0"), role.admission("device.d0", "boundary.b0")
         finally:
-            role.audit.close()
+            await _close(role)
 
     assert asyncio.run(depart()) == "it left the run for good"
     assert asyncio.run(restarted()) == ("it left the run for good", None)
