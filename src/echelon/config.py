@@ -512,6 +512,15 @@ class RunConfig(Strict):
         """(boundary id, device) pairs of the initial membership, in file order."""
         return [(b.id, d) for b in self.boundaries for d in b.devices]
 
+    def certified_devices(self) -> dict[str, list[str]]:
+        """Boundary id -> the ids of the devices a deployment certifies for it: its initial
+        membership, then the devices `churn.joins` names for it (each admitted by that certificate)."""
+        out = {b.id: [d.id for d in b.devices] for b in self.boundaries}
+        for j in self.churn.joins:
+            if j.boundary in out:
+                out[j.boundary].append(j.device.id)
+        return out
+
     @property
     def all_devices(self) -> list[tuple[str, DeviceConfig]]:
         """The initial membership, then the devices that join later (`churn.joins`), in file order."""

@@ -203,19 +203,19 @@ def _output_problems(cfg: RunConfig, out: Path, shape: dict) -> list[tuple[str, 
 
 
 def _simulated_churn(cfg: RunConfig) -> list[tuple[str, str]]:
-    """The churn a deployment cannot carry out: it admits only the run file's devices, and every
-    device of a deployment cycles on the simulator's schedule."""
-    c, out = cfg.churn, []
-    for name in ("joins", "departures", "outages"):
-        if getattr(c, name):
-            out.append(
-                (f"churn.{name}", "scheduled churn runs only in simulation (`echelon train`); remove it")
-            )
-    if c.mean_uptime_s is not None and c.cycling_fraction < 1:
-        out.append(
-            ("churn.cycling_fraction", "a deployment cycles every device; set it to 1 or run in simulation")
+    """The churn a deployment cannot carry out: a device joining as a boundary of its own (a new
+    boundary would need its own coordinator and a place in the global plane's membership)."""
+    known = {b.id for b in cfg.boundaries}
+    return [
+        (
+            f"churn.joins[{i}].boundary",
+            f"{j.boundary!r} is no boundary of the run: a deployment admits joining devices into its "
+            f"boundaries ({', '.join(sorted(known))}); a device joining as a boundary of its own runs "
+            "only in simulation (`echelon train`)",
         )
-    return out
+        for i, j in enumerate(cfg.churn.joins)
+        if j.boundary not in known
+    ]
 
 
 def preflight(cfg: RunConfig, run_file: Path | str, out: Path | None, *, deploy: bool) -> None:

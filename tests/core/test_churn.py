@@ -232,3 +232,26 @@ def test_heavy_churn_converges_within_a_margin_of_the_run_without_churn():
     for device, left in (("d1", 1.0), ("e2", 1.5)):
         assert any(device in m for _, _, _, m in members.steps)
         assert all(opened < left for _, opened, _, m in members.steps if device in m)  # never after
+
+
+def test_a_token_budget_is_not_overshot_while_the_final_outer_step_is_under_way():
+    """The token budget is reached and the final outer step takes long (a 3 s WAN link each way;
+    a stalled SecAgg+ round holds it the same way): no local round starts once the budget is
+    spent, so the run trains at most the rounds already under way (it trained 32,000 tokens of a
+    12,000 budget before)."""
+    budget, round_tokens = 12_000, 1000
+    fleet = {"a": {"a0": 1000, "a1": 900, "a2": 800}, "b": {"b0": 1000, "b1": 700}}
+    cfg = EchelonConfig(buffer_size=2, buffer_timeout_s=3, aggregation="plain", sync=SyncConfig(interval=2))
+    started: list[int] = []  # the run's trained tokens when each local round started
+
+    class Recorded(QuadraticTrainer):
+        def local_round(self, device, reference, anchor=None):
+            started.append(sim.tokens)
+            return super().local_round(device, reference, anchor)
+
+    trainer = Recorded(lambda d, r: torch.ones(DIM), lr=0.1, noise=0.01, tokens=lambda d: round_tokens)
+    sim = protocol_sim(fleet, cfg, trainer, lambda kind, f: None, dim=DIM, wan_ms=3000)
+    sim.run(BudgetConfig(tokens=budget))
+    assert sim.global_plane.final_reason == "tokens" and sim.global_plane.finished
+    assert max(started) < budget  # no round started after the budget was spent
+    assert budget <= sim.tokens <= budget + sum(len(d) for d in fleet.values()) * round_tokens

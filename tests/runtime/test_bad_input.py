@@ -12,7 +12,7 @@ import yaml
 
 from echelon.cli import main
 from echelon.config import RunConfig
-from echelon.preflight import artefact_bytes, model_shape
+from echelon.preflight import artefact_bytes, model_shape, preflight
 from tests.helpers import small_run
 
 
@@ -67,6 +67,26 @@ def test_a_deployment_refuses_a_non_admissible_strategy_naming_the_run_file(tmp_
     _fails(
         ["launch", str(run_file), "--out", str(out), "--no-progress"], capsys, str(run_file), "not admissible"
     )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
+
+
+def test_a_deployment_refuses_only_a_device_joining_as_a_boundary_of_its_own(tmp_path, capsys):
+    joiner = {"id": "d9", "tokens_per_s": 1000.0}
+    churn = {
+        "mean_uptime_s": 5,
+        "cycling_fraction": 0.5,
+        "joins": [{"at_s": 1, "boundary": "b0", "device": joiner}],
+        "departures": [{"at_s": 2, "device": "d0"}],
+        "outages": [{"boundary": "b1", "at_s": 3, "duration_s": 2}],
+    }
+    preflight(
+        RunConfig.model_validate(small_run(churn=churn)), "run.yaml", None, deploy=True
+    )  # all of it runs
+    alone = {**churn, "joins": [{"at_s": 1, "boundary": "d9", "device": joiner}]}
+    run_file = _run_file(tmp_path, churn=alone)
+    out = tmp_path / "out"
+    argv = ["launch", str(run_file), "--out", str(out), "--no-progress"]
+    _fails(argv, capsys, str(run_file), "churn.joins[0].boundary", "'d9' is no boundary of the run", "b0, b1")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
 
 

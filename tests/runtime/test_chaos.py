@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 from pathlib import Path
 
 import pytest
+import yaml
 
 from benchmarks.chaos import CRASHED, RUN, Launch, global_faults
+from echelon.audit.report import IN_FLIGHT
 from echelon.config import RunConfig
+from echelon.parties import device_address
+from echelon.runtime.churn import cycling_devices
 from echelon.runtime.grpc.tls import init_certs, load_credentials
 
 pytestmark = pytest.mark.slow
@@ -90,13 +95,69 @@ def test_an_interrupted_run_audits_without_violations(tmp_path):
     assert all(log.closed for log in report.logs.values())
 
 
-def test_a_deployment_honours_churn(tmp_path):
-    spec = {**RUN, "churn": {"mean_uptime_s": 3, "mean_downtime_s": 1}, "budget": {"outer_steps": 3}}
-    launch = Launch(tmp_path, spec)
+def test_a_deployment_cycles_the_devices_the_simulator_picks(tmp_path):
+    # Short uptimes (the picked devices' first ones are 0.08 s and 3 s from their seeds), so
+    # each picked device goes offline within the run whatever the machine's speed.
+    churn = {"mean_uptime_s": 1, "mean_downtime_s": 1, "cycling_fraction": 0.5}
+    launch = Launch(tmp_path, {**RUN, "churn": churn, "budget": {"outer_steps": 6}})
     _done(launch)
-    logs = [p.read_text() for p in (launch.out / "logs").glob("device.*.log")]
-    assert sum(text.count("churn: offline for") for text in logs) >= 2
+    cfg = RunConfig.model_validate(yaml.safe_load(launch.run_file.read_text()))
+    picked = cycling_devices(cfg.churn, [device_address(d.id) for _, d in cfg.devices], cfg.seed)
+    assert len(picked) == 2
+    offline = {
+        device_address(p.name.removeprefix("device.").removesuffix(".log"))
+        for p in (launch.out / "logs").glob("device.*.log")
+        if "churn: offline for" in p.read_text()
+    }
+    assert offline == picked  # the same seeded half as `echelon train`; the other half never left
     assert launch.report().ok
+
+
+AGGREGATED = re.compile(r"middle step (\d+) aggregated (.*) \(round opened at ([0-9.]+) s\)")
+
+
+def _aggregations(log: str) -> list[tuple[int, set[str], float]]:
+    """(middle step, device ids, when its round opened) of every middle step in a boundary's log."""
+    return [
+        (int(m[1]), {d.removeprefix("device/") for d in m[2].split(", ")}, float(m[3]))
+        for m in AGGREGATED.finditer(log)
+    ]
+
+
+def test_a_deployment_carries_out_a_join_a_departure_and_an_outage(tmp_path):
+    """d4 joins b0 (admitted by its certificate), d1 leaves b0 for good, b1 and its devices go
+    offline for 4 s; the schedule counts from the run's start. The run completes its budget."""
+    churn = {
+        "joins": [{"at_s": 0, "boundary": "b0", "device": {"id": "d4", "tokens_per_s": 1500}}],
+        "departures": [{"at_s": 3, "device": "d1"}],
+        "outages": [{"boundary": "b1", "at_s": 5, "duration_s": 4}],
+    }
+    launch = Launch(tmp_path, {**RUN, "churn": churn, "budget": {"outer_steps": 14}})
+    err = _done(launch)
+    assert "device.d4 joins (churn.joins, at 0 s)" in err
+    assert "device.d1 leaves for good" in err
+    assert "boundary.b1 and its devices back online" in err
+    assert json.loads((launch.out / "summary.json").read_text())["outer_steps"] == 14
+    logs = launch.out / "logs"
+    b0, b1 = (logs / "boundary.b0.log").read_text(), (logs / "boundary.b1.log").read_text()
+    # The joiner is admitted, then aggregated; the departed device never in a round opened after it left.
+    admitted = b0.index("admitted device.d4")
+    assert any("d4" in m for _, m, _ in _aggregations(b0[admitted:]))
+    left = float(re.search(r"device.d1 left the run for good at ([0-9.]+) s", b0)[1])
+    before = [opened for _, m, opened in _aggregations(b0) if "d1" in m]
+    assert before and max(before) < left
+    # The outage: the global plane went on without b1; b1 resumed from its checkpoint and was
+    # given the final model (even when the run ended while it was restarting).
+    assert "boundary.b1 disconnected: absent from the outer steps" in (logs / "global.log").read_text()
+    resumed = re.search(r"resuming at middle step (\d+)", b1)
+    assert int(resumed[1]) > 0
+    assert "final reference received" in b1[resumed.end() :]  # back in the run, to its end
+    # The audit passes (messages in flight when b1 went offline were lost with it), and b0's log
+    # holds the admission and the departure.
+    report = launch.report(frozenset({IN_FLIGHT}))
+    assert report.ok, [v.reason for v in report.failures][:3]
+    events = [(f.category, f.record["device"]) for f in report.logs["boundary.b0"].membership]
+    assert sorted(events) == [("admitted", "device.d4"), ("departed", "device.d1")]
 
 
 def test_secure_outer_aggregation_of_a_large_delta_crosses_in_slices(tmp_path):

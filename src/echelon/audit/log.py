@@ -36,7 +36,9 @@ from echelon.audit.record import (
     CLOCKS,
     FORMAT,
     GENESIS,
+    MAX_NAME,
     MAX_REASON,
+    MEMBERSHIP_EVENTS,
     MESSAGE_FIELDS,
     checkpoint_message,
     encode,
@@ -310,6 +312,25 @@ class AuditLog:
             record = {"kind": "handshake", "seq": self._seq, "time": float(time), "reason": reason}
             record["prev_hash"] = self._head
             record["hash"] = self._write(record)
+            self._since_checkpoint += 1
+            if self._since_checkpoint >= self.checkpoint_every:
+                self._checkpoint("interval")
+        return record
+
+    def membership(self, time: float, device: str, event: str, reason: str) -> dict:
+        """Record a boundary's decision about `device` (a party name): `event` is "admitted",
+        "departed" or "refused", `reason` says why; returns the record as written. ValueError on
+        an unknown event or a closed log."""
+        if event not in MEMBERSHIP_EVENTS:
+            raise ValueError(f"membership event {event!r} is not one of {sorted(MEMBERSHIP_EVENTS)}")
+        record = {"kind": "membership", "seq": 0, "time": float(time), "device": device[:MAX_NAME]}
+        record |= {"event": event, "reason": reason[:MAX_REASON]}
+        with self._lock:
+            if self._fd < 0:
+                raise ValueError(f"audit log {self.path} is closed")
+            record["seq"], record["prev_hash"] = self._seq, self._head
+            record["hash"] = self._write(record)
+            os.fdatasync(self._fd)  # a membership decision is durable before it takes effect
             self._since_checkpoint += 1
             if self._since_checkpoint >= self.checkpoint_every:
                 self._checkpoint("interval")

@@ -67,7 +67,12 @@ FIELDS: dict[str, frozenset[str]] = {
     # A TLS handshake the party's server refused (plaintext, another CA, no certificate): the peer
     # named no party, so there is no channel, only the time and gRPC core's reason.
     "handshake": frozenset((*CHAINED, "time", "reason")),
+    # A boundary's decision about a device's membership (nothing crosses): a device outside the
+    # initial membership admitted by its certificate, a device that left for good, or a device
+    # refused (an unknown or departed device, a certificate of another boundary).
+    "membership": frozenset((*CHAINED, "time", "device", "event", "reason")),
 }
+MEMBERSHIP_EVENTS = frozenset({"admitted", "departed", "refused"})
 CLOCKS = frozenset({"virtual", "wall"})
 TRIGGERS = frozenset({"open", "interval", "explicit", "close", "reopen", "disconnect", "interrupted"})
 # Checkpoints that mark where messages may have been lost in flight without a crash: a stream

@@ -134,6 +134,8 @@ class LogReport:
     torn_bytes: int = 0
     violations: list[Finding] = field(default_factory=list)
     refused: list[Finding] = field(default_factory=list)
+    # A boundary's admissions and departures of devices (category "admitted" or "departed").
+    membership: list[Finding] = field(default_factory=list)
     sent: Tally = field(default_factory=Tally)
     received: Tally = field(default_factory=Tally)
     per_device_bytes: int = 0
@@ -195,6 +197,7 @@ class LogReport:
             "sent": self.sent.to_json(),
             "received": self.received.to_json(),
             "refused": len(self.refused),
+            "membership": [m.to_json() for m in self.membership],
             "violations": len(self.violations),
         }
 

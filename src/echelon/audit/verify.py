@@ -31,6 +31,7 @@ from echelon.audit.record import (
     GENESIS,
     HEX64,
     INTERRUPTIONS,
+    MEMBERSHIP_EVENTS,
     TRIGGERS,
     RecordError,
     checkpoint_message,
@@ -113,6 +114,8 @@ class _Scanner:
             self._header(rec, seq)
         elif kind == "handshake":
             self._handshake(rec, seq)
+        elif kind == "membership":
+            self._membership(rec, seq)
         else:
             self._repair(rec, seq)
 
@@ -295,6 +298,25 @@ class _Scanner:
         self.rep.refused.append(
             Finding(self.rep.party, seq, REFUSED, f"TLS handshake refused: {reason}", rec)
         )
+
+    def _membership(self, rec: dict, seq: int) -> None:
+        device, event, reason = rec["device"], rec["event"], rec["reason"]
+        if type(rec["time"]) not in (int, float) or not all(type(v) is str for v in (device, event, reason)):
+            self.rep.flag(
+                SCHEMA, seq, "membership record without a time, a device, an event and a reason", rec
+            )
+            return
+        if event not in MEMBERSHIP_EVENTS:
+            self.rep.flag(
+                SCHEMA, seq, f"membership event {event[:64]!r} is not one of {sorted(MEMBERSHIP_EVENTS)}", rec
+            )
+            return
+        if event == "refused":
+            self.rep.refused.append(Finding(self.rep.party, seq, REFUSED, f"{device} refused: {reason}", rec))
+        else:
+            self.rep.membership.append(
+                Finding(self.rep.party, seq, event, f"{device} {event}: {reason}", rec)
+            )
 
     def _repair(self, rec: dict, seq: int) -> None:
         removed, digest = rec["removed_bytes"], rec["removed_sha256"]

@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from echelon.runtime.grpc.tls import init_certs
 
     cfg = load_run(args.run_file)
-    parties = init_certs(args.out, {b.id: [d.id for d in b.devices] for b in cfg.boundaries})
+    parties = init_certs(args.out, cfg.certified_devices())
     Console().print(
         f"created a deployment CA and {len(parties)} party certificates in {args.out} "
         "(the CA key was discarded: no further certificate can be minted).\n"

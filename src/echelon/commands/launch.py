@@ -61,7 +61,13 @@ def keys_dir(out: Path) -> Path:
 
 
 class Deployment:
-    """The processes of one launched run, supervised; `stop` leaves none behind."""
+    """The processes of one launched run, supervised; `stop` leaves none behind.
+
+    Churn is carried out on the wall clock, `at_s` counting from the run's start (`started`: the
+    global plane's outer step 0, once every boundary is connected): a device of `churn.joins` is
+    started at its `at_s`; a device of `churn.departures` is told to leave for good (SIGUSR1: it
+    says goodbye and ends) and is never restarted after; a boundary of `churn.outages` is stopped
+    with its devices at `at_s` and restarted `duration_s` later, the boundary from its checkpoint."""
 
     def __init__(
         self,
@@ -81,25 +87,39 @@ class Deployment:
         self._ended_at: float | None = None  # when the global plane ended the run
         self.logs = run_dir / "logs"
         self.logs.mkdir(exist_ok=True)
+        self.t0: float | None = None  # when the run started (monotonic), see `started`
         base = [sys.executable, "-m", "echelon", "serve"]
         common = ["--config", str(run_file), "--certs", str(certs), "--parent-pid", str(os.getpid())]
         global_at = f"127.0.0.1:{_free_port()}"
         self.argv[GLOBAL] = [*base, "global", *common, "--listen", global_at, "--run-dir", str(run_dir)]
         if tensorboard:
             self.argv[GLOBAL].append("--tensorboard")
-        for b in cfg.boundaries:
+        members: dict[str, list[str]] = {}  # boundary party -> its device parties
+        for b, devices in cfg.certified_devices().items():
             at = f"127.0.0.1:{_free_port()}"
-            self.argv[boundary_party(b.id)] = [
-                *[*base, "boundary", *common, "--id", b.id, "--listen", at, "--global", global_at],
+            self.argv[boundary_party(b)] = [
+                *[*base, "boundary", *common, "--id", b, "--listen", at, "--global", global_at],
                 *["--run-dir", str(run_dir)],
             ]
-            for d in b.devices:
-                self.argv[device_party(d.id)] = [
-                    *[*base, "device", *common, "--id", d.id, "--boundary", at, "--threads", str(threads)],
+            members[boundary_party(b)] = [device_party(d) for d in devices]
+            for d in devices:
+                self.argv[device_party(d)] = [
+                    *[*base, "device", *common, "--id", d, "--boundary", at, "--threads", str(threads)],
                     *["--run-dir", str(run_dir)],
                 ]
+        churn = cfg.churn
+        self.joins = {device_party(j.device.id): j.at_s for j in churn.joins}  # not started before at_s
+        self.departures = {device_party(d.device): d.at_s for d in churn.departures}
+        # (boundary party, its device parties, from, until): offline for that wall-time window
+        self.outages = [
+            (boundary_party(o.boundary), members[boundary_party(o.boundary)], o.at_s, o.at_s + o.duration_s)
+            for o in churn.outages
+        ]
+        self.offline: set[str] = set()  # parties stopped by an outage in progress
+        self.left: set[str] = set()  # devices told to leave for good
         for party in self.argv:
-            self._start(party, resume)
+            if party not in self.joins:
+                self._start(party, resume)
 
     def _start(self, party: str, resume: bool) -> None:
         argv = self.argv[party]
@@ -113,15 +133,58 @@ class Deployment:
         )
         log.close()
 
+    def _note(self, party: str, text: str) -> None:
+        with (self.logs / f"{party}.log").open("a") as f:
+            f.write(f"--- echelon launch: {text} ---\n")
+
+    def started(self) -> None:
+        """The run started (its outer step 0 is on record): the churn schedule's clock starts."""
+        if self.t0 is None:
+            self.t0 = time.monotonic()
+
+    def churn(self) -> list[str]:
+        """Carry out the churn whose time came; returns what it did."""
+        if self.t0 is None:
+            return []
+        now, notes = time.monotonic() - self.t0, []
+        for party, at in self.joins.items():
+            if party not in self.procs and now >= at:
+                self._start(party, resume=False)
+                notes.append(f"{party} joins (churn.joins, at {at:g} s)")
+        for party, at in self.departures.items():
+            if party not in self.left and now >= at:
+                self.left.add(party)
+                if party in self.procs and self.procs[party].poll() is None:
+                    self.procs[party].send_signal(signal.SIGUSR1)
+                notes.append(f"{party} leaves for good (churn.departures, at {at:g} s)")
+        for boundary, devices, start, end in self.outages:
+            parties = [boundary, *devices]
+            if start <= now < end and boundary not in self.offline:
+                down = [p for p in parties if p in self.procs and self.procs[p].poll() is None]
+                self._terminate([self.procs[p] for p in down])
+                self.offline |= set(parties)
+                for p in down:
+                    self._note(p, f"offline (churn.outages) until {end:g} s")
+                notes.append(f"{boundary} and its devices offline (churn.outages, {start:g} to {end:g} s)")
+            elif now >= end and boundary in self.offline:
+                self.offline -= set(parties)
+                back = [p for p in parties if p in self.procs and p not in self.left]
+                for p in back:
+                    self._note(p, "back online (churn.outages)")
+                    self._start(p, resume=True)
+                notes.append(f"{boundary} and its devices back online, the boundary from its checkpoint")
+        return notes
+
     def supervise(self) -> list[str]:
-        """Restart every party that died (a crash, a kill) while the run goes on; returns what it
-        did. UserError, with the party's log, when a party is past its restarts."""
+        """Carry out the churn due, and restart every party that died (a crash, a kill) while the
+        run goes on; returns what it did. UserError, with the party's log, when a party is past
+        its restarts."""
         if self.procs[GLOBAL].poll() == 0:
             return []  # the run is over: boundaries and devices are ending on their own
-        notes = []
+        notes = self.churn()
         for party, p in self.procs.items():
             code = p.poll()
-            if code in (None, 0):
+            if code in (None, 0) or party in self.offline or party in self.left:
                 continue
             done = self.restarts.get(party, 0)
             if done >= self.max_restarts:
@@ -130,8 +193,7 @@ class Deployment:
                     f"ends:\n{self.tail(party)}"
                 )
             self.restarts[party] = done + 1
-            with (self.logs / f"{party}.log").open("a") as f:
-                f.write(f"--- echelon launch: exited with code {code}; restart {done + 1} ---\n")
+            self._note(party, f"exited with code {code}; restart {done + 1}")
             self._start(party, resume=True)
             notes.append(f"{party} exited with code {code}; restarted ({done + 1} of {self.max_restarts})")
         return notes
@@ -152,11 +214,16 @@ class Deployment:
         )
 
     def stop(self) -> None:
-        for p in self.procs.values():
+        self._terminate(list(self.procs.values()))
+
+    @staticmethod
+    def _terminate(procs: list[subprocess.Popen]) -> None:
+        """SIGTERM (their audit logs close as interrupted), then SIGKILL after STOP_GRACE_S."""
+        for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
-        for p in self.procs.values():
+        for p in procs:
             try:
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -193,7 +260,7 @@ def _certificates(cfg: RunConfig, keys: Path, resume: bool) -> Path:
         keys.mkdir(mode=0o700)
     except OSError as e:
         raise UserError(f"cannot create {keys} for the deployment's keys: {e.strerror}") from None
-    init_certs(certs, {b.id: [d.id for d in b.devices] for b in cfg.boundaries})
+    init_certs(certs, cfg.certified_devices())
     return certs
 
 
@@ -229,6 +296,7 @@ def launch(
                     print(f"echelon launch: {note}", file=sys.stderr)
                 records, seen = _outer_steps(run_dir.staging / "metrics.jsonl", seen)
                 for r in records:
+                    deployment.started()
                     bar.update(r)
                 time.sleep(0.2)
         deployment.stop()  # devices left reconnecting to a finished boundary

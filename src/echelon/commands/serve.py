@@ -1,7 +1,8 @@
 """`echelon serve global|boundary|device --config RUN.yaml`: run one party of a deployment over gRPC.
 
 Every party reads the same run file and the deployment's certificates (`echelon certs init`).
-Boundaries dial the global plane; devices dial their boundary. `echelon launch` starts them all
+Boundaries dial the global plane; devices dial their boundary. A device leaves the run for good on
+SIGUSR1 (it says goodbye to its boundary, which never aggregates it again). `echelon launch` starts them all
 on loopback; on real machines, start each with its own addresses. Every flag is checked before
 any work starts (ids, addresses, directories, certificates).
 """
@@ -85,7 +86,7 @@ def _party(args: argparse.Namespace, cfg: RunConfig) -> str:
         parse_address(args.global_target, "--global")
         return boundary_party(args.id)
     _need(args, "id", "boundary_target")
-    known = [d.id for _, d in cfg.devices]
+    known = [d.id for _, d in cfg.all_devices]  # the initial membership and the devices that join
     if args.id not in known:
         raise UserError(f"--id {args.id!r} is not a device of {args.config} (devices: {', '.join(known)})")
     parse_address(args.boundary_target, "--boundary")

@@ -170,6 +170,8 @@ class BoundaryPlane:
             return self._on_hello(now, sender)
         if isinstance(message, device_pb2.UpdateReady):
             return self._on_update_ready(now, sender, message)
+        if isinstance(message, device_pb2.Goodbye):
+            return self._on_goodbye(now, sender)
         if isinstance(message, boundary_pb2.GlobalReference):
             return self._on_global_reference(now, message)
         if isinstance(message, boundary_pb2.SyncRequest):
@@ -252,6 +254,28 @@ class BoundaryPlane:
         if self.model is not None and self._eligible(device):
             actions += self._send_reference(device)
         return actions + self._reform_if_stuck(now)
+
+    def _on_goodbye(self, now: float, device: str) -> list[PlaneAction]:
+        """The device leaves for good, by its own word: removed, and the departure emitted."""
+        info = self._devices.get(device)
+        if info is None or info.departed:
+            return []
+        fields = {"boundary": self.boundary_id, "device": device, "middle_step": self.middle_step}
+        return [Emit("departed", fields), *self.remove(now, device)]
+
+    def departed(self, device: str) -> bool:
+        """`device` was removed for good."""
+        info = self._devices.get(device)
+        return info is not None and info.departed
+
+    def member(self, device: str) -> bool:
+        """`device` is of this boundary: of its initial membership or admitted (departed or not)."""
+        return device in self._devices
+
+    @property
+    def roster(self) -> tuple[int, int]:
+        """(members, departed members): changes when a device is admitted or removed."""
+        return len(self._devices), sum(1 for i in self._devices.values() if i.departed)
 
     def _on_update_ready(self, now: float, device: str, msg: device_pb2.UpdateReady) -> list[PlaneAction]:
         info = self._devices.get(device)
@@ -692,12 +716,14 @@ class BoundaryPlane:
             "last_delta": None if self._last_delta is None else self._last_delta.SerializeToString(),
             "outer_input": self._outer_input,
             "last_aggregated": {d: i.last_aggregated for d, i in self._devices.items()},
+            "departed": sorted(d for d, i in self._devices.items() if i.departed),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from `state_dict()`'s output, every device offline until it says hello."""
+        """Continue from `state_dict()`'s output, every device offline until it says hello. The
+        devices admitted since the start are admitted again, and those departed stay removed."""
         e = self.cfg
-        if set(state["last_aggregated"]) != set(self._devices):
+        if not set(self._devices) <= set(state["last_aggregated"]):
             raise ValueError("the checkpoint is of another boundary (other devices)")
         model = state["model"]
         self.model = (
@@ -726,6 +752,8 @@ class BoundaryPlane:
                 )
             self.ledger.record(self._last_delta.delta)
         self._outer_input = state["outer_input"]
-        for d, info in self._devices.items():
-            info.live = info.training = False
-            info.last_aggregated = state["last_aggregated"][d]
+        departed = set(state.get("departed", ()))
+        self._devices = {
+            d: _Device(last_aggregated=last, departed=d in departed)
+            for d, last in state["last_aggregated"].items()
+        }

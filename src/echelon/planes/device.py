@@ -84,14 +84,23 @@ class DevicePlane:
         self._client: AggregationClient | None = None
         self._client_round: int | None = None
         self.local_rounds = 0
+        self.left = False  # it said goodbye: it takes part no more
 
     def start(self, now: float) -> list[PlaneAction]:
         """(Re)join the boundary: ask for the current reference. A rejoining device starts clean."""
         self.training, self.pending, self._client, self._client_round = False, None, None, None
         return [Send(self.boundary, device_pb2.Hello(device_id=self.device_id))]
 
+    def leave(self, now: float) -> list[PlaneAction]:
+        """Leave the run for good: tell the boundary; whatever was pending is dropped."""
+        self.training, self.pending, self._client, self._client_round = False, None, None, None
+        self.left = True
+        return [Send(self.boundary, device_pb2.Goodbye(device_id=self.device_id))]
+
     def receive(self, now: float, sender: str, message: Message) -> list[PlaneAction]:
         """A message from the boundary coordinator (`sender` is its address)."""
+        if self.left:
+            return []
         reason = self._refusal(sender, message)
         if reason is not None:
             fields = {

@@ -27,7 +27,7 @@ from echelon.v1 import secagg_pb2 as echelon_dot_v1_dot_secagg__pb2
 from echelon.v1 import tensor_pb2 as echelon_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x63helon/v1/device.proto\x12\nechelon.v1\x1a\x18\x65\x63helon/v1/options.proto\x1a\x17\x65\x63helon/v1/secagg.proto\x1a\x17\x65\x63helon/v1/tensor.proto\"Y\n\x11\x42oundaryReference\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12-\n\nparameters\x18\x02 \x01(\x0b\x32\x19.echelon.v1.TensorPayload:\x04\x88\xb5\x18\x05\"b\n\x0bUpdateReady\x12\x14\n\x0c\x62\x61se_version\x18\x01 \x01(\x04\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\x12\n\ntrain_loss\x18\x03 \x01(\x02\x12\x13\n\x0blocal_round\x18\x04 \x01(\r:\x04\x88\xb5\x18\x05\"R\n\x12\x41ggregationRequest\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x14\n\x0cparticipants\x18\x03 \x01(\r:\x04\x88\xb5\x18\x02\"W\n\nPlainInput\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x31\n\x0eweighted_delta\x18\x02 \x01(\x0b\x32\x19.echelon.v1.TensorPayload:\x04\x88\xb5\x18\x05\"@\n\x0fUpdateDiscarded\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x15\n\x06reason\x18\x02 \x01(\tB\x05\xd8\xb5\x18\x80\x02:\x04\x88\xb5\x18\x05\"\'\n\x05Hello\x12\x18\n\tdevice_id\x18\x01 \x01(\tB\x05\xd8\xb5\x18\x80\x01:\x04\x88\xb5\x18\x05\"\x8e\x03\n\x0e\x44\x65viceEnvelope\x12\x18\n\tdevice_id\x18\x01 \x01(\tB\x05\xd8\xb5\x18\x80\x01\x12\x32\n\treference\x18\n \x01(\x0b\x32\x1d.echelon.v1.BoundaryReferenceH\x00\x12/\n\x0cupdate_ready\x18\x0b \x01(\x0b\x32\x17.echelon.v1.UpdateReadyH\x00\x12=\n\x13\x61ggregation_request\x18\x0c \x01(\x0b\x32\x1e.echelon.v1.AggregationRequestH\x00\x12-\n\x0bplain_input\x18\r \x01(\x0b\x32\x16.echelon.v1.PlainInputH\x00\x12\x30\n\tdiscarded\x18\x0e \x01(\x0b\x32\x1b.echelon.v1.UpdateDiscardedH\x00\x12\"\n\x05hello\x18\x0f \x01(\x0b\x32\x11.echelon.v1.HelloH\x00\x12+\n\x06secagg\x18\x10 \x01(\x0b\x32\x19.echelon.v1.SecAggMessageH\x00:\x04\x88\xb5\x18\x05\x42\x06\n\x04\x62odyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x63helon/v1/device.proto\x12\nechelon.v1\x1a\x18\x65\x63helon/v1/options.proto\x1a\x17\x65\x63helon/v1/secagg.proto\x1a\x17\x65\x63helon/v1/tensor.proto\"Y\n\x11\x42oundaryReference\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12-\n\nparameters\x18\x02 \x01(\x0b\x32\x19.echelon.v1.TensorPayload:\x04\x88\xb5\x18\x05\"b\n\x0bUpdateReady\x12\x14\n\x0c\x62\x61se_version\x18\x01 \x01(\x04\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\x12\n\ntrain_loss\x18\x03 \x01(\x02\x12\x13\n\x0blocal_round\x18\x04 \x01(\r:\x04\x88\xb5\x18\x05\"R\n\x12\x41ggregationRequest\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x14\n\x0cparticipants\x18\x03 \x01(\r:\x04\x88\xb5\x18\x02\"W\n\nPlainInput\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x31\n\x0eweighted_delta\x18\x02 \x01(\x0b\x32\x19.echelon.v1.TensorPayload:\x04\x88\xb5\x18\x05\"@\n\x0fUpdateDiscarded\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x15\n\x06reason\x18\x02 \x01(\tB\x05\xd8\xb5\x18\x80\x02:\x04\x88\xb5\x18\x05\"\'\n\x05Hello\x12\x18\n\tdevice_id\x18\x01 \x01(\tB\x05\xd8\xb5\x18\x80\x01:\x04\x88\xb5\x18\x05\")\n\x07Goodbye\x12\x18\n\tdevice_id\x18\x01 \x01(\tB\x05\xd8\xb5\x18\x80\x01:\x04\x88\xb5\x18\x05\"\xb6\x03\n\x0e\x44\x65viceEnvelope\x12\x18\n\tdevice_id\x18\x01 \x01(\tB\x05\xd8\xb5\x18\x80\x01\x12\x32\n\treference\x18\n \x01(\x0b\x32\x1d.echelon.v1.BoundaryReferenceH\x00\x12/\n\x0cupdate_ready\x18\x0b \x01(\x0b\x32\x17.echelon.v1.UpdateReadyH\x00\x12=\n\x13\x61ggregation_request\x18\x0c \x01(\x0b\x32\x1e.echelon.v1.AggregationRequestH\x00\x12-\n\x0bplain_input\x18\r \x01(\x0b\x32\x16.echelon.v1.PlainInputH\x00\x12\x30\n\tdiscarded\x18\x0e \x01(\x0b\x32\x1b.echelon.v1.UpdateDiscardedH\x00\x12\"\n\x05hello\x18\x0f \x01(\x0b\x32\x11.echelon.v1.HelloH\x00\x12+\n\x06secagg\x18\x10 \x01(\x0b\x32\x19.echelon.v1.SecAggMessageH\x00\x12&\n\x07goodbye\x18\x11 \x01(\x0b\x32\x13.echelon.v1.GoodbyeH\x00:\x04\x88\xb5\x18\x05\x42\x06\n\x04\x62odyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,6 +50,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELLO'].fields_by_name['device_id']._serialized_options = b'\330\265\030\200\001'
   _globals['_HELLO']._loaded_options = None
   _globals['_HELLO']._serialized_options = b'\210\265\030\005'
+  _globals['_GOODBYE'].fields_by_name['device_id']._loaded_options = None
+  _globals['_GOODBYE'].fields_by_name['device_id']._serialized_options = b'\330\265\030\200\001'
+  _globals['_GOODBYE']._loaded_options = None
+  _globals['_GOODBYE']._serialized_options = b'\210\265\030\005'
   _globals['_DEVICEENVELOPE'].fields_by_name['device_id']._loaded_options = None
   _globals['_DEVICEENVELOPE'].fields_by_name['device_id']._serialized_options = b'\330\265\030\200\001'
   _globals['_DEVICEENVELOPE']._loaded_options = None
@@ -66,6 +70,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPDATEDISCARDED']._serialized_end=543
   _globals['_HELLO']._serialized_start=545
   _globals['_HELLO']._serialized_end=584
-  _globals['_DEVICEENVELOPE']._serialized_start=587
-  _globals['_DEVICEENVELOPE']._serialized_end=985
+  _globals['_GOODBYE']._serialized_start=586
+  _globals['_GOODBYE']._serialized_end=627
+  _globals['_DEVICEENVELOPE']._serialized_start=630
+  _globals['_DEVICEENVELOPE']._serialized_end=1068
 # @@protoc_insertion_point(module_scope)

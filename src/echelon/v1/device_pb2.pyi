@@ -60,8 +60,14 @@ class Hello(_message.Message):
     device_id: str
     def __init__(self, device_id: _Optional[str] = ...) -> None: ...
 
+class Goodbye(_message.Message):
+    __slots__ = ("device_id",)
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    def __init__(self, device_id: _Optional[str] = ...) -> None: ...
+
 class DeviceEnvelope(_message.Message):
-    __slots__ = ("device_id", "reference", "update_ready", "aggregation_request", "plain_input", "discarded", "hello", "secagg")
+    __slots__ = ("device_id", "reference", "update_ready", "aggregation_request", "plain_input", "discarded", "hello", "secagg", "goodbye")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_FIELD_NUMBER: _ClassVar[int]
     UPDATE_READY_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +76,7 @@ class DeviceEnvelope(_message.Message):
     DISCARDED_FIELD_NUMBER: _ClassVar[int]
     HELLO_FIELD_NUMBER: _ClassVar[int]
     SECAGG_FIELD_NUMBER: _ClassVar[int]
+    GOODBYE_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     reference: BoundaryReference
     update_ready: UpdateReady
@@ -78,4 +85,5 @@ class DeviceEnvelope(_message.Message):
     discarded: UpdateDiscarded
     hello: Hello
     secagg: _secagg_pb2.SecAggMessage
-    def __init__(self, device_id: _Optional[str] = ..., reference: _Optional[_Union[BoundaryReference, _Mapping]] = ..., update_ready: _Optional[_Union[UpdateReady, _Mapping]] = ..., aggregation_request: _Optional[_Union[AggregationRequest, _Mapping]] = ..., plain_input: _Optional[_Union[PlainInput, _Mapping]] = ..., discarded: _Optional[_Union[UpdateDiscarded, _Mapping]] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., secagg: _Optional[_Union[_secagg_pb2.SecAggMessage, _Mapping]] = ...) -> None: ...
+    goodbye: Goodbye
+    def __init__(self, device_id: _Optional[str] = ..., reference: _Optional[_Union[BoundaryReference, _Mapping]] = ..., update_ready: _Optional[_Union[UpdateReady, _Mapping]] = ..., aggregation_request: _Optional[_Union[AggregationRequest, _Mapping]] = ..., plain_input: _Optional[_Union[PlainInput, _Mapping]] = ..., discarded: _Optional[_Union[UpdateDiscarded, _Mapping]] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., secagg: _Optional[_Union[_secagg_pb2.SecAggMessage, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ...) -> None: ...

@@ -4,7 +4,15 @@ It runs the very `BoundaryPlane` the simulator runs. Everything to and from the 
 passes its egress and ingress guards and is recorded in its audit log; what its devices send is
 reassembled under a byte cap and an expiry. Its plane is checkpointed (a state dict) whenever it
 makes progress (a middle step, a sync, a new reference); `resume` continues from the checkpoint,
-so a restarted boundary keeps its middle steps since the last sync.
+so a restarted boundary keeps its middle steps since the last sync, the devices it admitted and
+those that left.
+
+Membership (`admission`): a device is served when its certificate (checked by mutual TLS against
+the run's CA) names it and this boundary, and the run file makes it a member here: its initial
+membership, or a `churn.joins` entry for this boundary, admitted (`BoundaryPlane.admit`) on its
+first connection. A device that said goodbye is removed for good (`BoundaryPlane.remove`) and
+refused if it comes back. Every admission, departure and refusal of a device is a `membership`
+record of the audit log.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from echelon.assembly import make_boundary_plane, make_guards, plane_fragments
 from echelon.config import RunConfig
 from echelon.contract.guard import ContractViolation
 from echelon.errors import UserError
-from echelon.parties import GLOBAL, boundary_address, device_address, device_id_of, party_of
+from echelon.parties import GLOBAL, boundary_address, device_address, device_id_of, device_party, party_of
 from echelon.preflight import deployable
 from echelon.runtime.grpc import evidence
 from echelon.runtime.grpc.framing import (
@@ -92,11 +100,13 @@ class BoundaryRole:
         )
         network = Network(cfg.seed)
         self.to_global = Outbox(network.link(self.address, GLOBAL, spec.wan or cfg.network.wan))
+        self.joiners = {j.device.id: i for i, j in enumerate(cfg.churn.joins) if j.boundary == boundary_id}
+        members = [d.id for d in spec.devices] + list(self.joiners)
         self.to_device = {
-            device_address(d.id): Outbox(network.link(self.address, device_address(d.id), cfg.network.lan))
-            for d in spec.devices
+            device_address(d): Outbox(network.link(self.address, device_address(d), cfg.network.lan))
+            for d in members
         }
-        self.cap = envelope_cap(self.plane.dim, len(spec.devices))
+        self.cap = envelope_cap(self.plane.dim, len(members))
         self.streams = LiveStreams()
         self.finishing = False
         self.node = Node(self.plane, self.address, self.route, self.on_emit)
@@ -122,8 +132,28 @@ class BoundaryRole:
             log.error("refused to send: %s", err)
 
     def on_emit(self, kind: str, fields: dict) -> None:
-        """Telemetry to the log; the plane's refusal of what the global plane sent also goes on record."""
+        """Telemetry to the log; the plane's refusal of what the global plane sent, and a device's
+        departure, also go on record."""
         evidence.log_event(kind, fields)
+        if kind == "departed":
+            device = device_party(fields["device"].split("/", 1)[1])
+            log.info(
+                "%s left the run for good at %.3f s (after middle step %d)",
+                device,
+                fields["time"],
+                fields["middle_step"],
+            )
+            self.audit.membership(self.node.now(), device, "departed", "it said goodbye: removed for good")
+        if kind == "middle_step" and self.plane.last_step is not None:
+            # Boundary-local knowledge (never crosses): who this middle step aggregated.
+            step = self.plane.last_step
+            members = ", ".join(sorted(step.weights))
+            log.info(
+                "middle step %d aggregated %s (round opened at %.3f s)",
+                step.middle_step,
+                members,
+                step.opened_at,
+            )
         if kind == "refused" and self.arriving is not None:
             frame, body = self.arriving
             now = self.node.now()
@@ -131,10 +161,11 @@ class BoundaryRole:
 
     def _progress_mark(self) -> tuple:
         p = self.plane
-        return (p.middle_step, p.version, p.adopted_step, p.awaiting_global, p.finished)
+        return (p.middle_step, p.version, p.adopted_step, p.awaiting_global, p.finished, p.roster)
 
     def after_event(self) -> None:
-        """Checkpoint the plane when it made progress (every middle step, sync and reference)."""
+        """Checkpoint the plane when it made progress (every middle step, sync and reference) or
+        its membership changed."""
         mark = self._progress_mark()
         if mark != self._progress:
             self._progress = mark
@@ -171,21 +202,42 @@ class BoundaryRole:
 
     # -- the devices' streams --------------------------------------------------------------------
 
+    def admission(self, peer: str | None, unit: str | None) -> str | None:
+        """Why the device whose (CA-verified) certificate names party `peer` of boundary `unit`
+        is refused a stream, or None: it is admitted. A device of `churn.joins` is admitted into
+        the plane on its first connection; every admission and refusal of a device is recorded."""
+        device_id = device_id_of(peer)
+        if device_id is None:
+            return "its certificate names no device"
+        address = device_address(device_id)
+        why = None
+        if unit != self.party:
+            why = f"its certificate names {unit}, not {self.party}"
+        elif address not in self.to_device:
+            why = "it is not a device of this boundary (its initial membership or a churn.joins entry)"
+        elif self.plane.departed(address):
+            why = "it left the run for good"
+        if why is not None:
+            self.audit.membership(self.node.now(), peer, "refused", why)
+            return why
+        if device_id in self.joiners and not self.plane.member(address):
+            self.node.call("admit", address)
+            i = self.joiners[device_id]
+            reason = f"certificate of {self.party} from the run's CA; churn.joins[{i}] names it"
+            self.audit.membership(self.node.now(), peer, "admitted", reason)
+            log.info("admitted %s: %s", peer, reason)
+            self.after_event()  # the admission survives a restart
+        return None
+
     async def exchange(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         peer, unit = peer_identity(context.auth_context())
-        device_id = device_id_of(peer)
-        is_device = device_id is not None
-        address = device_address(device_id) if is_device else ""
-        if address not in self.to_device or unit != self.party:
-            why = (
-                f"its certificate names {unit}, not {self.party}"
-                if is_device and unit != self.party
-                else "it is not a device of this boundary"
-            )
+        why = self.admission(peer, unit)
+        if why is not None:
             log.warning("refused a stream from %s: %s", peer or "an unidentified peer", why)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{peer} refused: {why}")
+        address = device_address(device_id_of(peer))
         token = self.streams.claim(address)
         if token is None:
             why = "it already holds a live stream (a second connection presenting its certificate)"
@@ -216,7 +268,7 @@ class BoundaryRole:
         finally:
             self.streams.release(address, token)
             outbox.clear()  # a device that comes back starts clean
-            if not self.finishing:
+            if not self.finishing and not self.plane.departed(address):
                 log.info("%s disconnected", peer)
                 self.node.call("peer_lost", address)
 

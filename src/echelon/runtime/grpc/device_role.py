@@ -2,21 +2,26 @@
 
 It runs the very `DevicePlane` the simulator runs; local rounds run on a worker thread so the
 stream stays served while it computes. With `churn:` in the run file the device goes away and
-comes back as the simulator schedules it: uptimes and downtimes drawn from the same
-exponentials, from the same seed (`derived_seed(seed, 3, i)`, i its rank among the devices); a
-round in progress when it leaves is lost, as are the frames it had not sent. A device that is a
-replica of a Yellowstone plan (`boundaries[].plan`) runs its rounds on the plan's job, whose
-files live under its `workdir`.
+comes back as the simulator schedules it: the same seeded share of the devices cycles
+(`echelon.runtime.churn`), with uptimes and downtimes drawn from the same exponentials and the
+same seeds; a round in progress when it leaves is lost, as are the frames it had not sent.
+`depart()` (SIGUSR1 to `echelon serve device`; `echelon launch` sends it at the device's
+`churn.departures` time) makes it leave for good: it says goodbye to its boundary (once more
+online if it was away) and ends. A device of `churn.joins` is started at its time by whoever runs
+it (`echelon launch` does); its boundary admits it by its certificate. A device that is a replica of a
+Yellowstone plan (`boundaries[].plan`) runs its rounds on the plan's job, whose files live under
+its `workdir`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 from google.protobuf.message import Message
 
 from echelon.assembly import make_device_plane, prepare
@@ -25,23 +30,25 @@ from echelon.errors import UserError
 from echelon.parties import boundary_address, device_address
 from echelon.planes.device import StartLocalRound
 from echelon.preflight import deployable
+from echelon.runtime.churn import churn_rngs, cycling_devices
 from echelon.runtime.grpc import evidence
 from echelon.runtime.grpc.framing import DeviceReassembly, device_frames, envelope_cap
 from echelon.runtime.grpc.node import Node, Outbox
 from echelon.runtime.grpc.tls import Credentials
 from echelon.runtime.grpc.transport import LOCAL_METHOD, Dialer
 from echelon.runtime.network import Network
-from echelon.train.trainer import derived_seed
 from echelon.wire import unwrap
 
 log = logging.getLogger("echelon.serve")
 
+GOODBYE_GRACE_S = 1.0  # how long a leaving device holds its stream after its goodbye went out
+
 
 def owner_of(cfg: RunConfig, device_id: str) -> str:
     """The boundary id device `device_id` belongs to; UserError naming the known devices."""
-    owner = next((b for b, d in cfg.devices if d.id == device_id), None)
+    owner = next((b for b, d in cfg.all_devices if d.id == device_id), None)
     if owner is None:
-        known = ", ".join(d.id for _, d in cfg.devices)
+        known = ", ".join(d.id for _, d in cfg.all_devices)
         raise UserError(f"device {device_id!r} is not in the run file (devices: {known})")
     return owner
 
@@ -71,13 +78,16 @@ class DeviceRole:
         network = Network(cfg.seed)
         self.outbox = Outbox(network.link(self.address, self.boundary, cfg.network.lan))
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-round")
-        rank = sorted(device_address(d.id) for _, d in cfg.devices).index(self.address)
-        self.churn_rng = np.random.default_rng(derived_seed(cfg.seed, 3, rank))  # the simulator's draws
+        every = [device_address(d.id) for _, d in cfg.all_devices]
+        self.churn_rng = churn_rngs(every, cfg.seed)[self.address]  # the simulator's draws
+        initial = [device_address(d.id) for _, d in cfg.devices]
+        self.cycles = self.address in cycling_devices(cfg.churn, initial, cfg.seed)
         self.session = 0  # bumps when the device goes away: a round of an earlier session is dropped
         self.cap = envelope_cap(self.prep.trainer.initial_state().numel(), 1)
         self.node = Node(self.plane, self.address, self.route, evidence.log_event, self.on_other)
         self.reassembly = DeviceReassembly(self.cap, self.node.now)
         self.failure = asyncio.Event()
+        self.leaving = asyncio.Event()  # set by `depart`: leave the run for good
 
     def route(self, to: str, message: Message) -> None:
         self.outbox.put(device_frames(self.device_id, message))
@@ -113,9 +123,18 @@ class DeviceRole:
             log.error("refused a message from its boundary: %s", err)
             raise
 
-    async def _online(self, uptime: float | None) -> bool:
-        """Hold the stream to the boundary for `uptime` seconds (None: until the run is over);
-        True when the run is over."""
+    def depart(self) -> None:
+        """Leave the run for good, now (the departure is carried out by `run`)."""
+        log.info("churn: leaving the run for good")
+        self.leaving.set()
+
+    def on_goodbye(self) -> None:
+        self.reassembly.reset()
+        self.node.call("leave")
+
+    async def _online(self, uptime: float | None, goodbye: bool = False) -> bool:
+        """Hold the stream to the boundary for `uptime` seconds (None: until the run is over), or
+        with `goodbye` only until the device's goodbye is out; True when the run is over for it."""
         dialer = Dialer(
             self.creds,
             self.boundary_target,
@@ -123,38 +142,48 @@ class DeviceRole:
             LOCAL_METHOD,
             self.outbox,
             self.cfg.deployment.patience_s,
-            on_connect=self.on_connect,
+            on_connect=self.on_goodbye if goodbye else self.on_connect,
             on_frame=self.on_frame,
             on_lost=lambda why: None,
         )
         dial, watch = asyncio.ensure_future(dialer.run()), asyncio.ensure_future(self.failure.wait())
+        leaving = asyncio.ensure_future(self._said_goodbye() if goodbye else self.leaving.wait())
         try:
-            await asyncio.wait([dial, watch], timeout=uptime, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([dial, watch, leaving], timeout=uptime, return_when=asyncio.FIRST_COMPLETED)
             if self.node.failed is not None:
                 raise self.node.failed
             if dial.done():
                 dial.result()
                 return True
-            return False
+            return goodbye and leaving.done()
         finally:
-            for task in (dial, watch):
+            for task in (dial, watch, leaving):
                 task.cancel()
-            await asyncio.gather(dial, watch, return_exceptions=True)
+            await asyncio.gather(dial, watch, leaving, return_exceptions=True)
+
+    async def _said_goodbye(self) -> None:
+        """Until the goodbye was queued and has left (GOODBYE_GRACE_S more for it to arrive)."""
+        while not (self.plane.left and self.outbox.empty):
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(GOODBYE_GRACE_S)
 
     async def run(self) -> None:
         churn = self.cfg.churn
         try:
-            while True:
-                uptime = (
-                    None if churn.mean_uptime_s is None else self.churn_rng.exponential(churn.mean_uptime_s)
-                )
+            while not self.leaving.is_set():
+                uptime = self.churn_rng.exponential(churn.mean_uptime_s) if self.cycles else None
                 if await self._online(uptime):
                     return
                 self.session += 1
                 self.outbox.clear()  # what it had not sent is lost with it
+                if self.leaving.is_set():
+                    break
                 downtime = self.churn_rng.exponential(churn.mean_downtime_s)
                 log.info("churn: offline for %.1f s", downtime)
-                await asyncio.sleep(downtime)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.leaving.wait(), downtime)
+            if not await self._online(self.cfg.deployment.patience_s, goodbye=True):
+                log.warning("left without its boundary hearing the goodbye")
         finally:
             self.node.stop()
             self.compute.shutdown(wait=True, cancel_futures=True)
@@ -162,8 +191,15 @@ class DeviceRole:
 
 
 async def run_device(
-    cfg: RunConfig, creds: Credentials, device_id: str, boundary_target: str, workdir: Path | None = None
+    cfg: RunConfig,
+    creds: Credentials,
+    device_id: str,
+    boundary_target: str,
+    workdir: Path | None = None,
 ) -> None:
-    """Train device `device_id` for its boundary until the boundary says the run is over. A
-    device that is a plan's replica runs its rounds on the plan's job, kept under `workdir`."""
-    await DeviceRole(cfg, creds, device_id, boundary_target, workdir).run()
+    """Train device `device_id` for its boundary until the boundary says the run is over, or the
+    device leaves for good (SIGUSR1). A device that is a plan's replica runs its rounds on the
+    plan's job, kept under `workdir`."""
+    role = DeviceRole(cfg, creds, device_id, boundary_target, workdir)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, role.depart)
+    await role.run()

@@ -5,7 +5,10 @@ records the run as the simulator does (`echelon.record.RunRecorder`: metrics, su
 weights), beside its audit log. Its plane is checkpointed
 (a state dict) at every outer step, before that step's reference goes out; `resume` continues
 from the checkpoint and brings every (re)connecting boundary up to date
-(`GlobalPlane.peer_rejoined`), so no outer step is lost or applied twice. When no boundary has
+(`GlobalPlane.peer_rejoined`), so no outer step is lost or applied twice. A boundary whose stream
+ended is absent (`GlobalPlane.peer_lost`, as in the simulator's outage): outer steps go on
+without it until it reconnects; one away when the run ends is given the final model if it comes
+back within RETURN_S. When no boundary has
 been heard from for `deployment.patience_s`, it ends the run on the last synchronised model.
 """
 
@@ -42,11 +45,13 @@ from echelon.runtime.grpc.transport import (
     stream_handler,
 )
 from echelon.runtime.network import Network
+from echelon.v1 import boundary_pb2
 
 log = logging.getLogger("echelon.serve")
 
 HALF_CLOSE_S = 30.0  # how long the run's end waits for a boundary to close its side
 DRAIN_S = 30.0  # how long the run's end waits for queued frames to leave
+RETURN_S = 60.0  # how long the run's end waits for a boundary that is away to come back for the final model
 
 
 class GlobalRole:
@@ -90,6 +95,7 @@ class GlobalRole:
             for b in cfg.boundaries
         }
         self.streams = LiveStreams()
+        self.told_final: set[str] = set()  # boundaries whose live stream was given the final reference
         self.started = resume
         self.refused = 0
         self.node = Node(self.plane, GLOBAL, self.route, self.on_emit)
@@ -123,6 +129,9 @@ class GlobalRole:
             self.outboxes[to].put(self.egress.send(self.node.now(), message, party_of(to)))
         except ContractViolation as err:
             log.error("refused to send: %s", err)
+            return
+        if isinstance(message, boundary_pb2.GlobalReference) and message.final and to in self.streams:
+            self.told_final.add(to)
 
     def after_event(self) -> None:
         plane, now = self.plane, self.node.now()
@@ -206,8 +215,10 @@ class GlobalRole:
             self.streams.release(address, token)
             self.ingress.forget(party)  # a half-received message died with the stream
             if not self.done.is_set():
-                log.warning("%s disconnected", party)
+                log.warning("%s disconnected: absent from the outer steps until it reconnects", party)
                 self.audit.checkpoint("disconnect")
+                if self.started:  # before the start every boundary is awaited anyway
+                    self.node.do(self.plane.peer_lost(self.node.now(), address))
 
     def streams_held(self) -> list[str]:
         return [a for a in self.outboxes if a in self.streams]
@@ -239,6 +250,17 @@ class GlobalRole:
                 if self.node.failed:
                     raise self.node.failed
                 self.after_event()  # time budgets and patience advance without messages
+            # A boundary away at the end (an outage, a restart) gets the final model when it comes
+            # back (`peer_rejoined` sends it the whole reference, final), for up to RETURN_S, or
+            # patience_s when that is shorter (a run ended on its patience waits no more).
+            wait = (
+                0.0
+                if self.plane.final_reason == "patience"
+                else min(RETURN_S, self.cfg.deployment.patience_s)
+            )
+            deadline = time.monotonic() + wait
+            while set(self.outboxes) - self.told_final and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
             deadline = time.monotonic() + DRAIN_S
             while self._sending() and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)

@@ -24,7 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import numpy as np
 import torch
 from google.protobuf.message import Message
 
@@ -34,9 +33,10 @@ from echelon.parties import GLOBAL, boundary_address, device_address, party_of
 from echelon.planes.boundary import BoundaryPlane, StepMembers
 from echelon.planes.coordinator import GlobalPlane
 from echelon.planes.device import DevicePlane, StartLocalRound
+from echelon.runtime.churn import churn_rngs, cycling_devices
 from echelon.runtime.network import Network
 from echelon.sansio import CancelTimer, Emit, PlaneAction, Send, SetTimer
-from echelon.train.trainer import LocalTrainer, derived_seed
+from echelon.train.trainer import LocalTrainer
 from echelon.v1 import device_pb2
 from echelon.wire import unwrap, wrap_device
 
@@ -115,11 +115,8 @@ class Simulation:
         self._departed: set[str] = set()
         self._session = Counter()  # bumps when a device goes offline; stale completions are ignored
         self._cycle = Counter()  # bumps when a device's cycling restarts; stale leave/join events are ignored
-        self._rngs = {
-            d: np.random.default_rng(derived_seed(seed, 3, i)) for i, d in enumerate(sorted(self._profiles))
-        }
-        initial = sorted(a for a in self._profiles if a not in joining)
-        self._cycling = self._pick_cycling(initial)
+        self._rngs = churn_rngs(list(self._profiles), seed)
+        self._cycling = cycling_devices(churn, [a for a in self._profiles if a not in joining], seed)
         self._partial: dict[str, list[bytes]] = {}  # frames on their way to the global plane
         self.now = 0.0
         self.tokens = 0
@@ -127,15 +124,6 @@ class Simulation:
         # so that other work on a shared machine does not count against it)
         self.compute_s = 0.0
         self.traffic = Traffic()
-
-    def _pick_cycling(self, devices: list[str]) -> set[str]:
-        """The devices that cycle offline and back: a seeded share of the initial membership."""
-        churn = self._churn
-        if churn.mean_uptime_s is None:
-            return set()
-        count = max(1, round(churn.cycling_fraction * len(devices)))
-        rng = np.random.default_rng(derived_seed(self._seed, 5))
-        return {devices[i] for i in rng.choice(len(devices), size=count, replace=False)}
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -232,6 +220,10 @@ class Simulation:
                 raise TypeError(f"unknown action {action!r}")
 
     def _start_local_round(self, device: str, action: StartLocalRound) -> None:
+        if self.global_plane.final_reason is not None:
+            # A budget is spent: the final outer step is under way (it may wait on a slow link or
+            # a stalled round), and what a new round trained would count without being aggregated.
+            return
         cpu0 = time.process_time()
         result = self._trainer.local_round(action.device, action.reference, action.anchor)
         self.compute_s += time.process_time() - cpu0
