@@ -77,7 +77,10 @@ def test_contest_tunes_runs_finals_and_resumes(tmp_path, capsys):
             r["outer_steps"] == "1" and r["stop_reason"] == "outer_steps" and r["time_to_target_s"] == "0.0"
         )
     assert [r["admissible"] for r in rows] == ["True", "True", "False", "False"]
-    assert all(float(b["virtual_time_s"]) > float(a["virtual_time_s"]) for a, b in zip(rows[::2], rows[1::2]))
+    assert all(
+        float(b["virtual_time_s"]) > float(a["virtual_time_s"])
+        for a, b in zip(rows[::2], rows[1::2], strict=True)
+    )
     tables = (out / TABLES).read_text()
     assert LABEL in tables and "## Relative to echelon" in tables and "syncs/wan200" in tables
     assert (out / "plots" / "loss_vs_tokens.png").stat().st_size > 0
