@@ -187,13 +187,17 @@ class Boundary:
         self.step += 1
         body.outer_step = self.step
         t0 = time.perf_counter()
-        frames = self.egress.send(self.now(), body, GLOBAL)
+        frames = self.egress.stream(self.now(), body, GLOBAL)  # checked, hashed and recorded
         t1 = time.perf_counter()
-        for frame in frames:
+        for frame in frames:  # each frame is built as it is taken: written while the next is built
             await self.guarded.write(frame)
         await self._answer()
-        wire = sum(len(f) for f in frames)
-        return {"s": time.perf_counter() - t0, "prepare_s": t1 - t0, "wire": wire, "frames": len(frames)}
+        return {
+            "s": time.perf_counter() - t0,
+            "prepare_s": t1 - t0,
+            "wire": frames.nbytes,
+            "frames": len(frames),
+        }
 
     async def send_raw(self, data: bytes) -> dict:
         t0 = time.perf_counter()
