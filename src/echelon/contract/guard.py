@@ -67,7 +67,7 @@ def _wire(frame: bytes) -> Wire:
     return hashlib.sha256(frame).hexdigest(), len(frame)
 
 
-def _held(path: FieldPath, data: bytes) -> tuple[str, int] | None:
+def _held(path: FieldPath, data: bytes | memoryview) -> tuple[str, int] | None:
     """The `tensors()` path and data length of a tensor whose data is held apart at `path`."""
     return (".".join(path[:-1]), len(data)) if path else None
 
