@@ -3,9 +3,10 @@
 1. Throughput: boundary `hospital-a` sends a BoundaryDelta carrying a BOUNDARY_AGGREGATE tensor
    (2 contributors, float32) of --megabytes through its EgressGuard, down a gRPC bidi stream with
    mutual TLS over loopback, to the global plane (a separate process) whose IngressGuard
-   reassembles it and answers with a SyncRequest through its own guard. Time: from the first
-   `EgressGuard.send` to the answer read back, so the slicing, checks, audit records and
-   reassembly are all inside it. Baseline: the same payload as raw 1 MiB chunks over a stream of
+   reassembles it and answers with a SyncRequest through its own guard. Time: from
+   `EgressGuard.stream` to the answer read back, so the checks, hashing, audit records (the send
+   synced before its first byte), slicing and reassembly are all inside it; frames are written as
+   they are built, as a deployment's outbox sends them. Baseline: the same payload as raw 1 MiB chunks over a stream of
    the same connection, joined on the server, without guards. Repetitions alternate (raw,
    guarded, ...) and medians are reported. Target: at least 0.8 of raw gRPC on the same connection
    (the ratio), with the absolute figure beside it.
@@ -99,8 +100,15 @@ async def _serve(
             body = ingress.receive(now(), frame, peer)
             if body is None:
                 continue
-            if isinstance(body, boundary_pb2.BoundaryDelta) and len(body.delta.data) != 4 * body.delta.numel:
-                raise RuntimeError(f"reassembled {len(body.delta.data)} B for {body.delta.numel} elements")
+            # The guard checked every slice's bytes against its numel and parsed the whole from
+            # them; reading the data out would copy it (upb copies a bytes field on every read),
+            # a cost of using it, which the raw baseline does not pay either.
+            if (
+                isinstance(body, boundary_pb2.BoundaryDelta)
+                and body.HasField("delta")
+                and body.delta.numel != numel
+            ):
+                raise RuntimeError(f"reassembled {body.delta.numel} elements of {numel}")
             for reply in egress.send(now(), boundary_pb2.SyncRequest(outer_step=body.outer_step), peer):
                 yield reply
 
@@ -187,13 +195,17 @@ class Boundary:
         self.step += 1
         body.outer_step = self.step
         t0 = time.perf_counter()
-        frames = self.egress.send(self.now(), body, GLOBAL)
+        frames = self.egress.stream(self.now(), body, GLOBAL)  # checked, hashed and recorded
         t1 = time.perf_counter()
-        for frame in frames:
+        for frame in frames:  # each frame is built as it is taken: written while the next is built
             await self.guarded.write(frame)
         await self._answer()
-        wire = sum(len(f) for f in frames)
-        return {"s": time.perf_counter() - t0, "prepare_s": t1 - t0, "wire": wire, "frames": len(frames)}
+        return {
+            "s": time.perf_counter() - t0,
+            "prepare_s": t1 - t0,
+            "wire": frames.nbytes,
+            "frames": len(frames),
+        }
 
     async def send_raw(self, data: bytes) -> dict:
         t0 = time.perf_counter()
@@ -356,10 +368,10 @@ def main() -> None:
         f">= 0.8 of raw: {'met' if ratio >= 0.8 else 'MISSED'}",
     )
     table.add_row(
-        "  of which preparing the frames",
+        "  of which before the first byte",
         f"{t['guarded_prepare_ms']:,.1f} ms",
         f"{t['raw_prepare_ms']:,.1f} ms",
-        "EgressGuard.send vs chunking",
+        "check, hash, record vs chunking",
         f"{t['guarded_prepare_ms'] / t['raw_prepare_ms']:,.0f}",
         "",
     )

@@ -5,12 +5,18 @@ sends across and one `IngressGuard` for what it receives. `send` wraps the body 
 of its channel with the party's audit chain head, checks it against the schema's rules
 (`echelon.contract.rules`) and the run's terms (`echelon.contract.policy`), and for a boundary that
 a float aggregate is one its own rounds minted (`echelon.contract.provenance.Ledger`); then it
-serialises it (in typed slices when large: `echelon.contract.slicing`), counts the exact wire
-bytes, records it, and only then returns the frames to transmit. `receive` checks each frame
-the same way, and that it is the canonical encoding of a message (no unknown fields, no second
-encoding of the same message), before reassembling it. Anything else, and any exception while
-checking, raises `ContractViolation`, is recorded as refused, and nothing is sent or delivered.
-Both runtimes call these very objects.
+lays out its frames (in typed slices when large: `echelon.contract.slicing`), counts the exact
+wire bytes, hashes them, records it (a sent record is synced), and only then returns the frames
+to transmit. `receive` checks each frame the same way, and that it is the canonical encoding of
+a message (no unknown fields, no second encoding of the same message), before reassembling it.
+Anything else, and any exception while checking, raises `ContractViolation`, is recorded as
+refused, and nothing is sent or delivered. Both runtimes call these very objects.
+
+A tensor's data is held apart from its message on both sides and copied once per side
+(`echelon.contract.slicing`): `stream` returns frames that are built as they are taken, so a
+transport writes frame k while frame k+1 is built; their SHA-256 is taken before, in one pass
+over the data, because the record carries it and must be on disk before the first byte leaves.
+An ingress guard hashes each frame as it arrives.
 """
 
 from __future__ import annotations
@@ -25,7 +31,17 @@ from google.protobuf.message import DecodeError, Message
 from echelon.contract.policy import BOUNDARY, TENSORS, Terms, role_of
 from echelon.contract.provenance import Ledger
 from echelon.contract.rules import flow_class_name, round_of, schema_problems, tensor_summary, tensors
-from echelon.contract.slicing import REASSEMBLY_IDLE_S, Reassembler, slice_envelope
+from echelon.contract.slicing import (
+    REASSEMBLY_IDLE_S,
+    FieldPath,
+    Frames,
+    Reassembler,
+    at,
+    hold_apart,
+    slice_envelope,
+    take_data,
+    whole,
+)
 from echelon.v1 import boundary_pb2, tensor_pb2
 from echelon.wire import CROSS_BOUNDARY_BODIES
 
@@ -42,6 +58,18 @@ class AuditSink(Protocol):
     def head(self) -> tuple[int, str]:
         """(seq, hash) of the last record: the chain head the party's next message carries."""
         ...
+
+
+Wire = tuple[str, int]  # what a record says of the frames: their SHA-256 (hex) and byte count
+
+
+def _wire(frame: bytes) -> Wire:
+    return hashlib.sha256(frame).hexdigest(), len(frame)
+
+
+def _held(path: FieldPath, data: bytes | memoryview) -> tuple[str, int] | None:
+    """The `tensors()` path and data length of a tensor whose data is held apart at `path`."""
+    return (".".join(path[:-1]), len(data)) if path else None
 
 
 def _failure(e: Exception) -> str:
@@ -81,7 +109,7 @@ class _Guard:
         direction: str,
         peer: str,
         body: Message,
-        frames: list[bytes],
+        wire: Wire,
         outcome: str,
         reason: str | None,
         peer_head: boundary_pb2.AuditHead | None = None,
@@ -89,9 +117,6 @@ class _Guard:
         if self.audit is None:
             return
         provenance, quorum = tensor_summary(body)
-        digest = hashlib.sha256()
-        for frame in frames:
-            digest.update(frame)
         self.audit.append(
             time=now,
             channel=f"{peer}<->{self.party}" if direction == "in" else f"{self.party}<->{peer}",
@@ -99,9 +124,9 @@ class _Guard:
             peer=peer,
             message_type=body.DESCRIPTOR.full_name,
             flow_class=flow_class_name(body.DESCRIPTOR),
-            wire_bytes=sum(len(f) for f in frames),
+            wire_bytes=wire[1],
             round_id=round_of(body),
-            payload_sha256=digest.hexdigest(),
+            payload_sha256=wire[0],
             quorum=quorum,
             provenance=provenance,
             outcome=outcome,
@@ -111,18 +136,18 @@ class _Guard:
         )
 
     def _refuse(
-        self, now: float, direction: str, peer: str, body: Message, frames: list[bytes], problems: list[str]
+        self, now: float, direction: str, peer: str, body: Message, wire: Wire, problems: list[str]
     ) -> None:
         self.refused += 1
         reason = "; ".join(problems)
-        self._record(now, direction, peer, body, frames, "refused", reason)
+        self._record(now, direction, peer, body, wire, "refused", reason)
         arrow = f"{self.party} -> {peer}" if direction == "out" else f"{peer} -> {self.party}"
         raise ContractViolation(f"{arrow}: {reason}")
 
-    def _count(self, body: Message, frames: list[bytes], peer: str) -> None:
-        name, nbytes = body.DESCRIPTOR.full_name, sum(len(f) for f in frames)
-        self.bytes_by_type[name] += nbytes
-        self.bytes_by_boundary[self._boundary_of_channel(peer)] += nbytes
+    def _count(self, body: Message, wire_bytes: int, peer: str) -> None:
+        name = body.DESCRIPTOR.full_name
+        self.bytes_by_type[name] += wire_bytes
+        self.bytes_by_boundary[self._boundary_of_channel(peer)] += wire_bytes
         self.messages_by_type[name] += 1
 
     @property
@@ -150,33 +175,49 @@ class EgressGuard(_Guard):
         ContractViolation (recorded, nothing sent) when the body has no way across or breaks the
         contract.
         """
+        return list(self.stream(now, body, peer))
+
+    def stream(self, now: float, body: Message, peer: str) -> Frames:
+        """`send`, with the frames built one by one as they are taken (`Frames`), so a transport
+        sends each while the next is built. Checked, counted and recorded when this returns."""
         field = CROSS_BOUNDARY_BODIES.get(body.DESCRIPTOR.full_name)
         if field is None:
             problem = f"{body.DESCRIPTOR.full_name} ({flow_class_name(body.DESCRIPTOR)}) has no way across a boundary"
-            self._refuse(now, "out", peer, body, [body.SerializeToString()], [problem])
+            self._refuse(now, "out", peer, body, _wire(body.SerializeToString()), [problem])
         envelope = boundary_pb2.CrossBoundaryEnvelope(boundary_id=self._boundary_of_channel(peer))
+        path: FieldPath = ()
+        data = b""
         try:
-            getattr(envelope, field).CopyFrom(body)
+            # The envelope gets the body without its tensor's data: the data is read once, here.
+            path, data = hold_apart(body, getattr(envelope, field))
+            path = (field, *path) if path else ()
             if self.audit is not None:
                 seq, head = self.audit.head()
                 envelope.audit_head.seq, envelope.audit_head.hash = seq, bytes.fromhex(head)
             found = tensors(envelope)
-            problems = self._channel_problems(peer) + schema_problems(envelope, found)
+            problems = self._channel_problems(peer) + schema_problems(envelope, found, _held(path, data))
             problems = problems or self.terms.problems(envelope, self.role, found) + self._minted_problems(
-                found
+                found, body, path
             )
         except Exception as e:  # a check that fails is a refusal, never a dead sender
             problems = [_failure(e)]
         if problems:
-            self._refuse(now, "out", peer, body, [envelope.SerializeToString()], problems)
-        frames = [part.SerializeToString() for part in slice_envelope(envelope)]
-        self._count(body, frames, peer)
-        self._record(now, "out", peer, body, frames, "sent", None)
+            refused = whole(envelope, path, data)
+            self._refuse(now, "out", peer, body, (refused.sha256(), refused.nbytes), problems)
+        frames = slice_envelope(envelope, path, data)
+        self._count(body, frames.nbytes, peer)
+        self._record(now, "out", peer, body, (frames.sha256(), frames.nbytes), "sent", None)
         return frames
 
-    def _minted_problems(self, found: list[tuple[str, tensor_pb2.TensorPayload]]) -> list[str]:
+    def _minted_problems(
+        self, found: list[tuple[str, tensor_pb2.TensorPayload]], body: Message, held: FieldPath
+    ) -> list[str]:
+        """A minted tensor the ledger did not mint; the one held apart at `held` is compared whole,
+        as `body` holds it."""
         out = []
         for path, t in found:
+            if held and path == ".".join(held[:-1]):
+                t = at(body, held[1:-1])
             if TENSORS[path].minted and (self.ledger is None or not self.ledger.minted(t)):
                 out.append(
                     f"{path}: this boundary's aggregation rounds did not mint this aggregate (a provenance "
@@ -187,11 +228,22 @@ class EgressGuard(_Guard):
 
 @dataclass
 class _Partial:
-    """A sliced message being reassembled: its frames so far, and when the last one came."""
+    """A sliced message being reassembled: the hash and byte count of its frames so far, and when
+    the last one came."""
 
     reassembler: Reassembler
-    frames: list[bytes] = field(default_factory=list)
+    digest: hashlib._Hash = field(default_factory=hashlib.sha256)
+    nbytes: int = 0
     last_at: float = 0.0
+
+    def take(self, frame: bytes, now: float) -> None:
+        self.digest.update(frame)
+        self.nbytes += len(frame)
+        self.last_at = now
+
+    @property
+    def wire(self) -> Wire:
+        return self.digest.hexdigest(), self.nbytes
 
 
 class IngressGuard(_Guard):
@@ -212,11 +264,11 @@ class IngressGuard(_Guard):
         if partial is None or now - partial.last_at <= REASSEMBLY_IDLE_S:
             return
         del self._partial[peer]
-        first = boundary_pb2.CrossBoundaryEnvelope.FromString(partial.frames[0])  # checked on arrival
+        first = partial.reassembler.first  # checked on arrival
         self.refused += 1
         reason = f"no slice of this message for over {REASSEMBLY_IDLE_S:g} s: its parts were dropped"
         self._record(
-            now, "in", peer, getattr(first, first.WhichOneof("body")), partial.frames, "refused", reason
+            now, "in", peer, getattr(first, first.WhichOneof("body")), partial.wire, "refused", reason
         )
 
     def receive(self, now: float, frame: bytes, peer: str) -> Message | None:
@@ -228,16 +280,16 @@ class IngressGuard(_Guard):
         """
         self._expire(now, peer)
         partial = self._partial.setdefault(peer, _Partial(Reassembler(self.terms.max_tensor_bytes)))
-        reassembler, frames, partial.last_at = partial.reassembler, partial.frames, now
-        frames.append(frame)
-        envelope, body, whole = boundary_pb2.CrossBoundaryEnvelope(), None, None
+        partial.take(frame, now)
+        envelope, body, complete = boundary_pb2.CrossBoundaryEnvelope(), None, None
         try:
             envelope.ParseFromString(frame)
             field = envelope.WhichOneof("body")
             body = getattr(envelope, field) if field else envelope
             found = tensors(envelope)
-            problems = self._channel_problems(peer) + schema_problems(envelope, found)
-            if not problems and envelope.SerializeToString() != frame:
+            path, data, canonical = take_data(frame, envelope, found)  # held apart, not copied
+            problems = self._channel_problems(peer) + schema_problems(envelope, found, _held(path, data))
+            if not problems and not canonical:
                 problems = [
                     "the frame is not the canonical encoding of its message (fields repeated or reordered)"
                 ]
@@ -251,17 +303,17 @@ class IngressGuard(_Guard):
                     f"envelope names boundary {envelope.boundary_id[:32]!r}, the channel's is {boundary!r}"
                 )
             if not problems:
-                whole = reassembler.add(envelope)
+                complete = partial.reassembler.add(envelope, data)
         except Exception as e:  # undecodable, or a check that fails: a refusal, never a dead reader
             problems = [_failure(e)]
         if problems:
             self._partial.pop(peer)
-            self._refuse(now, "in", peer, envelope if body is None else body, frames, problems)
-        if whole is None:
+            self._refuse(now, "in", peer, envelope if body is None else body, partial.wire, problems)
+        if complete is None:
             return None
         del self._partial[peer]
-        body = getattr(whole, whole.WhichOneof("body"))
-        self._count(body, frames, peer)
-        head = whole.audit_head if whole.HasField("audit_head") else None
-        self._record(now, "in", peer, body, frames, "received", None, head)
+        body = getattr(complete, complete.WhichOneof("body"))
+        self._count(body, partial.nbytes, peer)
+        head = complete.audit_head if complete.HasField("audit_head") else None
+        self._record(now, "in", peer, body, partial.wire, "received", None, head)
         return body
