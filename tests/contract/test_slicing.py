@@ -25,6 +25,7 @@ from echelon.contract.slicing import (
     hold_apart,
     slice_envelope,
     take_data,
+    wire_digest,
 )
 from echelon.tensors import ITEMSIZE, encode
 from echelon.v1 import boundary_pb2, secagg_pb2, tensor_pb2
@@ -129,7 +130,8 @@ def _old_verdict(frame: bytes):
 def _new_verdict(frame: bytes):
     env = boundary_pb2.CrossBoundaryEnvelope.FromString(frame)
     found = tensors(env)
-    path, data, canonical = take_data(frame, env, found)
+    path, data, split = take_data(frame, env, found)
+    canonical = split is not None
     held = (".".join(path[:-1]), len(data)) if path else None
     return schema_problems(env, found, held), canonical, bytes(data)
 
@@ -217,12 +219,12 @@ def test_frames_are_the_slices_protobuf_would_build_and_hash_as_their_bytes(env,
     numel = (slices - 1) * (MAX_SLICE_BYTES // ITEMSIZE[dtype]) + 777
     _consistent(env, numel, dtype)
     dataless, path, data = _split(env)
-    frames = slice_envelope(dataless, path, data)
+    frames = slice_envelope(dataless, path, data, hashlib.sha256(data).digest())
     built = list(frames)
     assert built == _reference_slices(env) and len(frames) == len(built) == slices
     assert [frames[k] for k in range(len(frames))] == built and frames.sizes() == [len(f) for f in built]
     assert frames.nbytes == sum(map(len, built))
-    assert frames.sha256() == hashlib.sha256(b"".join(built)).hexdigest()
+    assert frames.digest() == wire_digest(built)
 
 
 @pytest.mark.parametrize(
@@ -251,7 +253,7 @@ def test_a_streamed_message_is_recorded_before_its_first_frame_is_built_and_arri
     assert message.SerializeToString() == sent  # the caller's body is left as it was
     results = [ingress.receive(2.0, f, "boundary.b0") for f in built]
     assert results[:-1] == [None] * (len(built) - 1) and results[-1] == message
-    digest = hashlib.sha256(b"".join(built)).hexdigest()
+    digest = wire_digest(built)
     for rec in (out.records[-1], into.records[-1]):
         assert rec["payload_sha256"] == digest and rec["wire_bytes"] == sum(map(len, built))
 
@@ -278,4 +280,4 @@ def test_a_refused_send_records_the_hash_of_the_envelope_it_would_have_been():
         guard.send(1.0, reference, "boundary.b0")
     env = boundary_pb2.CrossBoundaryEnvelope(boundary_id="b0", global_reference=reference)
     env.audit_head.seq, env.audit_head.hash = 0, bytes.fromhex(Recorder().head()[1])
-    assert rec.records[-1]["payload_sha256"] == hashlib.sha256(env.SerializeToString()).hexdigest()
+    assert rec.records[-1]["payload_sha256"] == wire_digest([env.SerializeToString()])

@@ -295,7 +295,7 @@ def test_an_outbox_builds_a_guards_frames_one_by_one_as_it_releases_them():
     async def scenario():
         out, taken = _outbox(), []
         frames = guard.stream(0.0, body, "global")
-        out.put(Watched(frames.data, frames.layout))
+        out.put(Watched(frames.data, frames.layout, frames.data_digest))
         assert built == []
         async for frame in out.frames():
             taken.append(frame)

@@ -29,14 +29,15 @@ from typing import Protocol
 from google.protobuf.message import DecodeError, Message
 
 from echelon.contract.policy import BOUNDARY, TENSORS, Terms, role_of
-from echelon.contract.provenance import Ledger
+from echelon.contract.provenance import Ledger, Minted
 from echelon.contract.rules import flow_class_name, round_of, schema_problems, tensor_summary, tensors
 from echelon.contract.slicing import (
     REASSEMBLY_IDLE_S,
     FieldPath,
     Frames,
     Reassembler,
-    at,
+    Whole,
+    WireDigest,
     hold_apart,
     slice_envelope,
     take_data,
@@ -60,11 +61,14 @@ class AuditSink(Protocol):
         ...
 
 
-Wire = tuple[str, int]  # what a record says of the frames: their SHA-256 (hex) and byte count
+Wire = tuple[str, int]  # what a record says of the frames: their `WireDigest` (hex) and byte count
 
 
 def _wire(frame: bytes) -> Wire:
-    return hashlib.sha256(frame).hexdigest(), len(frame)
+    """A frame that is no envelope (a body refused before it was wrapped), as a frame without data."""
+    digest = WireDigest()
+    digest.split(frame, None)
+    return digest.hexdigest(), digest.nbytes
 
 
 def _held(path: FieldPath, data: bytes | memoryview) -> tuple[str, int] | None:
@@ -168,82 +172,87 @@ class EgressGuard(_Guard):
         super().__init__(party, terms, audit)
         self.ledger = ledger
 
-    def send(self, now: float, body: Message, peer: str) -> list[bytes]:
+    def send(self, now: float, body: Message, peer: str, data: bytes | None = None) -> list[bytes]:
         """Wrap `body` for the channel to `peer`, check, serialise, count and record it.
 
         Returns the frames to transmit in order (one, or typed slices of a large tensor). Raises
         ContractViolation (recorded, nothing sent) when the body has no way across or breaks the
-        contract.
+        contract. `data`: as `stream`.
         """
-        return list(self.stream(now, body, peer))
+        return list(self.stream(now, body, peer, data))
 
-    def stream(self, now: float, body: Message, peer: str) -> Frames:
+    def stream(self, now: float, body: Message, peer: str, data: bytes | memoryview | None = None) -> Frames:
         """`send`, with the frames built one by one as they are taken (`Frames`), so a transport
-        sends each while the next is built. Checked, counted and recorded when this returns."""
+        sends each while the next is built. Checked, counted and recorded when this returns.
+
+        `data`: the data of `body`'s tensor, held apart by the caller (the tensor holds none), as a
+        boundary holds what its ledger minted (`Minted.data`); it is checked against the tensor's
+        numel as if the tensor held it.
+        """
         field = CROSS_BOUNDARY_BODIES.get(body.DESCRIPTOR.full_name)
         if field is None:
             problem = f"{body.DESCRIPTOR.full_name} ({flow_class_name(body.DESCRIPTOR)}) has no way across a boundary"
             self._refuse(now, "out", peer, body, _wire(body.SerializeToString()), [problem])
         envelope = boundary_pb2.CrossBoundaryEnvelope(boundary_id=self._boundary_of_channel(peer))
         path: FieldPath = ()
-        data = b""
+        held: bytes | memoryview = b""
+        minted: Minted | None = None
         try:
             # The envelope gets the body without its tensor's data: the data is read once, here.
-            path, data = hold_apart(body, getattr(envelope, field))
+            path, held = hold_apart(body, getattr(envelope, field), data)
             path = (field, *path) if path else ()
             if self.audit is not None:
                 seq, head = self.audit.head()
                 envelope.audit_head.seq, envelope.audit_head.hash = seq, bytes.fromhex(head)
             found = tensors(envelope)
-            problems = self._channel_problems(peer) + schema_problems(envelope, found, _held(path, data))
-            problems = problems or self.terms.problems(envelope, self.role, found) + self._minted_problems(
-                found, body, path
-            )
+            problems = self._channel_problems(peer) + schema_problems(envelope, found, _held(path, held))
+            if not problems:
+                problems, minted = self._minted_problems(found, path, held)
+                problems = self.terms.problems(envelope, self.role, found) + problems
         except Exception as e:  # a check that fails is a refusal, never a dead sender
             problems = [_failure(e)]
         if problems:
-            refused = whole(envelope, path, data)
-            self._refuse(now, "out", peer, body, (refused.sha256(), refused.nbytes), problems)
-        frames = slice_envelope(envelope, path, data)
+            refused = whole(envelope, path, held, hashlib.sha256(held).digest())
+            self._refuse(now, "out", peer, body, (refused.digest(), refused.nbytes), problems)
+        # A minted aggregate's data was hashed when it was minted; any other is hashed here.
+        frames = slice_envelope(
+            envelope, path, held, minted.digest if minted is not None else hashlib.sha256(held).digest()
+        )
         self._count(body, frames.nbytes, peer)
-        self._record(now, "out", peer, body, (frames.sha256(), frames.nbytes), "sent", None)
+        self._record(now, "out", peer, body, (frames.digest(), frames.nbytes), "sent", None)
         return frames
 
     def _minted_problems(
-        self, found: list[tuple[str, tensor_pb2.TensorPayload]], body: Message, held: FieldPath
-    ) -> list[str]:
-        """A minted tensor the ledger did not mint; the one held apart at `held` is compared whole,
-        as `body` holds it."""
-        out = []
+        self, found: list[tuple[str, tensor_pb2.TensorPayload]], held: FieldPath, data: bytes | memoryview
+    ) -> tuple[list[str], Minted | None]:
+        """A minted tensor the ledger did not mint, and the ledger's record of the one it did; the
+        tensor whose data is held apart at `held` is compared with that data."""
+        out, record = [], None
         for path, t in found:
-            if held and path == ".".join(held[:-1]):
-                t = at(body, held[1:-1])
-            if TENSORS[path].minted and (self.ledger is None or not self.ledger.minted(t)):
+            if not TENSORS[path].minted:
+                continue
+            if self.ledger is not None:
+                record = self.ledger.minted(t, data if held and path == ".".join(held[:-1]) else None)
+            if record is None:
                 out.append(
                     f"{path}: this boundary's aggregation rounds did not mint this aggregate (a provenance "
                     "label is no proof)"
                 )
-        return out
+        return out, record
 
 
 @dataclass
 class _Partial:
-    """A sliced message being reassembled: the hash and byte count of its frames so far, and when
-    the last one came."""
+    """A sliced message being reassembled: the digest and byte count of its frames so far
+    (`WireDigest`), and when the last one came."""
 
     reassembler: Reassembler
-    digest: hashlib._Hash = field(default_factory=hashlib.sha256)
-    nbytes: int = 0
+    digest: WireDigest = field(default_factory=WireDigest)
     last_at: float = 0.0
-
-    def take(self, frame: bytes, now: float) -> None:
-        self.digest.update(frame)
-        self.nbytes += len(frame)
-        self.last_at = now
 
     @property
     def wire(self) -> Wire:
-        return self.digest.hexdigest(), self.nbytes
+        return self.digest.hexdigest(), self.digest.nbytes
 
 
 class IngressGuard(_Guard):
@@ -278,18 +287,34 @@ class IngressGuard(_Guard):
         contract, or whose checking fails in any way, raises ContractViolation (recorded) and
         discards the message it belonged to.
         """
+        complete = self.receive_apart(now, frame, peer)
+        if complete is None:
+            return None
+        envelope = complete.message()
+        return getattr(envelope, envelope.WhichOneof("body"))
+
+    def receive_apart(self, now: float, frame: bytes, peer: str) -> Whole | None:
+        """`receive`, the whole envelope given with its tensor's data held apart (`Whole`: its body
+        holds no data, `data` is it, in place in the buffer the slices were gathered in)."""
         self._expire(now, peer)
-        partial = self._partial.setdefault(peer, _Partial(Reassembler(self.terms.max_tensor_bytes)))
-        partial.take(frame, now)
-        envelope, body, complete = boundary_pb2.CrossBoundaryEnvelope(), None, None
+        partial = self._partial.get(peer)
+        if partial is None:
+            partial = self._partial[peer] = _Partial(Reassembler(self.terms.max_tensor_bytes))
+        partial.last_at = now
+        split = partial.reassembler.next_slice(frame)
+        if split is not None:  # exactly the next slice of a message whose first slice was checked
+            partial.digest.split(frame, split)
+            complete = partial.reassembler.add_next(memoryview(frame)[split[0] : split[1]])
+            return None if complete is None else self._received(now, peer, partial, complete)
+        envelope, body, complete, hashed = boundary_pb2.CrossBoundaryEnvelope(), None, None, False
         try:
             envelope.ParseFromString(frame)
             field = envelope.WhichOneof("body")
             body = getattr(envelope, field) if field else envelope
             found = tensors(envelope)
-            path, data, canonical = take_data(frame, envelope, found)  # held apart, not copied
+            path, data, split = take_data(frame, envelope, found)  # held apart, not copied
             problems = self._channel_problems(peer) + schema_problems(envelope, found, _held(path, data))
-            if not problems and not canonical:
+            if not problems and split is None:
                 problems = [
                     "the frame is not the canonical encoding of its message (fields repeated or reordered)"
                 ]
@@ -302,18 +327,24 @@ class IngressGuard(_Guard):
                 problems.append(
                     f"envelope names boundary {envelope.boundary_id[:32]!r}, the channel's is {boundary!r}"
                 )
+            partial.digest.split(frame, split)  # the frame's data is hashed once, here
+            hashed = True
             if not problems:
-                complete = partial.reassembler.add(envelope, data)
+                complete = partial.reassembler.add(envelope, data, frame)
         except Exception as e:  # undecodable, or a check that fails: a refusal, never a dead reader
             problems = [_failure(e)]
+        if not hashed:  # it could not be split: a frame without data
+            partial.digest.split(frame, None)
         if problems:
             self._partial.pop(peer)
             self._refuse(now, "in", peer, envelope if body is None else body, partial.wire, problems)
-        if complete is None:
-            return None
+        return None if complete is None else self._received(now, peer, partial, complete)
+
+    def _received(self, now: float, peer: str, partial: _Partial, complete: Whole) -> Whole:
+        """Count and record the message `complete` from `peer`."""
         del self._partial[peer]
-        body = getattr(complete, complete.WhichOneof("body"))
-        self._count(body, partial.nbytes, peer)
-        head = complete.audit_head if complete.HasField("audit_head") else None
+        body = getattr(complete.envelope, complete.envelope.WhichOneof("body"))
+        self._count(body, partial.digest.nbytes, peer)
+        head = complete.envelope.audit_head if complete.envelope.HasField("audit_head") else None
         self._record(now, "in", peer, body, partial.wire, "received", None, head)
-        return body
+        return complete

@@ -92,11 +92,22 @@ def _unknown(msg: Message) -> bool:
     return len(unknown_fields.UnknownFieldSet(msg)) > 0
 
 
-def hold_apart(src: Message, dst: Message) -> tuple[FieldPath, bytes]:
+def hold_apart(src: Message, dst: Message, data: bytes | memoryview | None = None) -> tuple[FieldPath, bytes]:
     """Copy `src` into the empty `dst` (same type) but for its first tensor's data, read once;
     returns that data's field path and the data. Without a tensor, or with unknown fields along its
-    path (which the schema refuses anyway), a plain copy, `()` and no data."""
+    path (which the schema refuses anyway), a plain copy, `()` and no data.
+
+    `data`: the tensor's data, held apart by the caller (`src`'s tensor holds none); ValueError
+    when `src` has no tensor to hold it or its tensor holds data too.
+    """
     found = tensors(src)
+    if data is not None:
+        if not found:
+            raise ValueError(f"{len(data)} B of tensor data beside a message that holds no tensor")
+        if found[0][1].data:
+            raise ValueError(f"{found[0][0]} holds data of its own beside the {len(data)} B held apart")
+        dst.CopyFrom(src)  # holds no data: cheap
+        return data_path(found[0][0]), data
     if not found:
         dst.CopyFrom(src)
         return (), b""
@@ -108,14 +119,18 @@ def hold_apart(src: Message, dst: Message) -> tuple[FieldPath, bytes]:
     return path, found[0][1].data
 
 
+Split = tuple[int, int]  # [start, stop) of a tensor's data in the frame that encodes it
+
+
 def take_data(
     frame: bytes,
     envelope: boundary_pb2.CrossBoundaryEnvelope,
     found: list[tuple[str, tensor_pb2.TensorPayload]],
-) -> tuple[FieldPath, bytes | memoryview, bool]:
+) -> tuple[FieldPath, bytes | memoryview, Split | None]:
     """Move the data of the first of `found` (the `tensors()` of `envelope`, parsed from `frame`)
-    out of `envelope`: its field path (`()` without a tensor), the data, and whether `frame` is
-    the canonical encoding of `envelope` (the very bytes `SerializeToString` writes for it).
+    out of `envelope`: its field path (`()` without a tensor), the data, and where it lies in
+    `frame` when `frame` is the canonical encoding of `envelope` (the very bytes
+    `SerializeToString` writes for it), else None.
 
     When `frame` is the canonical encoding of `envelope` with data of the length its numel says,
     the data is where that encoding puts it in `frame`, taken without a copy: the frame is then
@@ -123,7 +138,7 @@ def take_data(
     Otherwise the data is read (copied) from a second parse, for the checks to say what is wrong.
     """
     if not found:
-        return (), b"", envelope.SerializeToString() == frame
+        return (), b"", (len(frame), len(frame)) if envelope.SerializeToString() == frame else None
     path, tensor = data_path(found[0][0]), found[0][1]
     n = tensor.numel * ITEMSIZE.get(tensor.dtype, 0)
     tensor.ClearField(DATA)
@@ -138,13 +153,72 @@ def take_data(
             and frame.startswith(prefix)
             and frame.endswith(suffix)
         ):
-            return path, memoryview(frame)[len(prefix) : len(prefix) + n], True
+            split = len(prefix), len(prefix) + n
+            return path, memoryview(frame)[split[0] : split[1]], split
     data = tensors(boundary_pb2.CrossBoundaryEnvelope.FromString(frame))[0][1].data
     try:
         prefix, suffix = encode_around(envelope, path, len(data))
     except ValueError:  # unknown fields: the checks refuse them before asking
-        return path, data, False
-    return path, data, frame == b"".join((prefix, data, suffix))
+        return path, data, None
+    canonical = frame == b"".join((prefix, data, suffix))
+    return path, data, (len(prefix), len(prefix) + len(data)) if canonical else None
+
+
+class WireDigest:
+    """The digest an audit record carries of a message's frames (`payload_sha256`, format 2).
+
+    Each frame is split into prefix | data | suffix, its data being the slice of the tensor's data
+    it carries (empty when it carries none, or could not be parsed as a canonical encoding). The
+    digest is SHA-256 over a tag, every frame's three lengths, prefix and suffix, in order, and then
+    the SHA-256 of all the frames' data one after another. It fixes every byte of every frame, and
+    the data's own SHA-256 can be taken once, when an aggregate is minted
+    (`echelon.contract.provenance.Ledger`), instead of on every send.
+    """
+
+    TAG = b"echelon/wire/v2"
+
+    def __init__(self) -> None:
+        self._frames = hashlib.sha256(self.TAG)
+        self._data = hashlib.sha256()
+        self.nbytes = 0
+
+    def frame(self, prefix: bytes | memoryview, ndata: int, suffix: bytes | memoryview) -> None:
+        """Take one frame's prefix, data length and suffix (its data goes to `data`, or is known)."""
+        self._frames.update(b"".join(n.to_bytes(8, "little") for n in (len(prefix), ndata, len(suffix))))
+        self._frames.update(prefix)
+        self._frames.update(suffix)
+        self.nbytes += len(prefix) + ndata + len(suffix)
+
+    def data(self, data: bytes | memoryview) -> None:
+        """Take a frame's data (in order); hashlib releases the GIL on large buffers."""
+        self._data.update(data)
+
+    def split(self, frame: bytes, split: Split | None) -> None:
+        """Take a whole received frame, its data at `split` (None: it carries none)."""
+        start, stop = split if split is not None else (len(frame), len(frame))
+        view = memoryview(frame)
+        self.frame(view[:start], stop - start, view[stop:])
+        self.data(view[start:stop])
+
+    def hexdigest(self, data_digest: bytes | None = None) -> str:
+        """The digest; `data_digest`: the SHA-256 of all the data, when known (none was taken)."""
+        final = self._frames.copy()
+        final.update(self._data.digest() if data_digest is None else data_digest)
+        return final.hexdigest()
+
+
+def wire_digest(frames: Sequence[bytes]) -> str:
+    """`WireDigest` of received frames, each split as an ingress guard splits it."""
+    digest = WireDigest()
+    for frame in frames:
+        split = None
+        try:
+            envelope = boundary_pb2.CrossBoundaryEnvelope.FromString(frame)
+            split = take_data(frame, envelope, tensors(envelope))[2]
+        except Exception:  # undecodable, or unknown enum values: a frame without data
+            pass
+        digest.split(frame, split)
+    return digest.hexdigest()
 
 
 def _varint(n: int) -> bytes:
@@ -186,10 +260,12 @@ def encode_around(msg: Message, path: FieldPath, n: int) -> tuple[bytes, bytes]:
 @dataclass
 class Frames(Sequence[bytes]):
     """The frames of one outgoing envelope, each `prefix + data[start:stop] + suffix`; a frame is
-    built (its data copied once) only when it is taken (`frames[k]`, or iterating)."""
+    built (its data copied once) only when it is taken (`frames[k]`, or iterating). `data_digest`:
+    the SHA-256 of `data`."""
 
     data: memoryview
     layout: list[tuple[bytes, int, int, bytes]]
+    data_digest: bytes
 
     def __len__(self) -> int:
         return len(self.layout)
@@ -201,33 +277,35 @@ class Frames(Sequence[bytes]):
     @property
     def nbytes(self) -> int:
         """Bytes on the wire, all frames."""
-        return sum(len(p) + stop - start + len(s) for p, start, stop, s in self.layout)
+        return sum(self.sizes())
 
     def sizes(self) -> list[int]:
         """Bytes on the wire, frame by frame."""
         return [len(p) + stop - start + len(s) for p, start, stop, s in self.layout]
 
-    def sha256(self) -> str:
-        """SHA-256 of the frames one after the other, over the pieces (no frame is built)."""
-        digest = hashlib.sha256()
+    def digest(self) -> str:
+        """`WireDigest` of the frames, without a pass over the data (its digest is known)."""
+        digest = WireDigest()
         for prefix, start, stop, suffix in self.layout:
-            digest.update(prefix)
-            digest.update(self.data[start:stop])  # hashlib releases the GIL on large buffers
-            digest.update(suffix)
-        return digest.hexdigest()
+            digest.frame(prefix, stop - start, suffix)
+        return digest.hexdigest(self.data_digest)
 
 
-def whole(envelope: boundary_pb2.CrossBoundaryEnvelope, path: FieldPath, data: bytes) -> Frames:
-    """`envelope` (its data `data` held apart at `path`) as one frame."""
+def whole(
+    envelope: boundary_pb2.CrossBoundaryEnvelope, path: FieldPath, data: bytes, data_digest: bytes
+) -> Frames:
+    """`envelope` (its data `data`, of SHA-256 `data_digest`, held apart at `path`) as one frame."""
     prefix, suffix = encode_around(envelope, path, len(data)) if path else (envelope.SerializeToString(), b"")
-    return Frames(memoryview(data), [(prefix, 0, len(data), suffix)])
+    return Frames(memoryview(data), [(prefix, 0, len(data), suffix)], data_digest)
 
 
-def slice_envelope(envelope: boundary_pb2.CrossBoundaryEnvelope, path: FieldPath, data: bytes) -> Frames:
-    """`envelope` (its tensor's `data` held apart at `path`, consistent with its numel: checked),
-    as one frame, or as typed slices when the data exceeds MAX_SLICE_BYTES."""
+def slice_envelope(
+    envelope: boundary_pb2.CrossBoundaryEnvelope, path: FieldPath, data: bytes, data_digest: bytes
+) -> Frames:
+    """`envelope` (its tensor's `data`, of SHA-256 `data_digest`, held apart at `path`, consistent
+    with its numel: checked), as one frame, or as typed slices when the data exceeds MAX_SLICE_BYTES."""
     if len(data) <= MAX_SLICE_BYTES:
-        return whole(envelope, path, data)
+        return whole(envelope, path, data, data_digest)
     part = boundary_pb2.CrossBoundaryEnvelope()
     part.CopyFrom(envelope)  # holds no data: cheap
     tensor = at(part, path[:-1])
@@ -239,24 +317,49 @@ def slice_envelope(envelope: boundary_pb2.CrossBoundaryEnvelope, path: FieldPath
         tensor.numel, tensor.offset, tensor.total_numel = count, start, numel
         prefix, suffix = encode_around(part, path, count * itemsize)
         layout.append((prefix, start * itemsize, (start + count) * itemsize, suffix))
-    return Frames(memoryview(data), layout)
+    return Frames(memoryview(data), layout, data_digest)
+
+
+def encode_frames(envelope: boundary_pb2.CrossBoundaryEnvelope) -> Frames:
+    """`envelope` in the frames a guard sends it in, with no check (for tests and attackers)."""
+    dataless = boundary_pb2.CrossBoundaryEnvelope()
+    path, data = hold_apart(envelope, dataless)
+    return slice_envelope(dataless, path, data, hashlib.sha256(data).digest())
+
+
+@dataclass
+class Whole:
+    """A reassembled envelope: `envelope` without its tensor's data, which is `data` (held apart
+    at `path`; `()` and no data without a tensor), and the envelope's canonical `encoding` that
+    holds it there."""
+
+    envelope: boundary_pb2.CrossBoundaryEnvelope
+    path: FieldPath
+    data: bytes | memoryview
+    encoding: bytes | bytearray
+
+    def message(self) -> boundary_pb2.CrossBoundaryEnvelope:
+        """The envelope with its data (parsed once from its encoding: the one copy)."""
+        return boundary_pb2.CrossBoundaryEnvelope.FromString(self.encoding) if self.data else self.envelope
 
 
 class Reassembler:
     """Joins the slices of one message, in order; a message without slices completes at once.
 
     `max_bytes` caps the data of the whole tensor a first slice may announce. Each slice's data
-    is appended, as it arrives, to the whole message's encoding, which is parsed once when the
-    last slice has come (reading or setting a bytes field would copy it again).
+    is appended, as it arrives, to the whole message's encoding (`Whole`): a receiver takes the
+    data from it in place, or parses it once (reading or setting a bytes field would copy it again).
     """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._template: boundary_pb2.CrossBoundaryEnvelope | None = None  # the first slice, data cut
+        self._envelope = boundary_pb2.CrossBoundaryEnvelope()  # the whole message, without its data
         self._path = ""
         self._whole = bytearray()  # the encoding of the whole message so far
         self._suffix = b""  # and what follows its data
         self._next = 0  # element offset the next slice must start at
+        self._itemsize = 1  # of the tensor's dtype
 
     @property
     def first(self) -> boundary_pb2.CrossBoundaryEnvelope | None:
@@ -264,19 +367,18 @@ class Reassembler:
         return self._template
 
     def add(
-        self, part: boundary_pb2.CrossBoundaryEnvelope, data: bytes | memoryview
-    ) -> boundary_pb2.CrossBoundaryEnvelope | None:
+        self, part: boundary_pb2.CrossBoundaryEnvelope, data: bytes | memoryview, frame: bytes
+    ) -> Whole | None:
         """The whole message once `part` completes it, else None. `part`'s first tensor holds no
-        data: `data` is it (`take_data`). ValueError (and the partial message dropped) on a slice
-        of another message, out of order, beyond the cap, or with data other than its numel says."""
+        data: `data` is it (`take_data`), and `frame` is `part`'s canonical encoding holding it.
+        ValueError (and the partial message dropped) on a slice of another message, out of order,
+        beyond the cap, or with data other than its numel says."""
         found = tensors(part)
         if not found or found[0][1].total_numel == 0:
             if self._template is not None:
                 self._reset()
                 raise ValueError("an unsliced message arrived in the middle of a sliced one")
-            if found and data:
-                found[0][1].data = bytes(data)  # at most one frame's bytes
-            return part
+            return Whole(part, data_path(found[0][0]) if found else (), data, frame)
         path, tensor = found[0]
         total, numel, offset = tensor.total_numel, tensor.numel, tensor.offset
         tensor.numel = tensor.offset = 0
@@ -301,23 +403,57 @@ class Reassembler:
             )
         if self._template is None:
             self._start(part, path, total, itemsize)
+        return self._append(data, numel)
+
+    def next_slice(self, frame: bytes) -> Split | None:
+        """Where the data lies in `frame` when `frame` is, byte for byte, the canonical encoding of
+        the next slice of the message being reassembled, else None. Such a frame is that slice
+        and no other message (a canonical encoding parses to one message only): it differs from
+        the first slice, which passed every check, only in its data, numel and offset, which are
+        where they must be. So it needs no parse and no check of its own (`add_next`)."""
+        if self._template is None:
+            return None
+        tensor = at(self._template, data_path(self._path)[:-1])
+        count = min(MAX_SLICE_BYTES // self._itemsize, tensor.total_numel - self._next)
+        tensor.numel, tensor.offset = count, self._next
+        try:
+            prefix, suffix = encode_around(self._template, data_path(self._path), count * self._itemsize)
+        finally:
+            tensor.numel = tensor.offset = 0
+        stop = len(prefix) + count * self._itemsize
+        if len(frame) == stop + len(suffix) and frame.startswith(prefix) and frame.endswith(suffix):
+            return len(prefix), stop
+        return None
+
+    def add_next(self, data: bytes | memoryview) -> Whole | None:
+        """`add` of the next slice's data, its frame recognised by `next_slice`."""
+        return self._append(data, len(data) // self._itemsize)
+
+    def _append(self, data: bytes | memoryview, numel: int) -> Whole | None:
         self._whole += data
-        self._next = offset + numel
+        self._next += numel
+        total = at(self._envelope, data_path(self._path)[:-1]).numel
         if self._next < total:
             return None
+        start = len(self._whole) - total * self._itemsize
         self._whole += self._suffix
-        whole = boundary_pb2.CrossBoundaryEnvelope.FromString(self._whole)
+        done = Whole(
+            self._envelope,
+            data_path(self._path),
+            memoryview(self._whole)[start : start + total * self._itemsize],
+            self._whole,
+        )
         self._reset()
-        return whole
+        return done
 
     def _start(self, first: boundary_pb2.CrossBoundaryEnvelope, path: str, total: int, itemsize: int) -> None:
         """Lay out the whole message of which `first` (its data cut) is the first slice."""
-        self._template, self._path = first, path
-        whole = boundary_pb2.CrossBoundaryEnvelope()
-        whole.CopyFrom(first)
-        tensor = at(whole, data_path(path)[:-1])
+        self._template, self._path, self._itemsize = first, path, itemsize
+        self._envelope = boundary_pb2.CrossBoundaryEnvelope()
+        self._envelope.CopyFrom(first)
+        tensor = at(self._envelope, data_path(path)[:-1])
         tensor.numel, tensor.total_numel = total, 0
-        prefix, self._suffix = encode_around(whole, data_path(path), total * itemsize)
+        prefix, self._suffix = encode_around(self._envelope, data_path(path), total * itemsize)
         self._whole = bytearray(prefix)
 
     def _reset(self) -> None:
