@@ -13,10 +13,12 @@ Anything else, and any exception while checking, raises `ContractViolation`, is 
 refused, and nothing is sent or delivered. Both runtimes call these very objects.
 
 A tensor's data is held apart from its message on both sides and copied once per side
-(`echelon.contract.slicing`): `stream` returns frames that are built as they are taken, so a
-transport writes frame k while frame k+1 is built; their SHA-256 is taken before, in one pass
-over the data, because the record carries it and must be on disk before the first byte leaves.
-An ingress guard hashes each frame as it arrives.
+(`echelon.contract.slicing`): `stream` takes it beside the body or reads it out once, and returns
+frames that are built as they are taken, so a transport writes frame k while frame k+1 is built.
+The record carries the frames' wire digest (`WireDigest`) and must be on disk before the first
+byte leaves; a minted aggregate's data was hashed when it was minted, any other data is hashed
+here. An ingress guard hashes the data as it arrives and gives the body with its data beside it
+(`receive_apart`) or parsed into it (`receive`).
 """
 
 from __future__ import annotations

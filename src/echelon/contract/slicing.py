@@ -2,7 +2,9 @@
 
 A message whose tensor (at any depth) holds more than `MAX_SLICE_BYTES` of data travels as
 several envelopes of the same type, each a valid message on its own whose tensor holds one slice
-(`offset`, `total_numel`). No untyped frame ever crosses: every slice passes the same checks.
+(`offset`, `total_numel`). No untyped frame ever crosses: a first slice passes every check, and
+each later one either is byte for byte the next slice of that message (`Reassembler.next_slice`:
+it then differs from the checked first only in its data, numel and offset) or passes them too.
 Both runtimes use these slices, so simulated and deployed byte counts agree.
 
 The protobuf runtime (upb) copies a bytes field whenever it is read, set, copied with its message
@@ -12,9 +14,10 @@ guards hold a tensor's data apart from its message, and copy it at most once per
 - `hold_apart` copies a body without its tensor's data, which it reads once;
 - `encode_around` gives the canonical encoding of a message around a hole where that data goes
   (prefix + data + suffix is exactly what `SerializeToString` would write);
-- `frames` lays out the frames (the envelope, or its slices) as such prefixes and suffixes around
-  slices of the data: their SHA-256 is taken over the pieces, and each frame is built (the one
-  copy) only when it is taken, so a transport sends frame k while frame k+1 is built.
+- `slice_envelope` lays out the frames (the envelope, or its slices) as such prefixes and
+  suffixes around slices of the data: their `WireDigest` is taken over the pieces and the data's
+  own SHA-256, and each frame is built (the one copy) only when it is taken, so a transport sends
+  frame k while frame k+1 is built.
 
 `Reassembler` joins the slices only when every slice is the same message (all fields but the
 slice's data, numel and offset equal), in order, and the whole fits its byte cap: a slice of
