@@ -378,11 +378,11 @@ def main() -> None:
     parser.add_argument("--demo-tokens", type=int, default=100_000, help="token budget of the demo run")
     parser.add_argument("--skip-demo", action="store_true", help="skip the demo's wall times")
     parser.add_argument(
-        "--quick", action="store_true", help="20 MB aggregate, 3 repetitions, 500 pings, no demo"
+        "--quick", action="store_true", help="20 MB aggregate, 7 repetitions, 500 pings, no demo"
     )
     args = parser.parse_args()
     if args.quick:
-        args.megabytes, args.reps, args.pings, args.skip_demo = 20.0, 3, 500, True
+        args.megabytes, args.reps, args.pings, args.skip_demo = 20.0, 7, 500, True
     with tempfile.TemporaryDirectory(prefix="echelon-transport-") as tmp:
         t = transport(args.megabytes, args.reps, args.pings, Path(tmp) / "transport")
         d = None if args.skip_demo else demo(args.demo_tokens, Path(tmp) / "demo")
