@@ -50,7 +50,7 @@ from echelon.audit.verify import verify_log, verify_run
 from echelon.config import RunConfig
 from echelon.contract.guard import IngressGuard
 from echelon.contract.policy import Terms
-from echelon.contract.slicing import slice_envelope
+from echelon.contract.slicing import encode_frames
 from echelon.runtime.grpc.boundary_role import BoundaryRole
 from echelon.runtime.grpc.global_role import GlobalRole
 from echelon.runtime.grpc.tls import init_certs, load_credentials
@@ -112,7 +112,7 @@ class Boundary:
         getattr(envelope, CROSS_BOUNDARY_BODIES[body.DESCRIPTOR.full_name]).CopyFrom(body)
         envelope.audit_head.seq, envelope.audit_head.hash = self.sent, bytes(32)
         self.sent += 1
-        return [part.SerializeToString() for part in slice_envelope(envelope)]
+        return list(encode_frames(envelope))
 
     async def send(self, body) -> None:
         for frame in self.frames(body):

@@ -45,6 +45,18 @@ def float_problem(t: tensor_pb2.TensorPayload, numel: int) -> str | None:
     return None
 
 
+def float_data(values: np.ndarray, dtype: int = tensor_pb2.FLOAT32) -> tuple[int, bytes]:
+    """(numel, data) of a 1-D float array as a FLOAT32 or BFLOAT16 (round to nearest even) payload."""
+    if dtype == tensor_pb2.FLOAT32:
+        v = np.ascontiguousarray(values, dtype="<f4").reshape(-1)
+    elif dtype == tensor_pb2.BFLOAT16:
+        t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(-1))
+        v = t.to(torch.bfloat16).view(torch.int16).numpy().astype("<i2")
+    else:
+        raise ValueError(f"cannot encode a float vector as dtype {dtype}")
+    return v.size, v.tobytes()
+
+
 def payload(
     values: np.ndarray, provenance: int, contributors: int = 0, dtype: int = tensor_pb2.FLOAT32
 ) -> tensor_pb2.TensorPayload:
@@ -52,17 +64,9 @@ def payload(
 
     For the contract's own minting (`echelon.contract.provenance`); everyone else calls `encode`.
     """
-    if dtype == tensor_pb2.FLOAT32:
-        v = np.ascontiguousarray(values, dtype="<f4").reshape(-1)
-        data = v.tobytes()
-    elif dtype == tensor_pb2.BFLOAT16:
-        t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(-1))
-        v = t.to(torch.bfloat16).view(torch.int16).numpy().astype("<i2")
-        data = v.tobytes()
-    else:
-        raise ValueError(f"cannot encode a float vector as dtype {dtype}")
+    numel, data = float_data(values, dtype)
     return tensor_pb2.TensorPayload(
-        provenance=provenance, contributors=contributors, dtype=dtype, numel=v.size, data=data
+        provenance=provenance, contributors=contributors, dtype=dtype, numel=numel, data=data
     )
 
 

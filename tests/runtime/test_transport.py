@@ -272,3 +272,36 @@ def test_a_masked_boundary_delta_crosses_in_slices_like_every_other_tensor():
     ingress = IngressGuard("global", terms, None)
     received = [ingress.receive(0.0, f, "boundary.b0") for f in frames]
     assert received[:-1] == [None] * 4 and received[-1] == body
+
+
+def test_an_outbox_builds_a_guards_frames_one_by_one_as_it_releases_them():
+    from echelon.contract.guard import EgressGuard
+    from echelon.contract.policy import Terms
+    from echelon.contract.slicing import MAX_SLICE_BYTES, Frames
+    from echelon.v1 import boundary_pb2
+    from tests.contract.kit import model_with_aggregate
+
+    n = 2 * MAX_SLICE_BYTES // 4 + 10  # three slices of float32
+    model = model_with_aggregate(n)
+    guard = EgressGuard("boundary.b0", Terms(2, n), None, model.ledger)
+    body = boundary_pb2.BoundaryDelta(outer_step=1, contributors=2, delta=model.delta_payload())
+    expected, built = guard.send(0.0, body, "global"), []
+
+    class Watched(Frames):
+        def __getitem__(self, k: int) -> bytes:
+            built.append(k)
+            return super().__getitem__(k)
+
+    async def scenario():
+        out, taken = _outbox(), []
+        frames = guard.stream(0.0, body, "global")
+        out.put(Watched(frames.data, frames.layout, frames.data_digest))
+        assert built == []
+        async for frame in out.frames():
+            taken.append(frame)
+            assert built == list(range(len(taken)))  # frame k is built when it is released
+            if len(taken) == len(expected):
+                out.close()
+        return taken
+
+    assert asyncio.run(scenario()) == expected

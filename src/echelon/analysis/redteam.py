@@ -34,7 +34,6 @@ the buffer's capacity (the run file's buffer_size, or the boundary's roster for 
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -48,6 +47,7 @@ from google.protobuf.message import Message
 from rich.table import Table
 
 from echelon.config import RunConfig
+from echelon.contract.slicing import wire_digest
 from echelon.errors import UserError
 from echelon.planes.boundary import StepMembers
 from echelon.planes.coordinator import GlobalPlane
@@ -107,7 +107,7 @@ class Recorder:
 
     def received(self, now: float, sender: str, message: Message, frames: list[bytes]) -> None:
         b = _boundary(sender)
-        digest = hashlib.sha256(b"".join(frames)).hexdigest()
+        digest = wire_digest(frames)  # as the global plane's ingress guard records it
         self.view.hashes.append(("boundary." + b, digest))
         if isinstance(message, boundary_pb2.BoundaryStatus):
             self.view.statuses[b].append(

@@ -25,7 +25,7 @@ import json
 import math
 import re
 
-FORMAT = "echelon-audit/2"
+FORMAT = "echelon-audit/3"  # 3: payload_sha256 is a WireDigest (echelon.contract.slicing)
 GENESIS = "0" * 64
 
 # Fields a caller passes to `AuditLog.append`; the log adds kind, seq, prev_hash and hash.

@@ -5,12 +5,20 @@ sends across and one `IngressGuard` for what it receives. `send` wraps the body 
 of its channel with the party's audit chain head, checks it against the schema's rules
 (`echelon.contract.rules`) and the run's terms (`echelon.contract.policy`), and for a boundary that
 a float aggregate is one its own rounds minted (`echelon.contract.provenance.Ledger`); then it
-serialises it (in typed slices when large: `echelon.contract.slicing`), counts the exact wire
-bytes, records it, and only then returns the frames to transmit. `receive` checks each frame
-the same way, and that it is the canonical encoding of a message (no unknown fields, no second
-encoding of the same message), before reassembling it. Anything else, and any exception while
-checking, raises `ContractViolation`, is recorded as refused, and nothing is sent or delivered.
-Both runtimes call these very objects.
+lays out its frames (in typed slices when large: `echelon.contract.slicing`), counts the exact
+wire bytes, hashes them, records it (a sent record is synced), and only then returns the frames
+to transmit. `receive` checks each frame the same way, and that it is the canonical encoding of
+a message (no unknown fields, no second encoding of the same message), before reassembling it.
+Anything else, and any exception while checking, raises `ContractViolation`, is recorded as
+refused, and nothing is sent or delivered. Both runtimes call these very objects.
+
+A tensor's data is held apart from its message on both sides and copied once per side
+(`echelon.contract.slicing`): `stream` takes it beside the body or reads it out once, and returns
+frames that are built as they are taken, so a transport writes frame k while frame k+1 is built.
+The record carries the frames' wire digest (`WireDigest`) and must be on disk before the first
+byte leaves; a minted aggregate's data was hashed when it was minted, any other data is hashed
+here. An ingress guard hashes the data as it arrives and gives the body with its data beside it
+(`receive_apart`) or parsed into it (`receive`).
 """
 
 from __future__ import annotations
@@ -23,9 +31,20 @@ from typing import Protocol
 from google.protobuf.message import DecodeError, Message
 
 from echelon.contract.policy import BOUNDARY, TENSORS, Terms, role_of
-from echelon.contract.provenance import Ledger
+from echelon.contract.provenance import Ledger, Minted
 from echelon.contract.rules import flow_class_name, round_of, schema_problems, tensor_summary, tensors
-from echelon.contract.slicing import REASSEMBLY_IDLE_S, Reassembler, slice_envelope
+from echelon.contract.slicing import (
+    REASSEMBLY_IDLE_S,
+    FieldPath,
+    Frames,
+    Reassembler,
+    Whole,
+    WireDigest,
+    hold_apart,
+    slice_envelope,
+    take_data,
+    whole,
+)
 from echelon.v1 import boundary_pb2, tensor_pb2
 from echelon.wire import CROSS_BOUNDARY_BODIES
 
@@ -42,6 +61,21 @@ class AuditSink(Protocol):
     def head(self) -> tuple[int, str]:
         """(seq, hash) of the last record: the chain head the party's next message carries."""
         ...
+
+
+Wire = tuple[str, int]  # what a record says of the frames: their `WireDigest` (hex) and byte count
+
+
+def _wire(frame: bytes) -> Wire:
+    """A frame that is no envelope (a body refused before it was wrapped), as a frame without data."""
+    digest = WireDigest()
+    digest.split(frame, None)
+    return digest.hexdigest(), digest.nbytes
+
+
+def _held(path: FieldPath, data: bytes | memoryview) -> tuple[str, int] | None:
+    """The `tensors()` path and data length of a tensor whose data is held apart at `path`."""
+    return (".".join(path[:-1]), len(data)) if path else None
 
 
 def _failure(e: Exception) -> str:
@@ -81,7 +115,7 @@ class _Guard:
         direction: str,
         peer: str,
         body: Message,
-        frames: list[bytes],
+        wire: Wire,
         outcome: str,
         reason: str | None,
         peer_head: boundary_pb2.AuditHead | None = None,
@@ -89,9 +123,6 @@ class _Guard:
         if self.audit is None:
             return
         provenance, quorum = tensor_summary(body)
-        digest = hashlib.sha256()
-        for frame in frames:
-            digest.update(frame)
         self.audit.append(
             time=now,
             channel=f"{peer}<->{self.party}" if direction == "in" else f"{self.party}<->{peer}",
@@ -99,9 +130,9 @@ class _Guard:
             peer=peer,
             message_type=body.DESCRIPTOR.full_name,
             flow_class=flow_class_name(body.DESCRIPTOR),
-            wire_bytes=sum(len(f) for f in frames),
+            wire_bytes=wire[1],
             round_id=round_of(body),
-            payload_sha256=digest.hexdigest(),
+            payload_sha256=wire[0],
             quorum=quorum,
             provenance=provenance,
             outcome=outcome,
@@ -111,18 +142,18 @@ class _Guard:
         )
 
     def _refuse(
-        self, now: float, direction: str, peer: str, body: Message, frames: list[bytes], problems: list[str]
+        self, now: float, direction: str, peer: str, body: Message, wire: Wire, problems: list[str]
     ) -> None:
         self.refused += 1
         reason = "; ".join(problems)
-        self._record(now, direction, peer, body, frames, "refused", reason)
+        self._record(now, direction, peer, body, wire, "refused", reason)
         arrow = f"{self.party} -> {peer}" if direction == "out" else f"{peer} -> {self.party}"
         raise ContractViolation(f"{arrow}: {reason}")
 
-    def _count(self, body: Message, frames: list[bytes], peer: str) -> None:
-        name, nbytes = body.DESCRIPTOR.full_name, sum(len(f) for f in frames)
-        self.bytes_by_type[name] += nbytes
-        self.bytes_by_boundary[self._boundary_of_channel(peer)] += nbytes
+    def _count(self, body: Message, wire_bytes: int, peer: str) -> None:
+        name = body.DESCRIPTOR.full_name
+        self.bytes_by_type[name] += wire_bytes
+        self.bytes_by_boundary[self._boundary_of_channel(peer)] += wire_bytes
         self.messages_by_type[name] += 1
 
     @property
@@ -143,55 +174,87 @@ class EgressGuard(_Guard):
         super().__init__(party, terms, audit)
         self.ledger = ledger
 
-    def send(self, now: float, body: Message, peer: str) -> list[bytes]:
+    def send(self, now: float, body: Message, peer: str, data: bytes | None = None) -> list[bytes]:
         """Wrap `body` for the channel to `peer`, check, serialise, count and record it.
 
         Returns the frames to transmit in order (one, or typed slices of a large tensor). Raises
         ContractViolation (recorded, nothing sent) when the body has no way across or breaks the
-        contract.
+        contract. `data`: as `stream`.
+        """
+        return list(self.stream(now, body, peer, data))
+
+    def stream(self, now: float, body: Message, peer: str, data: bytes | memoryview | None = None) -> Frames:
+        """`send`, with the frames built one by one as they are taken (`Frames`), so a transport
+        sends each while the next is built. Checked, counted and recorded when this returns.
+
+        `data`: the data of `body`'s tensor, held apart by the caller (the tensor holds none), as a
+        boundary holds what its ledger minted (`Minted.data`); it is checked against the tensor's
+        numel as if the tensor held it.
         """
         field = CROSS_BOUNDARY_BODIES.get(body.DESCRIPTOR.full_name)
         if field is None:
             problem = f"{body.DESCRIPTOR.full_name} ({flow_class_name(body.DESCRIPTOR)}) has no way across a boundary"
-            self._refuse(now, "out", peer, body, [body.SerializeToString()], [problem])
+            self._refuse(now, "out", peer, body, _wire(body.SerializeToString()), [problem])
         envelope = boundary_pb2.CrossBoundaryEnvelope(boundary_id=self._boundary_of_channel(peer))
+        path: FieldPath = ()
+        held: bytes | memoryview = b""
+        minted: Minted | None = None
         try:
-            getattr(envelope, field).CopyFrom(body)
+            # The envelope gets the body without its tensor's data: the data is read once, here.
+            path, held = hold_apart(body, getattr(envelope, field), data)
+            path = (field, *path) if path else ()
             if self.audit is not None:
                 seq, head = self.audit.head()
                 envelope.audit_head.seq, envelope.audit_head.hash = seq, bytes.fromhex(head)
             found = tensors(envelope)
-            problems = self._channel_problems(peer) + schema_problems(envelope, found)
-            problems = problems or self.terms.problems(envelope, self.role, found) + self._minted_problems(
-                found
-            )
+            problems = self._channel_problems(peer) + schema_problems(envelope, found, _held(path, held))
+            if not problems:
+                problems, minted = self._minted_problems(found, path, held)
+                problems = self.terms.problems(envelope, self.role, found) + problems
         except Exception as e:  # a check that fails is a refusal, never a dead sender
             problems = [_failure(e)]
         if problems:
-            self._refuse(now, "out", peer, body, [envelope.SerializeToString()], problems)
-        frames = [part.SerializeToString() for part in slice_envelope(envelope)]
-        self._count(body, frames, peer)
-        self._record(now, "out", peer, body, frames, "sent", None)
+            refused = whole(envelope, path, held, hashlib.sha256(held).digest())
+            self._refuse(now, "out", peer, body, (refused.digest(), refused.nbytes), problems)
+        # A minted aggregate's data was hashed when it was minted; any other is hashed here.
+        frames = slice_envelope(
+            envelope, path, held, minted.digest if minted is not None else hashlib.sha256(held).digest()
+        )
+        self._count(body, frames.nbytes, peer)
+        self._record(now, "out", peer, body, (frames.digest(), frames.nbytes), "sent", None)
         return frames
 
-    def _minted_problems(self, found: list[tuple[str, tensor_pb2.TensorPayload]]) -> list[str]:
-        out = []
+    def _minted_problems(
+        self, found: list[tuple[str, tensor_pb2.TensorPayload]], held: FieldPath, data: bytes | memoryview
+    ) -> tuple[list[str], Minted | None]:
+        """A minted tensor the ledger did not mint, and the ledger's record of the one it did; the
+        tensor whose data is held apart at `held` is compared with that data."""
+        out, record = [], None
         for path, t in found:
-            if TENSORS[path].minted and (self.ledger is None or not self.ledger.minted(t)):
+            if not TENSORS[path].minted:
+                continue
+            if self.ledger is not None:
+                record = self.ledger.minted(t, data if held and path == ".".join(held[:-1]) else None)
+            if record is None:
                 out.append(
                     f"{path}: this boundary's aggregation rounds did not mint this aggregate (a provenance "
                     "label is no proof)"
                 )
-        return out
+        return out, record
 
 
 @dataclass
 class _Partial:
-    """A sliced message being reassembled: its frames so far, and when the last one came."""
+    """A sliced message being reassembled: the digest and byte count of its frames so far
+    (`WireDigest`), and when the last one came."""
 
     reassembler: Reassembler
-    frames: list[bytes] = field(default_factory=list)
+    digest: WireDigest = field(default_factory=WireDigest)
     last_at: float = 0.0
+
+    @property
+    def wire(self) -> Wire:
+        return self.digest.hexdigest(), self.digest.nbytes
 
 
 class IngressGuard(_Guard):
@@ -212,11 +275,11 @@ class IngressGuard(_Guard):
         if partial is None or now - partial.last_at <= REASSEMBLY_IDLE_S:
             return
         del self._partial[peer]
-        first = boundary_pb2.CrossBoundaryEnvelope.FromString(partial.frames[0])  # checked on arrival
+        first = partial.reassembler.first  # checked on arrival
         self.refused += 1
         reason = f"no slice of this message for over {REASSEMBLY_IDLE_S:g} s: its parts were dropped"
         self._record(
-            now, "in", peer, getattr(first, first.WhichOneof("body")), partial.frames, "refused", reason
+            now, "in", peer, getattr(first, first.WhichOneof("body")), partial.wire, "refused", reason
         )
 
     def receive(self, now: float, frame: bytes, peer: str) -> Message | None:
@@ -226,18 +289,34 @@ class IngressGuard(_Guard):
         contract, or whose checking fails in any way, raises ContractViolation (recorded) and
         discards the message it belonged to.
         """
+        complete = self.receive_apart(now, frame, peer)
+        if complete is None:
+            return None
+        envelope = complete.message()
+        return getattr(envelope, envelope.WhichOneof("body"))
+
+    def receive_apart(self, now: float, frame: bytes, peer: str) -> Whole | None:
+        """`receive`, the whole envelope given with its tensor's data held apart (`Whole`: its body
+        holds no data, `data` is it, in place in the buffer the slices were gathered in)."""
         self._expire(now, peer)
-        partial = self._partial.setdefault(peer, _Partial(Reassembler(self.terms.max_tensor_bytes)))
-        reassembler, frames, partial.last_at = partial.reassembler, partial.frames, now
-        frames.append(frame)
-        envelope, body, whole = boundary_pb2.CrossBoundaryEnvelope(), None, None
+        partial = self._partial.get(peer)
+        if partial is None:
+            partial = self._partial[peer] = _Partial(Reassembler(self.terms.max_tensor_bytes))
+        partial.last_at = now
+        split = partial.reassembler.next_slice(frame)
+        if split is not None:  # exactly the next slice of a message whose first slice was checked
+            partial.digest.split(frame, split)
+            complete = partial.reassembler.add_next(memoryview(frame)[split[0] : split[1]])
+            return None if complete is None else self._received(now, peer, partial, complete)
+        envelope, body, complete, hashed = boundary_pb2.CrossBoundaryEnvelope(), None, None, False
         try:
             envelope.ParseFromString(frame)
             field = envelope.WhichOneof("body")
             body = getattr(envelope, field) if field else envelope
             found = tensors(envelope)
-            problems = self._channel_problems(peer) + schema_problems(envelope, found)
-            if not problems and envelope.SerializeToString() != frame:
+            path, data, split = take_data(frame, envelope, found)  # held apart, not copied
+            problems = self._channel_problems(peer) + schema_problems(envelope, found, _held(path, data))
+            if not problems and split is None:
                 problems = [
                     "the frame is not the canonical encoding of its message (fields repeated or reordered)"
                 ]
@@ -250,18 +329,24 @@ class IngressGuard(_Guard):
                 problems.append(
                     f"envelope names boundary {envelope.boundary_id[:32]!r}, the channel's is {boundary!r}"
                 )
+            partial.digest.split(frame, split)  # the frame's data is hashed once, here
+            hashed = True
             if not problems:
-                whole = reassembler.add(envelope)
+                complete = partial.reassembler.add(envelope, data, frame)
         except Exception as e:  # undecodable, or a check that fails: a refusal, never a dead reader
             problems = [_failure(e)]
+        if not hashed:  # it could not be split: a frame without data
+            partial.digest.split(frame, None)
         if problems:
             self._partial.pop(peer)
-            self._refuse(now, "in", peer, envelope if body is None else body, frames, problems)
-        if whole is None:
-            return None
+            self._refuse(now, "in", peer, envelope if body is None else body, partial.wire, problems)
+        return None if complete is None else self._received(now, peer, partial, complete)
+
+    def _received(self, now: float, peer: str, partial: _Partial, complete: Whole) -> Whole:
+        """Count and record the message `complete` from `peer`."""
         del self._partial[peer]
-        body = getattr(whole, whole.WhichOneof("body"))
-        self._count(body, frames, peer)
-        head = whole.audit_head if whole.HasField("audit_head") else None
-        self._record(now, "in", peer, body, frames, "received", None, head)
-        return body
+        body = getattr(complete.envelope, complete.envelope.WhichOneof("body"))
+        self._count(body, partial.digest.nbytes, peer)
+        head = complete.envelope.audit_head if complete.envelope.HasField("audit_head") else None
+        self._record(now, "in", peer, body, partial.wire, "received", None, head)
+        return complete

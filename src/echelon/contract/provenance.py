@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from echelon.tensors import Bounds, fragment_bounds, payload
+from echelon.tensors import Bounds, float_data, fragment_bounds, payload
 from echelon.v1 import tensor_pb2
 
 LEDGER_SIZE = 8  # minted payloads a ledger keeps (one per fragment in flight, and a resend)
@@ -104,19 +104,54 @@ class RoundSeal:
             )
 
 
+@dataclass(frozen=True)
+class Minted:
+    """One minted payload as the ledger keeps it: the payload without its data (`header`), the
+    data, and the data's SHA-256, taken once here so that no send hashes it again."""
+
+    header: tensor_pb2.TensorPayload
+    data: bytes
+    digest: bytes
+
+
+def _header(t: tensor_pb2.TensorPayload) -> tensor_pb2.TensorPayload:
+    """`t` without its data (reading no data: a read of a bytes field copies it)."""
+    header = tensor_pb2.TensorPayload()
+    for field in t.DESCRIPTOR.fields:
+        if field.name != "data":
+            setattr(header, field.name, getattr(t, field.name))
+    return header
+
+
 class Ledger:
-    """The BOUNDARY_AGGREGATE payloads one boundary minted (the last LEDGER_SIZE, kept whole:
-    comparing is cheaper than hashing, and a boundary has only a few in flight)."""
+    """The BOUNDARY_AGGREGATE payloads one boundary minted (the last LEDGER_SIZE, their data kept
+    whole: comparing is cheaper than hashing, and a boundary has only a few in flight)."""
 
     def __init__(self) -> None:
-        self._minted: deque[tensor_pb2.TensorPayload] = deque(maxlen=LEDGER_SIZE)
+        self._minted: deque[Minted] = deque(maxlen=LEDGER_SIZE)
+
+    def mint(self, header: tensor_pb2.TensorPayload, data: bytes) -> Minted:
+        """Record the payload `header` (holding no data) with data `data`; hashes `data` once."""
+        minted = Minted(_header(header), data, hashlib.sha256(data).digest())
+        self._minted.append(minted)
+        return minted
 
     def record(self, t: tensor_pb2.TensorPayload) -> None:
-        self._minted.append(t)
+        """Record the whole payload `t` (a checkpointed one, minted before a restart)."""
+        self.mint(t, t.data)
 
-    def minted(self, t: tensor_pb2.TensorPayload) -> bool:
-        """Whether `t` (a whole tensor, every field as minted) is a payload this ledger recorded."""
-        return any(t == m for m in reversed(self._minted))
+    def minted(self, t: tensor_pb2.TensorPayload, data: bytes | memoryview | None = None) -> Minted | None:
+        """The ledger's record of `t` (every field as minted), or None when it minted no such payload.
+
+        `data`: `t`'s data when held apart from it (`t` then holds none); the very bytes the ledger
+        minted are recognised without reading them.
+        """
+        header = _header(t)
+        data = t.data if data is None else data
+        found = [m for m in reversed(self._minted) if data is m.data] or [
+            m for m in reversed(self._minted) if len(data) == len(m.data) and data == m.data
+        ]
+        return next((m for m in found if m.header == header), None)
 
 
 class BoundaryModel:
@@ -195,17 +230,36 @@ class BoundaryModel:
         lo, hi = self.bounds[fragment]
         return self.since_sync[lo:hi]
 
-    def delta_payload(
-        self, fragment: int = 0, dtype: int = tensor_pb2.FLOAT32
-    ) -> tensor_pb2.TensorPayload | None:
+    def mint(
+        self, fragment: int = 0, dtype: int = tensor_pb2.FLOAT32, contributors: int | None = None
+    ) -> Minted | None:
         """Fragment `fragment` of Delta_b as a BOUNDARY_AGGREGATE payload (FLOAT32 or BFLOAT16),
-        recorded in the ledger; None when no device contributed to it."""
+        recorded in the ledger, its data held apart; None when no device contributed to it.
+
+        `contributors`: the quorum the payload claims (the plane may state a coarser lower bound
+        than the fragment's count, `privacy.status_counts`); default the fragment's count.
+        """
         delta = self.delta(fragment)
         if delta is None:
             return None
-        minted = payload(delta.numpy(), tensor_pb2.BOUNDARY_AGGREGATE, self.contributors[fragment], dtype)
-        self.ledger.record(minted)
-        return minted
+        numel, data = float_data(delta.numpy(), dtype)
+        claimed = self.contributors[fragment] if contributors is None else contributors
+        header = tensor_pb2.TensorPayload(
+            provenance=tensor_pb2.BOUNDARY_AGGREGATE, contributors=claimed, dtype=dtype, numel=numel
+        )
+        return self.ledger.mint(header, data)
+
+    def delta_payload(
+        self, fragment: int = 0, dtype: int = tensor_pb2.FLOAT32, contributors: int | None = None
+    ) -> tensor_pb2.TensorPayload | None:
+        """`mint`, as one payload holding its data."""
+        minted = self.mint(fragment, dtype, contributors)
+        if minted is None:
+            return None
+        whole = tensor_pb2.TensorPayload()
+        whole.CopyFrom(minted.header)
+        whole.data = minted.data
+        return whole
 
     def reference_payload(self) -> tensor_pb2.TensorPayload:
         """theta_b for the boundary's own devices (it never leaves the boundary)."""

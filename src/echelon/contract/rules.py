@@ -16,6 +16,7 @@ Who may send what, provenance and dimensions are the run's terms: `echelon.contr
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from functools import cache
 
 from google.protobuf import unknown_fields
@@ -90,15 +91,19 @@ def tensors(msg: Message, path: str = "") -> list[tuple[str, tensor_pb2.TensorPa
     return out
 
 
-def tensor_problems(t: tensor_pb2.TensorPayload) -> list[str]:
-    """A tensor's own consistency: declared enums, dtype, byte count, slice bounds."""
+def tensor_problems(t: tensor_pb2.TensorPayload, nbytes: int | None = None) -> list[str]:
+    """A tensor's own consistency: declared enums, dtype, byte count, slice bounds.
+
+    `nbytes`: the length of its data when that is held apart from the message (`t` holds none).
+    """
     out = []
+    size = len(t.data) if nbytes is None else nbytes  # reading `data` copies it
     if t.provenance not in tensor_pb2.Provenance.values():
         out.append(f"tensor provenance {t.provenance} is not declared in the schema")
     if t.dtype not in ITEMSIZE:
         out.append(f"tensor dtype {enum_name(t.dtype, tensor_pb2.DType)} is not a wire dtype")
-    elif len(t.data) != t.numel * ITEMSIZE[t.dtype]:
-        out.append(f"tensor holds {len(t.data)} B, not numel {t.numel} x {ITEMSIZE[t.dtype]} B")
+    elif size != t.numel * ITEMSIZE[t.dtype]:
+        out.append(f"tensor holds {size} B, not numel {t.numel} x {ITEMSIZE[t.dtype]} B")
     if t.total_numel and t.offset + t.numel > t.total_numel:
         out.append(f"slice [{t.offset}, {t.offset + t.numel}) exceeds its whole of {t.total_numel}")
     elif not t.total_numel and t.offset:
@@ -106,21 +111,24 @@ def tensor_problems(t: tensor_pb2.TensorPayload) -> list[str]:
     return out
 
 
-def walk_problems(msg: Message, path: str = "message") -> list[str]:
-    """Every way `msg` and the messages in it, at any depth, break the schema's declarations."""
+def walk_problems(msg: Message, path: str = "message", held: Mapping[str, int] | None = None) -> list[str]:
+    """Every way `msg` and the messages in it, at any depth, break the schema's declarations.
+
+    `held`: the data length of each tensor whose data is held apart, by its path (`path` first).
+    """
     out: list[str] = []
-    _walk(msg, path, out)
+    _walk(msg, path, out, held or {})
     return out
 
 
-def _walk(msg: Message, path: str, out: list[str]) -> None:
+def _walk(msg: Message, path: str, out: list[str], held: Mapping[str, int]) -> None:
     desc = msg.DESCRIPTOR
     unknown = unknown_fields.UnknownFieldSet(msg)
     if len(unknown):
         numbers = sorted({f.field_number for f in unknown})
         out.append(f"{path}: unknown fields {numbers[:8]} ({desc.full_name} declares no such field)")
     if desc is TENSOR:
-        out += [f"{path}: {p}" for p in tensor_problems(msg)]
+        out += [f"{path}: {p}" for p in tensor_problems(msg, held.get(path))]
         return
     cls = flow_class(desc)
     if cls not in CROSSING_CLASSES:
@@ -138,7 +146,7 @@ def _walk(msg: Message, path: str, out: list[str]) -> None:
         kind = field.type
         if kind == FieldDescriptor.TYPE_MESSAGE:
             for i, v in enumerate(values):
-                _walk(v, where if not field.is_repeated else f"{where}[{i}]", out)
+                _walk(v, where if not field.is_repeated else f"{where}[{i}]", out, held)
         elif kind in _TEXT:
             for v in values:
                 size = len(v.encode() if isinstance(v, str) else v)
@@ -158,17 +166,20 @@ def _walk(msg: Message, path: str, out: list[str]) -> None:
 
 
 def schema_problems(
-    envelope: Message, found: list[tuple[str, tensor_pb2.TensorPayload]] | None = None
+    envelope: Message,
+    found: list[tuple[str, tensor_pb2.TensorPayload]] | None = None,
+    held: tuple[str, int] | None = None,
 ) -> list[str]:
     """Every way `envelope` breaks the rules the schema declares (empty when it keeps them).
 
-    `found`: `tensors(envelope)`, when the caller has it already.
+    `found`: `tensors(envelope)`, when the caller has it already. `held`: the `tensors()` path and
+    data length of the tensor whose data is held apart from the envelope (`echelon.contract.slicing`).
     """
     if not isinstance(envelope, boundary_pb2.CrossBoundaryEnvelope):
         return [f"{type(envelope).__name__} is not a CrossBoundaryEnvelope"]
     if envelope.WhichOneof("body") is None:
         return ["envelope carries no body"]
-    out = walk_problems(envelope, "envelope")
+    out = walk_problems(envelope, "envelope", {f"envelope.{held[0]}": held[1]} if held else None)
     found = tensors(envelope) if found is None else found
     if len(found) > 1:
         out.append(f"envelope holds {len(found)} tensors; a message crosses with at most one")

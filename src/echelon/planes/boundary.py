@@ -361,12 +361,12 @@ class BoundaryPlane:
             if self.cfg.streaming.pseudo_gradient_dtype == "bfloat16"
             else tensor_pb2.FLOAT32
         )
-        payload = self.model.delta_payload(f, dtype)
-        if payload is not None and self._outer_aggregator is None:
-            # The quorum it guarantees, as coarse as privacy.status_counts says (a lower bound still).
-            payload.contributors = quorum
-            delta.delta.CopyFrom(payload)
-        elif payload is not None:
+        # The quorum it guarantees, as coarse as privacy.status_counts says (a lower bound still).
+        minted = self.model.mint(f, dtype, quorum)
+        if minted is not None and self._outer_aggregator is None:
+            delta.delta.CopyFrom(minted.header)
+            delta.delta.data = minted.data
+        elif minted is not None:
             # +SA: Delta_b waits for the global plane's aggregation request and crosses masked.
             self._outer_input = (outer_step, self.model.delta(f).clone(), quorum)
         self.model.start_sync(f)

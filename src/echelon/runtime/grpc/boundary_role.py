@@ -127,7 +127,7 @@ class BoundaryRole:
             )
             return
         try:
-            self.to_global.put(self.egress.send(self.node.now(), message, GLOBAL))
+            self.to_global.put(self.egress.stream(self.node.now(), message, GLOBAL))
         except ContractViolation as err:
             log.error("refused to send: %s", err)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -14,6 +13,7 @@ from echelon.audit.layout import audit_dir, log_path
 from echelon.audit.log import AuditLog
 from echelon.config import RunConfig
 from echelon.contract.rules import flow_class_name, round_of, tensor_summary
+from echelon.contract.slicing import wire_digest
 from echelon.runtime.grpc.tls import Credentials
 from echelon.v1 import boundary_pb2
 
@@ -58,7 +58,7 @@ def record_refusal(
             flow_class=flow_class_name(body.DESCRIPTOR),
             wire_bytes=len(frame),
             round_id=round_of(body),
-            payload_sha256=hashlib.sha256(frame).hexdigest(),
+            payload_sha256=wire_digest([frame]),
             quorum=quorum,
             provenance=provenance,
             outcome="refused",

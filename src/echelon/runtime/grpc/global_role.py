@@ -126,7 +126,7 @@ class GlobalRole:
 
     def route(self, to: str, message: Message) -> None:
         try:
-            self.outboxes[to].put(self.egress.send(self.node.now(), message, party_of(to)))
+            self.outboxes[to].put(self.egress.stream(self.node.now(), message, party_of(to)))
         except ContractViolation as err:
             log.error("refused to send: %s", err)
             return

@@ -12,11 +12,12 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from google.protobuf.message import Message
 
+from echelon.contract.slicing import Frames
 from echelon.runtime.network import Link
 from echelon.sansio import CancelTimer, Emit, PlaneAction, Send, SetTimer
 
@@ -29,20 +30,23 @@ class Outbox:
     The link is the simulator's own (`echelon.runtime.network.Link`: transmission at the
     link's bandwidth, latency with jitter and Gilbert-Elliott bursts), seeded per link name as the
     simulator seeds it, on the wall clock. One stream at a time takes frames (`frames`); a frame a
-    broken stream had taken is lost with it, as on a real link.
+    broken stream had taken is lost with it, as on a real link. An egress guard's `Frames` are
+    built one by one as they are taken, so a large message is sent while its next slice is built.
     """
 
     def __init__(self, link: Link) -> None:
         self.link = link
-        self._items: deque[tuple[float, bytes]] = deque()
+        self._items: deque[tuple[float, Sequence[bytes], int]] = deque()  # release time, frames[k]
         self._wake = asyncio.Event()
         self._epoch = 0
         self.closed = False
 
-    def put(self, frames: list[bytes]) -> None:
+    def put(self, frames: Sequence[bytes]) -> None:
+        """Queue `frames`: a list, or a guard's `Frames` (whose sizes are known before they are built)."""
         now = asyncio.get_running_loop().time()
-        for frame in frames:
-            self._items.append((self.link.transit(now, len(frame)), frame))
+        sizes = frames.sizes() if isinstance(frames, Frames) else [len(f) for f in frames]
+        for k, size in enumerate(sizes):
+            self._items.append((self.link.transit(now, size), frames, k))
         self._wake.set()
 
     def clear(self) -> None:
@@ -71,7 +75,7 @@ class Outbox:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            at, frame = self._items[0]
+            at, frames, k = self._items[0]
             delay = at - loop.time()
             if delay > 0:
                 self._wake.clear()
@@ -79,7 +83,7 @@ class Outbox:
                     await asyncio.wait_for(self._wake.wait(), delay)
                 continue
             self._items.popleft()
-            yield frame
+            yield frames[k]
 
     @property
     def empty(self) -> bool:
