@@ -78,16 +78,13 @@ def simulate(
     cfg = config if isinstance(config, RunConfig) else load_config(config)
     out = Path(out)
     bundle = None
-    if optimizer is not None:
-        _require_local_rounds(cfg)
     if model is None:  # the run file's model: checked against this machine before any work
         preflight(cfg, "the run configuration", out, deploy=False)
-        if optimizer is not None:
-            bundle = build_model(cfg.model, cfg.seed)
     else:
         bundle = own_model(model, cfg.model, loss or causal_lm_loss, tokenizer)
     if optimizer is not None:
-        bundle = dataclasses.replace(bundle, inner_optimizer=optimizer)
+        _require_local_rounds(cfg)
+        bundle = dataclasses.replace(bundle or build_model(cfg.model, cfg.seed), inner_optimizer=optimizer)
     documents = None
     if data is not None:
         d = cfg.data

@@ -119,10 +119,7 @@ class ContestFile(OnBaseRun):
         for strategy, space in spaces.items():
             for knob, values in space.items():
                 where = f"{strategy}.{knob}"
-                if not GRID_KEY.match(knob):
-                    raise ValueError(f"{where}: not a dotted run-file field such as train.lr")
-                if knob.split(".")[0] in RESERVED:
-                    raise ValueError(f"{where}: {', '.join(RESERVED)} are set by the contest, not tuned")
+                _check_field(where, knob)
                 if not values:
                     raise ValueError(f"{where}: give at least one value")
                 if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
@@ -138,12 +135,7 @@ class ContestFile(OnBaseRun):
             if not fields:
                 raise ValueError(f"{name}: set at least one run-file field, e.g. churn.mean_uptime_s: 4")
             for knob in fields:
-                if not GRID_KEY.match(knob):
-                    raise ValueError(
-                        f"{name}.{knob}: not a dotted run-file field such as churn.mean_uptime_s"
-                    )
-                if knob.split(".")[0] in RESERVED:
-                    raise ValueError(f"{name}.{knob}: {', '.join(RESERVED)} are set by the contest")
+                _check_field(f"{name}.{knob}", knob)
         return stressors
 
     @field_validator("reference")
@@ -170,6 +162,15 @@ class ContestFile(OnBaseRun):
                     "remove its space or add it to `strategies`"
                 )
         return spaces
+
+
+def _check_field(where: str, knob: str) -> None:
+    """ValueError (naming `where`) unless `knob` is a dotted run-file field the contest leaves to
+    its file: a search space's knob or a stressor's field."""
+    if not GRID_KEY.match(knob):
+        raise ValueError(f"{where}: not a dotted run-file field such as train.lr")
+    if knob.split(".")[0] in RESERVED:
+        raise ValueError(f"{where}: {', '.join(RESERVED)} are set by the contest, not tuned or stressed")
 
 
 def _contestants(info: ValidationInfo) -> list[str] | None:
