@@ -27,8 +27,10 @@ buffered. The ingress guard drops a sliced message whose next slice is REASSEMBL
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from google.protobuf import unknown_fields
@@ -167,6 +169,15 @@ def take_data(
     return path, data, (len(prefix), len(prefix) + len(data)) if canonical else None
 
 
+BACKGROUND_HASH_BYTES = 1 << 16  # a frame's data at least this long is hashed on the hasher thread
+
+
+@functools.cache
+def _hasher() -> ThreadPoolExecutor:
+    """The one thread that hashes received data: one worker, so every digest's updates run in order."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="echelon-wire-digest")
+
+
 class WireDigest:
     """The digest an audit record carries of a message's frames (`payload_sha256`, format 2).
 
@@ -183,6 +194,7 @@ class WireDigest:
     def __init__(self) -> None:
         self._frames = hashlib.sha256(self.TAG)
         self._data = hashlib.sha256()
+        self._hashing: Future | None = None  # the last of `_data`'s updates given to the hasher
         self.nbytes = 0
 
     def frame(self, prefix: bytes | memoryview, ndata: int, suffix: bytes | memoryview) -> None:
@@ -193,8 +205,19 @@ class WireDigest:
         self.nbytes += len(prefix) + ndata + len(suffix)
 
     def data(self, data: bytes | memoryview) -> None:
-        """Take a frame's data (in order); hashlib releases the GIL on large buffers."""
-        self._data.update(data)
+        """Take a frame's data (in order; it must not change until `hexdigest`). A large slice is
+        hashed on the hasher thread (hashlib releases the GIL), so a receiver hashes one slice
+        while the next arrives instead of after it; `hexdigest` waits for the last one."""
+        if len(data) >= BACKGROUND_HASH_BYTES:
+            self._hashing = _hasher().submit(self._data.update, data)  # one thread: in order
+        elif data:
+            self._wait()
+            self._data.update(data)
+
+    def _wait(self) -> None:
+        if self._hashing is not None:
+            self._hashing.result()
+            self._hashing = None
 
     def split(self, frame: bytes, split: Split | None) -> None:
         """Take a whole received frame, its data at `split` (None: it carries none)."""
@@ -205,6 +228,7 @@ class WireDigest:
 
     def hexdigest(self, data_digest: bytes | None = None) -> str:
         """The digest; `data_digest`: the SHA-256 of all the data, when known (none was taken)."""
+        self._wait()
         final = self._frames.copy()
         final.update(self._data.digest() if data_digest is None else data_digest)
         return final.hexdigest()
@@ -340,6 +364,20 @@ class Whole:
     path: FieldPath
     data: bytes | memoryview
     encoding: bytes | bytearray
+
+    @property
+    def body(self) -> Message:
+        """The envelope's body (its tensor, if any, holding no data: that is `data`)."""
+        return getattr(self.envelope, self.envelope.WhichOneof("body"))
+
+    def apart(self) -> tuple[Message, bytes | memoryview | None]:
+        """(body, data) for a plane: a tensor that is a field of the body itself (a Delta_b, a
+        global reference) stays apart, in place; one nested deeper (SecAgg+'s masked input, which
+        the aggregation protocol reads from its message) is parsed back in, and data is None."""
+        if len(self.path) == 3 or not self.data:  # body field, tensor field, its data
+            return self.body, self.data or None
+        envelope = self.message()
+        return getattr(envelope, envelope.WhichOneof("body")), None
 
     def message(self) -> boundary_pb2.CrossBoundaryEnvelope:
         """The envelope with its data (parsed once from its encoding: the one copy)."""
