@@ -264,24 +264,53 @@ def _only(msg: Message, keep: range) -> bytes:
     return part.SerializeToString()
 
 
+Layer = tuple[bytes, bytes]  # a message's fields before the one on a path, with its key; those after
+
+
+def layers(msg: Message, path: FieldPath) -> list[Layer]:
+    """`msg`'s layers along `path` down to the bytes field at its end, outermost first: for each
+    message on the way, the encoding of its fields before the field on `path` with that field's
+    key, and of its fields after it. ValueError when a message along `path` holds unknown fields.
+    upb writes a message's known fields in field-number order (then its unknown fields, which
+    messages along `path` may not have), so a message's encoding is its fields before the one on
+    `path`, that field's key, length and value, then the fields after it."""
+    out = []
+    for i, name in enumerate(path):
+        if _unknown(msg):
+            raise ValueError(f"{msg.DESCRIPTOR.full_name} holds unknown fields")
+        number = msg.DESCRIPTOR.fields_by_name[name].number
+        out.append(
+            (_only(msg, range(number)) + _varint(number << 3 | 2), _only(msg, range(number + 1, MAX_FIELD)))
+        )
+        if i < len(path) - 1:
+            msg = getattr(msg, name)
+    return out
+
+
+def wrap(layers: Sequence[Layer], n: int) -> tuple[bytes, bytes]:
+    """(prefix, suffix) of `n` bytes of data inside `layers` (`layers`), outermost first."""
+    prefix, suffix, size = b"", b"", n
+    for head, tail in reversed(layers):
+        prefix, suffix = head + _varint(size) + prefix, suffix + tail
+        size = len(prefix) + n + len(suffix)
+    return prefix, suffix
+
+
 def encode_around(msg: Message, path: FieldPath, n: int) -> tuple[bytes, bytes]:
     """(prefix, suffix): `prefix + data + suffix` is the canonical encoding (`SerializeToString`)
-    of `msg` once the bytes field at `path` holds the `n` bytes `data` (whatever it holds now).
-
-    upb writes a message's known fields in field-number order (then its unknown fields, which
-    messages along `path` may not have: ValueError), so a message's encoding is that of its fields
-    before the one on `path`, that field's key, length and value, then the fields after it.
+    of `msg` once the bytes field at `path` holds the `n` bytes `data` (whatever it holds now);
+    ValueError when a message along `path` holds unknown fields (`layers`).
     tests/contract/test_slicing.py holds this against upb's own serialisation.
     """
     if n == 0:  # proto3 writes no empty bytes field
         return msg.SerializeToString(), b""
-    if _unknown(msg):
-        raise ValueError(f"{msg.DESCRIPTOR.full_name} holds unknown fields")
-    field = msg.DESCRIPTOR.fields_by_name[path[0]]
-    inner = encode_around(getattr(msg, path[0]), path[1:], n) if len(path) > 1 else (b"", b"")
-    head = _only(msg, range(field.number)) + _varint(field.number << 3 | 2)
-    size = len(inner[0]) + n + len(inner[1])
-    return head + _varint(size) + inner[0], inner[1] + _only(msg, range(field.number + 1, MAX_FIELD))
+    return wrap(layers(msg, path), n)
+
+
+def _sliced(outer: list[Layer], tensor: tensor_pb2.TensorPayload, n: int) -> tuple[bytes, bytes]:
+    """`encode_around` of one slice, `n` bytes of data in `tensor` (its numel and offset set), the
+    layers around the tensor (`outer`) being the same for every slice of a message."""
+    return wrap([*outer, *layers(tensor, (DATA,))], n)
 
 
 @dataclass
@@ -338,11 +367,11 @@ def slice_envelope(
     tensor = at(part, path[:-1])
     numel, itemsize = tensor.numel, ITEMSIZE[tensor.dtype]
     per_slice = MAX_SLICE_BYTES // itemsize
-    layout = []
+    layout, outer = [], layers(part, path)[:-1]
     for start in range(0, numel, per_slice):
         count = min(per_slice, numel - start)
         tensor.numel, tensor.offset, tensor.total_numel = count, start, numel
-        prefix, suffix = encode_around(part, path, count * itemsize)
+        prefix, suffix = _sliced(outer, tensor, count * itemsize)
         layout.append((prefix, start * itemsize, (start + count) * itemsize, suffix))
     return Frames(memoryview(data), layout, data_digest)
 
@@ -399,6 +428,7 @@ class Reassembler:
         self._path = ""
         self._whole = bytearray()  # the encoding of the whole message so far
         self._suffix = b""  # and what follows its data
+        self._outer: list[Layer] = []  # the layers around the tensor, the same in every slice
         self._next = 0  # element offset the next slice must start at
         self._itemsize = 1  # of the tensor's dtype
 
@@ -458,7 +488,7 @@ class Reassembler:
         count = min(MAX_SLICE_BYTES // self._itemsize, tensor.total_numel - self._next)
         tensor.numel, tensor.offset = count, self._next
         try:
-            prefix, suffix = encode_around(self._template, data_path(self._path), count * self._itemsize)
+            prefix, suffix = _sliced(self._outer, tensor, count * self._itemsize)
         finally:
             tensor.numel = tensor.offset = 0
         stop = len(prefix) + count * self._itemsize
@@ -496,6 +526,7 @@ class Reassembler:
         tensor.numel, tensor.total_numel = total, 0
         prefix, self._suffix = encode_around(self._envelope, data_path(path), total * itemsize)
         self._whole = bytearray(prefix)
+        self._outer = layers(first, data_path(path))[:-1]
 
     def _reset(self) -> None:
         self._template, self._path, self._whole, self._suffix, self._next = None, "", bytearray(), b"", 0
