@@ -133,6 +133,31 @@ def test_tokens_applied_count_only_what_the_outer_steps_aggregated():
     assert plane.tokens_applied == 200  # what reached the global model: both deltas of outer step 1
 
 
+def test_only_the_sync_request_of_a_spent_budget_is_final():
+    plane = GlobalPlane([X, Y], torch.zeros(4), OuterConfig(), Cadence(SyncConfig(interval=2), False), 60.0)
+    plane.start(0.0)
+
+    def requests(actions) -> list[boundary_pb2.SyncRequest]:
+        return [
+            a.message for a in actions if isinstance(a, Send) and a.message.DESCRIPTOR.name == "SyncRequest"
+        ]
+
+    status = boundary_pb2.BoundaryStatus(middle_step=2, tokens_total=100, drift=0.1)
+    (request, _) = requests(plane.receive(0.0, X, status))  # H = 2 reached: an ordinary outer step
+    assert request.outer_step == 1 and not request.final
+    for boundary, values in ((X, [0.1, 0.0, 0.0, 0.0]), (Y, [0.0, 0.1, 0.0, 0.0])):
+        delta = _delta(1, values)
+        delta.middle_step = 2
+        plane.receive(0.0, boundary, delta)
+    assert plane.outer_step == 1
+    status = boundary_pb2.BoundaryStatus(middle_step=2, tokens_total=350, drift=0.1)
+    assert requests(plane.receive(0.0, X, status)) == []  # no middle step since outer step 1
+    budget = BudgetConfig(tokens=300)
+    assert plane.check_budget(0.0, budget, 299, 0) == []
+    final = requests(plane.check_budget(0.0, budget, plane.tokens_reported, 0))  # 350 reported
+    assert len(final) == 2 and all(r.final and r.outer_step == 2 for r in final)
+
+
 class _FixedStepTrainer:
     def __init__(self, dim: int) -> None:
         self.dim = dim

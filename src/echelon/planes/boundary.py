@@ -155,6 +155,7 @@ class BoundaryPlane:
         self._middle_at_send = 0
         self._held: list[str] = []  # lockstep: devices waiting for the next global reference
         self.finished = False  # the global plane sent the final reference
+        self.closing = False  # the global plane asked for the last Delta_b: no local round starts
         self._sync_fragment = 0  # Streaming DiLoCo: the fragment the pending sync asked for
         self._deferred: tuple[boundary_pb2.GlobalReference, Data] | None = None  # tau: not yet applied
         self.adopted_step = 0  # the outer step of the global reference theta_b is based on
@@ -339,6 +340,9 @@ class BoundaryPlane:
         return actions + self._try_fire(now)
 
     def _on_sync_request(self, now: float, msg: boundary_pb2.SyncRequest) -> list[PlaneAction]:
+        # A budget is spent: devices start nothing more, so what the run counts is what was
+        # aggregated when Delta_b goes (a deployment's devices would otherwise train on meanwhile).
+        self.closing |= msg.final
         last = self._last_delta
         if last is not None and msg.outer_step == self._awaiting_global == last.message.outer_step:
             # Asked again for a delta already sent (the global plane restarted): the same one.
@@ -684,6 +688,8 @@ class BoundaryPlane:
         return self._distance_ema / scale if scale > 0 else 0.0
 
     def _send_reference(self, device: str) -> list[PlaneAction]:
+        if self.closing:
+            return []
         self._devices[device].training = True
         ref = device_pb2.BoundaryReference(version=self.version, parameters=self.model.reference_payload())
         return [Send(device, ref)]
@@ -720,6 +726,7 @@ class BoundaryPlane:
             "interval": self.interval,
             "middle_at_send": self._middle_at_send,
             "finished": self.finished,
+            "closing": self.closing,
             "sync_fragment": self._sync_fragment,
             "deferred": None if self._deferred is None else _held(*self._deferred),
             "adopted_step": self.adopted_step,
@@ -752,6 +759,7 @@ class BoundaryPlane:
         self._sync_requested, self._awaiting_global = state["sync_requested"], state["awaiting_global"]
         self.interval, self._middle_at_send = state["interval"], state["middle_at_send"]
         self.finished, self._sync_fragment = state["finished"], state["sync_fragment"]
+        self.closing = state["closing"]
         deferred, last = state["deferred"], state["last_delta"]
         self._deferred = (
             None if deferred is None else (boundary_pb2.GlobalReference.FromString(deferred[0]), deferred[1])

@@ -440,7 +440,10 @@ class GlobalPlane:
         """The request for the outer step in flight, naming the fragment it synchronises."""
         fragment = self._fragment(self._syncing)
         return boundary_pb2.SyncRequest(
-            outer_step=self._syncing, fragment=fragment, fragments=len(self.bounds)
+            outer_step=self._syncing,
+            fragment=fragment,
+            fragments=len(self.bounds),
+            final=self.final_reason is not None,
         )
 
     def _zero_fragment(self) -> torch.Tensor:
