@@ -120,6 +120,7 @@ class GlobalPlane:
         self.final_reason: str | None = None
         self.finished = False
         self.max_outer_steps: int | None = None  # the outer step that finishes the run
+        self.max_tokens: int | None = None  # the token budget: an outer step that applies it is the last
         self.tokens_applied = 0  # tokens behind the Delta_b folded into theta_g: what the model learnt from
 
     def start(self, now: float) -> list[PlaneAction]:
@@ -282,7 +283,7 @@ class GlobalPlane:
         `now` as elapsed seconds. The `outer_steps` budget finishes the run with that outer step
         (its reference goes out final); any other triggers one final outer step."""
         # The outer-step budget is the plane's own: that step's reference goes out as the final one.
-        self.max_outer_steps = budget.outer_steps
+        self.max_outer_steps, self.max_tokens = budget.outer_steps, budget.tokens
         reached = [
             ("tokens", budget.tokens is not None and tokens >= budget.tokens),
             ("virtual_seconds", budget.virtual_seconds is not None and now >= budget.virtual_seconds),
@@ -308,11 +309,16 @@ class GlobalPlane:
         return self._references(whole=True) + [Emit("run_ended", record)]
 
     def request_final_sync(self, now: float, reason: str) -> list[PlaneAction]:
-        """A budget was reached: synchronise once more, then finish."""
+        """A budget was reached: synchronise once more, then finish. During a sync, that outer step
+        is the last: the boundaries yet to answer are asked again, finally (they start no local
+        round from then on; the delta they send is the same)."""
         if self.final_reason is not None:
             return []
         self.final_reason = reason
-        return self._start_sync(now) if self._syncing is None else []
+        if self._syncing is None:
+            return self._start_sync(now)
+        request = self._sync_request()
+        return [Send(b, request) for b in self.boundaries if b not in self._reported and b not in self.absent]
 
     def _sync_every(self) -> int:
         """Middle steps between outer steps: H, or H/P with P fragments (each synced every H)."""
@@ -427,6 +433,10 @@ class GlobalPlane:
         }
         if self.max_outer_steps is not None and self.outer_step >= self.max_outer_steps:
             self.final_reason = self.final_reason or "outer_steps"
+        if self.max_tokens is not None and self.tokens_applied >= self.max_tokens:
+            # What this step applied spends the budget (the boundaries' reports, coarse for privacy,
+            # may not have said so yet): it is the last, not the one before another.
+            self.final_reason = self.final_reason or "tokens"
         self.finished = self.final_reason is not None
         if self.finished:
             record["stop_reason"] = self.final_reason
@@ -499,6 +509,7 @@ class GlobalPlane:
             "final_reason": self.final_reason,
             "finished": self.finished,
             "max_outer_steps": self.max_outer_steps,
+            "max_tokens": self.max_tokens,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -519,4 +530,4 @@ class GlobalPlane:
         self._tokens_total, self._middle_at_sync = dict(state["tokens_total"]), dict(state["middle_at_sync"])
         self.tokens_applied = state["tokens_applied"]
         self.final_reason, self.finished = state["final_reason"], state["finished"]
-        self.max_outer_steps = state["max_outer_steps"]
+        self.max_outer_steps, self.max_tokens = state["max_outer_steps"], state["max_tokens"]
