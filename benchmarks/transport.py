@@ -10,8 +10,11 @@
    reassembly are all inside it; frames are written as they are built, as a deployment's outbox
    sends them. Baseline: the same payload as raw 1 MiB chunks over a stream of the same
    connection, each cut as it is written and gathered into one buffer on the server, without
-   guards. Also the route the planes take today: the data inside the messages on both ends (the
-   egress guard reads it out once, the ingress guard parses the whole message once). Repetitions
+   guards. This is the route the planes take (`Send.data`: a Delta_b and a global reference travel
+   beside their messages in both runtimes). Also the route of a tensor nested deeper in a message
+   (SecAgg+'s masked input, read by the aggregation protocol from its message): the data inside the
+   messages on both ends (the egress guard reads it out once, the ingress guard parses the whole
+   message once). Repetitions
    alternate (raw, guarded, inside, ...) and medians are reported. Target: at least 0.8 of raw
    gRPC on the same connection (the ratio), with the absolute figure beside it.
 2. Per-message overhead: an empty BoundaryDelta's frame on the wire (its CrossBoundaryEnvelope)
@@ -417,7 +420,7 @@ def main() -> None:
         f"{t['raw_mb_s']:,.0f} MB/s",
         "as above",
         f"{t['message_mb_s'] / t['raw_mb_s']:.3f}",
-        "(the planes' path today)",
+        "(a nested tensor: +SA's masked input)",
     )
     table.add_row(
         "  of which before the first byte",

@@ -13,13 +13,21 @@ from dataclasses import dataclass
 import torch
 from google.protobuf.message import Message
 
+Data = bytes | memoryview | None  # a tensor's data held apart from its message (`Send.data`), or none
+
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Deliver `message` to the peer at address `to` (the driver serialises it)."""
+    """Deliver `message` to the peer at address `to` (the driver serialises it).
+
+    `data`: the data of `message`'s one tensor, held apart from it (the tensor holds none), so a
+    large tensor is never copied into a message and out again; the driver passes it beside the
+    message, and the receiving plane is given it beside the message too (`receive(..., data)`).
+    """
 
     to: str
     message: Message
+    data: Data = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,12 +34,21 @@ def whole_numel(t: tensor_pb2.TensorPayload) -> int:
     return t.total_numel or t.numel
 
 
-def float_problem(t: tensor_pb2.TensorPayload, numel: int) -> str | None:
-    """Why `t` is not a whole FLOAT32 or BFLOAT16 vector of `numel` elements, or None."""
+def float_problem(
+    t: tensor_pb2.TensorPayload, numel: int, data: bytes | memoryview | None = None
+) -> str | None:
+    """Why `t` is not a whole FLOAT32 or BFLOAT16 vector of `numel` elements, or None.
+
+    `data`: `t`'s data when it is held apart from it (`t` then holds none).
+    """
+    return _float_problem(t, len(t.data if data is None else data), numel)
+
+
+def _float_problem(t: tensor_pb2.TensorPayload, nbytes: int, numel: int) -> str | None:
     if t.offset or t.total_numel:
         return f"a slice (offset {t.offset} of {t.total_numel}) is not a whole tensor"
-    if t.dtype not in (tensor_pb2.FLOAT32, tensor_pb2.BFLOAT16) or len(t.data) != t.numel * ITEMSIZE[t.dtype]:
-        return f"malformed float payload: dtype {t.dtype}, {len(t.data)} B, numel {t.numel}"
+    if t.dtype not in (tensor_pb2.FLOAT32, tensor_pb2.BFLOAT16) or nbytes != t.numel * ITEMSIZE[t.dtype]:
+        return f"malformed float payload: dtype {t.dtype}, {nbytes} B, numel {t.numel}"
     if t.numel != numel:
         return f"a vector of {t.numel} elements where {numel} are expected"
     return None
@@ -74,6 +83,15 @@ def encode(
     values: np.ndarray | torch.Tensor, provenance: int, dtype: int = tensor_pb2.FLOAT32
 ) -> tensor_pb2.TensorPayload:
     """A DEVICE or GLOBAL payload of a flat vector; ValueError for any other provenance."""
+    header, data = encode_apart(values, provenance, dtype)
+    header.data = data
+    return header
+
+
+def encode_apart(
+    values: np.ndarray | torch.Tensor, provenance: int, dtype: int = tensor_pb2.FLOAT32
+) -> tuple[tensor_pb2.TensorPayload, bytes]:
+    """`encode`, its data held apart: (the payload holding no data, the data), for a `Send`."""
     if provenance not in FREE_PROVENANCE:
         raise ValueError(
             "encode makes DEVICE or GLOBAL payloads; boundary aggregates are minted only by "
@@ -81,23 +99,27 @@ def encode(
         )
     if isinstance(values, torch.Tensor):
         values = values.detach().numpy()
-    return payload(values, provenance, 0, dtype)
+    numel, data = float_data(values, dtype)
+    return tensor_pb2.TensorPayload(provenance=provenance, dtype=dtype, numel=numel), data
 
 
-def decode(t: tensor_pb2.TensorPayload) -> np.ndarray:
-    """The 1-D float32 array of a whole (unsliced) FLOAT32 or BFLOAT16 payload.
+def decode(t: tensor_pb2.TensorPayload, data: bytes | memoryview | None = None) -> np.ndarray:
+    """The 1-D float32 array of a whole (unsliced) FLOAT32 or BFLOAT16 payload; `data`: its data
+    when held apart from it (`t` then holds none).
 
     FLOAT32 gives a read-only view of the bytes; ValueError when the payload is malformed.
     """
-    problem = float_problem(t, t.numel)
+    raw = t.data if data is None else data  # read once: every read of a protobuf bytes field copies
+    problem = _float_problem(t, len(raw), t.numel)
     if problem is not None:
         raise ValueError(problem)
     if t.dtype == tensor_pb2.FLOAT32:
-        return np.frombuffer(t.data, dtype="<f4")
-    half = torch.from_numpy(np.frombuffer(t.data, dtype="<i2").copy())
+        return np.frombuffer(raw, dtype="<f4")
+    half = torch.from_numpy(np.frombuffer(raw, dtype="<i2").copy())
     return half.view(torch.bfloat16).float().numpy()
 
 
-def to_tensor(t: tensor_pb2.TensorPayload) -> torch.Tensor:
-    """A new flat float32 tensor from a FLOAT32 or BFLOAT16 payload; ValueError when malformed."""
-    return torch.from_numpy(np.array(decode(t), dtype=np.float32))
+def to_tensor(t: tensor_pb2.TensorPayload, data: bytes | memoryview | None = None) -> torch.Tensor:
+    """A new flat float32 tensor from a FLOAT32 or BFLOAT16 payload (`data`: as `decode`);
+    ValueError when malformed."""
+    return torch.from_numpy(np.array(decode(t, data), dtype=np.float32))

@@ -155,8 +155,8 @@ def test_a_rogue_boundary_in_a_running_simulation_is_refused_and_the_run_goes_on
     class LeakyBoundary(BoundaryPlane):
         """Tries to ship each device's secure-aggregation traffic straight to the global plane."""
 
-        def receive(self, now, sender, message):
-            actions = super().receive(now, sender, message)
+        def receive(self, now, sender, message, data=None):
+            actions = super().receive(now, sender, message, data)
             if message.DESCRIPTOR.name == "SecAggMessage":
                 actions.append(Send(self.global_address, message))
             return actions

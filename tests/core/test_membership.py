@@ -184,3 +184,31 @@ def test_what_crosses_about_the_contributors(counts, contributors, tokens):
     assert delta.contributors == delta.delta.contributors == contributors
     # The outer step's token weight: to the nearest quantum, at least one.
     assert delta.tokens == {"exact": 300, "coarse": 400, "suppressed": 400}[counts]
+
+
+@pytest.mark.parametrize("final", [False, True])
+def test_a_final_sync_request_starts_no_local_round_and_the_delta_holds_what_was_aggregated(final):
+    """A budget is spent: the global plane's last SyncRequest says so, and the boundary starts no
+    local round from then on (a deployment's devices would otherwise train on while the last
+    outer step is under way, and the run would count their tokens), while updates already under
+    way are still aggregated. Without `final`, devices go on training as before."""
+    plane = _plane()
+    _start(plane, ("d1", "d2"))
+    _ready(plane, 1.0, "d1", 0)
+    step1 = _answer(plane, 1.0, _requests(_ready(plane, 1.0, "d2", 0)))
+    assert len(_sent(step1, "BoundaryReference")) == 2  # both train on after middle step 1
+    (delta,) = _sent(
+        plane.receive(2.0, G, boundary_pb2.SyncRequest(outer_step=1, final=final)), "BoundaryDelta"
+    )
+    assert delta.tokens == 200 and delta.middle_step == 1  # what middle step 1 aggregated
+    assert plane.closing is final
+    _ready(plane, 3.0, "d1", 1)
+    step2 = _answer(plane, 3.0, _requests(_ready(plane, 3.0, "d2", 1)))
+    assert plane.middle_step == 2  # the rounds under way are aggregated still
+    assert len(_sent(step2, "BoundaryReference")) == (0 if final else 2)
+    # A restart from a checkpoint taken now keeps to it.
+    restored = _plane()
+    restored.load_state_dict(plane.state_dict())
+    assert restored.closing is final
+    hellos = [a for d in ("d1", "d2") for a in restored.receive(4.0, d, device_pb2.Hello(device_id=d))]
+    assert len(_sent(hellos, "BoundaryReference")) == (0 if final else 2)

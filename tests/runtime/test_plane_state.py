@@ -133,6 +133,56 @@ def test_tokens_applied_count_only_what_the_outer_steps_aggregated():
     assert plane.tokens_applied == 200  # what reached the global model: both deltas of outer step 1
 
 
+def test_only_the_sync_request_of_a_spent_budget_is_final():
+    plane = GlobalPlane([X, Y], torch.zeros(4), OuterConfig(), Cadence(SyncConfig(interval=2), False), 60.0)
+    plane.start(0.0)
+
+    def requests(actions) -> list[boundary_pb2.SyncRequest]:
+        return [
+            a.message for a in actions if isinstance(a, Send) and a.message.DESCRIPTOR.name == "SyncRequest"
+        ]
+
+    status = boundary_pb2.BoundaryStatus(middle_step=2, tokens_total=100, drift=0.1)
+    (request, _) = requests(plane.receive(0.0, X, status))  # H = 2 reached: an ordinary outer step
+    assert request.outer_step == 1 and not request.final
+    for boundary, values in ((X, [0.1, 0.0, 0.0, 0.0]), (Y, [0.0, 0.1, 0.0, 0.0])):
+        delta = _delta(1, values)
+        delta.middle_step = 2
+        plane.receive(0.0, boundary, delta)
+    assert plane.outer_step == 1
+    status = boundary_pb2.BoundaryStatus(middle_step=2, tokens_total=350, drift=0.1)
+    assert requests(plane.receive(0.0, X, status)) == []  # no middle step since outer step 1
+    budget = BudgetConfig(tokens=300)
+    assert plane.check_budget(0.0, budget, 299, 0) == []
+    final = requests(plane.check_budget(0.0, budget, plane.tokens_reported, 0))  # 350 reported
+    assert len(final) == 2 and all(r.final and r.outer_step == 2 for r in final)
+
+
+def test_a_budget_spent_during_a_sync_makes_that_outer_step_the_last():
+    plane = GlobalPlane([X, Y], torch.zeros(4), OuterConfig(), Cadence(SyncConfig(interval=2), False), 60.0)
+    plane.start(0.0)
+    plane.receive(0.0, X, boundary_pb2.BoundaryStatus(middle_step=2, tokens_total=100, drift=0.1))
+    plane.receive(0.0, X, _delta(1, [0.1, 0.0, 0.0, 0.0]))  # x answered; y has not yet
+    actions = plane.check_budget(0.0, BudgetConfig(tokens=100), 100, 0)
+    (again,) = [a for a in actions if isinstance(a, Send)]
+    assert again.to == Y and again.message.final and again.message.outer_step == 1
+    refs = [a.message for a in plane.receive(0.0, Y, _delta(1, [0.0, 0.1, 0.0, 0.0])) if isinstance(a, Send)]
+    assert plane.finished and plane.outer_step == 1 and plane.final_reason == "tokens"
+    assert refs and all(r.final for r in refs if r.DESCRIPTOR.name == "GlobalReference")
+
+
+def test_an_outer_step_that_applies_the_token_budget_is_the_last():
+    """The boundaries' reports may lag (coarse counts): the step whose deltas spend the budget ends
+    the run, instead of asking for one more."""
+    plane = GlobalPlane([X, Y], torch.zeros(4), OuterConfig(), Cadence(SyncConfig(interval=2), False), 60.0)
+    plane.start(0.0)
+    assert plane.check_budget(0.0, BudgetConfig(tokens=150), 0, 0) == []  # nothing reported yet
+    plane.receive(0.0, X, boundary_pb2.BoundaryStatus(middle_step=2, tokens_total=0, drift=0.1))
+    plane.receive(0.0, X, _delta(1, [0.1, 0.0, 0.0, 0.0]))
+    plane.receive(0.0, Y, _delta(1, [0.0, 0.1, 0.0, 0.0]))
+    assert plane.tokens_applied == 200 and plane.finished and plane.final_reason == "tokens"
+
+
 class _FixedStepTrainer:
     def __init__(self, dim: int) -> None:
         self.dim = dim
@@ -194,7 +244,7 @@ def test_a_boundary_restored_from_its_state_dict_keeps_its_middle_steps_and_rese
     # The global plane, bringing the boundary up to date, asks again: the same delta goes out.
     step = saved["awaiting"]
     (resend,) = restored.receive(0.0, GLOBAL, boundary_pb2.SyncRequest(outer_step=step))
-    assert resend.message.SerializeToString() == saved["state"]["last_delta"]
+    assert (resend.message.SerializeToString(), bytes(resend.data)) == saved["state"]["last_delta"]
 
 
 def test_a_boundary_checkpoint_cannot_launder_a_lone_update_into_an_aggregate():

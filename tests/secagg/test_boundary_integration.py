@@ -62,8 +62,8 @@ def _inspect(aggregation: str) -> None:
             return super().receive(now, sender, message)
 
     class InspectedBoundary(BoundaryPlane):
-        def receive(self, now, sender, message):
-            actions = super().receive(now, sender, message)
+        def receive(self, now, sender, message, data=None):
+            actions = super().receive(now, sender, message, data)
             held = [a for a in _arrays(self) if a.ndim == 1 and a.size == prep.bundle.dim]
             for a in held:
                 for x in individual:

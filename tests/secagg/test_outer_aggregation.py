@@ -33,8 +33,8 @@ def test_outer_step_applies_the_secure_sum_and_the_global_never_holds_a_boundary
             return super()._on_outer_aggregation(now, msg)
 
     class InspectedGlobal(GlobalPlane):
-        def receive(self, now, sender, message):
-            actions = super().receive(now, sender, message)
+        def receive(self, now, sender, message, data=None):
+            actions = super().receive(now, sender, message, data)
             for a in _arrays(self._outer_round):
                 for d in deltas.values():
                     if a.dtype.kind == "f" and a.shape == d.shape:

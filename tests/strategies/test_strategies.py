@@ -129,9 +129,9 @@ class _Recording(EgressGuard):
         super().__init__(inner.party, inner.terms, None, inner.ledger)
         self.sent = sent
 
-    def send(self, now, body, peer):
-        frames = super().send(now, body, peer)
-        self.sent.append((self.party, body))
+    def send(self, now, body, peer, data=None):
+        frames = super().send(now, body, peer, data)
+        self.sent.append((self.party, body, data))
         return frames
 
 
@@ -155,16 +155,16 @@ def test_flat_strategies_are_not_admissible_and_a_real_boundary_guard_refuses_th
     sent: list = []
     sim._guards = {p: (_Recording(e, sent), i) for p, (e, i) in sim._guards.items()}
     sim.run(eff.budget)
-    updates = [(party, body) for party, body in sent if _update_tensor(body) is not None]
+    updates = [(party, body, data) for party, body, data in sent if _update_tensor(body) is not None]
     assert updates, "every device's update crossed its (one-device) boundary"
     strict = cfg.echelon.min_quorum
     assert strict >= 2
-    for party, body in updates:
+    for party, body, data in updates:
         assert _update_tensor(body).contributors == 1
         egress = sim._guards[party][0]
         guard = EgressGuard(party, dataclasses.replace(egress.terms, min_quorum=strict), None, egress.ledger)
         with pytest.raises(ContractViolation, match="quorum"):
-            guard.send(0.0, body, "global")
+            guard.send(0.0, body, "global", data)
 
 
 def test_admissible_strategies_are_hierarchical():
@@ -231,7 +231,7 @@ def test_admissible_diloco_sa_sends_no_delta_in_the_clear():
     sim._guards = {p: (_Recording(e, sent), i) for p, (e, i) in sim._guards.items()}
     sim.run(cfg.budget)
     assert sim.global_plane.outer_step == 2
-    deltas = [body for _, body in sent if body.DESCRIPTOR.name == "BoundaryDelta"]
+    deltas = [body for _, body, _ in sent if body.DESCRIPTOR.name == "BoundaryDelta"]
     assert deltas and not any(d.HasField("delta") for d in deltas)  # Delta_b crosses only masked
-    masked = [body for _, body in sent if body.DESCRIPTOR.name == "OuterAggregation"]
+    masked = [body for _, body, _ in sent if body.DESCRIPTOR.name == "OuterAggregation"]
     assert masked and all(_update_tensor(b) is None or _update_tensor(b).contributors >= 2 for b in masked)

@@ -73,16 +73,16 @@ def test_streaming_diloco_syncs_fragments_in_turn_every_h_over_p_in_bfloat16_aft
             changed.append({next(f for f, (lo, hi) in enumerate(self.bounds) if lo <= i < hi) for i in diff})
             return actions
 
-        def receive(self, now, sender, message):
+        def receive(self, now, sender, message, data=None):
             if message.DESCRIPTOR.name == "BoundaryDelta":
                 sent_at.setdefault(sender, []).append(message.middle_step)
                 if message.HasField("delta"):
                     deltas.append((message.delta.dtype, message.delta.numel))
-            return super().receive(now, sender, message)
+            return super().receive(now, sender, message, data)
 
     class WatchedBoundary(BoundaryPlane):
-        def _on_global_reference(self, now, msg):
-            actions = super()._on_global_reference(now, msg)
+        def _on_global_reference(self, now, msg, data):
+            actions = super()._on_global_reference(now, msg, data)
             if (
                 msg.outer_step > 0
                 and self._awaiting_global is None

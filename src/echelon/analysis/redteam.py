@@ -51,6 +51,7 @@ from echelon.contract.slicing import wire_digest
 from echelon.errors import UserError
 from echelon.planes.boundary import StepMembers
 from echelon.planes.coordinator import GlobalPlane
+from echelon.sansio import Data
 from echelon.tensors import to_tensor
 from echelon.v1 import boundary_pb2
 
@@ -105,7 +106,7 @@ class Recorder:
         self.view, self.truth = CoordinatorView(), GroundTruth()
         self._pending: dict[str, torch.Tensor] = {}
 
-    def received(self, now: float, sender: str, message: Message, frames: list[bytes]) -> None:
+    def received(self, now: float, sender: str, message: Message, data: Data, frames: list[bytes]) -> None:
         b = _boundary(sender)
         digest = wire_digest(frames)  # as the global plane's ingress guard records it
         self.view.hashes.append(("boundary." + b, digest))
@@ -119,7 +120,7 @@ class Recorder:
                 }
             )
         elif isinstance(message, boundary_pb2.BoundaryDelta):
-            vector = to_tensor(message.delta) if message.HasField("delta") else None
+            vector = to_tensor(message.delta, data) if message.HasField("delta") else None
             self.view.deltas[b].append(
                 {
                     "time": now,

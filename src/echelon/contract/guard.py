@@ -173,6 +173,16 @@ class EgressGuard(_Guard):
     ) -> None:
         super().__init__(party, terms, audit)
         self.ledger = ledger
+        self._hashed: tuple[bytes, bytes] | None = None  # the data hashed at the last send, its SHA-256
+
+    def _sha256(self, data: bytes | memoryview) -> bytes:
+        """SHA-256 of data that was not minted, taken once for the same bytes object sent again
+        (the global plane sends one reference to every boundary)."""
+        if not isinstance(data, bytes):
+            return hashlib.sha256(data).digest()
+        if self._hashed is None or self._hashed[0] is not data:
+            self._hashed = data, hashlib.sha256(data).digest()
+        return self._hashed[1]
 
     def send(self, now: float, body: Message, peer: str, data: bytes | None = None) -> list[bytes]:
         """Wrap `body` for the channel to `peer`, check, serialise, count and record it.
@@ -218,7 +228,7 @@ class EgressGuard(_Guard):
             self._refuse(now, "out", peer, body, (refused.digest(), refused.nbytes), problems)
         # A minted aggregate's data was hashed when it was minted; any other is hashed here.
         frames = slice_envelope(
-            envelope, path, held, minted.digest if minted is not None else hashlib.sha256(held).digest()
+            envelope, path, held, minted.digest if minted is not None else self._sha256(held)
         )
         self._count(body, frames.nbytes, peer)
         self._record(now, "out", peer, body, (frames.digest(), frames.nbytes), "sent", None)
@@ -345,7 +355,7 @@ class IngressGuard(_Guard):
     def _received(self, now: float, peer: str, partial: _Partial, complete: Whole) -> Whole:
         """Count and record the message `complete` from `peer`."""
         del self._partial[peer]
-        body = getattr(complete.envelope, complete.envelope.WhichOneof("body"))
+        body = complete.body
         self._count(body, partial.digest.nbytes, peer)
         head = complete.envelope.audit_head if complete.envelope.HasField("audit_head") else None
         self._record(now, "in", peer, body, partial.wire, "received", None, head)

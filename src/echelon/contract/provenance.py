@@ -131,14 +131,11 @@ class Ledger:
         self._minted: deque[Minted] = deque(maxlen=LEDGER_SIZE)
 
     def mint(self, header: tensor_pb2.TensorPayload, data: bytes) -> Minted:
-        """Record the payload `header` (holding no data) with data `data`; hashes `data` once."""
+        """Record the payload `header` (holding no data) with data `data`; hashes `data` once. A
+        boundary restarted from a checkpoint records again the aggregate it minted before."""
         minted = Minted(_header(header), data, hashlib.sha256(data).digest())
         self._minted.append(minted)
         return minted
-
-    def record(self, t: tensor_pb2.TensorPayload) -> None:
-        """Record the whole payload `t` (a checkpointed one, minted before a restart)."""
-        self.mint(t, t.data)
 
     def minted(self, t: tensor_pb2.TensorPayload, data: bytes | memoryview | None = None) -> Minted | None:
         """The ledger's record of `t` (every field as minted), or None when it minted no such payload.

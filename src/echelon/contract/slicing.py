@@ -27,8 +27,10 @@ buffered. The ingress guard drops a sliced message whose next slice is REASSEMBL
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from google.protobuf import unknown_fields
@@ -167,6 +169,15 @@ def take_data(
     return path, data, (len(prefix), len(prefix) + len(data)) if canonical else None
 
 
+BACKGROUND_HASH_BYTES = 1 << 16  # a frame's data at least this long is hashed on the hasher thread
+
+
+@functools.cache
+def _hasher() -> ThreadPoolExecutor:
+    """The one thread that hashes received data: one worker, so every digest's updates run in order."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="echelon-wire-digest")
+
+
 class WireDigest:
     """The digest an audit record carries of a message's frames (`payload_sha256`, format 2).
 
@@ -183,6 +194,7 @@ class WireDigest:
     def __init__(self) -> None:
         self._frames = hashlib.sha256(self.TAG)
         self._data = hashlib.sha256()
+        self._hashing: Future | None = None  # the last of `_data`'s updates given to the hasher
         self.nbytes = 0
 
     def frame(self, prefix: bytes | memoryview, ndata: int, suffix: bytes | memoryview) -> None:
@@ -193,8 +205,19 @@ class WireDigest:
         self.nbytes += len(prefix) + ndata + len(suffix)
 
     def data(self, data: bytes | memoryview) -> None:
-        """Take a frame's data (in order); hashlib releases the GIL on large buffers."""
-        self._data.update(data)
+        """Take a frame's data (in order; it must not change until `hexdigest`). A large slice is
+        hashed on the hasher thread (hashlib releases the GIL), so a receiver hashes one slice
+        while the next arrives instead of after it; `hexdigest` waits for the last one."""
+        if len(data) >= BACKGROUND_HASH_BYTES:
+            self._hashing = _hasher().submit(self._data.update, data)  # one thread: in order
+        elif data:
+            self._wait()
+            self._data.update(data)
+
+    def _wait(self) -> None:
+        if self._hashing is not None:
+            self._hashing.result()
+            self._hashing = None
 
     def split(self, frame: bytes, split: Split | None) -> None:
         """Take a whole received frame, its data at `split` (None: it carries none)."""
@@ -205,6 +228,7 @@ class WireDigest:
 
     def hexdigest(self, data_digest: bytes | None = None) -> str:
         """The digest; `data_digest`: the SHA-256 of all the data, when known (none was taken)."""
+        self._wait()
         final = self._frames.copy()
         final.update(self._data.digest() if data_digest is None else data_digest)
         return final.hexdigest()
@@ -240,24 +264,53 @@ def _only(msg: Message, keep: range) -> bytes:
     return part.SerializeToString()
 
 
+Layer = tuple[bytes, bytes]  # a message's fields before the one on a path, with its key; those after
+
+
+def layers(msg: Message, path: FieldPath) -> list[Layer]:
+    """`msg`'s layers along `path` down to the bytes field at its end, outermost first: for each
+    message on the way, the encoding of its fields before the field on `path` with that field's
+    key, and of its fields after it. ValueError when a message along `path` holds unknown fields.
+    upb writes a message's known fields in field-number order (then its unknown fields, which
+    messages along `path` may not have), so a message's encoding is its fields before the one on
+    `path`, that field's key, length and value, then the fields after it."""
+    out = []
+    for i, name in enumerate(path):
+        if _unknown(msg):
+            raise ValueError(f"{msg.DESCRIPTOR.full_name} holds unknown fields")
+        number = msg.DESCRIPTOR.fields_by_name[name].number
+        out.append(
+            (_only(msg, range(number)) + _varint(number << 3 | 2), _only(msg, range(number + 1, MAX_FIELD)))
+        )
+        if i < len(path) - 1:
+            msg = getattr(msg, name)
+    return out
+
+
+def wrap(layers: Sequence[Layer], n: int) -> tuple[bytes, bytes]:
+    """(prefix, suffix) of `n` bytes of data inside `layers` (`layers`), outermost first."""
+    prefix, suffix, size = b"", b"", n
+    for head, tail in reversed(layers):
+        prefix, suffix = head + _varint(size) + prefix, suffix + tail
+        size = len(prefix) + n + len(suffix)
+    return prefix, suffix
+
+
 def encode_around(msg: Message, path: FieldPath, n: int) -> tuple[bytes, bytes]:
     """(prefix, suffix): `prefix + data + suffix` is the canonical encoding (`SerializeToString`)
-    of `msg` once the bytes field at `path` holds the `n` bytes `data` (whatever it holds now).
-
-    upb writes a message's known fields in field-number order (then its unknown fields, which
-    messages along `path` may not have: ValueError), so a message's encoding is that of its fields
-    before the one on `path`, that field's key, length and value, then the fields after it.
+    of `msg` once the bytes field at `path` holds the `n` bytes `data` (whatever it holds now);
+    ValueError when a message along `path` holds unknown fields (`layers`).
     tests/contract/test_slicing.py holds this against upb's own serialisation.
     """
     if n == 0:  # proto3 writes no empty bytes field
         return msg.SerializeToString(), b""
-    if _unknown(msg):
-        raise ValueError(f"{msg.DESCRIPTOR.full_name} holds unknown fields")
-    field = msg.DESCRIPTOR.fields_by_name[path[0]]
-    inner = encode_around(getattr(msg, path[0]), path[1:], n) if len(path) > 1 else (b"", b"")
-    head = _only(msg, range(field.number)) + _varint(field.number << 3 | 2)
-    size = len(inner[0]) + n + len(inner[1])
-    return head + _varint(size) + inner[0], inner[1] + _only(msg, range(field.number + 1, MAX_FIELD))
+    return wrap(layers(msg, path), n)
+
+
+def _sliced(outer: list[Layer], tensor: tensor_pb2.TensorPayload, n: int) -> tuple[bytes, bytes]:
+    """`encode_around` of one slice, `n` bytes of data in `tensor` (its numel and offset set), the
+    layers around the tensor (`outer`) being the same for every slice of a message."""
+    return wrap([*outer, *layers(tensor, (DATA,))], n)
 
 
 @dataclass
@@ -314,11 +367,11 @@ def slice_envelope(
     tensor = at(part, path[:-1])
     numel, itemsize = tensor.numel, ITEMSIZE[tensor.dtype]
     per_slice = MAX_SLICE_BYTES // itemsize
-    layout = []
+    layout, outer = [], layers(part, path)[:-1]
     for start in range(0, numel, per_slice):
         count = min(per_slice, numel - start)
         tensor.numel, tensor.offset, tensor.total_numel = count, start, numel
-        prefix, suffix = encode_around(part, path, count * itemsize)
+        prefix, suffix = _sliced(outer, tensor, count * itemsize)
         layout.append((prefix, start * itemsize, (start + count) * itemsize, suffix))
     return Frames(memoryview(data), layout, data_digest)
 
@@ -341,6 +394,20 @@ class Whole:
     data: bytes | memoryview
     encoding: bytes | bytearray
 
+    @property
+    def body(self) -> Message:
+        """The envelope's body (its tensor, if any, holding no data: that is `data`)."""
+        return getattr(self.envelope, self.envelope.WhichOneof("body"))
+
+    def apart(self) -> tuple[Message, bytes | memoryview | None]:
+        """(body, data) for a plane: a tensor that is a field of the body itself (a Delta_b, a
+        global reference) stays apart, in place; one nested deeper (SecAgg+'s masked input, which
+        the aggregation protocol reads from its message) is parsed back in, and data is None."""
+        if len(self.path) == 3 or not self.data:  # body field, tensor field, its data
+            return self.body, self.data or None
+        envelope = self.message()
+        return getattr(envelope, envelope.WhichOneof("body")), None
+
     def message(self) -> boundary_pb2.CrossBoundaryEnvelope:
         """The envelope with its data (parsed once from its encoding: the one copy)."""
         return boundary_pb2.CrossBoundaryEnvelope.FromString(self.encoding) if self.data else self.envelope
@@ -361,6 +428,7 @@ class Reassembler:
         self._path = ""
         self._whole = bytearray()  # the encoding of the whole message so far
         self._suffix = b""  # and what follows its data
+        self._outer: list[Layer] = []  # the layers around the tensor, the same in every slice
         self._next = 0  # element offset the next slice must start at
         self._itemsize = 1  # of the tensor's dtype
 
@@ -420,7 +488,7 @@ class Reassembler:
         count = min(MAX_SLICE_BYTES // self._itemsize, tensor.total_numel - self._next)
         tensor.numel, tensor.offset = count, self._next
         try:
-            prefix, suffix = encode_around(self._template, data_path(self._path), count * self._itemsize)
+            prefix, suffix = _sliced(self._outer, tensor, count * self._itemsize)
         finally:
             tensor.numel = tensor.offset = 0
         stop = len(prefix) + count * self._itemsize
@@ -458,6 +526,7 @@ class Reassembler:
         tensor.numel, tensor.total_numel = total, 0
         prefix, self._suffix = encode_around(self._envelope, data_path(path), total * itemsize)
         self._whole = bytearray(prefix)
+        self._outer = layers(first, data_path(path))[:-1]
 
     def _reset(self) -> None:
         self._template, self._path, self._whole, self._suffix, self._next = None, "", bytearray(), b"", 0

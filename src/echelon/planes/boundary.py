@@ -48,12 +48,17 @@ from google.protobuf.message import Message
 from echelon.config import EchelonConfig
 from echelon.contract.provenance import AggregateResult, BoundaryModel, Ledger, QuorumNotMet
 from echelon.planes.aggregation import AggregationClient, AggregationServer, Aggregator
-from echelon.sansio import Emit, PlaneAction, Send, SetTimer
+from echelon.sansio import Data, Emit, PlaneAction, Send, SetTimer
 from echelon.tensors import Bounds, float_problem, fragment_bounds, to_tensor
 from echelon.v1 import boundary_pb2, device_pb2, tensor_pb2
 
 BUFFER_TIMER = "buffer"
 AGGREGATION_TIMER_PREFIX = "agg/"
+
+
+def _held(message: Message, data: Data) -> tuple[bytes, bytes | None]:
+    """A message and its tensor's data held apart, as plain bytes for a checkpoint."""
+    return message.SerializeToString(), None if data is None else bytes(data)
 
 
 def staleness_weight(staleness: int, exponent: float) -> float:
@@ -150,10 +155,11 @@ class BoundaryPlane:
         self._middle_at_send = 0
         self._held: list[str] = []  # lockstep: devices waiting for the next global reference
         self.finished = False  # the global plane sent the final reference
+        self.closing = False  # the global plane asked for the last Delta_b: no local round starts
         self._sync_fragment = 0  # Streaming DiLoCo: the fragment the pending sync asked for
-        self._deferred: boundary_pb2.GlobalReference | None = None  # tau: a reference not yet applied
+        self._deferred: tuple[boundary_pb2.GlobalReference, Data] | None = None  # tau: not yet applied
         self.adopted_step = 0  # the outer step of the global reference theta_b is based on
-        self._last_delta: boundary_pb2.BoundaryDelta | None = None  # resent if asked again
+        self._last_delta: Send | None = None  # Delta_b as sent: resent if asked again
         self._outer_aggregator = outer_aggregator
         self._outer_range = outer_range
         self._outer_input: tuple[int, torch.Tensor, int] | None = None  # +SA: (outer step, Delta_b, quorum)
@@ -161,8 +167,10 @@ class BoundaryPlane:
 
     # -- events ---------------------------------------------------------------------------------
 
-    def receive(self, now: float, sender: str, message: Message) -> list[PlaneAction]:
-        reason = self._refusal(sender, message)
+    def receive(self, now: float, sender: str, message: Message, data: Data = None) -> list[PlaneAction]:
+        """A message from a device or the global plane; `data`: its tensor's data, held apart from
+        it (`Send.data`)."""
+        reason = self._refusal(sender, message, data)
         if reason is not None:
             fields = {"boundary": self.boundary_id, "sender": sender, "reason": reason}
             return [Emit("refused", {**fields, "message_type": message.DESCRIPTOR.full_name})]
@@ -173,7 +181,7 @@ class BoundaryPlane:
         if isinstance(message, device_pb2.Goodbye):
             return self._on_goodbye(now, sender)
         if isinstance(message, boundary_pb2.GlobalReference):
-            return self._on_global_reference(now, message)
+            return self._on_global_reference(now, message, data)
         if isinstance(message, boundary_pb2.SyncRequest):
             return self._on_sync_request(now, message)
         if isinstance(message, boundary_pb2.OuterAggregation):
@@ -187,7 +195,7 @@ class BoundaryPlane:
             return actions + self._after_round_event(now)
         return []
 
-    def _refusal(self, sender: str, message: Message) -> str | None:
+    def _refusal(self, sender: str, message: Message, data: Data) -> str | None:
         """Why a received message cannot be applied (checked before any use), or None."""
         from_global = isinstance(message, boundary_pb2.GlobalReference | boundary_pb2.SyncRequest)
         from_global |= isinstance(message, boundary_pb2.OuterAggregation | boundary_pb2.CadenceUpdate)
@@ -204,7 +212,7 @@ class BoundaryPlane:
                 return f"fragment {message.fragment} of {message.fragments} in a run of {fragments}"
             whole = message.fragments <= 1
             lo, hi = (0, self.dim) if whole else self._bounds[message.fragment]
-            return float_problem(message.parameters, hi - lo)
+            return float_problem(message.parameters, hi - lo, data)
         elif isinstance(message, boundary_pb2.CadenceUpdate) and message.interval < 1:
             return "an outer interval H of 0 middle steps"
         return None
@@ -286,8 +294,10 @@ class BoundaryPlane:
         self._buffer.append(_Arrival(device, msg.base_version, msg.tokens, msg.train_loss, now))
         return self._arm_buffer_timer(now) + self._try_fire(now)
 
-    def _on_global_reference(self, now: float, msg: boundary_pb2.GlobalReference) -> list[PlaneAction]:
-        theta_g = to_tensor(msg.parameters)
+    def _on_global_reference(
+        self, now: float, msg: boundary_pb2.GlobalReference, data: Data
+    ) -> list[PlaneAction]:
+        theta_g = to_tensor(msg.parameters, data)
         actions: list[PlaneAction] = []
         fragment = msg.fragment if msg.fragments > 1 else None  # None: the whole vector
         if msg.final:
@@ -315,7 +325,7 @@ class BoundaryPlane:
                 self.version += 1
             return []
         if self.middle_step - self._middle_at_send < self.cfg.streaming.overlap_steps:
-            self._deferred = msg  # tau: applied after that many middle steps since the send
+            self._deferred = msg, data  # tau: applied after that many middle steps since the send
             return []
         self._deferred = None
         streaming = self.cfg.streaming
@@ -330,10 +340,13 @@ class BoundaryPlane:
         return actions + self._try_fire(now)
 
     def _on_sync_request(self, now: float, msg: boundary_pb2.SyncRequest) -> list[PlaneAction]:
+        # A budget is spent: devices start nothing more, so what the run counts is what was
+        # aggregated when Delta_b goes (a deployment's devices would otherwise train on meanwhile).
+        self.closing |= msg.final
         last = self._last_delta
-        if last is not None and msg.outer_step == self._awaiting_global == last.outer_step:
+        if last is not None and msg.outer_step == self._awaiting_global == last.message.outer_step:
             # Asked again for a delta already sent (the global plane restarted): the same one.
-            return [Send(self.global_address, last)]
+            return [last]
         if (
             self.finished
             or self.model is None
@@ -363,18 +376,19 @@ class BoundaryPlane:
         )
         # The quorum it guarantees, as coarse as privacy.status_counts says (a lower bound still).
         minted = self.model.mint(f, dtype, quorum)
+        data = None
         if minted is not None and self._outer_aggregator is None:
             delta.delta.CopyFrom(minted.header)
-            delta.delta.data = minted.data
+            data = minted.data  # beside the message, as minted: never copied into it
         elif minted is not None:
             # +SA: Delta_b waits for the global plane's aggregation request and crosses masked.
             self._outer_input = (outer_step, self.model.delta(f).clone(), quorum)
         self.model.start_sync(f)
-        self._last_delta = delta
+        self._last_delta = Send(self.global_address, delta, data)
         self._middle_at_send = self.middle_step
         self._awaiting_global = outer_step
         self._tokens_since_sync = 0
-        return [Send(self.global_address, delta)]
+        return [self._last_delta]
 
     def _on_outer_aggregation(self, now: float, msg: boundary_pb2.OuterAggregation) -> list[PlaneAction]:
         """+SA: take part in the global plane's SecAgg+ round over the boundaries' Delta_b."""
@@ -609,7 +623,7 @@ class BoundaryPlane:
                 self.middle_step, {d: rnd.weights[d] for d in contributed}, rnd.opened_at
             )
             if self._deferred is not None:
-                actions += self._on_global_reference(now, self._deferred)
+                actions += self._on_global_reference(now, *self._deferred)
             self.update_norm = float(torch.linalg.vector_norm(delta_b))
             self.drift = self._drift_proxy()
             tokens = sum(rnd.arrivals[d].tokens for d in contributed)
@@ -674,6 +688,8 @@ class BoundaryPlane:
         return self._distance_ema / scale if scale > 0 else 0.0
 
     def _send_reference(self, device: str) -> list[PlaneAction]:
+        if self.closing:
+            return []
         self._devices[device].training = True
         ref = device_pb2.BoundaryReference(version=self.version, parameters=self.model.reference_payload())
         return [Send(device, ref)]
@@ -710,10 +726,13 @@ class BoundaryPlane:
             "interval": self.interval,
             "middle_at_send": self._middle_at_send,
             "finished": self.finished,
+            "closing": self.closing,
             "sync_fragment": self._sync_fragment,
-            "deferred": None if self._deferred is None else self._deferred.SerializeToString(),
+            "deferred": None if self._deferred is None else _held(*self._deferred),
             "adopted_step": self.adopted_step,
-            "last_delta": None if self._last_delta is None else self._last_delta.SerializeToString(),
+            "last_delta": None
+            if self._last_delta is None
+            else _held(self._last_delta.message, self._last_delta.data),
             "outer_input": self._outer_input,
             "last_aggregated": {d: i.last_aggregated for d, i in self._devices.items()},
             "departed": sorted(d for d, i in self._devices.items() if i.departed),
@@ -740,17 +759,21 @@ class BoundaryPlane:
         self._sync_requested, self._awaiting_global = state["sync_requested"], state["awaiting_global"]
         self.interval, self._middle_at_send = state["interval"], state["middle_at_send"]
         self.finished, self._sync_fragment = state["finished"], state["sync_fragment"]
+        self.closing = state["closing"]
         deferred, last = state["deferred"], state["last_delta"]
-        self._deferred = None if deferred is None else boundary_pb2.GlobalReference.FromString(deferred)
+        self._deferred = (
+            None if deferred is None else (boundary_pb2.GlobalReference.FromString(deferred[0]), deferred[1])
+        )
         self.adopted_step = state["adopted_step"]
-        self._last_delta = None if last is None else boundary_pb2.BoundaryDelta.FromString(last)
-        if self._last_delta is not None and self._last_delta.HasField("delta"):
-            # Resent if the global plane asks again: minted before the restart, under the quorum.
-            if self._last_delta.delta.contributors < e.min_quorum:
-                raise QuorumNotMet(
-                    f"a checkpointed Delta_b of {self._last_delta.delta.contributors} contributors"
-                )
-            self.ledger.record(self._last_delta.delta)
+        self._last_delta = None
+        if last is not None:
+            message, data = boundary_pb2.BoundaryDelta.FromString(last[0]), last[1]
+            if message.HasField("delta"):
+                # Resent if the global plane asks again: minted before the restart, under the quorum.
+                if message.delta.contributors < e.min_quorum:
+                    raise QuorumNotMet(f"a checkpointed Delta_b of {message.delta.contributors} contributors")
+                data = self.ledger.mint(message.delta, data).data
+            self._last_delta = Send(self.global_address, message, data)
         self._outer_input = state["outer_input"]
         departed = set(state.get("departed", ()))
         self._devices = {

@@ -33,7 +33,7 @@ from echelon.contract.provenance import AggregateResult, RoundSeal
 from echelon.planes.aggregation import AggregationServer, Aggregator
 from echelon.planes.controller import Cadence
 from echelon.sansio import Emit, PlaneAction, Send, SetTimer
-from echelon.tensors import Bounds, encode, float_problem, fragment_bounds, to_tensor
+from echelon.tensors import Bounds, encode_apart, float_problem, fragment_bounds, to_tensor
 from echelon.v1 import boundary_pb2, device_pb2, tensor_pb2
 
 SYNC_TIMER = "sync-timeout"
@@ -120,6 +120,7 @@ class GlobalPlane:
         self.final_reason: str | None = None
         self.finished = False
         self.max_outer_steps: int | None = None  # the outer step that finishes the run
+        self.max_tokens: int | None = None  # the token budget: an outer step that applies it is the last
         self.tokens_applied = 0  # tokens behind the Delta_b folded into theta_g: what the model learnt from
 
     def start(self, now: float) -> list[PlaneAction]:
@@ -163,14 +164,17 @@ class GlobalPlane:
             return []
         self.absent.discard(boundary)
         actions: list[PlaneAction] = [
-            Send(boundary, self._reference(whole=True)),
+            *self._references(whole=True, to=[boundary]),
             Send(boundary, boundary_pb2.CadenceUpdate(interval=self.cadence.interval)),
         ]
         if self._syncing is not None and boundary not in self._reported:
             actions.append(Send(boundary, self._sync_request()))
         return actions
 
-    def receive(self, now: float, sender: str, message: Message) -> list[PlaneAction]:
+    def receive(
+        self, now: float, sender: str, message: Message, data: bytes | memoryview | None = None
+    ) -> list[PlaneAction]:
+        """A message from a boundary; `data`: its tensor's data, held apart from it (`Send.data`)."""
         if sender not in self._middle_step or self.finished:
             return []
         if sender in self.absent:
@@ -190,7 +194,7 @@ class GlobalPlane:
                 return []  # late (an outer step already applied without it) or duplicate
             delta = None  # +SA: Delta_b arrives through the outer round
             if self.outer_aggregator is None:
-                delta, problem = self._checked_delta(message)
+                delta, problem = self._checked_delta(message, data)
                 if problem is not None:
                     fields = {
                         "sender": sender,
@@ -209,16 +213,18 @@ class GlobalPlane:
             return self._after_outer_round(now, self._outer_round.receive(now, sender, message.secagg))
         return []
 
-    def _checked_delta(self, message: boundary_pb2.BoundaryDelta) -> tuple[torch.Tensor | None, str | None]:
+    def _checked_delta(
+        self, message: boundary_pb2.BoundaryDelta, data: bytes | memoryview | None
+    ) -> tuple[torch.Tensor | None, str | None]:
         """(Delta_b of the fragment in sync, None), or (None, why it is refused) unless it is a
         whole float vector of exactly the fragment's length holding only finite values (one NaN
         would poison theta_g for the rest of the run). No delta at all is a zero Delta_b."""
         if not message.HasField("delta"):
             return self._zero_fragment(), None
-        problem = float_problem(message.delta, self._zero_fragment().numel())
+        problem = float_problem(message.delta, self._zero_fragment().numel(), data)
         if problem is not None:
             return None, problem
-        delta = to_tensor(message.delta)
+        delta = to_tensor(message.delta, data)
         if not bool(torch.isfinite(delta).all()):
             return None, "a BoundaryDelta holding NaN or infinite values"
         return delta, None
@@ -277,7 +283,7 @@ class GlobalPlane:
         `now` as elapsed seconds. The `outer_steps` budget finishes the run with that outer step
         (its reference goes out final); any other triggers one final outer step."""
         # The outer-step budget is the plane's own: that step's reference goes out as the final one.
-        self.max_outer_steps = budget.outer_steps
+        self.max_outer_steps, self.max_tokens = budget.outer_steps, budget.tokens
         reached = [
             ("tokens", budget.tokens is not None and tokens >= budget.tokens),
             ("virtual_seconds", budget.virtual_seconds is not None and now >= budget.virtual_seconds),
@@ -299,16 +305,20 @@ class GlobalPlane:
             return []
         self.final_reason, self.finished = reason, True
         self._syncing, self._reported, self._outer_round = None, {}, None
-        ref = self._reference(whole=True)
         record = {"outer_step": self.outer_step, "time": now, "stop_reason": reason}
-        return [Send(b, ref) for b in self.boundaries] + [Emit("run_ended", record)]
+        return self._references(whole=True) + [Emit("run_ended", record)]
 
     def request_final_sync(self, now: float, reason: str) -> list[PlaneAction]:
-        """A budget was reached: synchronise once more, then finish."""
+        """A budget was reached: synchronise once more, then finish. During a sync, that outer step
+        is the last: the boundaries yet to answer are asked again, finally (they start no local
+        round from then on; the delta they send is the same)."""
         if self.final_reason is not None:
             return []
         self.final_reason = reason
-        return self._start_sync(now) if self._syncing is None else []
+        if self._syncing is None:
+            return self._start_sync(now)
+        request = self._sync_request()
+        return [Send(b, request) for b in self.boundaries if b not in self._reported and b not in self.absent]
 
     def _sync_every(self) -> int:
         """Middle steps between outer steps: H, or H/P with P fragments (each synced every H)."""
@@ -423,6 +433,10 @@ class GlobalPlane:
         }
         if self.max_outer_steps is not None and self.outer_step >= self.max_outer_steps:
             self.final_reason = self.final_reason or "outer_steps"
+        if self.max_tokens is not None and self.tokens_applied >= self.max_tokens:
+            # What this step applied spends the budget (the boundaries' reports, coarse for privacy,
+            # may not have said so yet): it is the last, not the one before another.
+            self.final_reason = self.final_reason or "tokens"
         self.finished = self.final_reason is not None
         if self.finished:
             record["stop_reason"] = self.final_reason
@@ -436,7 +450,10 @@ class GlobalPlane:
         """The request for the outer step in flight, naming the fragment it synchronises."""
         fragment = self._fragment(self._syncing)
         return boundary_pb2.SyncRequest(
-            outer_step=self._syncing, fragment=fragment, fragments=len(self.bounds)
+            outer_step=self._syncing,
+            fragment=fragment,
+            fragments=len(self.bounds),
+            final=self.final_reason is not None,
         )
 
     def _zero_fragment(self) -> torch.Tensor:
@@ -444,25 +461,27 @@ class GlobalPlane:
         lo, hi = self.bounds[self._fragment(self._syncing)]
         return torch.zeros(hi - lo)
 
-    def _reference(self, whole: bool) -> boundary_pb2.GlobalReference:
-        """theta_g as of the last outer step: `whole`, or only the fragment that step moved."""
+    def _references(self, whole: bool, to: list[str] | None = None) -> list[PlaneAction]:
+        """theta_g as of the last outer step, to the boundaries `to` (default all), encoded once
+        with its data held apart (`Send.data`): `whole`, or only the fragment that step moved."""
         if whole or len(self.bounds) == 1:
             f, fragments, (lo, hi) = 0, 1, (0, self.theta_g.numel())
         else:
             f, fragments = self._fragment(self.outer_step), len(self.bounds)
             lo, hi = self.bounds[f]
-        return boundary_pb2.GlobalReference(
+        parameters, data = encode_apart(self.theta_g[lo:hi], tensor_pb2.GLOBAL)
+        reference = boundary_pb2.GlobalReference(
             outer_step=self.outer_step,
-            parameters=encode(self.theta_g[lo:hi], tensor_pb2.GLOBAL),
+            parameters=parameters,
             final=self.finished,
             fragment=f,
             fragments=fragments,
         )
+        return [Send(b, reference, data) for b in (self.boundaries if to is None else to)]
 
     def _broadcast_reference(self) -> list[PlaneAction]:
         """theta_g after the outer step: all of it at the start, else the fragment just stepped."""
-        ref = self._reference(whole=self.outer_step == 0)
-        return [Send(b, ref) for b in self.boundaries]
+        return self._references(whole=self.outer_step == 0)
 
     def state_dict(self) -> dict:
         """The plane's state between outer steps, as tensors and plain values (loadable with
@@ -490,6 +509,7 @@ class GlobalPlane:
             "final_reason": self.final_reason,
             "finished": self.finished,
             "max_outer_steps": self.max_outer_steps,
+            "max_tokens": self.max_tokens,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -510,4 +530,4 @@ class GlobalPlane:
         self._tokens_total, self._middle_at_sync = dict(state["tokens_total"]), dict(state["middle_at_sync"])
         self.tokens_applied = state["tokens_applied"]
         self.final_reason, self.finished = state["final_reason"], state["finished"]
-        self.max_outer_steps = state["max_outer_steps"]
+        self.max_outer_steps, self.max_tokens = state["max_outer_steps"], state["max_tokens"]

@@ -28,14 +28,16 @@ class BoundaryStatus(_message.Message):
     def __init__(self, middle_step: _Optional[int] = ..., drift: _Optional[float] = ..., update_norm: _Optional[float] = ..., tokens: _Optional[int] = ..., contributors: _Optional[int] = ..., train_loss: _Optional[float] = ..., tokens_total: _Optional[int] = ...) -> None: ...
 
 class SyncRequest(_message.Message):
-    __slots__ = ("outer_step", "fragment", "fragments")
+    __slots__ = ("outer_step", "fragment", "fragments", "final")
     OUTER_STEP_FIELD_NUMBER: _ClassVar[int]
     FRAGMENT_FIELD_NUMBER: _ClassVar[int]
     FRAGMENTS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
     outer_step: int
     fragment: int
     fragments: int
-    def __init__(self, outer_step: _Optional[int] = ..., fragment: _Optional[int] = ..., fragments: _Optional[int] = ...) -> None: ...
+    final: bool
+    def __init__(self, outer_step: _Optional[int] = ..., fragment: _Optional[int] = ..., fragments: _Optional[int] = ..., final: _Optional[bool] = ...) -> None: ...
 
 class BoundaryDelta(_message.Message):
     __slots__ = ("outer_step", "tokens", "delta", "middle_step", "contributors")

@@ -56,6 +56,7 @@ from echelon.runtime.grpc.transport import (
     stream_handler,
 )
 from echelon.runtime.network import Network
+from echelon.sansio import Send
 from echelon.train.model import build_model
 from echelon.wire import unwrap
 
@@ -116,7 +117,8 @@ class BoundaryRole:
 
     # -- the plane's actions ---------------------------------------------------------------------
 
-    def route(self, to: str, message: Message) -> None:
+    def route(self, send: Send) -> None:
+        to, message = send.to, send.message
         if to != GLOBAL:
             if to in self.streams:
                 self.to_device[to].put(device_frames(to.split("/", 1)[1], message))
@@ -127,7 +129,7 @@ class BoundaryRole:
             )
             return
         try:
-            self.to_global.put(self.egress.stream(self.node.now(), message, GLOBAL))
+            self.to_global.put(self.egress.stream(self.node.now(), message, GLOBAL, send.data))
         except ContractViolation as err:
             log.error("refused to send: %s", err)
 
@@ -178,10 +180,11 @@ class BoundaryRole:
         message may hold); any exception is a recorded refusal, raised for the count."""
         body = None
         try:
-            body = self.ingress.receive(self.node.now(), frame, GLOBAL)
-            if body is not None:
+            complete = self.ingress.receive_apart(self.node.now(), frame, GLOBAL)
+            if complete is not None:
+                body, data = complete.apart()
                 self.arriving = (frame, body)
-                self.node.deliver(GLOBAL, body)
+                self.node.deliver(GLOBAL, body, data)
         except Exception as err:
             self.ingress.forget(GLOBAL)
             log.error("refused a message from the global plane: %s", err)

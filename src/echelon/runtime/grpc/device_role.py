@@ -22,8 +22,6 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from google.protobuf.message import Message
-
 from echelon.assembly import make_device_plane, prepare
 from echelon.config import RunConfig
 from echelon.errors import UserError
@@ -37,6 +35,7 @@ from echelon.runtime.grpc.node import Node, Outbox
 from echelon.runtime.grpc.tls import Credentials
 from echelon.runtime.grpc.transport import LOCAL_METHOD, Dialer
 from echelon.runtime.network import Network
+from echelon.sansio import Send
 from echelon.wire import unwrap
 
 log = logging.getLogger("echelon.serve")
@@ -89,8 +88,8 @@ class DeviceRole:
         self.failure = asyncio.Event()
         self.leaving = asyncio.Event()  # set by `depart`: leave the run for good
 
-    def route(self, to: str, message: Message) -> None:
-        self.outbox.put(device_frames(self.device_id, message))
+    def route(self, send: Send) -> None:
+        self.outbox.put(device_frames(self.device_id, send.message))
 
     def on_other(self, action: object) -> None:
         if not isinstance(action, StartLocalRound):

@@ -45,6 +45,7 @@ from echelon.runtime.grpc.transport import (
     stream_handler,
 )
 from echelon.runtime.network import Network
+from echelon.sansio import Send
 from echelon.v1 import boundary_pb2
 
 log = logging.getLogger("echelon.serve")
@@ -124,9 +125,10 @@ class GlobalRole:
             return
         self.recorder.on_emit(kind, fields)
 
-    def route(self, to: str, message: Message) -> None:
+    def route(self, send: Send) -> None:
+        to, message = send.to, send.message
         try:
-            self.outboxes[to].put(self.egress.stream(self.node.now(), message, party_of(to)))
+            self.outboxes[to].put(self.egress.stream(self.node.now(), message, party_of(to), send.data))
         except ContractViolation as err:
             log.error("refused to send: %s", err)
             return
@@ -169,10 +171,11 @@ class GlobalRole:
         self.heard_at = self.node.now()
         body = None
         try:
-            body = self.ingress.receive(self.node.now(), frame, peer)
-            if body is not None:
+            complete = self.ingress.receive_apart(self.node.now(), frame, peer)
+            if complete is not None:
+                body, data = complete.apart()
                 self.arriving = (peer, frame, body)
-                self.node.deliver(address, body)
+                self.node.deliver(address, body, data)
         except Exception as err:
             self.ingress.forget(peer)
             recorded = isinstance(err, ContractViolation)

@@ -19,7 +19,7 @@ from google.protobuf.message import Message
 
 from echelon.contract.slicing import Frames
 from echelon.runtime.network import Link
-from echelon.sansio import CancelTimer, Emit, PlaneAction, Send, SetTimer
+from echelon.sansio import CancelTimer, Data, Emit, PlaneAction, Send, SetTimer
 
 log = logging.getLogger("echelon.node")
 
@@ -93,7 +93,7 @@ class Outbox:
 class Node:
     """Runs one plane: feed it events with `deliver`/`call`, and it executes the actions.
 
-    `route(to, message)` hands a Send to the transport; `on_emit(kind, fields)` receives telemetry;
+    `route(send)` hands a Send to the transport; `on_emit(kind, fields)` receives telemetry;
     `on_other(action)` handles plane-specific actions (a device's StartLocalRound).
     """
 
@@ -101,7 +101,7 @@ class Node:
         self,
         plane: Any,
         address: str,
-        route: Callable[[str, Message], None],
+        route: Callable[[Send], None],
         on_emit: Callable[[str, dict], None],
         on_other: Callable[[object], None] | None = None,
     ) -> None:
@@ -119,15 +119,19 @@ class Node:
         """Call `plane.<method>(now, *args)` and execute the actions it returns."""
         self.do(getattr(self.plane, method)(self.now(), *args))
 
-    def deliver(self, sender: str, message: Message) -> None:
+    def deliver(self, sender: str, message: Message, data: Data = None) -> None:
+        """`message` from `sender` to the plane; `data`: its tensor's data, held apart (`Send.data`)."""
         log.debug("%s <- %s: %s", self.address, sender, message.DESCRIPTOR.name)
-        self.call("receive", sender, message)
+        if data is None:
+            self.call("receive", sender, message)
+        else:
+            self.call("receive", sender, message, data)
 
     def do(self, actions: list[PlaneAction]) -> None:
         for action in actions:
             if isinstance(action, Send):
                 log.debug("%s -> %s: %s", self.address, action.to, action.message.DESCRIPTOR.name)
-                self._route(action.to, action.message)
+                self._route(action)
             elif isinstance(action, SetTimer):
                 self._cancel(action.key)
                 at = self._t0 + action.at

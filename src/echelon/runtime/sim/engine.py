@@ -35,7 +35,7 @@ from echelon.planes.coordinator import GlobalPlane
 from echelon.planes.device import DevicePlane, StartLocalRound
 from echelon.runtime.churn import churn_rngs, cycling_devices
 from echelon.runtime.network import Network
-from echelon.sansio import CancelTimer, Emit, PlaneAction, Send, SetTimer
+from echelon.sansio import CancelTimer, Data, Emit, PlaneAction, Send, SetTimer
 from echelon.train.trainer import LocalTrainer
 from echelon.v1 import device_pb2
 from echelon.wire import unwrap, wrap_device
@@ -48,8 +48,9 @@ class SimulationStalled(RuntimeError):
 class Observer(Protocol):
     """Watches a simulation (the red-team records with it); never changes what happens."""
 
-    def received(self, now: float, sender: str, message: Message, frames: list[bytes]) -> None:
-        """The global plane received `message` (cross-boundary wire `frames`) from `sender`."""
+    def received(self, now: float, sender: str, message: Message, data: Data, frames: list[bytes]) -> None:
+        """The global plane received `message` (its tensor's data held apart: `data`; cross-boundary
+        wire `frames`) from `sender`."""
 
     def submitted(self, now: float, device: str, boundary: str, delta: torch.Tensor) -> None:
         """`device` joined an aggregation round of `boundary` with its clipped delta."""
@@ -196,7 +197,7 @@ class Simulation:
     def _do(self, src: str, actions: list[PlaneAction]) -> None:
         for action in actions:
             if isinstance(action, Send):
-                self._send(src, action.to, action.message)
+                self._send(src, action)
             elif isinstance(action, SetTimer):
                 self._timer_generation[src, action.key] += 1
                 self._push(
@@ -233,7 +234,8 @@ class Simulation:
             speed *= 1 + (profile.speed_jitter_pct / 100) * self._rngs[device].uniform(-1.0, 1.0)
         self._push(self.now + result.tokens / speed, "local_done", device, result, self._session[device])
 
-    def _send(self, src: str, dst: str, message: Message) -> None:
+    def _send(self, src: str, send: Send) -> None:
+        dst, message = send.to, send.message
         if not self._online.get(src, True) or not self._online.get(dst, True):
             self.traffic.dropped += 1
             return
@@ -247,7 +249,7 @@ class Simulation:
         else:
             boundary = src if src != GLOBAL else dst
             try:
-                frames = self._guards[party_of(src)][0].send(self.now, message, party_of(dst))
+                frames = self._guards[party_of(src)][0].send(self.now, message, party_of(dst), send.data)
             except ContractViolation as e:
                 self.traffic.refused.append(str(e))
                 self._on_emit("contract_violation", {"time": self.now, "reason": str(e)})
@@ -274,17 +276,20 @@ class Simulation:
                 self._observer.submitted(self.now, dst, src, self._actors[dst].pending)
         else:
             try:
-                message = self._guards[party_of(dst)][1].receive(self.now, data, party_of(src))
+                complete = self._guards[party_of(dst)][1].receive_apart(self.now, data, party_of(src))
             except ContractViolation as e:
                 self.traffic.refused.append(str(e))
                 self._partial.pop(src, None)
                 return
             if dst == GLOBAL and self._observer is not None:
                 self._partial.setdefault(src, []).append(data)
-            if message is None:
+            if complete is None:
                 return  # a slice of a larger message: wait for the rest
+            message, held = complete.apart()
             if dst == GLOBAL and self._observer is not None:
-                self._observer.received(self.now, src, message, self._partial.pop(src))
+                self._observer.received(self.now, src, message, held, self._partial.pop(src))
+            self._do(dst, self._actors[dst].receive(self.now, src, message, held))
+            return
         self._do(dst, self._actors[dst].receive(self.now, src, message))
 
     def _on_timer(self, actor: str, key: str, generation: int) -> None:
