@@ -9,14 +9,19 @@ match its header, or that the ledger did not mint, is refused like data inside t
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
+import select
+import signal
 
 import hypothesis.strategies as st
+import numpy as np
 import pytest
 from hypothesis import given, settings
 
 from echelon.contract.guard import ContractViolation
 from echelon.contract.policy import Terms
-from echelon.contract.slicing import MAX_SLICE_BYTES, WireDigest, wire_digest
+from echelon.contract.slicing import BACKGROUND_HASH_BYTES, MAX_SLICE_BYTES, WireDigest, wire_digest
 from echelon.v1 import boundary_pb2
 from tests.contract.kit import boundary_guards, model_with_aggregate
 
@@ -141,3 +146,40 @@ def test_a_frame_split_elsewhere_digests_otherwise():
     a.split(b"abcdef", (2, 4))
     b.split(b"abcdef", (2, 5))
     assert a.hexdigest() != b.hexdigest() and a.nbytes == b.nbytes == 6
+
+
+def test_data_hashed_on_the_hasher_thread_keeps_its_order_with_data_hashed_inline():
+    """Slices at or above BACKGROUND_HASH_BYTES go to the hasher thread, smaller ones are hashed
+    inline: the data digest is still the SHA-256 of all of it, in order."""
+    rng = np.random.default_rng(3)
+    sizes = [10, BACKGROUND_HASH_BYTES, 5, 3 * BACKGROUND_HASH_BYTES + 1, 0, BACKGROUND_HASH_BYTES - 1, 7]
+    parts = [rng.bytes(n) for n in sizes]
+    digest = WireDigest()
+    for part in parts:
+        digest.frame(b"", len(part), b"")
+        digest.data(part)
+    inline = WireDigest()
+    for part in parts:
+        inline.frame(b"", len(part), b"")
+    assert digest.hexdigest() == inline.hexdigest(hashlib.sha256(b"".join(parts)).digest())
+
+
+def test_a_forked_child_hashes_with_a_hasher_of_its_own():
+    """A child forked after the parent's hasher thread started has none: it must not wait for it."""
+    big = b"x" * (2 * BACKGROUND_HASH_BYTES)
+    parent = WireDigest()
+    parent.data(big)
+    expected = parent.hexdigest()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: digest again and report
+        child = WireDigest()
+        child.data(big)
+        os.write(write, child.hexdigest().encode())
+        os._exit(0)
+    os.close(write)
+    ready, _, _ = select.select([read], [], [], 30)
+    got = os.read(read, 100).decode() if ready else "the child hung"
+    os.close(read)
+    os.waitpid(pid, 0) if ready else os.kill(pid, signal.SIGKILL)
+    assert got == expected

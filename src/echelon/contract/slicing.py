@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -176,6 +177,10 @@ BACKGROUND_HASH_BYTES = 1 << 16  # a frame's data at least this long is hashed o
 def _hasher() -> ThreadPoolExecutor:
     """The one thread that hashes received data: one worker, so every digest's updates run in order."""
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="echelon-wire-digest")
+
+
+# A forked child has no hasher thread (only its parent's record of one): it starts its own.
+os.register_at_fork(after_in_child=_hasher.cache_clear)
 
 
 class WireDigest:
