@@ -9,6 +9,8 @@
    3-stage pipeline, pipeline + FSDP) are priced by the planner's cost model and executed:
    predicted / measured median step time (target [0.8, 1.25]) and each rank's peak memory beside
    the plan's figure (on CPU the measured peak is the process's resident set, torch included).
+   These runs checkpoint once, at the end: the cost model prices training steps, and a checkpoint
+   after every step (`echelon execute`'s default) costs its own writes on top.
 3. Throughput: tokens/s of each executed plan against the same ranks training the same model
    data-parallel only (one DDP cluster over the whole model), measured in the same invocation.
 
@@ -100,7 +102,7 @@ def profile():
     )
 
 
-def execute(plan: Plan, work: Path, name: str, steps: int, threads: int) -> dict:
+def execute(plan: Plan, work: Path, name: str, steps: int, threads: int, checkpoint_every: int = 1) -> dict:
     """Run `plan` with `echelon execute`; the replica's step records and summary."""
     path = work / f"{name}.json"
     write_plan(plan, path)
@@ -116,7 +118,7 @@ def execute(plan: Plan, work: Path, name: str, steps: int, threads: int) -> dict
         "--steps",
         str(steps),
     ]
-    cmd += ["--documents", "60", "--threads", str(threads)]
+    cmd += ["--documents", "60", "--threads", str(threads), "--checkpoint-every", str(checkpoint_every)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"echelon execute {name} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
@@ -146,16 +148,18 @@ def prediction(layouts: dict[str, HandLayout], work: Path, steps: int) -> list[d
     for name, layout in layouts.items():
         devices = sorted({d for c in layout.clusters for d in c})
         threads = max(1, (os.cpu_count() or 1) // len(devices))
-        probe = StepProbe("tiny", "full", 4, SEQ_LEN, MICRO_BATCH, MICRO_BATCHES, steps=4, threads=threads)
+        probe = StepProbe("tiny", "full", 4, SEQ_LEN, MICRO_BATCH, MICRO_BATCHES, steps=8, threads=threads)
         measured = measure_model_steps(probe, len(devices))
         calibrated = fleet([0.05] * len(devices), measured)
         plan = hand_plan(calibrated, profile(), [layout], CostSettings(micro_batches=MICRO_BATCHES))
-        run = execute(plan, work, f"pred-{len(rows)}", steps, threads)
+        # The cost model prices training steps; a checkpoint after every step (the default) adds
+        # its writes (about 40 MB here, ~30% of a step on this machine's disk) to the next step.
+        run = execute(plan, work, f"pred-{len(rows)}", steps, threads, checkpoint_every=steps)
         baseline = hand_plan(
             calibrated, profile(), [HandLayout((tuple(devices),), "single", ((0, UNITS),), ("DDP",))],
             CostSettings(micro_batches=MICRO_BATCHES),
         )  # fmt: skip
-        dp = execute(baseline, work, f"dp-{len(rows)}", steps, threads)
+        dp = execute(baseline, work, f"dp-{len(rows)}", steps, threads, checkpoint_every=steps)
         s = run["summary"]
         rows.append(
             {
