@@ -41,7 +41,7 @@ from echelon.yellowstone.execute.handmade import HandLayout, hand_plan
 from echelon.yellowstone.execute.job import JobOptions
 from echelon.yellowstone.execute.reference import reference_losses
 from echelon.yellowstone.fleet import Fleet
-from echelon.yellowstone.measure import StepProbe, measure_model_steps
+from echelon.yellowstone.measure import StepProbe, Timed, measure_model_steps
 from echelon.yellowstone.model_profile import PRESETS, build_profile
 from echelon.yellowstone.plan import Plan, write_plan
 
@@ -67,13 +67,13 @@ PREDICTION = {
 }
 
 
-def fleet(speeds: list[float], step_s: list[float] | None = None, memory_gib: float = 4.0) -> Fleet:
-    """CPU devices of this host, all cleared; `step_s` are measured steps that calibrate them."""
+def fleet(speeds: list[float], steps: list[Timed] | None = None, memory_gib: float = 4.0) -> Fleet:
+    """CPU devices of this host, all cleared; `steps` are measured steps that calibrate them."""
     devices = []
     for i, tflops in enumerate(speeds):
         d = {"id": f"cpu{i}", "boundary": "lab", "site": "host", "memory_gib": memory_gib, "tflops": tflops,
              "access_tier": "lab"}  # fmt: skip
-        if step_s is not None:
+        if steps is not None:
             d["measured_steps"] = [
                 {
                     "model": "tiny",
@@ -81,7 +81,8 @@ def fleet(speeds: list[float], step_s: list[float] | None = None, memory_gib: fl
                     "seq_len": SEQ_LEN,
                     "micro_batch": MICRO_BATCH,
                     "micro_batches": MICRO_BATCHES,
-                    "step_s": step_s[i],
+                    "step_s": steps[i].step_s,
+                    "update_s": steps[i].update_s,
                 }
             ]
         devices.append(d)

@@ -220,3 +220,41 @@ def test_calibration_from_measured_steps():
     assert eta["a"] == pytest.approx(0.5) and eta["b"] == 1.0
     plan = plan_fleet(fleet, profile)
     assert plan.settings.calibration == {"a": pytest.approx(0.5)}
+
+
+def test_a_timed_optimizer_update_is_priced_per_parameter_held_not_per_token():
+    """A measured step whose update was timed calibrates the tokens on the rest of it; the update
+    costs every parameter a device holds once per step: all of a DDP stage's, a 1/n shard under
+    FSDP, however small the device's share of the batch (spread over tokens, a DDP device training
+    half the batch was priced half the update)."""
+    from echelon.yellowstone.cost import make_cluster, mode_costs, update_rates
+
+    profile = build_profile("llama-1b", PRESETS["llama-1b"], trainable="full", seq_len=512, micro_batch=2)
+    tokens_flops = profile.flops_per_token * 512 * 2
+    params = sum(u.trainable for u in profile.units)
+    step = {"model": "llama-1b", "trainable": "full", "seq_len": 512, "micro_batch": 2}
+    timed = {**step, "step_s": tokens_flops / 25e12 + 0.4, "update_s": 0.4}
+    fleet = _tiny_fleet(
+        [{"id": d, "memory_gib": 80, "access_tier": "restricted", "measured_steps": [timed]} for d in "ab"]
+    )
+    assert calibrate(fleet, profile) == {"a": pytest.approx(0.5), "b": pytest.approx(0.5)}
+    rates = update_rates(fleet, profile)
+    assert rates == {"a": pytest.approx(0.4 / params), "b": pytest.approx(0.4 / params)}
+    settings = CostSettings(micro_batches=4)
+    tables, net = Tables(profile), Network(fleet)
+    segment = tables.segment([(0, tables.n_units, 1)])
+
+    def per_step(update: dict[str, float]) -> dict[str, float]:
+        cluster = make_cluster(
+            tuple(devices_of(fleet, "b0", settings, {}, update)), net.link("s0", "s0"), profile
+        )
+        return {c.mode: float(c.ar) for c in mode_costs(cluster, segment, 0.0, settings, 512)}
+
+    without, priced = per_step({}), per_step(rates)
+    assert priced["DDP"] - without["DDP"] == pytest.approx(0.4)  # the whole model, on each device
+    assert priced["FSDP"] - without["FSDP"] == pytest.approx(0.2)  # its half of it
+    with pytest.raises(ValueError, match="update_s"):
+        too_long = {**step, "step_s": 0.3, "update_s": 0.3}
+        _tiny_fleet(
+            [{"id": "a", "memory_gib": 80, "access_tier": "restricted", "measured_steps": [too_long]}]
+        )

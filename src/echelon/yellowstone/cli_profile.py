@@ -155,8 +155,11 @@ def _with_steps(devices: list[dict], args: argparse.Namespace) -> list[dict]:
         micro_batches=args.micro_batches,
     )  # fmt: skip
     return [
-        {**d, "measured_steps": [{**measured, "step_s": round(s, 5)}]}
-        for d, s in zip(devices, steps, strict=True)
+        {
+            **d,
+            "measured_steps": [{**measured, "step_s": round(t.step_s, 5), "update_s": round(t.update_s, 5)}],
+        }
+        for d, t in zip(devices, steps, strict=True)
     ]
 
 

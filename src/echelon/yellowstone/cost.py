@@ -72,6 +72,7 @@ class Device:
     memory: float
     cleared: bool
     reliability: float
+    update_s_per_param: float = 0.0  # the optimizer update's seconds per trainable parameter held
 
 
 def loss_bytes_per_token(profile: ModelProfile) -> float:
@@ -93,17 +94,9 @@ def modelled_units(profile: ModelProfile) -> tuple[Unit, ...]:
     )
 
 
-def calibrate(fleet: Fleet, profile: ModelProfile) -> dict[str, float]:
-    """eta per device id from its measured steps (1.0 without measurements).
-
-    A measured step of `micro_batches` x `micro_batch` x `seq_len` tokens of a known model is worth
-    that many tokens times the model's FLOPs per token; eta is the mean of (FLOPs / step_s) /
-    declared FLOP/s. The step's one optimizer update is spread over its micro-batches, so a step
-    measured with the plan's micro-batch count calibrates that plan's steps exactly.
-    """
-    out: dict[str, float] = {}
+def _measured(fleet: Fleet, profile: ModelProfile):
+    """(device index, device, measured step, the measured model's profile) for every measured step."""
     for i, d in enumerate(fleet.devices):
-        ratios = []
         for j, m in enumerate(d.measured_steps):
             if m.model in PRESETS:
                 shape = PRESETS[m.model]
@@ -115,14 +108,46 @@ def calibrate(fleet: Fleet, profile: ModelProfile) -> dict[str, float]:
                     f"({', '.join(PRESETS)}) or the planned model's name {profile.name!r}"
                 )
             p = build_profile(m.model, shape, trainable=m.trainable, dtype=profile.dtype, seq_len=m.seq_len)
-            tokens = m.seq_len * m.micro_batch * m.micro_batches
-            ratios.append(p.flops_per_token * tokens / m.step_s / d.flops)
-        out[d.id] = float(np.mean(ratios)) if ratios else 1.0
-    return out
+            yield i, d, m, p
 
 
-def devices_of(fleet: Fleet, boundary: str, settings: CostSettings, eta: dict[str, float]) -> list[Device]:
-    """The boundary's devices in file order, with calibrated speed and usable memory."""
+def calibrate(fleet: Fleet, profile: ModelProfile) -> dict[str, float]:
+    """eta per device id from its measured steps (1.0 without measurements).
+
+    A measured step of `micro_batches` x `micro_batch` x `seq_len` tokens of a known model is worth
+    that many tokens times the model's FLOPs per token; eta is the mean of (FLOPs / seconds) /
+    declared FLOP/s, the seconds being the step's less its optimizer update where that was timed
+    (`update_rates` prices the update). Where it was not, the update is spread over the step's
+    micro-batches, so a step measured with the plan's shape calibrates that plan's steps exactly.
+    """
+    ratios: dict[str, list[float]] = {d.id: [] for d in fleet.devices}
+    for _, d, m, p in _measured(fleet, profile):
+        tokens = m.seq_len * m.micro_batch * m.micro_batches
+        ratios[d.id].append(p.flops_per_token * tokens / (m.step_s - (m.update_s or 0.0)) / d.flops)
+    return {k: float(np.mean(v)) if v else 1.0 for k, v in ratios.items()}
+
+
+def update_rates(fleet: Fleet, profile: ModelProfile) -> dict[str, float]:
+    """Seconds of optimizer update per trainable parameter, per device id whose measured steps
+    timed the update (`update_s`): the mean over them. An update touches every parameter a device
+    holds once per step, however little of the batch it trains."""
+    rates: dict[str, list[float]] = {}
+    for _, d, m, p in _measured(fleet, profile):
+        if m.update_s is not None:
+            rates.setdefault(d.id, []).append(m.update_s / sum(u.trainable for u in p.units))
+    return {k: float(np.mean(v)) for k, v in rates.items()}
+
+
+def devices_of(
+    fleet: Fleet,
+    boundary: str,
+    settings: CostSettings,
+    eta: dict[str, float],
+    update: dict[str, float] | None = None,
+) -> list[Device]:
+    """The boundary's devices in file order, with calibrated speed, usable memory and, where it was
+    timed, the optimizer update's seconds per parameter (`update_rates`)."""
+    update = update or {}
     rank = {t: i for i, t in enumerate(fleet.access_tiers)}
     need = rank[next(b.data_tier for b in fleet.boundaries if b.id == boundary)]
     return [
@@ -134,6 +159,7 @@ def devices_of(fleet: Fleet, boundary: str, settings: CostSettings, eta: dict[st
             d.memory,
             rank[d.access_tier] >= need,
             d.reliability,
+            update.get(d.id, 0.0),
         )
         for d in fleet.devices
         if d.boundary == boundary
@@ -202,6 +228,7 @@ class Segment:
     max_weight: object
     act_full: object
     act_ckpt: object
+    trainable: object = 0.0  # trainable parameters (the optimizer updates them once per step)
 
 
 @dataclass
@@ -224,7 +251,10 @@ class ModeCost:
 def mode_costs(
     cl: Cluster, seg: Segment, sends: float, settings: CostSettings, seq_len: int
 ) -> list[ModeCost]:
-    """Time and memory of every parallelism mode the cluster can run (FSDP needs two devices)."""
+    """Time and memory of every parallelism mode the cluster can run (FSDP needs two devices).
+
+    The per-step term (AR) holds the gradient all-reduce and the optimizer update: of every
+    parameter of the stage under DDP, of a 1/n shard under FSDP."""
     n, a, beta = cl.n, cl.lan.alpha, cl.lan.beta
     spf = cl.seconds_per_flop
     ag = (n - 1) * a + (n - 1) / n * seg.weight / beta
@@ -237,7 +267,8 @@ def mode_costs(
         flops * spf + sends + 2 * ag + rs,
         (flops + seg.recompute) * spf + sends + 3 * ag + rs,
     ]
-    ars = [ar, ar, 0 * ar, 0 * ar]
+    update = seg.trainable * max(d.update_s_per_param for d in cl.devices)
+    ars = [ar + update, ar + update, update / n, update / n]
     sharded = seg.state / n + seg.max_weight
     weights = (seg.state, seg.state, sharded, sharded)
     out = []
@@ -295,6 +326,7 @@ class Tables:
             "state": [u.state_bytes for u in units],
             "weight": [u.weight_bytes for u in units],
             "grad": [u.grad_bytes for u in units],
+            "trainable": [float(u.trainable) for u in units],
             "stash": [u.stash for u in units],
             "ckpt": [u.ckpt_stash if u.kind == "layer" else u.stash for u in units],
         }
@@ -331,15 +363,16 @@ class Tables:
 
     def _segment(self, ranges, scalar: bool = False) -> Segment:
         s, mx = (self.lists, self.list_maxes) if scalar else (self.sums, self.maxes)
-        flops, recompute, state, weight, grad = (
-            sum(s[k][i, j] for i, j, _ in ranges) for k in ("flops", "recompute", "state", "weight", "grad")
+        flops, recompute, state, weight, grad, trainable = (
+            sum(s[k][i, j] for i, j, _ in ranges)
+            for k in ("flops", "recompute", "state", "weight", "grad", "trainable")
         )
         max_w = _max(mx["weight"][i, j] for i, j, _ in ranges)
         act_full = sum(f * s["stash"][i, j] for i, j, f in ranges)
         act_ckpt = sum(f * s["ckpt"][i, j] for i, j, f in ranges) + _max(
             mx["stash"][i, j] for i, j, _ in ranges
         )
-        return Segment(flops, recompute, state, weight, grad, max_w, act_full, act_ckpt)
+        return Segment(flops, recompute, state, weight, grad, max_w, act_full, act_ckpt, trainable)
 
 
 class _Rows:

@@ -127,7 +127,9 @@ class MeasuredStep(_Strict):
 
     `model` is a preset name (llama-1b, ...) or the name of the profile being planned; the step
     trained `micro_batches` micro-batches of `micro_batch` sequences of `seq_len` tokens (gradients
-    accumulated, then one optimizer step) in `step_s` seconds.
+    accumulated, then one optimizer step) in `step_s` seconds, of which the optimizer update took
+    `update_s` (`echelon profile` times it; without it the update is spread over the step's tokens,
+    which prices a device that holds all the parameters but trains a part of the batch too low).
     """
 
     model: str
@@ -136,6 +138,13 @@ class MeasuredStep(_Strict):
     micro_batch: int = Field(ge=1, le=2**16)
     micro_batches: int = Field(1, ge=1, le=2**16)
     step_s: Seconds
+    update_s: Seconds | None = None
+
+    @model_validator(mode="after")
+    def _update_within_step(self) -> MeasuredStep:
+        if self.update_s is not None and self.update_s >= self.step_s:
+            raise ValueError(f"update_s ({self.update_s} s) is part of step_s ({self.step_s} s): give less")
+        return self
 
 
 class DeviceEntry(_Strict):

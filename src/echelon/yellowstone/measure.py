@@ -57,24 +57,32 @@ def _time_steps(rank: int, probe: StepProbe, start, results) -> None:
         0, vocab, (probe.micro_batch, probe.seq_len), generator=torch.Generator().manual_seed(rank)
     )
 
-    def step() -> None:
+    def step() -> tuple[float, float]:
+        t0 = time.perf_counter()
         for _ in range(probe.micro_batches):
             bundle.model(input_ids=tokens, labels=tokens).loss.backward()
+        t1 = time.perf_counter()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        t2 = time.perf_counter()
+        return t2 - t0, t2 - t1
 
     step()
     start.wait()  # every process times its steps while the others run theirs
-    seconds = []
-    for _ in range(probe.steps):
-        t0 = time.perf_counter()
-        step()
-        seconds.append(time.perf_counter() - t0)
-    results.put((rank, statistics.median(seconds)))
+    times = [step() for _ in range(probe.steps)]
+    results.put((rank, Timed(statistics.median(t for t, _ in times), statistics.median(u for _, u in times))))
 
 
-def measure_model_steps(probe: StepProbe, ranks: int) -> list[float]:
-    """Median seconds per training step on each of `ranks` processes running together."""
+@dataclass(frozen=True)
+class Timed:
+    """Median seconds of a training step, and of its optimizer update (part of the step)."""
+
+    step_s: float
+    update_s: float
+
+
+def measure_model_steps(probe: StepProbe, ranks: int) -> list[Timed]:
+    """A training step timed on each of `ranks` processes running together."""
     ctx = mp.get_context("spawn")
     start, results = ctx.Barrier(ranks), ctx.Queue()
     procs = [ctx.Process(target=_time_steps, args=(r, probe, start, results)) for r in range(ranks)]

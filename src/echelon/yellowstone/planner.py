@@ -36,6 +36,7 @@ from echelon.yellowstone.cost import (
     devices_of,
     group_cost,
     make_cluster,
+    update_rates,
 )
 from echelon.yellowstone.emit import model_info, replica_plan
 from echelon.yellowstone.explain import explain_replica, explain_standby
@@ -255,14 +256,14 @@ def plan_fleet(
     InfeasibleError only when no boundary can be planned.
     """
     settings = settings or CostSettings()
-    eta = calibrate(fleet, profile)
+    eta, update = calibrate(fleet, profile), update_rates(fleet, profile)
     tables = Tables(profile)
     net = Network(fleet, profile.micro_batch * profile.seq_len * profile.activation_bytes)
     explain: list[str] = []
     refused: list[InfeasibleError] = []
     planned: list[tuple[str, Context, BoundaryResult]] = []
     for b in fleet.boundaries:
-        devs = devices_of(fleet, b.id, settings, eta)
+        devs = devices_of(fleet, b.id, settings, eta, update)
         if not devs:
             explain.append(f"boundary {b.id}: no devices, nothing to plan")
             continue

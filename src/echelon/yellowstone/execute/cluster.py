@@ -8,7 +8,10 @@ labels), computes its own share, and gathers the members' outputs; the backward 
 member its share of the output gradient and gathers their input gradients. The transfers are
 torch.distributed point-to-point operations inside autograd functions, so the pipeline schedule
 drives the members without knowing them. Members run `serve_member`, which follows the head's
-headers (FORWARD / BACKWARD / END).
+headers (FORWARD / BACKWARD / END). A cluster that runs the whole model (a single-stage replica:
+token ids in, the loss out) needs none of that per micro-batch: each member gets its rows of the
+step's micro-batches at once and runs them on its own (`local_step`, header STEP), and only its
+loss sums come back, so the devices are not held in lockstep four times a micro-batch.
 
 Gradients inside a cluster are reduced by DDP (a SUM communication hook) or FSDP2 (sum reduction)
 on the last backward of a step only; every micro-batch before it accumulates locally. Each rank's
@@ -30,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from echelon.yellowstone.execute import p2p
 from echelon.yellowstone.execute.stages import UnitRange, predicted_tokens, token_loss_sum
 
-FORWARD, BACKWARD, END = 1, 2, 3
+FORWARD, BACKWARD, END, STEP = 1, 2, 3, 4
 HEADER_DTYPE = torch.int32  # headers are (op, slot, micro-batch, last); never token ids (int64)
 
 
@@ -291,6 +294,36 @@ class MemberSlot:
     stash: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
+def _run_rows(dp: DataParallel, rows: list[torch.Tensor], sequences: int) -> torch.Tensor:
+    """Forward, loss and backward of one rank's rows of each micro-batch of a whole-model stage
+    (`sequences` sequences in a whole micro-batch, the loss divisor's); its loss sums, in order.
+    Gradients are reduced in the last backward only, as on the per-micro-batch route."""
+    sums = []
+    for k, x in enumerate(rows):
+        out = token_loss_sum(dp(x), x)
+        dp.before_backward(out, last=k == len(rows) - 1)
+        (out / predicted_tokens(sequences, x.shape[1])).backward()
+        sums.append(out.detach())
+    return torch.stack(sums)
+
+
+def local_step(stage: ClusterStage, tokens: torch.Tensor, m: int) -> list[torch.Tensor]:
+    """The head's part of a whole-model cluster's step over `tokens` (m micro-batches, labels the
+    same rows): each member gets its rows of every micro-batch in one transfer and runs them on its
+    own; the mean loss of each micro-batch, from every rank's loss sums."""
+    link = stage.link
+    chunks = tokens.tensor_split(m)
+    link.header(STEP, stage.slot, m)
+    works = [
+        (link.send(torch.cat([c[link.rows(i)] for c in chunks]), i), link.devices[i]) for i in link.members
+    ]
+    wait_all(works, "send to")
+    sums = _run_rows(stage.dp, [c[link.rows(link.head)] for c in chunks], chunks[0].shape[0])
+    for i in link.members:
+        sums = sums + link.recv((m,), sums.dtype, i)
+    return list(sums / predicted_tokens(chunks[0].shape[0], tokens.shape[1]))
+
+
 def serve_member(link: Link, slots: dict[int, MemberSlot]) -> None:
     """A member's part of one step: follow the head's headers until END."""
     share = link.shares[link.me]
@@ -301,7 +334,11 @@ def serve_member(link: Link, slots: dict[int, MemberSlot]) -> None:
         if op == END:
             return
         s = slots[slot]
-        if op == FORWARD:
+        if op == STEP:  # `mb` is the step's micro-batch count
+            rows = link.recv((mb * share, link.seq_len), torch.long, link.head).tensor_split(mb)
+            sums = _run_rows(s.dp, list(rows), sum(link.shares))
+            wait(link.send(sums, link.head), link.devices[link.head], "send to")
+        elif op == FORWARD:
             x = link.recv(tokens if s.first else hidden, torch.long if s.first else link.dtype, link.head)
             labels = link.recv(tokens, torch.long, link.head) if s.loss else None
             if not s.first:

@@ -22,6 +22,7 @@ from echelon.yellowstone.cost import (
     devices_of,
     evaluate,
     make_cluster,
+    update_rates,
 )
 from echelon.yellowstone.emit import model_info, replica_plan
 from echelon.yellowstone.fleet import Fleet
@@ -46,9 +47,9 @@ def hand_plan(
     """A plan.json for `layouts` (all in the fleet's first boundary); unused devices are standby."""
     settings = settings or CostSettings()
     boundary = fleet.boundaries[0]
-    eta = calibrate(fleet, profile)
+    eta, update = calibrate(fleet, profile), update_rates(fleet, profile)
     tables, net = Tables(profile), Network(fleet)
-    devices = {d.id: d for d in devices_of(fleet, boundary.id, settings, eta)}
+    devices = {d.id: d for d in devices_of(fleet, boundary.id, settings, eta, update)}
     replicas = []
     for r, layout in enumerate(layouts):
         clusters = tuple(

@@ -51,6 +51,7 @@ from echelon.yellowstone.execute.cluster import (
     Labels,
     Link,
     MemberSlot,
+    local_step,
     serve_member,
     wait,
 )
@@ -274,12 +275,9 @@ class ReplicaRank:
         if self.is_loss_rank:
             self.labels.micro_batches = list(labels.tensor_split(self.m))
         losses: list[torch.Tensor] = []
-        if self.schedule is None:
+        if self.schedule is None:  # the whole model on this cluster: its ranks run their rows alone
             (cs,) = self.cluster_stages
-            for mb in tokens.tensor_split(self.m):
-                out = cs(mb)
-                out.backward()
-                losses.append(out.detach())
+            losses = local_step(cs, tokens, self.m)
         else:
             args = (tokens,) if leader else ()
             kwargs: dict[str, Any] = {"target": labels, "losses": losses} if self.is_loss_rank else {}
