@@ -56,7 +56,7 @@ BUFFER_TIMER = "buffer"
 AGGREGATION_TIMER_PREFIX = "agg/"
 
 
-def _held(message: Message, data: Data) -> tuple[bytes, bytes | None]:
+def _checkpointed(message: Message, data: Data) -> tuple[bytes, bytes | None]:
     """A message and its tensor's data held apart, as plain bytes for a checkpoint."""
     return message.SerializeToString(), None if data is None else bytes(data)
 
@@ -728,11 +728,11 @@ class BoundaryPlane:
             "finished": self.finished,
             "closing": self.closing,
             "sync_fragment": self._sync_fragment,
-            "deferred": None if self._deferred is None else _held(*self._deferred),
+            "deferred": None if self._deferred is None else _checkpointed(*self._deferred),
             "adopted_step": self.adopted_step,
             "last_delta": None
             if self._last_delta is None
-            else _held(self._last_delta.message, self._last_delta.data),
+            else _checkpointed(self._last_delta.message, self._last_delta.data),
             "outer_input": self._outer_input,
             "last_aggregated": {d: i.last_aggregated for d, i in self._devices.items()},
             "departed": sorted(d for d, i in self._devices.items() if i.departed),

@@ -120,6 +120,10 @@ class BoundaryRole:
     def route(self, send: Send) -> None:
         to, message = send.to, send.message
         if to != GLOBAL:
+            if send.data is not None:
+                raise TypeError(
+                    "tensor data beside a message crosses boundaries only: a device's holds its own"
+                )
             if to in self.streams:
                 self.to_device[to].put(device_frames(to.split("/", 1)[1], message))
             return

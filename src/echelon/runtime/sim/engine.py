@@ -240,6 +240,10 @@ class Simulation:
             self.traffic.dropped += 1
             return
         if src in self._boundary_of or dst in self._boundary_of:
+            if send.data is not None:
+                raise TypeError(
+                    "tensor data beside a message crosses boundaries only: a device's holds its own"
+                )
             device = src if src in self._boundary_of else dst
             frames = [wrap_device(device.split("/", 1)[1], message).SerializeToString()]
             name = message.DESCRIPTOR.full_name
