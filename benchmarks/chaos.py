@@ -267,14 +267,23 @@ async def _flood(tmp: Path, mib: int) -> tuple[str, str, str]:
             await call.write(piece)
             sent += 1
 
+    refusals: list[str] = []  # the boundary's own word: it refuses at the cap and ends the stream
+    seen = logging.Handler()
+    seen.emit = lambda record: refusals.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("echelon.serve").addHandler(seen)
     writer = asyncio.create_task(flood())
     try:
         await asyncio.wait_for(call.read(), 120)
         ended = "the stream stayed open"
     except grpc.aio.AioRpcError as e:
-        ended = f"the boundary ended the stream: {e.code().name}"
+        # grpc-python reports INTERNAL to a client whose own write was under way when the server's
+        # status came: the status the boundary sent is then read from its log.
+        capped = any("exceeds the cap" in r for r in refusals)
+        status = "RESOURCE_EXHAUSTED (its log: refused at the cap)" if capped else "no refusal logged"
+        ended = f"the boundary ended the stream with {status}; the client saw {e.code().name}"
     except TimeoutError:
         ended = "the stream stayed open"
+    logging.getLogger("echelon.serve").removeHandler(seen)
     writer.cancel()
     await asyncio.gather(writer, return_exceptions=True)
     held = (tracemalloc.get_traced_memory()[1] - base) / (1 << 20)
