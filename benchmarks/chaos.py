@@ -270,7 +270,11 @@ async def _flood(tmp: Path, mib: int) -> tuple[str, str, str]:
     refusals: list[str] = []  # the boundary's own word: it refuses at the cap and ends the stream
     seen = logging.Handler()
     seen.emit = lambda record: refusals.append(record.getMessage())  # type: ignore[method-assign]
-    logging.getLogger("echelon.serve").addHandler(seen)
+    serve_log = logging.getLogger("echelon.serve")
+    was = serve_log.level, serve_log.propagate
+    serve_log.setLevel(logging.ERROR)
+    serve_log.propagate = False  # read here, not printed
+    serve_log.addHandler(seen)
     writer = asyncio.create_task(flood())
     try:
         await asyncio.wait_for(call.read(), 120)
@@ -283,7 +287,9 @@ async def _flood(tmp: Path, mib: int) -> tuple[str, str, str]:
         ended = f"the boundary ended the stream with {status}; the client saw {e.code().name}"
     except TimeoutError:
         ended = "the stream stayed open"
-    logging.getLogger("echelon.serve").removeHandler(seen)
+    serve_log.removeHandler(seen)
+    serve_log.setLevel(was[0])
+    serve_log.propagate = was[1]
     writer.cancel()
     await asyncio.gather(writer, return_exceptions=True)
     held = (tracemalloc.get_traced_memory()[1] - base) / (1 << 20)
