@@ -32,7 +32,7 @@ from echelon.config import BudgetConfig, OuterConfig
 from echelon.contract.provenance import AggregateResult, RoundSeal
 from echelon.planes.aggregation import AggregationServer, Aggregator
 from echelon.planes.controller import Cadence
-from echelon.sansio import Emit, PlaneAction, Send, SetTimer
+from echelon.sansio import Data, Emit, PlaneAction, Send, SetTimer
 from echelon.tensors import Bounds, encode_apart, float_problem, fragment_bounds, to_tensor
 from echelon.v1 import boundary_pb2, device_pb2, tensor_pb2
 
@@ -171,9 +171,7 @@ class GlobalPlane:
             actions.append(Send(boundary, self._sync_request()))
         return actions
 
-    def receive(
-        self, now: float, sender: str, message: Message, data: bytes | memoryview | None = None
-    ) -> list[PlaneAction]:
+    def receive(self, now: float, sender: str, message: Message, data: Data = None) -> list[PlaneAction]:
         """A message from a boundary; `data`: its tensor's data, held apart from it (`Send.data`)."""
         if sender not in self._middle_step or self.finished:
             return []
@@ -214,7 +212,7 @@ class GlobalPlane:
         return []
 
     def _checked_delta(
-        self, message: boundary_pb2.BoundaryDelta, data: bytes | memoryview | None
+        self, message: boundary_pb2.BoundaryDelta, data: Data
     ) -> tuple[torch.Tensor | None, str | None]:
         """(Delta_b of the fragment in sync, None), or (None, why it is refused) unless it is a
         whole float vector of exactly the fragment's length holding only finite values (one NaN

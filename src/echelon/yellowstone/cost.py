@@ -95,7 +95,7 @@ def modelled_units(profile: ModelProfile) -> tuple[Unit, ...]:
 
 
 def _measured(fleet: Fleet, profile: ModelProfile):
-    """(device index, device, measured step, the measured model's profile) for every measured step."""
+    """(device, measured step, the measured model's profile) for every measured step."""
     for i, d in enumerate(fleet.devices):
         for j, m in enumerate(d.measured_steps):
             if m.model in PRESETS:
@@ -108,7 +108,7 @@ def _measured(fleet: Fleet, profile: ModelProfile):
                     f"({', '.join(PRESETS)}) or the planned model's name {profile.name!r}"
                 )
             p = build_profile(m.model, shape, trainable=m.trainable, dtype=profile.dtype, seq_len=m.seq_len)
-            yield i, d, m, p
+            yield d, m, p
 
 
 def calibrate(fleet: Fleet, profile: ModelProfile) -> dict[str, float]:
@@ -121,7 +121,7 @@ def calibrate(fleet: Fleet, profile: ModelProfile) -> dict[str, float]:
     micro-batches, so a step measured with the plan's shape calibrates that plan's steps exactly.
     """
     ratios: dict[str, list[float]] = {d.id: [] for d in fleet.devices}
-    for _, d, m, p in _measured(fleet, profile):
+    for d, m, p in _measured(fleet, profile):
         tokens = m.seq_len * m.micro_batch * m.micro_batches
         ratios[d.id].append(p.flops_per_token * tokens / (m.step_s - (m.update_s or 0.0)) / d.flops)
     return {k: float(np.mean(v)) if v else 1.0 for k, v in ratios.items()}
@@ -132,7 +132,7 @@ def update_rates(fleet: Fleet, profile: ModelProfile) -> dict[str, float]:
     timed the update (`update_s`): the mean over them. An update touches every parameter a device
     holds once per step, however little of the batch it trains."""
     rates: dict[str, list[float]] = {}
-    for _, d, m, p in _measured(fleet, profile):
+    for d, m, p in _measured(fleet, profile):
         if m.update_s is not None:
             rates.setdefault(d.id, []).append(m.update_s / sum(u.trainable for u in p.units))
     return {k: float(np.mean(v)) for k, v in rates.items()}
