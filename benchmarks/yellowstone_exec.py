@@ -5,7 +5,8 @@
    difference over the steps, for DDP, FSDP and FSDP+ckpt clusters (uneven shares) and a U-shaped
    3-stage pipeline (target <= 1e-4).
 2. Prediction: this machine is calibrated as `echelon profile --model tiny --ranks N` does (a
-   training step timed on N processes running at once), then three CPU plans (pure DDP, a
+   training step timed on N processes running at once, and what FSDP over them adds to a
+   micro-batch of a decoder layer), then three CPU plans (pure DDP, a
    3-stage pipeline, pipeline + FSDP) are priced by the planner's cost model and executed:
    predicted / measured median step time (target [0.8, 1.25]) and each rank's peak memory beside
    the plan's figure (on CPU the measured peak is the process's resident set, torch included).
@@ -84,6 +85,11 @@ def fleet(speeds: list[float], steps: list[Timed] | None = None, memory_gib: flo
                     "step_s": steps[i].step_s,
                     "update_s": steps[i].update_s,
                 }
+                | (
+                    {"fsdp_s": steps[i].fsdp_s, "fsdp_ranks": len(steps)}
+                    if steps[i].fsdp_s is not None
+                    else {}
+                )
             ]
         devices.append(d)
     return Fleet.model_validate(

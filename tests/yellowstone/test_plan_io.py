@@ -174,3 +174,40 @@ def test_profile_peer_refuses_what_is_not_a_probe(capsys):
     assert f"127.0.0.1:{port}" in err and "not an echelon probe" in err
     assert main(["profile", "--peer", "no-port-here"]) == 2
     assert "HOST:PORT" in capsys.readouterr().err
+
+
+def test_profile_times_fsdp_on_two_ranks_and_the_fleet_takes_it():
+    """On two ranks a measured step carries what FSDP2 adds to a micro-batch of one decoder layer,
+    written beside the ranks it was sharded over; a fleet file takes it and prices FSDP with it.
+    One rank has nothing to shard: no FSDP figure."""
+    from echelon.yellowstone.cli_profile import _timed
+    from echelon.yellowstone.cost import fsdp_rates
+    from echelon.yellowstone.fleet import Fleet
+    from echelon.yellowstone.measure import StepProbe, measure_model_steps
+    from echelon.yellowstone.model_profile import PRESETS, build_profile
+
+    probe = StepProbe("tiny", "full", 4, seq_len=16, micro_batch=2, micro_batches=1, steps=2)
+    two = measure_model_steps(probe, 2)
+    assert all(t.fsdp_s is not None and t.fsdp_s >= 0 for t in two)
+    assert measure_model_steps(probe, 1)[0].fsdp_s is None
+    step = {"model": "tiny", "trainable": "full", "seq_len": 16, "micro_batch": 2, "micro_batches": 1}
+    devices = [
+        {"id": f"cpu{i}", "boundary": "lab", "site": "desk", "memory_gib": 4, "tflops": 0.05,
+         "access_tier": "lab", "measured_steps": [{**step, **_timed(t, 2)}]}
+        for i, t in enumerate(two)
+    ]  # fmt: skip
+    assert all(d["measured_steps"][0]["fsdp_ranks"] == 2 for d in devices)
+    fleet = Fleet.model_validate(
+        {
+            "name": "desk",
+            "access_tiers": ["public", "lab"],
+            "boundaries": [{"id": "lab", "data_tier": "lab"}],
+            "sites": [{"id": "desk", "bandwidth_gbps": 10}],
+            "devices": devices,
+        }
+    )
+    profile = build_profile("tiny", PRESETS["tiny"], trainable="full", seq_len=16, micro_batch=2)
+    layer = next(u.weight_bytes for u in profile.units if u.kind == "layer")
+    rates = fsdp_rates(fleet, profile)
+    written = {d["id"]: d["measured_steps"][0]["fsdp_s"] for d in devices}
+    assert rates == {k: pytest.approx(v / (layer / 2)) for k, v in written.items()}

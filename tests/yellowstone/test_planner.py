@@ -156,13 +156,13 @@ def test_dp_matches_brute_force_and_cost_model():
     assert checked > 30
 
 
-def _tiny_fleet(devices: list[dict], data_tier: str = "restricted") -> Fleet:
+def _tiny_fleet(devices: list[dict], data_tier: str = "restricted", latency_ms: float = 0.0) -> Fleet:
     return Fleet.model_validate(
         {
             "name": "t",
             "access_tiers": ["public", "internal", "restricted"],
             "boundaries": [{"id": "b0", "data_tier": data_tier}],
-            "sites": [{"id": "s0", "bandwidth_gbps": 100}],
+            "sites": [{"id": "s0", "bandwidth_gbps": 100, "latency_ms": latency_ms}],
             "devices": [{"boundary": "b0", "site": "s0", "tflops": 50, **d} for d in devices],
         }
     )
@@ -258,3 +258,90 @@ def test_a_timed_optimizer_update_is_priced_per_parameter_held_not_per_token():
         _tiny_fleet(
             [{"id": "a", "memory_gib": 80, "access_tier": "restricted", "measured_steps": [too_long]}]
         )
+
+
+def test_a_timed_fsdp_is_priced_per_micro_batch_by_weight_held_and_ring():
+    """`fsdp_s` (what FSDP added to a micro-batch of one decoder layer, sharded over `fsdp_ranks`
+    processes) prices an FSDP cluster's collectives: per micro-batch, in proportion to the weight
+    bytes it holds and to the ring's (n-1)/n, the slowest device's rate; DDP is not touched."""
+    from echelon.yellowstone.cost import fsdp_rates, make_cluster, mode_costs
+
+    profile = build_profile("llama-1b", PRESETS["llama-1b"], trainable="full", seq_len=512, micro_batch=4)
+    step = {"model": "llama-1b", "trainable": "full", "seq_len": 512, "micro_batch": 4, "step_s": 9.0}
+    fleet = _tiny_fleet(
+        [
+            {"id": "a", "memory_gib": 80, "access_tier": "restricted",
+             "measured_steps": [{**step, "fsdp_s": 0.03, "fsdp_ranks": 3}]},
+            {"id": "b", "memory_gib": 80, "access_tier": "restricted",
+             "measured_steps": [{**step, "fsdp_s": 0.01, "fsdp_ranks": 3}]},
+        ]
+    )  # fmt: skip
+    layer = next(u.weight_bytes for u in profile.units if u.kind == "layer")
+    rates = fsdp_rates(fleet, profile)
+    assert rates == {"a": pytest.approx(0.03 / (layer * 2 / 3)), "b": pytest.approx(0.01 / (layer * 2 / 3))}
+    settings = CostSettings(micro_batches=4)
+    tables, net = Tables(profile), Network(fleet)
+    two_layers = tables.segment([(1, 3, 1)])
+
+    def per_micro_batch(fsdp: dict[str, float]) -> dict[str, float]:
+        devices = tuple(devices_of(fleet, "b0", settings, {}, None, fsdp))
+        cluster = make_cluster(devices, net.link("s0", "s0"), profile)
+        return {c.mode: float(c.g) for c in mode_costs(cluster, two_layers, 0.0, settings, 512)}
+
+    formula, measured = per_micro_batch({}), per_micro_batch(rates)
+    compute = measured["DDP"]
+    assert formula["DDP"] == compute and formula["FSDP"] > compute  # the link's formula without it
+    # a's rate (the slower) for two layers on a 2-device ring: 0.03 s x 2 x (1/2) / (2/3)
+    assert measured["FSDP"] - compute == pytest.approx(0.03 * 2 * (1 / 2) / (2 / 3))
+    assert measured["FSDP+ckpt"] - measured["DDP+ckpt"] == pytest.approx(measured["FSDP"] - compute)
+    with pytest.raises(ValueError, match="fsdp_s and fsdp_ranks go together"):
+        _tiny_fleet([{"id": "a", "memory_gib": 80, "access_tier": "restricted",
+                      "measured_steps": [{**step, "fsdp_s": 0.03}]}])  # fmt: skip
+
+
+def test_the_formula_charges_a_latency_per_fsdp_unit():
+    """Without a measurement, FSDP gathers every decoder layer (and the stage's root) on its own:
+    each of them pays the link's latency per collective."""
+    from echelon.yellowstone.cost import make_cluster, mode_costs
+
+    profile = build_profile("llama-1b", PRESETS["llama-1b"], trainable="full", seq_len=512, micro_batch=4)
+    fleet = _tiny_fleet(
+        [{"id": d, "memory_gib": 80, "access_tier": "restricted"} for d in "ab"], latency_ms=1.0
+    )
+    settings, tables, net = CostSettings(micro_batches=4), Tables(profile), Network(fleet)
+    cluster = make_cluster(tuple(devices_of(fleet, "b0", settings, {})), net.link("s0", "s0"), profile)
+
+    def latency_part(i: int, j: int) -> float:
+        seg = tables.segment([(i, j, 1)])
+        g = {c.mode: float(c.g) for c in mode_costs(cluster, seg, 0.0, settings, 512)}
+        bandwidth = (1 / 2) * (2 * seg.weight + seg.grad) / net.link("s0", "s0").beta
+        return g["FSDP"] - g["DDP"] - bandwidth
+
+    # 2 gathers and 1 reduce-scatter per micro-batch, 1 step of a 2-device ring, 1 ms each
+    assert latency_part(1, 2) == pytest.approx(3 * (1 + 1) * 1e-3)  # one layer and the root
+    assert latency_part(1, 5) == pytest.approx(3 * (4 + 1) * 1e-3)  # four layers and the root
+
+
+def test_a_hand_plan_predicts_the_modes_it_runs():
+    """A layout written by hand with its parallelism given is priced in that parallelism: its
+    predicted step and memory are the cost model's for the modes the executor will run."""
+    from echelon.yellowstone.execute.handmade import HandLayout, hand_plan
+
+    profile = build_profile("tiny", PRESETS["tiny"], trainable="full", seq_len=64, micro_batch=4)
+    fleet = _tiny_fleet(
+        [{"id": d, "memory_gib": 4, "access_tier": "restricted"} for d in "ab"], latency_ms=1.0
+    )
+    settings = CostSettings(micro_batches=4)
+
+    def predicted(mode: str | None):
+        layout = HandLayout((("a", "b"),), "single", ((0, 6),), None if mode is None else (mode,))
+        replica = hand_plan(fleet, profile, [layout], settings).boundaries[0].replicas[0]
+        return (
+            replica.clusters[0].parallelism,
+            replica.predicted.step_s,
+            replica.clusters[0].memory_bytes["a"],
+        )
+
+    chosen, ddp, fsdp = predicted(None), predicted("DDP"), predicted("FSDP")
+    assert chosen == ddp and ddp[0] == "DDP" and fsdp[0] == "FSDP"
+    assert fsdp[1] > ddp[1] and fsdp[2] < ddp[2]  # FSDP's collectives cost time and save memory

@@ -22,11 +22,15 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from echelon.errors import UserError
 from echelon.rundir import write_atomic
+
+if TYPE_CHECKING:
+    from echelon.yellowstone.measure import Timed
 
 GIB = 1024**3
 
@@ -155,12 +159,17 @@ def _with_steps(devices: list[dict], args: argparse.Namespace) -> list[dict]:
         micro_batches=args.micro_batches,
     )  # fmt: skip
     return [
-        {
-            **d,
-            "measured_steps": [{**measured, "step_s": round(t.step_s, 5), "update_s": round(t.update_s, 5)}],
-        }
+        {**d, "measured_steps": [{**measured, **_timed(t, len(devices))}]}
         for d, t in zip(devices, steps, strict=True)
     ]
+
+
+def _timed(t: Timed, ranks: int) -> dict:
+    """A measured step's timings as fleet fields (FSDP's only where it was timed: two ranks or more)."""
+    out = {"step_s": round(t.step_s, 5), "update_s": round(t.update_s, 5)}
+    if t.fsdp_s is not None:
+        out.update(fsdp_s=round(t.fsdp_s, 5), fsdp_ranks=ranks)
+    return out
 
 
 def run_peer(args: argparse.Namespace, site: str) -> int:

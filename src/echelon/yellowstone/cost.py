@@ -10,8 +10,12 @@ FSDP, FSDP with checkpointing (FSDP only on two or more devices).
   (`network`: summed latency, slowest hop, the share of it other replicas leave free), once
   forward (activations) and once backward (their gradients), charged to the sender;
 - ring all-reduce 2(n-1) alpha + 2(n-1)/n S/beta (DDP gradients, once per step); FSDP all-gathers
-  the weights twice per micro-batch (three times with checkpointing) and reduce-scatters the
-  gradients once, each (n-1) alpha + (n-1)/n S/beta;
+  the weights twice per micro-batch (checkpointing adds none: FSDP2 recomputes a layer inside its
+  backward, while the layer is gathered; counted on gloo) and reduce-scatters the gradients once,
+  each (n-1) alpha per FSDP unit (every decoder layer, and the stage's root) + (n-1)/n S/beta. Where `echelon profile` timed FSDP on this model (`fsdp_s`, `fsdp_rates`), a
+  micro-batch is charged that measurement instead, scaled by the weight bytes the cluster holds
+  and the ring's (n-1)/n: on CPU over gloo FSDP's collectives and copies cost several times what
+  the link's latency and bandwidth say;
 - memory per device, DDP: state + activations; FSDP: state / n + the largest unsharded unit +
   activations; plus a fixed runtime overhead, against `memory_headroom` of the device's memory;
   1F1B keeps min(S - k, m) micro-batches in flight on stage k of S;
@@ -31,6 +35,7 @@ import dataclasses
 import functools
 import heapq
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -73,6 +78,7 @@ class Device:
     cleared: bool
     reliability: float
     update_s_per_param: float = 0.0  # the optimizer update's seconds per trainable parameter held
+    fsdp_s_per_byte: float = 0.0  # FSDP's seconds per micro-batch per weight byte, ring factor 1
 
 
 def loss_bytes_per_token(profile: ModelProfile) -> float:
@@ -138,16 +144,31 @@ def update_rates(fleet: Fleet, profile: ModelProfile) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in rates.items()}
 
 
+def fsdp_rates(fleet: Fleet, profile: ModelProfile) -> dict[str, float]:
+    """FSDP's seconds per micro-batch per weight byte sharded, ring factor (n-1)/n taken out, per
+    device id whose measured steps timed FSDP (`fsdp_s` on `fsdp_ranks` processes, one decoder
+    layer): the mean over them."""
+    rates: dict[str, list[float]] = {}
+    for d, m, p in _measured(fleet, profile):
+        if m.fsdp_s is not None and m.fsdp_ranks is not None:
+            layer = next(u.weight_bytes for u in p.units if u.kind == "layer")
+            ring = (m.fsdp_ranks - 1) / m.fsdp_ranks
+            rates.setdefault(d.id, []).append(m.fsdp_s / (layer * ring))
+    return {k: float(np.mean(v)) for k, v in rates.items()}
+
+
 def devices_of(
     fleet: Fleet,
     boundary: str,
     settings: CostSettings,
     eta: dict[str, float],
     update: dict[str, float] | None = None,
+    fsdp: dict[str, float] | None = None,
 ) -> list[Device]:
-    """The boundary's devices in file order, with calibrated speed, usable memory and, where it was
-    timed, the optimizer update's seconds per parameter (`update_rates`)."""
-    update = update or {}
+    """The boundary's devices in file order, with calibrated speed, usable memory and, where they
+    were timed, the optimizer update's seconds per parameter (`update_rates`) and FSDP's seconds
+    per weight byte (`fsdp_rates`)."""
+    update, fsdp = update or {}, fsdp or {}
     rank = {t: i for i, t in enumerate(fleet.access_tiers)}
     need = rank[next(b.data_tier for b in fleet.boundaries if b.id == boundary)]
     return [
@@ -160,6 +181,7 @@ def devices_of(
             rank[d.access_tier] >= need,
             d.reliability,
             update.get(d.id, 0.0),
+            fsdp.get(d.id, 0.0),
         )
         for d in fleet.devices
         if d.boundary == boundary
@@ -198,8 +220,10 @@ class Cluster:
 
     @functools.cached_property
     def key(self) -> tuple:
-        """What sets the cluster's cost: device speeds and memory, shares, the site network."""
-        return (tuple((d.speed, d.capacity) for d in self.devices), self.shares, self.lan)
+        """What sets the cluster's cost: device speeds, memory and measured rates, shares, the site
+        network."""
+        devices = tuple((d.speed, d.capacity, d.update_s_per_param, d.fsdp_s_per_byte) for d in self.devices)
+        return (devices, self.shares, self.lan)
 
     @property
     def n(self) -> int:
@@ -229,6 +253,7 @@ class Segment:
     act_full: object
     act_ckpt: object
     trainable: object = 0.0  # trainable parameters (the optimizer updates them once per step)
+    layers: object = 0.0  # decoder layers (FSDP units: each is all-gathered on its own)
 
 
 @dataclass
@@ -257,15 +282,14 @@ def mode_costs(
     parameter of the stage under DDP, of a 1/n shard under FSDP."""
     n, a, beta = cl.n, cl.lan.alpha, cl.lan.beta
     spf = cl.seconds_per_flop
-    ag = (n - 1) * a + (n - 1) / n * seg.weight / beta
-    rs = (n - 1) * a + (n - 1) / n * seg.grad / beta
-    ar = 2 * rs
+    ar = 2 * ((n - 1) * a + (n - 1) / n * seg.grad / beta)
+    fsdp = _fsdp_seconds(cl, seg)
     flops = seg.flops
     times = [
         flops * spf + sends,
         (flops + seg.recompute) * spf + sends,
-        flops * spf + sends + 2 * ag + rs,
-        (flops + seg.recompute) * spf + sends + 3 * ag + rs,
+        flops * spf + sends + fsdp,
+        (flops + seg.recompute) * spf + sends + fsdp,
     ]
     update = seg.trainable * max(d.update_s_per_param for d in cl.devices)
     ars = [ar + update, ar + update, update / n, update / n]
@@ -277,6 +301,21 @@ def mode_costs(
         need = [weights[mode] + share * seq_len * act + settings.overhead_bytes for share in cl.shares]
         out.append(ModeCost(MODES[mode], times[mode] + 0 * flops, ars[mode] + 0 * flops, need))
     return out
+
+
+def _fsdp_seconds(cl: Cluster, seg: Segment) -> object:
+    """FSDP's collectives per micro-batch, with or without checkpointing (the same: FSDP2
+    recomputes a layer inside its backward, while the layer is gathered): the measured rate
+    (`fsdp_rates`, the slowest device's: a collective waits for every rank) over the weight bytes
+    held, or the link's formula (module docstring) where FSDP was not timed."""
+    n, a, beta = cl.n, cl.lan.alpha, cl.lan.beta
+    rate = max(d.fsdp_s_per_byte for d in cl.devices)
+    if rate > 0:
+        return rate * (n - 1) / n * seg.weight
+    units = seg.layers + 1  # every decoder layer is an FSDP unit, and so is the stage's root
+    ag = units * (n - 1) * a + (n - 1) / n * seg.weight / beta
+    rs = units * (n - 1) * a + (n - 1) / n * seg.grad / beta
+    return 2 * ag + rs
 
 
 def group_cost(cl: Cluster, seg: Segment, sends: float, settings: CostSettings, seq_len: int):
@@ -327,6 +366,7 @@ class Tables:
             "weight": [u.weight_bytes for u in units],
             "grad": [u.grad_bytes for u in units],
             "trainable": [float(u.trainable) for u in units],
+            "layers": [1.0 if u.kind == "layer" else 0.0 for u in units],
             "stash": [u.stash for u in units],
             "ckpt": [u.ckpt_stash if u.kind == "layer" else u.stash for u in units],
         }
@@ -363,16 +403,16 @@ class Tables:
 
     def _segment(self, ranges, scalar: bool = False) -> Segment:
         s, mx = (self.lists, self.list_maxes) if scalar else (self.sums, self.maxes)
-        flops, recompute, state, weight, grad, trainable = (
+        flops, recompute, state, weight, grad, trainable, layers = (
             sum(s[k][i, j] for i, j, _ in ranges)
-            for k in ("flops", "recompute", "state", "weight", "grad", "trainable")
+            for k in ("flops", "recompute", "state", "weight", "grad", "trainable", "layers")
         )
         max_w = _max(mx["weight"][i, j] for i, j, _ in ranges)
         act_full = sum(f * s["stash"][i, j] for i, j, f in ranges)
         act_ckpt = sum(f * s["ckpt"][i, j] for i, j, f in ranges) + _max(
             mx["stash"][i, j] for i, j, _ in ranges
         )
-        return Segment(flops, recompute, state, weight, grad, max_w, act_full, act_ckpt, trainable)
+        return Segment(flops, recompute, state, weight, grad, max_w, act_full, act_ckpt, trainable, layers)
 
 
 class _Rows:
@@ -474,8 +514,15 @@ def hop_bytes(layout: Layout, net: AnyNetwork, p2p_bytes: float, m: int) -> dict
     return out
 
 
-def evaluate(layout: Layout, tables: Tables, net: AnyNetwork, settings: CostSettings) -> ReplicaCost | None:
-    """Exact figures of a layout; None when a device runs out of memory or a link is missing."""
+def evaluate(
+    layout: Layout,
+    tables: Tables,
+    net: AnyNetwork,
+    settings: CostSettings,
+    given: Sequence[str] | None = None,
+) -> ReplicaCost | None:
+    """Exact figures of a layout; None when a device runs out of memory or a link is missing.
+    `given`: each cluster's parallelism (one of MODES), else the fastest that fits."""
     prof, m = tables.profile, settings.micro_batches
     p2p_bytes = prof.micro_batch * prof.seq_len * prof.activation_bytes
     sends = sends_seconds(layout.clusters, layout.structure, net, p2p_bytes)
@@ -489,7 +536,12 @@ def evaluate(layout: Layout, tables: Tables, net: AnyNetwork, settings: CostSett
     ):
         seg = tables.segment(ranges)
         options = mode_costs(cl, seg, snd, settings, prof.seq_len)
-        mode = _fastest(cl, options, max(m - 1, 1))
+        if given is None:
+            mode = _fastest(cl, options, max(m - 1, 1))
+        else:
+            mode = MODES.index(given[len(groups)])
+            if mode >= len(options) or not np.all(options[mode].fits(cl)):
+                mode = None
         if mode is None:
             return None
         g, ar = float(options[mode].g), float(options[mode].ar)
@@ -499,7 +551,7 @@ def evaluate(layout: Layout, tables: Tables, net: AnyNetwork, settings: CostSett
         memory.update(zip((d.id for d in cl.devices), (float(x) for x in options[mode].need), strict=True))
         if cl.n > 1:
             # Bytes all devices of the cluster send per step on the site network (ring collectives).
-            per_step = 2 * seg.grad if mode < 2 else m * (seg.weight * (2 if mode == 2 else 3) + seg.grad)
+            per_step = 2 * seg.grad if mode < 2 else m * (2 * seg.weight + seg.grad)
             key = f"{cl.site} (inside cluster)"
             link_bytes[key] = link_bytes.get(key, 0.0) + float(per_step) * (cl.n - 1)
         stage_s.extend(_split_stage_seconds(cl, ranges, tables, g))

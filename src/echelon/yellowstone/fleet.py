@@ -130,6 +130,9 @@ class MeasuredStep(_Strict):
     accumulated, then one optimizer step) in `step_s` seconds, of which the optimizer update took
     `update_s` (`echelon profile` times it; without it the update is spread over the step's tokens,
     which prices a device that holds all the parameters but trains a part of the batch too low).
+    `fsdp_s`: what FSDP2 added to a micro-batch's forward and backward of one decoder layer sharded
+    over `fsdp_ranks` processes (`echelon profile --ranks N`, N >= 2; without it FSDP is priced from
+    the site's latency and bandwidth).
     """
 
     model: str
@@ -139,11 +142,17 @@ class MeasuredStep(_Strict):
     micro_batches: int = Field(1, ge=1, le=2**16)
     step_s: Seconds
     update_s: Seconds | None = None
+    fsdp_s: float | None = Field(None, ge=0, allow_inf_nan=False)
+    fsdp_ranks: int | None = Field(None, ge=2, le=2**20)
 
     @model_validator(mode="after")
     def _update_within_step(self) -> MeasuredStep:
         if self.update_s is not None and self.update_s >= self.step_s:
             raise ValueError(f"update_s ({self.update_s} s) is part of step_s ({self.step_s} s): give less")
+        if (self.fsdp_s is None) != (self.fsdp_ranks is None):
+            raise ValueError(
+                "fsdp_s and fsdp_ranks go together: give both (as `echelon profile` writes them) or neither"
+            )
         return self
 
 

@@ -5,7 +5,11 @@
   `ranks` processes running at once on this machine, each with `threads` torch threads. Processes that share a CPU slow each other down; measuring them
   together is what makes the figure the one a plan's ranks on this machine see. The result goes
   into the fleet file as `measured_steps`, from which the cost model calibrates each device
-  (`cost.calibrate`: achieved FLOP/s = the step's FLOPs / its time).
+  (`cost.calibrate`: achieved FLOP/s = the step's FLOPs / its time). On two or more ranks the
+  processes then shard one decoder layer of the model with FSDP2 over gloo, as the executor shards
+  a cluster's stage, and time what that adds to a micro-batch's forward and backward of the layer
+  (its all-gathers, gradient reduce-scatter and FSDP's copies): `fsdp_s`, which the cost model
+  charges per micro-batch in proportion to the weight an FSDP cluster holds (`cost.fsdp_rates`).
 - `measure_local_link`: latency and bandwidth of point-to-point transfers between two processes
   of this machine over gloo, the engine that carries a plan's activations here.
 """
@@ -48,7 +52,49 @@ def _model(probe: StepProbe, seed: int = 0):
     return build_model(ModelConfig(preset=preset, path=path, trainable=probe.trainable, lora=lora), seed)
 
 
-def _time_steps(rank: int, probe: StepProbe, start, results) -> None:
+def _fsdp_layer_s(rank: int, ranks: int, port: int, lm: torch.nn.Module, probe: StepProbe) -> float:
+    """Seconds FSDP2 adds to a micro-batch's forward and backward of one decoder layer of `lm` on
+    this rank, sharded over `ranks` processes (gloo) as the executor shards a cluster's stage: a
+    stage of the first two layers (so one layer's gathers overlap the other's compute, as they do
+    in a deeper stage), the median with sharding less the median without, per layer, each rank
+    running its share of the micro-batch. Those layers' parameters are then shards: `lm` is of no
+    further use."""
+    from torch.distributed.fsdp import fully_shard
+
+    from echelon.yellowstone.execute.stages import UnitRange, causal_lm_of
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=ranks)
+    try:
+        causal = causal_lm_of(lm)
+        layers = min(2, len(causal.model.layers))
+        stage = UnitRange(causal, 1, 1 + layers)
+        rows = max(1, probe.micro_batch // ranks)
+        x = torch.randn(
+            rows, probe.seq_len, stage.config.hidden_size, generator=torch.Generator().manual_seed(rank)
+        )
+        x.requires_grad_(True)  # a stage input, as a middle stage's is
+
+        def median_s() -> float:
+            stage(x).sum().backward()  # warm up (and, sharded, lay out FSDP's buffers)
+            dist.barrier()
+            times = []
+            for _ in range(probe.steps):
+                t0 = time.perf_counter()
+                stage(x).sum().backward()
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times)
+
+        plain = median_s()
+        for layer in stage.model.layers.values():
+            fully_shard(layer)
+        fully_shard(stage)
+        return max(median_s() - plain, 0.0) / layers
+    finally:
+        dist.destroy_process_group()
+
+
+def _time_steps(rank: int, ranks: int, port: int, probe: StepProbe, start, results) -> None:
     torch.set_num_threads(probe.threads)
     bundle = _model(probe)
     optimizer = torch.optim.AdamW(bundle.trainable, lr=1e-4, foreach=True)
@@ -70,22 +116,31 @@ def _time_steps(rank: int, probe: StepProbe, start, results) -> None:
     step()
     start.wait()  # every process times its steps while the others run theirs
     times = [step() for _ in range(probe.steps)]
-    results.put((rank, Timed(statistics.median(t for t, _ in times), statistics.median(u for _, u in times))))
+    fsdp = _fsdp_layer_s(rank, ranks, port, bundle.model, probe) if ranks > 1 else None
+    results.put(
+        (rank, Timed(statistics.median(t for t, _ in times), statistics.median(u for _, u in times), fsdp))
+    )
 
 
 @dataclass(frozen=True)
 class Timed:
-    """Median seconds of a training step, and of its optimizer update (part of the step)."""
+    """Median seconds of a training step, and of its optimizer update (part of the step); on two
+    or more ranks, what FSDP2 over all of them adds to a micro-batch of one decoder layer."""
 
     step_s: float
     update_s: float
+    fsdp_s: float | None = None
 
 
 def measure_model_steps(probe: StepProbe, ranks: int) -> list[Timed]:
-    """A training step timed on each of `ranks` processes running together."""
+    """A training step timed on each of `ranks` processes running together (and FSDP's cost on
+    two or more)."""
     ctx = mp.get_context("spawn")
     start, results = ctx.Barrier(ranks), ctx.Queue()
-    procs = [ctx.Process(target=_time_steps, args=(r, probe, start, results)) for r in range(ranks)]
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_time_steps, args=(r, ranks, port, probe, start, results)) for r in range(ranks)
+    ]
     for p in procs:
         p.start()
     out = dict(results.get(timeout=900) for _ in procs)
@@ -115,14 +170,18 @@ def _ping(rank: int, port: int, sizes: list[int], rounds: int, results) -> None:
     dist.destroy_process_group()
 
 
-def measure_local_link(rounds: int = 50) -> tuple[float, float]:
-    """(bandwidth in Gbit/s, one-way latency in ms) of gloo transfers between two local processes:
-    latency from 4-byte messages, bandwidth from the extra time of 8 MiB ones."""
+def _free_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def measure_local_link(rounds: int = 50) -> tuple[float, float]:
+    """(bandwidth in Gbit/s, one-way latency in ms) of gloo transfers between two local processes:
+    latency from 4-byte messages, bandwidth from the extra time of 8 MiB ones."""
+    port = _free_port()
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     small, large = 4, 8 << 20

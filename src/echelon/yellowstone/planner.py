@@ -34,6 +34,7 @@ from echelon.yellowstone.cost import (
     Tables,
     calibrate,
     devices_of,
+    fsdp_rates,
     group_cost,
     make_cluster,
     update_rates,
@@ -256,14 +257,14 @@ def plan_fleet(
     InfeasibleError only when no boundary can be planned.
     """
     settings = settings or CostSettings()
-    eta, update = calibrate(fleet, profile), update_rates(fleet, profile)
+    eta, update, fsdp = calibrate(fleet, profile), update_rates(fleet, profile), fsdp_rates(fleet, profile)
     tables = Tables(profile)
     net = Network(fleet, profile.micro_batch * profile.seq_len * profile.activation_bytes)
     explain: list[str] = []
     refused: list[InfeasibleError] = []
     planned: list[tuple[str, Context, BoundaryResult]] = []
     for b in fleet.boundaries:
-        devs = devices_of(fleet, b.id, settings, eta, update)
+        devs = devices_of(fleet, b.id, settings, eta, update, fsdp)
         if not devs:
             explain.append(f"boundary {b.id}: no devices, nothing to plan")
             continue

@@ -148,13 +148,14 @@ class DataParallel:
         return self.wrapped(x)
 
     def before_backward(self, outputs: torch.Tensor, last: bool) -> None:
-        """Reduce gradients in this backward only when it is the step's last one."""
+        """DDP: all-reduce gradients in this backward only when it is the step's last one. FSDP
+        reduce-scatters every micro-batch's gradients and reshards after every forward and
+        backward (FSDP2's defaults), so a rank holds no more than the plan prices it: its shard of
+        the stage, the one layer being computed, and its shard of the accumulated gradients.
+        Deferring the reduction to the last backward (as `torch.distributed.pipelining` does for
+        an FSDP stage) would hold every layer's whole weights and gradients through the step."""
         if self.mode == "DDP" and last:
             self.wrapped.reducer.prepare_for_backward([outputs])
-        elif self.mode == "FSDP":
-            self.module.set_is_last_backward(last)
-            self.module.set_reshard_after_backward(last)
-            self.module.set_requires_gradient_sync(last)
 
 
 # -- the head's autograd functions --------------------------------------------------------------

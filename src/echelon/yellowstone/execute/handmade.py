@@ -12,15 +12,14 @@ from dataclasses import dataclass
 
 from echelon.yellowstone import plan as P
 from echelon.yellowstone.cost import (
-    MODES,
     CostSettings,
     Layout,
     Network,
     Tables,
     calibrate,
-    device_memory,
     devices_of,
     evaluate,
+    fsdp_rates,
     make_cluster,
     update_rates,
 )
@@ -47,9 +46,9 @@ def hand_plan(
     """A plan.json for `layouts` (all in the fleet's first boundary); unused devices are standby."""
     settings = settings or CostSettings()
     boundary = fleet.boundaries[0]
-    eta, update = calibrate(fleet, profile), update_rates(fleet, profile)
+    eta, update, fsdp = calibrate(fleet, profile), update_rates(fleet, profile), fsdp_rates(fleet, profile)
     tables, net = Tables(profile), Network(fleet)
-    devices = {d.id: d for d in devices_of(fleet, boundary.id, settings, eta, update)}
+    devices = {d.id: d for d in devices_of(fleet, boundary.id, settings, eta, update, fsdp)}
     replicas = []
     for r, layout in enumerate(layouts):
         clusters = tuple(
@@ -59,14 +58,10 @@ def hand_plan(
             for ids in layout.clusters
         )
         shape = Layout(clusters, layout.structure, layout.cuts)
-        cost = evaluate(shape, tables, net, settings)
+        cost = evaluate(shape, tables, net, settings, layout.modes)
         if cost is None:
-            raise ValueError(f"layout {r} does not fit the fleet's memory or links")
-        rid = f"{boundary.id}/r{r}"
-        replica = replica_plan(rid, shape, cost, tables, net, settings)
-        if layout.modes is not None:
-            replica = _with_modes(replica, shape, layout.modes, tables, settings)
-        replicas.append(replica)
+            raise ValueError(f"layout {r} does not fit the fleet's memory or links in the modes given")
+        replicas.append(replica_plan(f"{boundary.id}/r{r}", shape, cost, tables, net, settings))
     used = {d for r in replicas for c in r.clusters for d in c.devices}
     return P.Plan(
         fleet=fleet.name,
@@ -91,25 +86,3 @@ def hand_plan(
         checks=[],
         explain=["layout written by hand (echelon.yellowstone.execute.handmade)"],
     )
-
-
-def _with_modes(replica: P.ReplicaPlan, shape: Layout, modes, tables: Tables, settings: CostSettings):
-    """The replica with the given parallelism per cluster and the memory that mode needs."""
-    from echelon.yellowstone.cost import cluster_ranges
-
-    clusters = []
-    for c, (cl, ranges, mode) in enumerate(
-        zip(shape.clusters, cluster_ranges(shape, settings.micro_batches, tables.n_units), modes, strict=True)
-    ):
-        memory = device_memory(
-            cl, tables.segment(ranges), MODES.index(mode), settings, tables.profile.seq_len
-        )
-        clusters.append(
-            replica.clusters[c].model_copy(
-                update={
-                    "parallelism": mode,
-                    "memory_bytes": dict(zip((d.id for d in cl.devices), memory, strict=True)),
-                }
-            )
-        )
-    return replica.model_copy(update={"clusters": clusters})
