@@ -6,8 +6,8 @@
   together is what makes the figure the one a plan's ranks on this machine see. The result goes
   into the fleet file as `measured_steps`, from which the cost model calibrates each device
   (`cost.calibrate`: achieved FLOP/s = the step's FLOPs / its time). On two or more ranks the
-  processes then shard one decoder layer of the model with FSDP2 over gloo, as the executor shards
-  a cluster's stage, and time what that adds to a micro-batch's forward and backward of the layer
+  processes then shard two decoder layers of the model with FSDP2 over gloo, as the executor shards
+  a cluster's stage, and time what that adds to a micro-batch's forward and backward per layer
   (its all-gathers, gradient reduce-scatter and FSDP's copies): `fsdp_s`, which the cost model
   charges per micro-batch in proportion to the weight an FSDP cluster holds (`cost.fsdp_rates`).
 - `measure_local_link`: latency and bandwidth of point-to-point transfers between two processes
@@ -55,9 +55,9 @@ def _model(probe: StepProbe, seed: int = 0):
 def _fsdp_layer_s(rank: int, ranks: int, port: int, lm: torch.nn.Module, probe: StepProbe) -> float:
     """Seconds FSDP2 adds to a micro-batch's forward and backward of one decoder layer of `lm` on
     this rank, sharded over `ranks` processes (gloo) as the executor shards a cluster's stage: a
-    stage of the first two layers (so one layer's gathers overlap the other's compute, as they do
-    in a deeper stage), the median with sharding less the median without, per layer, each rank
-    running its share of the micro-batch. Those layers' parameters are then shards: `lm` is of no
+    stage of the first two layers (a layer's gathers may overlap its neighbour's compute, as in a
+    deeper stage), the median with sharding less the median without, per layer, each rank running
+    its share of the micro-batch. Those layers' parameters are then shards: `lm` is of no
     further use."""
     from torch.distributed.fsdp import fully_shard
 
