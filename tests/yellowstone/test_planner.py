@@ -311,15 +311,17 @@ def test_the_formula_charges_a_latency_per_fsdp_unit():
     settings, tables, net = CostSettings(micro_batches=4), Tables(profile), Network(fleet)
     cluster = make_cluster(tuple(devices_of(fleet, "b0", settings, {})), net.link("s0", "s0"), profile)
 
-    def latency_part(i: int, j: int) -> float:
-        seg = tables.segment([(i, j, 1)])
+    def latency_part(*ranges: tuple[int, int]) -> float:
+        seg = tables.segment([(i, j, 1) for i, j in ranges])
         g = {c.mode: float(c.g) for c in mode_costs(cluster, seg, 0.0, settings, 512)}
         bandwidth = (1 / 2) * (2 * seg.weight + seg.grad) / net.link("s0", "s0").beta
         return g["FSDP"] - g["DDP"] - bandwidth
 
     # 2 gathers and 1 reduce-scatter per micro-batch, 1 step of a 2-device ring, 1 ms each
-    assert latency_part(1, 2) == pytest.approx(3 * (1 + 1) * 1e-3)  # one layer and the root
-    assert latency_part(1, 5) == pytest.approx(3 * (4 + 1) * 1e-3)  # four layers and the root
+    assert latency_part((1, 2)) == pytest.approx(3 * (1 + 1) * 1e-3)  # one layer and the root
+    assert latency_part((1, 5)) == pytest.approx(3 * (4 + 1) * 1e-3)  # four layers and the root
+    n = tables.n_units  # a U-shaped cluster 0: the embedding and a layer, and the head: two roots
+    assert latency_part((0, 2), (n - 1, n)) == pytest.approx(3 * (1 + 2) * 1e-3)
 
 
 def test_a_hand_plan_predicts_the_modes_it_runs():

@@ -12,10 +12,11 @@ FSDP, FSDP with checkpointing (FSDP only on two or more devices).
 - ring all-reduce 2(n-1) alpha + 2(n-1)/n S/beta (DDP gradients, once per step); FSDP all-gathers
   the weights twice per micro-batch (checkpointing adds none: FSDP2 recomputes a layer inside its
   backward, while the layer is gathered; counted on gloo) and reduce-scatters the gradients once,
-  each (n-1) alpha per FSDP unit (every decoder layer, and the stage's root) + (n-1)/n S/beta. Where `echelon profile` timed FSDP on this model (`fsdp_s`, `fsdp_rates`), a
-  micro-batch is charged that measurement instead, scaled by the weight bytes the cluster holds
-  and the ring's (n-1)/n: on CPU over gloo FSDP's collectives and copies cost several times what
-  the link's latency and bandwidth say;
+  each (n-1) alpha per FSDP unit (every decoder layer, and each stage's root) + (n-1)/n S/beta.
+  Where `echelon profile` timed FSDP on this model (`fsdp_s`, `fsdp_rates`), a micro-batch is
+  charged that measurement instead, scaled by the weight bytes the cluster holds and the ring's
+  (n-1)/n: on CPU over gloo FSDP's collectives and copies cost several times what the link's
+  latency and bandwidth say;
 - memory per device, DDP: state + activations; FSDP: state / n + the largest unsharded unit +
   activations; plus a fixed runtime overhead, against `memory_headroom` of the device's memory;
   1F1B keeps min(S - k, m) micro-batches in flight on stage k of S;
@@ -146,8 +147,8 @@ def update_rates(fleet: Fleet, profile: ModelProfile) -> dict[str, float]:
 
 def fsdp_rates(fleet: Fleet, profile: ModelProfile) -> dict[str, float]:
     """FSDP's seconds per micro-batch per weight byte sharded, ring factor (n-1)/n taken out, per
-    device id whose measured steps timed FSDP (`fsdp_s` on `fsdp_ranks` processes, one decoder
-    layer): the mean over them."""
+    device id whose measured steps timed FSDP (`fsdp_s` per decoder layer, on `fsdp_ranks`
+    processes): the mean over them."""
     rates: dict[str, list[float]] = {}
     for d, m, p in _measured(fleet, profile):
         if m.fsdp_s is not None and m.fsdp_ranks is not None:
@@ -253,7 +254,7 @@ class Segment:
     act_full: object
     act_ckpt: object
     trainable: object = 0.0  # trainable parameters (the optimizer updates them once per step)
-    layers: object = 0.0  # decoder layers (FSDP units: each is all-gathered on its own)
+    fsdp_units: object = 0.0  # decoder layers and stage roots: FSDP gathers each on its own
 
 
 @dataclass
@@ -312,7 +313,7 @@ def _fsdp_seconds(cl: Cluster, seg: Segment) -> object:
     rate = max(d.fsdp_s_per_byte for d in cl.devices)
     if rate > 0:
         return rate * (n - 1) / n * seg.weight
-    units = seg.layers + 1  # every decoder layer is an FSDP unit, and so is the stage's root
+    units = seg.fsdp_units
     ag = units * (n - 1) * a + (n - 1) / n * seg.weight / beta
     rs = units * (n - 1) * a + (n - 1) / n * seg.grad / beta
     return 2 * ag + rs
@@ -412,7 +413,8 @@ class Tables:
         act_ckpt = sum(f * s["ckpt"][i, j] for i, j, f in ranges) + _max(
             mx["stash"][i, j] for i, j, _ in ranges
         )
-        return Segment(flops, recompute, state, weight, grad, max_w, act_full, act_ckpt, trainable, layers)
+        units = layers + len(ranges)  # each range is a stage whose root FSDP wraps too
+        return Segment(flops, recompute, state, weight, grad, max_w, act_full, act_ckpt, trainable, units)
 
 
 class _Rows:
