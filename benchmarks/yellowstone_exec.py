@@ -85,11 +85,7 @@ def fleet(speeds: list[float], steps: list[Timed] | None = None, memory_gib: flo
                     "step_s": steps[i].step_s,
                     "update_s": steps[i].update_s,
                 }
-                | (
-                    {"fsdp_s": steps[i].fsdp_s, "fsdp_ranks": len(steps)}
-                    if steps[i].fsdp_s is not None
-                    else {}
-                )
+                | ({"fsdp_s": steps[i].fsdp_s} if steps[i].fsdp_s is not None else {})
             ]
         devices.append(d)
     return Fleet.model_validate(

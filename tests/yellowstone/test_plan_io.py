@@ -176,10 +176,10 @@ def test_profile_peer_refuses_what_is_not_a_probe(capsys):
     assert "HOST:PORT" in capsys.readouterr().err
 
 
-def test_profile_times_fsdp_on_two_ranks_and_the_fleet_takes_it():
-    """On two ranks a measured step carries what FSDP2 adds to a micro-batch of one decoder layer,
-    written beside the ranks it was sharded over; a fleet file takes it and prices FSDP with it.
-    One rank has nothing to shard: no FSDP figure."""
+def test_profile_times_fsdp_by_ring_size_and_the_fleet_takes_it():
+    """On three ranks a measured step carries what FSDP2 adds to a micro-batch of one decoder layer
+    over two ranks (the first two only) and over all three; a fleet file takes it and prices FSDP
+    with it. One rank has nothing to shard: no FSDP figure."""
     from echelon.yellowstone.cli_profile import _timed
     from echelon.yellowstone.cost import fsdp_rates
     from echelon.yellowstone.fleet import Fleet
@@ -187,27 +187,28 @@ def test_profile_times_fsdp_on_two_ranks_and_the_fleet_takes_it():
     from echelon.yellowstone.model_profile import PRESETS, build_profile
 
     probe = StepProbe("tiny", "full", 4, seq_len=16, micro_batch=2, micro_batches=1, steps=2)
-    two = measure_model_steps(probe, 2)
-    assert all(t.fsdp_s is not None and t.fsdp_s >= 0 for t in two)
+    three = measure_model_steps(probe, 3)
+    assert [sorted(t.fsdp_s) for t in three] == [[2, 3], [2, 3], [3]]
+    assert all(v >= 0 for t in three for v in t.fsdp_s.values())
     assert measure_model_steps(probe, 1)[0].fsdp_s is None
     step = {"model": "tiny", "trainable": "full", "seq_len": 16, "micro_batch": 2, "micro_batches": 1}
     devices = [
         {"id": f"cpu{i}", "boundary": "lab", "site": "desk", "memory_gib": 4, "tflops": 0.05,
-         "access_tier": "lab", "measured_steps": [{**step, **_timed(t, 2)}]}
-        for i, t in enumerate(two)
+         "access_tier": "lab", "measured_steps": [{**step, **_timed(t)}]}
+        for i, t in enumerate(three)
     ]  # fmt: skip
-    assert all(d["measured_steps"][0]["fsdp_ranks"] == 2 for d in devices)
     fleet = Fleet.model_validate(
         {
             "name": "desk",
             "access_tiers": ["public", "lab"],
             "boundaries": [{"id": "lab", "data_tier": "lab"}],
             "sites": [{"id": "desk", "bandwidth_gbps": 10}],
-            "devices": devices,
+            "devices": json.loads(json.dumps(devices)),  # as a JSON or YAML file gives them
         }
     )
     profile = build_profile("tiny", PRESETS["tiny"], trainable="full", seq_len=16, micro_batch=2)
     layer = next(u.weight_bytes for u in profile.units if u.kind == "layer")
-    rates = fsdp_rates(fleet, profile)
     written = {d["id"]: d["measured_steps"][0]["fsdp_s"] for d in devices}
-    assert rates == {k: pytest.approx(v / (layer / 2)) for k, v in written.items()}
+    assert fsdp_rates(fleet, profile) == {
+        k: tuple((n, pytest.approx(v[n] / layer)) for n in sorted(v)) for k, v in written.items()
+    }

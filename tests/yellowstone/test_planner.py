@@ -260,43 +260,51 @@ def test_a_timed_optimizer_update_is_priced_per_parameter_held_not_per_token():
         )
 
 
-def test_a_timed_fsdp_is_priced_per_micro_batch_by_weight_held_and_ring():
-    """`fsdp_s` (what FSDP added to a micro-batch of one decoder layer, sharded over `fsdp_ranks`
-    processes) prices an FSDP cluster's collectives: per micro-batch, in proportion to the weight
-    bytes it holds and to the ring's (n-1)/n, the slowest device's rate; DDP is not touched."""
-    from echelon.yellowstone.cost import fsdp_rates, make_cluster, mode_costs
+def test_a_timed_fsdp_is_priced_per_micro_batch_by_weight_held_and_ring_size():
+    """`fsdp_s` (what FSDP added to a micro-batch of one decoder layer, by ring size) prices an
+    FSDP cluster's collectives: per micro-batch, in proportion to the weight bytes it holds, at
+    the cluster's ring size (measured, or on the line through the sizes measured), the slowest
+    device's; DDP is not touched."""
+    from echelon.yellowstone.cost import fsdp_rate, fsdp_rates, make_cluster, mode_costs
 
     profile = build_profile("llama-1b", PRESETS["llama-1b"], trainable="full", seq_len=512, micro_batch=4)
     step = {"model": "llama-1b", "trainable": "full", "seq_len": 512, "micro_batch": 4, "step_s": 9.0}
     fleet = _tiny_fleet(
         [
             {"id": "a", "memory_gib": 80, "access_tier": "restricted",
-             "measured_steps": [{**step, "fsdp_s": 0.03, "fsdp_ranks": 3}]},
+             "measured_steps": [{**step, "fsdp_s": {2: 0.02, 4: 0.05}}]},
             {"id": "b", "memory_gib": 80, "access_tier": "restricted",
-             "measured_steps": [{**step, "fsdp_s": 0.01, "fsdp_ranks": 3}]},
+             "measured_steps": [{**step, "fsdp_s": {2: 0.01}}]},
+            {"id": "c", "memory_gib": 80, "access_tier": "restricted"},
         ]
     )  # fmt: skip
     layer = next(u.weight_bytes for u in profile.units if u.kind == "layer")
     rates = fsdp_rates(fleet, profile)
-    assert rates == {"a": pytest.approx(0.03 / (layer * 2 / 3)), "b": pytest.approx(0.01 / (layer * 2 / 3))}
+    assert rates == {"a": ((2, pytest.approx(0.02 / layer)), (4, pytest.approx(0.05 / layer))),
+                     "b": ((2, pytest.approx(0.01 / layer)),)}  # fmt: skip
+    assert fsdp_rate(rates["a"], 3) == pytest.approx(0.035 / layer)  # between the sizes measured
+    assert fsdp_rate(rates["a"], 6) == pytest.approx(0.08 / layer)  # on their line beyond
+    assert fsdp_rate(rates["b"], 3) == pytest.approx(0.01 / layer * (2 / 3) / (1 / 2))  # one size: the ring
+    assert fsdp_rate((), 3) == 0.0
     settings = CostSettings(micro_batches=4)
     tables, net = Tables(profile), Network(fleet)
     two_layers = tables.segment([(1, 3, 1)])
 
-    def per_micro_batch(fsdp: dict[str, float]) -> dict[str, float]:
-        devices = tuple(devices_of(fleet, "b0", settings, {}, None, fsdp))
+    def per_micro_batch(ids: str, fsdp: dict) -> dict[str, float]:
+        devices = tuple(d for d in devices_of(fleet, "b0", settings, {}, None, fsdp) if d.id in ids)
         cluster = make_cluster(devices, net.link("s0", "s0"), profile)
         return {c.mode: float(c.g) for c in mode_costs(cluster, two_layers, 0.0, settings, 512)}
 
-    formula, measured = per_micro_batch({}), per_micro_batch(rates)
+    formula, measured = per_micro_batch("ab", {}), per_micro_batch("ab", rates)
     compute = measured["DDP"]
     assert formula["DDP"] == compute and formula["FSDP"] > compute  # the link's formula without it
-    # a's rate (the slower) for two layers on a 2-device ring: 0.03 s x 2 x (1/2) / (2/3)
-    assert measured["FSDP"] - compute == pytest.approx(0.03 * 2 * (1 / 2) / (2 / 3))
+    assert measured["FSDP"] - compute == pytest.approx(0.02 * 2)  # a's (the slower) at 2, two layers
     assert measured["FSDP+ckpt"] - measured["DDP+ckpt"] == pytest.approx(measured["FSDP"] - compute)
-    with pytest.raises(ValueError, match="fsdp_s and fsdp_ranks go together"):
+    three = per_micro_batch("abc", rates)  # c measured nothing: a's line at 3, b's ring scaling
+    assert three["FSDP"] - three["DDP"] == pytest.approx(0.035 * 2)
+    with pytest.raises(ValueError, match="greater than or equal to 2"):
         _tiny_fleet([{"id": "a", "memory_gib": 80, "access_tier": "restricted",
-                      "measured_steps": [{**step, "fsdp_s": 0.03}]}])  # fmt: skip
+                      "measured_steps": [{**step, "fsdp_s": {1: 0.03}}]}])  # fmt: skip
 
 
 def test_the_formula_charges_a_latency_per_fsdp_unit():

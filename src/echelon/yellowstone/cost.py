@@ -13,10 +13,11 @@ FSDP, FSDP with checkpointing (FSDP only on two or more devices).
   the weights twice per micro-batch (checkpointing adds none: FSDP2 recomputes a layer inside its
   backward, while the layer is gathered; counted on gloo) and reduce-scatters the gradients once,
   each (n-1) alpha per FSDP unit (every decoder layer, and each stage's root) + (n-1)/n S/beta.
-  Where `echelon profile` timed FSDP on this model (`fsdp_s`, `fsdp_rates`), a micro-batch is
-  charged that measurement instead, scaled by the weight bytes the cluster holds and the ring's
-  (n-1)/n: on CPU over gloo FSDP's collectives and copies cost several times what the link's
-  latency and bandwidth say;
+  Where `echelon profile` timed FSDP on this model (`fsdp_s` by ring size, `fsdp_rates`), a
+  micro-batch is charged that measurement instead, scaled by the weight bytes the cluster holds
+  (`fsdp_rate`: a ring size between or beyond those measured is read off the line through them in
+  n - 1; one size measured, scaled by the ring's (n-1)/n): on CPU over gloo FSDP's collectives and
+  copies cost several times what the link's latency and bandwidth say;
 - memory per device, DDP: state + activations; FSDP: state / n + the largest unsharded unit +
   activations; plus a fixed runtime overhead, against `memory_headroom` of the device's memory;
   1F1B keeps min(S - k, m) micro-batches in flight on stage k of S;
@@ -79,7 +80,9 @@ class Device:
     cleared: bool
     reliability: float
     update_s_per_param: float = 0.0  # the optimizer update's seconds per trainable parameter held
-    fsdp_s_per_byte: float = 0.0  # FSDP's seconds per micro-batch per weight byte, ring factor 1
+    fsdp_s_per_byte: tuple[
+        tuple[int, float], ...
+    ] = ()  # (ring size, FSDP's s per micro-batch per weight byte)
 
 
 def loss_bytes_per_token(profile: ModelProfile) -> float:
@@ -145,17 +148,32 @@ def update_rates(fleet: Fleet, profile: ModelProfile) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in rates.items()}
 
 
-def fsdp_rates(fleet: Fleet, profile: ModelProfile) -> dict[str, float]:
-    """FSDP's seconds per micro-batch per weight byte sharded, ring factor (n-1)/n taken out, per
-    device id whose measured steps timed FSDP (`fsdp_s` per decoder layer, on `fsdp_ranks`
-    processes): the mean over them."""
-    rates: dict[str, list[float]] = {}
+def fsdp_rates(fleet: Fleet, profile: ModelProfile) -> dict[str, tuple[tuple[int, float], ...]]:
+    """FSDP's seconds per micro-batch per weight byte sharded, by ring size, per device id whose
+    measured steps timed FSDP (`fsdp_s`, per decoder layer by the processes it was sharded over):
+    the mean over them at each size, sizes in order."""
+    rates: dict[str, dict[int, list[float]]] = {}
     for d, m, p in _measured(fleet, profile):
-        if m.fsdp_s is not None and m.fsdp_ranks is not None:
-            layer = next(u.weight_bytes for u in p.units if u.kind == "layer")
-            ring = (m.fsdp_ranks - 1) / m.fsdp_ranks
-            rates.setdefault(d.id, []).append(m.fsdp_s / (layer * ring))
-    return {k: float(np.mean(v)) for k, v in rates.items()}
+        layer = next(u.weight_bytes for u in p.units if u.kind == "layer")
+        for n, seconds in (m.fsdp_s or {}).items():
+            rates.setdefault(d.id, {}).setdefault(n, []).append(seconds / layer)
+    return {k: tuple((n, float(np.mean(v[n]))) for n in sorted(v)) for k, v in rates.items()}
+
+
+def fsdp_rate(points: tuple[tuple[int, float], ...], n: int) -> float:
+    """FSDP's seconds per micro-batch per weight byte on a ring of `n` from those measured
+    (`fsdp_rates`; 0.0 without any): the measured size itself, else the line through the two
+    nearest sizes in n - 1 (never below 0), else with one size the ring's (n-1)/n scaling."""
+    if not points:
+        return 0.0
+    known = dict(points)
+    if n in known:
+        return known[n]
+    if len(points) == 1:
+        ((m, rate),) = points
+        return rate * ((n - 1) / n) / ((m - 1) / m)
+    (a, ra), (b, rb) = sorted(points, key=lambda p: (abs(p[0] - n), p[0]))[:2]
+    return max(ra + (rb - ra) * (n - a) / (b - a), 0.0)
 
 
 def devices_of(
@@ -164,7 +182,7 @@ def devices_of(
     settings: CostSettings,
     eta: dict[str, float],
     update: dict[str, float] | None = None,
-    fsdp: dict[str, float] | None = None,
+    fsdp: dict[str, tuple[tuple[int, float], ...]] | None = None,
 ) -> list[Device]:
     """The boundary's devices in file order, with calibrated speed, usable memory and, where they
     were timed, the optimizer update's seconds per parameter (`update_rates`) and FSDP's seconds
@@ -182,7 +200,7 @@ def devices_of(
             rank[d.access_tier] >= need,
             d.reliability,
             update.get(d.id, 0.0),
-            fsdp.get(d.id, 0.0),
+            fsdp.get(d.id, ()),
         )
         for d in fleet.devices
         if d.boundary == boundary
@@ -310,9 +328,8 @@ def _fsdp_seconds(cl: Cluster, seg: Segment) -> object:
     (`fsdp_rates`, the slowest device's: a collective waits for every rank) over the weight bytes
     held, or the link's formula (module docstring) where FSDP was not timed."""
     n, a, beta = cl.n, cl.lan.alpha, cl.lan.beta
-    rate = max(d.fsdp_s_per_byte for d in cl.devices)
-    if rate > 0:
-        return rate * (n - 1) / n * seg.weight
+    if any(d.fsdp_s_per_byte for d in cl.devices):
+        return max(fsdp_rate(d.fsdp_s_per_byte, n) for d in cl.devices) * seg.weight
     units = seg.fsdp_units
     ag = units * (n - 1) * a + (n - 1) / n * seg.weight / beta
     rs = units * (n - 1) * a + (n - 1) / n * seg.grad / beta

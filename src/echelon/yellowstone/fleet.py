@@ -83,6 +83,9 @@ Seconds = Annotated[
     _within(1e-9, 1e6, "s", "step_s is in seconds, at most about 11 days"),
 ]
 
+RingSize = Annotated[int, Field(ge=2, le=2**20, description="processes a measurement was sharded over")]
+FsdpSeconds = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -130,9 +133,9 @@ class MeasuredStep(_Strict):
     accumulated, then one optimizer step) in `step_s` seconds, of which the optimizer update took
     `update_s` (`echelon profile` times it; without it the update is spread over the step's tokens,
     which prices a device that holds all the parameters but trains a part of the batch too low).
-    `fsdp_s`: what FSDP2 added to a micro-batch's forward and backward of one decoder layer sharded
-    over `fsdp_ranks` processes (`echelon profile --ranks N`, N >= 2; without it FSDP is priced from
-    the site's latency and bandwidth).
+    `fsdp_s`: what FSDP2 added to a micro-batch's forward and backward of one decoder layer, by the
+    number of processes it was sharded over (`echelon profile --ranks N`, N >= 2, times 2 and N;
+    without it FSDP is priced from the site's latency and bandwidth).
     """
 
     model: str
@@ -142,17 +145,12 @@ class MeasuredStep(_Strict):
     micro_batches: int = Field(1, ge=1, le=2**16)
     step_s: Seconds
     update_s: Seconds | None = None
-    fsdp_s: float | None = Field(None, ge=0, allow_inf_nan=False)
-    fsdp_ranks: int | None = Field(None, ge=2, le=2**20)
+    fsdp_s: dict[RingSize, FsdpSeconds] | None = None
 
     @model_validator(mode="after")
     def _update_within_step(self) -> MeasuredStep:
         if self.update_s is not None and self.update_s >= self.step_s:
             raise ValueError(f"update_s ({self.update_s} s) is part of step_s ({self.step_s} s): give less")
-        if (self.fsdp_s is None) != (self.fsdp_ranks is None):
-            raise ValueError(
-                "fsdp_s and fsdp_ranks go together: give both (as `echelon profile` writes them) or neither"
-            )
         return self
 
 

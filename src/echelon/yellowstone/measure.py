@@ -8,8 +8,9 @@
   (`cost.calibrate`: achieved FLOP/s = the step's FLOPs / its time). On two or more ranks the
   processes then shard two decoder layers of the model with FSDP2 over gloo, as the executor shards
   a cluster's stage, and time what that adds to a micro-batch's forward and backward per layer
-  (its all-gathers, gradient reduce-scatter and FSDP's copies): `fsdp_s`, which the cost model
-  charges per micro-batch in proportion to the weight an FSDP cluster holds (`cost.fsdp_rates`).
+  (its all-gathers, gradient reduce-scatter and FSDP's copies), over two ranks and over all of
+  them: `fsdp_s` by ring size, which the cost model charges per micro-batch in proportion to the
+  weight an FSDP cluster holds (`cost.fsdp_rates`).
 - `measure_local_link`: latency and bandwidth of point-to-point transfers between two processes
   of this machine over gloo, the engine that carries a plan's activations here.
 """
@@ -52,14 +53,45 @@ def _model(probe: StepProbe, seed: int = 0):
     return build_model(ModelConfig(preset=preset, path=path, trainable=probe.trainable, lora=lora), seed)
 
 
-def _fsdp_layer_s(rank: int, ranks: int, port: int, lm: torch.nn.Module, probe: StepProbe) -> float:
-    """Seconds FSDP2 adds to a micro-batch's forward and backward of one decoder layer of `lm` on
-    this rank, sharded over `ranks` processes (gloo) as the executor shards a cluster's stage: a
-    stage of the first two layers (a layer's gathers may overlap its neighbour's compute, as in a
-    deeper stage), the median with sharding less the median without, per layer, each rank running
-    its share of the micro-batch. Those layers' parameters are then shards: `lm` is of no
-    further use."""
+def _fsdp_overhead(stage: torch.nn.Module, group: dist.ProcessGroup, size: int, probe: StepProbe) -> float:
+    """Seconds FSDP2 over `group` (`size` ranks) adds to a micro-batch's forward and backward of
+    `stage` on this rank, which runs its share of the micro-batch: the median sharded less the
+    median unsharded. `stage`'s parameters are then shards."""
+    from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
+
+    rows = max(1, probe.micro_batch // size)
+    x = torch.randn(
+        rows, probe.seq_len, stage.config.hidden_size, generator=torch.Generator().manual_seed(size)
+    )
+    x.requires_grad_(True)  # a stage input, as a middle stage's is
+
+    def median_s() -> float:
+        stage(x).sum().backward()  # warm up (and, sharded, lay out FSDP's buffers)
+        dist.barrier(group=group)
+        times = []
+        for _ in range(probe.steps):
+            t0 = time.perf_counter()
+            stage(x).sum().backward()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    plain = median_s()
+    mesh = DeviceMesh.from_group(group, "cpu")
+    for layer in stage.model.layers.values():
+        fully_shard(layer, mesh=mesh)
+    fully_shard(stage, mesh=mesh)
+    return max(median_s() - plain, 0.0)
+
+
+def _fsdp_layer_s(
+    rank: int, ranks: int, port: int, lm: torch.nn.Module, probe: StepProbe
+) -> dict[int, float]:
+    """Seconds FSDP2 adds to a micro-batch of one decoder layer on this rank, by ring size: sharded
+    over ranks 0 and 1, and over all `ranks` (gloo), as the executor shards a cluster's stage. A
+    stage of the first two layers (a layer's gathers may overlap its neighbour's compute, as in a
+    deeper stage), per layer. A ring size this rank is not part of waits for the others."""
+    import copy
 
     from echelon.yellowstone.execute.stages import UnitRange, causal_lm_of
 
@@ -69,27 +101,13 @@ def _fsdp_layer_s(rank: int, ranks: int, port: int, lm: torch.nn.Module, probe: 
         causal = causal_lm_of(lm)
         layers = min(2, len(causal.model.layers))
         stage = UnitRange(causal, 1, 1 + layers)
-        rows = max(1, probe.micro_batch // ranks)
-        x = torch.randn(
-            rows, probe.seq_len, stage.config.hidden_size, generator=torch.Generator().manual_seed(rank)
-        )
-        x.requires_grad_(True)  # a stage input, as a middle stage's is
-
-        def median_s() -> float:
-            stage(x).sum().backward()  # warm up (and, sharded, lay out FSDP's buffers)
+        out = {}
+        for size in sorted({2, ranks}):
+            group = dist.new_group(list(range(size)))  # every rank takes part in making a group
+            if rank < size:
+                out[size] = _fsdp_overhead(copy.deepcopy(stage), group, size, probe) / layers
             dist.barrier()
-            times = []
-            for _ in range(probe.steps):
-                t0 = time.perf_counter()
-                stage(x).sum().backward()
-                times.append(time.perf_counter() - t0)
-            return statistics.median(times)
-
-        plain = median_s()
-        for layer in stage.model.layers.values():
-            fully_shard(layer)
-        fully_shard(stage)
-        return max(median_s() - plain, 0.0) / layers
+        return out
     finally:
         dist.destroy_process_group()
 
@@ -125,11 +143,11 @@ def _time_steps(rank: int, ranks: int, port: int, probe: StepProbe, start, resul
 @dataclass(frozen=True)
 class Timed:
     """Median seconds of a training step, and of its optimizer update (part of the step); on two
-    or more ranks, what FSDP2 over all of them adds to a micro-batch of one decoder layer."""
+    or more ranks, what FSDP2 adds to a micro-batch of one decoder layer, by ring size."""
 
     step_s: float
     update_s: float
-    fsdp_s: float | None = None
+    fsdp_s: dict[int, float] | None = None
 
 
 def measure_model_steps(probe: StepProbe, ranks: int) -> list[Timed]:
