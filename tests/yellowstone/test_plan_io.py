@@ -178,8 +178,9 @@ def test_profile_peer_refuses_what_is_not_a_probe(capsys):
 
 def test_profile_times_fsdp_by_ring_size_and_the_fleet_takes_it():
     """On three ranks a measured step carries what FSDP2 adds to a micro-batch of one decoder layer
-    over two ranks (the first two only) and over all three; a fleet file takes it and prices FSDP
-    with it. One rank has nothing to shard: no FSDP figure."""
+    over two ranks (timed on the first two, and given to the third as their mean: the processes
+    are alike) and over all three; a fleet file takes it and prices FSDP with it. One rank has
+    nothing to shard: no FSDP figure."""
     from echelon.yellowstone.cli_profile import _timed
     from echelon.yellowstone.cost import fsdp_rates
     from echelon.yellowstone.fleet import Fleet
@@ -188,7 +189,8 @@ def test_profile_times_fsdp_by_ring_size_and_the_fleet_takes_it():
 
     probe = StepProbe("tiny", "full", 4, seq_len=16, micro_batch=2, micro_batches=1, steps=2)
     three = measure_model_steps(probe, 3)
-    assert [sorted(t.fsdp_s) for t in three] == [[2, 3], [2, 3], [3]]
+    assert [sorted(t.fsdp_s) for t in three] == [[2, 3], [2, 3], [2, 3]]
+    assert three[2].fsdp_s[2] == pytest.approx((three[0].fsdp_s[2] + three[1].fsdp_s[2]) / 2)
     assert all(v >= 0 for t in three for v in t.fsdp_s.values())
     assert measure_model_steps(probe, 1)[0].fsdp_s is None
     step = {"model": "tiny", "trainable": "full", "seq_len": 16, "micro_batch": 2, "micro_batches": 1}

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import time
@@ -151,8 +152,9 @@ class Timed:
 
 
 def measure_model_steps(probe: StepProbe, ranks: int) -> list[Timed]:
-    """A training step timed on each of `ranks` processes running together (and FSDP's cost on
-    two or more)."""
+    """A training step timed on each of `ranks` processes running together, and on two or more
+    FSDP's cost by ring size. The processes are alike, so a ring size only some of them were
+    part of (two, of three or more) is given to the others as their mean."""
     ctx = mp.get_context("spawn")
     start, results = ctx.Barrier(ranks), ctx.Queue()
     port = _free_port()
@@ -164,7 +166,16 @@ def measure_model_steps(probe: StepProbe, ranks: int) -> list[Timed]:
     out = dict(results.get(timeout=900) for _ in procs)
     for p in procs:
         p.join()
-    return [out[r] for r in range(ranks)]
+    timed = [out[r] for r in range(ranks)]
+    if ranks < 2:
+        return timed
+    fsdp = [t.fsdp_s or {} for t in timed]
+    sizes = sorted({n for f in fsdp for n in f})
+    shared = {n: statistics.mean(f[n] for f in fsdp if n in f) for n in sizes}
+    return [
+        dataclasses.replace(t, fsdp_s={n: f.get(n, shared[n]) for n in sizes})
+        for t, f in zip(timed, fsdp, strict=True)
+    ]
 
 
 def _ping(rank: int, port: int, sizes: list[int], rounds: int, results) -> None:
