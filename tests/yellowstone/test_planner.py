@@ -355,3 +355,6 @@ def test_a_hand_plan_predicts_the_modes_it_runs():
     chosen, ddp, fsdp = predicted(None), predicted("DDP"), predicted("FSDP")
     assert chosen == ddp and ddp[0] == "DDP" and fsdp[0] == "FSDP"
     assert fsdp[1] > ddp[1] and fsdp[2] < ddp[2]  # FSDP's collectives cost time and save memory
+    alone = HandLayout((("a",),), "single", ((0, 6),), ("FSDP",))  # nothing to shard over
+    with pytest.raises(ValueError, match=r"in the modes given \(FSDP\)"):
+        hand_plan(fleet, profile, [alone], settings)

@@ -60,7 +60,8 @@ def hand_plan(
         shape = Layout(clusters, layout.structure, layout.cuts)
         cost = evaluate(shape, tables, net, settings, layout.modes)
         if cost is None:
-            raise ValueError(f"layout {r} does not fit the fleet's memory or links in the modes given")
+            modes = "" if layout.modes is None else f" in the modes given ({', '.join(layout.modes)})"
+            raise ValueError(f"layout {r} does not fit the fleet's memory or links{modes}")
         replicas.append(replica_plan(f"{boundary.id}/r{r}", shape, cost, tables, net, settings))
     used = {d for r in replicas for c in r.clusters for d in c.devices}
     return P.Plan(
