@@ -54,13 +54,14 @@ def _model(probe: StepProbe, seed: int = 0):
     return build_model(ModelConfig(preset=preset, path=path, trainable=probe.trainable, lora=lora), seed)
 
 
-def _fsdp_overhead(stage: torch.nn.Module, group: dist.ProcessGroup, size: int, probe: StepProbe) -> float:
-    """Seconds FSDP2 over `group` (`size` ranks) adds to a micro-batch's forward and backward of
-    `stage` on this rank, which runs its share of the micro-batch: the median sharded less the
-    median unsharded. `stage`'s parameters are then shards."""
+def _fsdp_overhead(stage: torch.nn.Module, group: dist.ProcessGroup, probe: StepProbe) -> float:
+    """Seconds FSDP2 over `group` adds to a micro-batch's forward and backward of `stage` on this
+    rank, which runs its share of the micro-batch: the median sharded less the median unsharded.
+    `stage`'s parameters are then shards."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
+    size = group.size()
     rows = max(1, probe.micro_batch // size)
     x = torch.randn(
         rows, probe.seq_len, stage.config.hidden_size, generator=torch.Generator().manual_seed(size)
@@ -106,7 +107,7 @@ def _fsdp_layer_s(
         for size in sorted({2, ranks}):
             group = dist.new_group(list(range(size)))  # every rank takes part in making a group
             if rank < size:
-                out[size] = _fsdp_overhead(copy.deepcopy(stage), group, size, probe) / layers
+                out[size] = _fsdp_overhead(copy.deepcopy(stage), group, probe) / layers
             dist.barrier()
         return out
     finally:
