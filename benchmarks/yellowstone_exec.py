@@ -41,6 +41,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from echelon.yellowstone.cli_profile import measured_fields
 from echelon.yellowstone.cost import CostSettings
 from echelon.yellowstone.execute.handmade import HandLayout, hand_plan
 from echelon.yellowstone.execute.job import JobOptions
@@ -92,10 +93,8 @@ def fleet(
                     "seq_len": SEQ_LEN,
                     "micro_batch": MICRO_BATCH,
                     "micro_batches": MICRO_BATCHES,
-                    "step_s": steps[i].step_s,
-                    "update_s": steps[i].update_s,
+                    **measured_fields(steps[i]),  # as `echelon profile` writes them
                 }
-                | ({"fsdp_s": steps[i].fsdp_s} if steps[i].fsdp_s is not None else {})
             ]
         devices.append(d)
     return Fleet.model_validate(

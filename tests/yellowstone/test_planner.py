@@ -307,6 +307,50 @@ def test_a_timed_fsdp_is_priced_per_micro_batch_by_weight_held_and_ring_size():
                       "measured_steps": [{**step, "fsdp_s": {1: 0.03}}]}])  # fmt: skip
 
 
+def test_a_timed_pipelining_runtime_is_charged_per_stage_and_micro_batch():
+    """`stage_s` (what torch.distributed.pipelining added to a stage's forward and backward of a
+    micro-batch) is charged to every stage a cluster runs, per micro-batch: twice on the first
+    cluster of a U-shaped replica (the input stage and the head), once on the other, at its
+    slowest device's figure; a replica on one cluster runs no pipeline and pays nothing."""
+    from echelon.yellowstone.cost import Layout, make_cluster, stage_rates
+
+    profile = build_profile("llama-1b", PRESETS["llama-1b"], trainable="full", seq_len=512, micro_batch=4)
+    step = {"model": "llama-1b", "trainable": "full", "seq_len": 512, "micro_batch": 4, "step_s": 9.0}
+    fleet = _tiny_fleet(
+        [
+            {"id": "a", "memory_gib": 80, "access_tier": "restricted",
+             "measured_steps": [{**step, "stage_s": 0.004}, {**step, "stage_s": 0.002}]},
+            {"id": "b", "memory_gib": 80, "access_tier": "restricted",
+             "measured_steps": [{**step, "stage_s": 0.001}]},
+            {"id": "c", "memory_gib": 80, "access_tier": "restricted"},
+        ]
+    )  # fmt: skip
+    timed = stage_rates(fleet)
+    assert timed == {"a": pytest.approx(0.003), "b": pytest.approx(0.001)}  # the mean; c timed nothing
+    settings, tables, net = CostSettings(micro_batches=4), Tables(profile), Network(fleet)
+    n = tables.n_units
+
+    def group_s(stage: dict, clusters, structure: str, cuts) -> list[float]:
+        devices = {d.id: d for d in devices_of(fleet, "b0", settings, {}, None, None, stage)}
+        lan = net.link("s0", "s0")
+        layout = Layout(
+            tuple(make_cluster(tuple(devices[i] for i in c), lan, profile) for c in clusters), structure, cuts
+        )
+        cost = evaluate(layout, tables, net, settings, ["DDP"] * len(clusters))
+        assert cost is not None
+        return cost.group_s
+
+    u_shaped = ((("a",), ("b", "c")), "U", ((0, 9), (9, n - 1)))
+    with_runtime, without = group_s(timed, *u_shaped), group_s({}, *u_shaped)
+    assert with_runtime[0] - without[0] == pytest.approx(2 * 0.003)
+    assert with_runtime[1] - without[1] == pytest.approx(0.001)  # b's: the slowest device timed
+    single = ((("a", "b"),), "single", ((0, n),))
+    assert group_s(timed, *single) == group_s({}, *single)
+    with pytest.raises(ValueError, match="greater than or equal to 0"):
+        _tiny_fleet([{"id": "a", "memory_gib": 80, "access_tier": "restricted",
+                      "measured_steps": [{**step, "stage_s": -0.001}]}])  # fmt: skip
+
+
 def test_the_formula_charges_a_latency_per_fsdp_unit():
     """Without a measurement, FSDP gathers every decoder layer (and the stage's root) on its own:
     each of them pays the link's latency per collective."""

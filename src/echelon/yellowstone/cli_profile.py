@@ -158,14 +158,20 @@ def _with_steps(devices: list[dict], args: argparse.Namespace) -> list[dict]:
         model=name, trainable=args.trainable, seq_len=args.seq_len, micro_batch=args.micro_batch,
         micro_batches=args.micro_batches,
     )  # fmt: skip
-    return [{**d, "measured_steps": [{**measured, **_timed(t)}]} for d, t in zip(devices, steps, strict=True)]
+    return [
+        {**d, "measured_steps": [{**measured, **measured_fields(t)}]}
+        for d, t in zip(devices, steps, strict=True)
+    ]
 
 
-def _timed(t: Timed) -> dict:
-    """A measured step's timings as fleet fields (FSDP's only where it was timed: two ranks or more)."""
+def measured_fields(t: Timed) -> dict:
+    """A measured step's timings as fleet fields (FSDP's and the pipeline's only where they were
+    timed: two ranks or more)."""
     out = {"step_s": round(t.step_s, 5), "update_s": round(t.update_s, 5)}
     if t.fsdp_s is not None:
         out["fsdp_s"] = {n: round(v, 5) for n, v in t.fsdp_s.items()}
+    if t.stage_s is not None:
+        out["stage_s"] = round(t.stage_s, 6)
     return out
 
 

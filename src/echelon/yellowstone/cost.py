@@ -8,7 +8,9 @@ FSDP, FSDP with checkpointing (FSDP only on two or more devices).
 
 - point to point between stages: alpha + bytes / beta over the route between the clusters' sites
   (`network`: summed latency, slowest hop, the share of it other replicas leave free), once
-  forward (activations) and once backward (their gradients), charged to the sender;
+  forward (activations) and once backward (their gradients), charged to the sender; and where
+  `echelon profile` timed it (`stage_s`, `stage_rates`), what the pipelining runtime adds to each
+  stage's forward and backward of a micro-batch, charged to the cluster that runs the stage;
 - ring all-reduce 2(n-1) alpha + 2(n-1)/n S/beta (DDP gradients, once per step); FSDP all-gathers
   the weights twice per micro-batch (checkpointing adds none: FSDP2 recomputes a layer inside its
   backward, while the layer is gathered; counted on gloo) and reduce-scatters the gradients once,
@@ -83,6 +85,7 @@ class Device:
     fsdp_s_per_byte: tuple[
         tuple[int, float], ...
     ] = ()  # (ring size, FSDP's s per micro-batch per weight byte)
+    stage_s: float = 0.0  # the pipelining runtime's seconds per stage and micro-batch
 
 
 def loss_bytes_per_token(profile: ModelProfile) -> float:
@@ -160,6 +163,24 @@ def fsdp_rates(fleet: Fleet, profile: ModelProfile) -> dict[str, tuple[tuple[int
     return {k: tuple((n, float(np.mean(v[n]))) for n in sorted(v)) for k, v in rates.items()}
 
 
+def stage_rates(fleet: Fleet) -> dict[str, float]:
+    """The pipelining runtime's seconds per stage and micro-batch, per device id whose measured
+    steps timed it (`stage_s`): the mean over them."""
+    rates = {d.id: [m.stage_s for m in d.measured_steps if m.stage_s is not None] for d in fleet.devices}
+    return {k: float(np.mean(v)) for k, v in rates.items() if v}
+
+
+def rates(fleet: Fleet, profile: ModelProfile) -> tuple[dict, dict, dict, dict]:
+    """Everything the fleet's measured steps calibrate, per device id, in `devices_of`'s order:
+    eta (`calibrate`), `update_rates`, `fsdp_rates`, `stage_rates`."""
+    return (
+        calibrate(fleet, profile),
+        update_rates(fleet, profile),
+        fsdp_rates(fleet, profile),
+        stage_rates(fleet),
+    )
+
+
 def fsdp_rate(points: tuple[tuple[int, float], ...], n: int) -> float:
     """FSDP's seconds per micro-batch per weight byte on a ring of `n` from those measured
     (`fsdp_rates`; 0.0 without any): the measured size itself, else the line through the two
@@ -183,11 +204,12 @@ def devices_of(
     eta: dict[str, float],
     update: dict[str, float] | None = None,
     fsdp: dict[str, tuple[tuple[int, float], ...]] | None = None,
+    stage: dict[str, float] | None = None,
 ) -> list[Device]:
     """The boundary's devices in file order, with calibrated speed, usable memory and, where they
-    were timed, the optimizer update's seconds per parameter (`update_rates`) and FSDP's seconds
-    per weight byte (`fsdp_rates`)."""
-    update, fsdp = update or {}, fsdp or {}
+    were timed, the optimizer update's seconds per parameter (`update_rates`), FSDP's seconds per
+    weight byte (`fsdp_rates`) and the pipelining runtime's seconds per stage (`stage_rates`)."""
+    update, fsdp, stage = update or {}, fsdp or {}, stage or {}
     rank = {t: i for i, t in enumerate(fleet.access_tiers)}
     need = rank[next(b.data_tier for b in fleet.boundaries if b.id == boundary)]
     return [
@@ -201,6 +223,7 @@ def devices_of(
             d.reliability,
             update.get(d.id, 0.0),
             fsdp.get(d.id, ()),
+            stage.get(d.id, 0.0),
         )
         for d in fleet.devices
         if d.boundary == boundary
@@ -241,7 +264,9 @@ class Cluster:
     def key(self) -> tuple:
         """What sets the cluster's cost: device speeds, memory and measured rates, shares, the site
         network."""
-        devices = tuple((d.speed, d.capacity, d.update_s_per_param, d.fsdp_s_per_byte) for d in self.devices)
+        devices = tuple(
+            (d.speed, d.capacity, d.update_s_per_param, d.fsdp_s_per_byte, d.stage_s) for d in self.devices
+        )
         return (devices, self.shares, self.lan)
 
     @property
@@ -470,15 +495,19 @@ def in_flight(structure: Structure, k_clusters: int, m: int) -> list[int]:
     return [min(stages - k, m) for k in range(stages)]
 
 
-def sends_seconds(
+def pipeline_seconds(
     clusters: tuple[Cluster, ...], structure: Structure, net: AnyNetwork, p2p_bytes: float
 ) -> list[float] | None:
-    """Point-to-point seconds each cluster spends sending per micro-batch; None if a link is missing."""
+    """Seconds each cluster spends per micro-batch on the pipeline around its compute: sending
+    activations and gradients, and the pipelining runtime's work for each stage it runs (its
+    slowest device's `stage_s`; a stage's members wait for their head). None if a link is missing."""
     k = len(clusters)
     out = [0.0] * k
     if structure == "single":
         return out
     order = list(range(k)) + ([0] if structure == "U" else [])
+    for c in order:
+        out[c] += max(d.stage_s for d in clusters[c].devices)
     for s in range(len(order) - 1):
         link = net.link(clusters[order[s]].site, clusters[order[s + 1]].site)
         if link is None:
@@ -544,7 +573,7 @@ def evaluate(
     `given`: each cluster's parallelism (one of MODES), else the fastest that fits."""
     prof, m = tables.profile, settings.micro_batches
     p2p_bytes = prof.micro_batch * prof.seq_len * prof.activation_bytes
-    sends = sends_seconds(layout.clusters, layout.structure, net, p2p_bytes)
+    sends = pipeline_seconds(layout.clusters, layout.structure, net, p2p_bytes)
     if sends is None:
         return None
     groups, ars, modes, stage_s = [], [], [], []

@@ -22,7 +22,7 @@ from echelon.yellowstone.cost import (
     evaluate,
     make_cluster,
     mode_costs,
-    sends_seconds,
+    pipeline_seconds,
 )
 from echelon.yellowstone.fleet import GIB
 from echelon.yellowstone.network import SharedNetwork
@@ -57,7 +57,7 @@ def explain_replica(
             f"{layout.cuts} at {cost.step_s:.3f} s (bubble {cost.bubble:.0%})"
         )
     p2p = prof.micro_batch * prof.seq_len * prof.activation_bytes
-    sends = sends_seconds(layout.clusters, layout.structure, net, p2p)
+    sends = pipeline_seconds(layout.clusters, layout.structure, net, p2p)
     assert sends is not None  # the layout was evaluated over this network
     for c, (cl, ranges) in enumerate(
         zip(layout.clusters, cluster_ranges(layout, s.micro_batches, n), strict=True)
@@ -185,11 +185,11 @@ def _unused(
     assert cost is not None
     k = next(i for i, cl in enumerate(layout.clusters) if any(x.id == devs[group[0]].id for x in cl.devices))
     p2p = prof.micro_batch * prof.seq_len * prof.activation_bytes
-    sends = sends_seconds(layout.clusters, layout.structure, net, p2p)
+    sends = pipeline_seconds(layout.clusters, layout.structure, net, p2p)
     assert sends is not None
     slowest = max(cost.group_s)
     detail = (
-        f"their cluster would take {cost.group_s[k]:.3f} s per micro-batch ({sends[k]:.3f} s of it sending "
+        f"their cluster would take {cost.group_s[k]:.3f} s per micro-batch ({sends[k]:.3f} s of it handing "
         f"activations and gradients to the neighbouring stages), the slowest cluster {slowest:.3f} s"
     )
     return head + (

@@ -10,7 +10,10 @@
   a cluster's stage, and time what that adds to a micro-batch's forward and backward per layer
   (its all-gathers, gradient reduce-scatter and FSDP's copies), over two ranks and over all of
   them: `fsdp_s` by ring size, which the cost model charges per micro-batch in proportion to the
-  weight an FSDP cluster holds (`cost.fsdp_rates`).
+  weight an FSDP cluster holds (`cost.fsdp_rates`). Ranks 0 and 1 then run a two-stage
+  `Schedule1F1B` of stages that compute next to nothing and time what the pipelining runtime
+  adds to a stage's forward and backward of a micro-batch beyond its hand-offs (`stage_s`, which
+  the cost model charges to every pipeline stage per micro-batch: `cost.stage_rates`).
 - `measure_local_link`: latency and bandwidth of point-to-point transfers between two processes
   of this machine over gloo, the engine that carries a plan's activations here.
 """
@@ -86,13 +89,66 @@ def _fsdp_overhead(stage: torch.nn.Module, group: dist.ProcessGroup, probe: Step
     return max(median_s() - plain, 0.0)
 
 
-def _fsdp_layer_s(
+def _stage_overhead(group: dist.ProcessGroup, probe: StepProbe) -> float:
+    """Seconds `torch.distributed.pipelining` adds to a stage's forward and backward of one
+    micro-batch beyond its hand-offs, on this rank of a two-rank `group`: a `Schedule1F1B` of two
+    stages that compute next to nothing takes, by the cost model's formula, (m + 1) x (that + one
+    hand-off), the hand-off being the latency of a 4-byte message timed on the same pair."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+    me, peer = group.rank(), 1 - group.rank()
+    m = max(probe.micro_batches, 2)
+    width = 8
+    stage = PipelineStage(
+        torch.nn.Linear(width, width),
+        me,
+        2,
+        torch.device("cpu"),
+        input_args=torch.empty(1, width, device="meta", requires_grad=me == 1),  # a hidden state
+        output_args=torch.empty(1, width, device="meta", requires_grad=True),
+        group=group,
+    )
+    schedule = Schedule1F1B(stage, m, loss_fn=lambda out, _target: out.sum())
+    x, target = torch.zeros(m, width), torch.zeros(m, width)
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        if me == 0:
+            schedule.step(x)
+        else:
+            schedule.step(target=target, losses=[])
+        return time.perf_counter() - t0
+
+    for _ in range(3):
+        step()
+    pipelined = statistics.median(step() for _ in range(max(probe.steps, 10)))
+    message, peer_rank = torch.zeros(1), dist.get_global_rank(group, peer)
+
+    def round_trip() -> float:
+        t0 = time.perf_counter()
+        if me == 0:
+            dist.send(message, peer_rank, group=group)
+            dist.recv(message, peer_rank, group=group)
+        else:
+            dist.recv(message, peer_rank, group=group)
+            dist.send(message, peer_rank, group=group)
+        return time.perf_counter() - t0
+
+    dist.barrier(group=group)
+    hand_off = statistics.median(round_trip() for _ in range(50)) / 2
+    return max(pipelined / (m + 1) - hand_off, 0.0)
+
+
+def _distributed_costs(
     rank: int, ranks: int, port: int, lm: torch.nn.Module, probe: StepProbe
-) -> dict[int, float]:
-    """Seconds FSDP2 adds to a micro-batch of one decoder layer on this rank, by ring size: sharded
-    over ranks 0 and 1, and over all `ranks` (gloo), as the executor shards a cluster's stage. A
-    stage of the first two layers (a layer's gathers may overlap its neighbour's compute, as in a
-    deeper stage), per layer. A ring size this rank is not part of waits for the others."""
+) -> tuple[dict[int, float], float | None]:
+    """On this rank, (seconds FSDP2 adds to a micro-batch of one decoder layer by ring size, the
+    pipelining runtime's seconds per stage and micro-batch or None on ranks past 1).
+
+    FSDP: sharded over ranks 0 and 1, and over all `ranks` (gloo), as the executor shards a
+    cluster's stage; a stage of the first two layers (a layer's gathers may overlap its
+    neighbour's compute, as in a deeper stage), per layer. The pipeline: ranks 0 and 1. A ring
+    this rank is not part of waits for the others."""
     import copy
 
     from echelon.yellowstone.execute.stages import UnitRange, causal_lm_of
@@ -103,13 +159,15 @@ def _fsdp_layer_s(
         causal = causal_lm_of(lm)
         layers = min(2, len(causal.model.layers))
         stage = UnitRange(causal, 1, 1 + layers)
-        out = {}
+        fsdp, groups = {}, {}
         for size in sorted({2, ranks}):
-            group = dist.new_group(list(range(size)))  # every rank takes part in making a group
+            groups[size] = group = dist.new_group(list(range(size)))  # every rank takes part
             if rank < size:
-                out[size] = _fsdp_overhead(copy.deepcopy(stage), group, probe) / layers
+                fsdp[size] = _fsdp_overhead(copy.deepcopy(stage), group, probe) / layers
             dist.barrier()
-        return out
+        stage_s = _stage_overhead(groups[2], probe) if rank < 2 else None
+        dist.barrier()
+        return fsdp, stage_s
     finally:
         dist.destroy_process_group()
 
@@ -136,26 +194,28 @@ def _time_steps(rank: int, ranks: int, port: int, probe: StepProbe, start, resul
     step()
     start.wait()  # every process times its steps while the others run theirs
     times = [step() for _ in range(probe.steps)]
-    fsdp = _fsdp_layer_s(rank, ranks, port, bundle.model, probe) if ranks > 1 else None
-    results.put(
-        (rank, Timed(statistics.median(t for t, _ in times), statistics.median(u for _, u in times), fsdp))
-    )
+    fsdp, stage_s = _distributed_costs(rank, ranks, port, bundle.model, probe) if ranks > 1 else (None, None)
+    step_s, update_s = statistics.median(t for t, _ in times), statistics.median(u for _, u in times)
+    results.put((rank, Timed(step_s, update_s, fsdp, stage_s)))
 
 
 @dataclass(frozen=True)
 class Timed:
     """Median seconds of a training step, and of its optimizer update (part of the step); on two
-    or more ranks, what FSDP2 adds to a micro-batch of one decoder layer, by ring size."""
+    or more ranks, what FSDP2 adds to a micro-batch of one decoder layer, by ring size, and what
+    the pipelining runtime adds to a stage's forward and backward of a micro-batch."""
 
     step_s: float
     update_s: float
     fsdp_s: dict[int, float] | None = None
+    stage_s: float | None = None
 
 
 def measure_model_steps(probe: StepProbe, ranks: int) -> list[Timed]:
     """A training step timed on each of `ranks` processes running together, and on two or more
-    FSDP's cost by ring size. The processes are alike, so a ring size only some of them were
-    part of (two, of three or more) is given to the others as their mean."""
+    FSDP's cost by ring size and the pipelining runtime's per stage. The processes are alike, so
+    what only some of them took part in (a ring of two, of three or more; the pipeline of ranks 0
+    and 1) is given to the others as their mean."""
     ctx = mp.get_context("spawn")
     start, results = ctx.Barrier(ranks), ctx.Queue()
     port = _free_port()
@@ -164,17 +224,20 @@ def measure_model_steps(probe: StepProbe, ranks: int) -> list[Timed]:
     ]
     for p in procs:
         p.start()
-    out = dict(results.get(timeout=900) for _ in procs)
-    for p in procs:
-        p.join()
+    out = dict(_collect(procs, results, len(procs), 900))
     timed = [out[r] for r in range(ranks)]
     if ranks < 2:
         return timed
     fsdp = [t.fsdp_s or {} for t in timed]
     sizes = sorted({n for f in fsdp for n in f})
     shared = {n: statistics.mean(f[n] for f in fsdp if n in f) for n in sizes}
+    stage_s = statistics.mean(t.stage_s for t in timed if t.stage_s is not None)
     return [
-        dataclasses.replace(t, fsdp_s={n: f.get(n, shared[n]) for n in sizes})
+        dataclasses.replace(
+            t,
+            fsdp_s={n: f.get(n, shared[n]) for n in sizes},
+            stage_s=stage_s if t.stage_s is None else t.stage_s,
+        )
         for t, f in zip(timed, fsdp, strict=True)
     ]
 
@@ -200,6 +263,30 @@ def _ping(rank: int, port: int, sizes: list[int], rounds: int, results) -> None:
     dist.destroy_process_group()
 
 
+def _collect(procs: list, results, n: int, timeout_s: float) -> list:
+    """`n` results of the timing processes `procs`, then their exit; a process that dies first
+    (its traceback on stderr) stops the others and raises instead of leaving the caller waiting."""
+    import queue
+
+    out, deadline = [], time.monotonic() + timeout_s
+    try:
+        while len(out) < n:
+            try:
+                out.append(results.get(timeout=1.0))
+            except queue.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    why = f"exit code {dead[0].exitcode}" if dead else f"no result in {timeout_s:.0f} s"
+                    raise RuntimeError(f"a timing process failed ({why}); its error is above") from None
+        for p in procs:
+            p.join()
+        return out
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+
+
 def _free_port() -> int:
     import socket
 
@@ -218,9 +305,7 @@ def measure_local_link(rounds: int = 50) -> tuple[float, float]:
     procs = [ctx.Process(target=_ping, args=(r, port, [small, large], rounds, results)) for r in range(2)]
     for p in procs:
         p.start()
-    times = results.get(timeout=300)
-    for p in procs:
-        p.join()
+    (times,) = _collect(procs, results, 1, 300)
     latency = times[small]
     bandwidth = (large - small) / max(times[large] - latency, 1e-9)
     return bandwidth * 8 / 1e9, latency * 1e3

@@ -29,7 +29,7 @@ from echelon.yellowstone.cost import (
     Tables,
     group_cost,
     in_flight,
-    sends_seconds,
+    pipeline_seconds,
 )
 
 MAX_THRESHOLDS = 40
@@ -50,7 +50,9 @@ def cells(
     """
     prof, m, _n = tables.profile, settings.micro_batches, tables.n_units
     k = len(clusters)
-    sends = sends_seconds(clusters, structure, net, prof.micro_batch * prof.seq_len * prof.activation_bytes)
+    sends = pipeline_seconds(
+        clusters, structure, net, prof.micro_batch * prof.seq_len * prof.activation_bytes
+    )
     if sends is None:
         return None
     fl = in_flight(structure, k, m)

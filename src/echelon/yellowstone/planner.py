@@ -32,12 +32,10 @@ from echelon.yellowstone.cost import (
     INF,
     CostSettings,
     Tables,
-    calibrate,
     devices_of,
-    fsdp_rates,
     group_cost,
     make_cluster,
-    update_rates,
+    rates,
 )
 from echelon.yellowstone.emit import model_info, replica_plan
 from echelon.yellowstone.explain import explain_replica, explain_standby
@@ -257,14 +255,14 @@ def plan_fleet(
     InfeasibleError only when no boundary can be planned.
     """
     settings = settings or CostSettings()
-    eta, update, fsdp = calibrate(fleet, profile), update_rates(fleet, profile), fsdp_rates(fleet, profile)
+    eta, *measured = rates(fleet, profile)
     tables = Tables(profile)
     net = Network(fleet, profile.micro_batch * profile.seq_len * profile.activation_bytes)
     explain: list[str] = []
     refused: list[InfeasibleError] = []
     planned: list[tuple[str, Context, BoundaryResult]] = []
     for b in fleet.boundaries:
-        devs = devices_of(fleet, b.id, settings, eta, update, fsdp)
+        devs = devices_of(fleet, b.id, settings, eta, *measured)
         if not devs:
             explain.append(f"boundary {b.id}: no devices, nothing to plan")
             continue

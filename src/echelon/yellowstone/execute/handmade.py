@@ -16,12 +16,10 @@ from echelon.yellowstone.cost import (
     Layout,
     Network,
     Tables,
-    calibrate,
     devices_of,
     evaluate,
-    fsdp_rates,
     make_cluster,
-    update_rates,
+    rates,
 )
 from echelon.yellowstone.emit import model_info, replica_plan
 from echelon.yellowstone.fleet import Fleet
@@ -46,9 +44,9 @@ def hand_plan(
     """A plan.json for `layouts` (all in the fleet's first boundary); unused devices are standby."""
     settings = settings or CostSettings()
     boundary = fleet.boundaries[0]
-    eta, update, fsdp = calibrate(fleet, profile), update_rates(fleet, profile), fsdp_rates(fleet, profile)
+    eta, *measured = rates(fleet, profile)
     tables, net = Tables(profile), Network(fleet)
-    devices = {d.id: d for d in devices_of(fleet, boundary.id, settings, eta, update, fsdp)}
+    devices = {d.id: d for d in devices_of(fleet, boundary.id, settings, eta, *measured)}
     replicas = []
     for r, layout in enumerate(layouts):
         clusters = tuple(
