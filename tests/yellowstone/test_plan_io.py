@@ -176,14 +176,15 @@ def test_profile_peer_refuses_what_is_not_a_probe(capsys):
     assert "HOST:PORT" in capsys.readouterr().err
 
 
-def test_profile_times_fsdp_and_the_pipeline_and_the_fleet_takes_them():
+def test_profile_times_collectives_and_the_pipeline_and_the_fleet_takes_them():
     """On three ranks a measured step carries what FSDP2 adds to a micro-batch of one decoder layer
-    over two ranks (timed on the first two, and given to the third as their mean: the processes
-    are alike) and over all three, and what the pipelining runtime adds per stage (ranks 0 and 1,
-    the third their mean); a fleet file takes both and prices with them. One rank has nothing to
-    shard or pipeline: neither figure."""
+    and what DDP adds to the backward that reduces its gradients, over two ranks (timed on the
+    first two, and given to the third as their mean: the processes are alike) and over all three,
+    and what the pipelining runtime adds per stage (ranks 0 and 1, the third their mean); a fleet
+    file takes them all and prices with them. One rank has nothing to shard, reduce or pipeline:
+    none of them."""
     from echelon.yellowstone.cli_profile import measured_fields
-    from echelon.yellowstone.cost import fsdp_rates, stage_rates
+    from echelon.yellowstone.cost import ddp_rates, fsdp_rates, stage_rates
     from echelon.yellowstone.fleet import Fleet
     from echelon.yellowstone.measure import StepProbe, measure_model_steps
     from echelon.yellowstone.model_profile import PRESETS, build_profile
@@ -193,11 +194,15 @@ def test_profile_times_fsdp_and_the_pipeline_and_the_fleet_takes_them():
     assert [sorted(t.fsdp_s) for t in three] == [[2, 3], [2, 3], [2, 3]]
     assert three[2].fsdp_s[2] == pytest.approx((three[0].fsdp_s[2] + three[1].fsdp_s[2]) / 2)
     assert all(v >= 0 for t in three for v in t.fsdp_s.values())
+    # DDP's reduction alike
+    assert [sorted(t.ddp_s) for t in three] == [[2, 3], [2, 3], [2, 3]]
+    assert three[2].ddp_s[2] == pytest.approx((three[0].ddp_s[2] + three[1].ddp_s[2]) / 2)
+    assert all(v >= 0 for t in three for v in t.ddp_s.values())
     # the pipelining runtime, timed on ranks 0 and 1 and given to the third as their mean
     assert all(t.stage_s is not None and 0 <= t.stage_s < 0.1 for t in three)
     assert three[2].stage_s == pytest.approx((three[0].stage_s + three[1].stage_s) / 2)
     one = measure_model_steps(probe, 1)[0]
-    assert one.fsdp_s is None and one.stage_s is None
+    assert one.fsdp_s is None and one.ddp_s is None and one.stage_s is None
     step = {"model": "tiny", "trainable": "full", "seq_len": 16, "micro_batch": 2, "micro_batches": 1}
     devices = [
         {"id": f"cpu{i}", "boundary": "lab", "site": "desk", "memory_gib": 4, "tflops": 0.05,
@@ -218,5 +223,12 @@ def test_profile_times_fsdp_and_the_pipeline_and_the_fleet_takes_them():
     written = {d["id"]: d["measured_steps"][0]["fsdp_s"] for d in devices}
     assert fsdp_rates(fleet, profile) == {
         k: tuple((n, pytest.approx(v[n] / layer)) for n in sorted(v)) for k, v in written.items()
+    }
+    grad = next(u.grad_bytes for u in profile.units if u.kind == "layer")
+    assert ddp_rates(fleet, profile) == {
+        d["id"]: tuple(
+            (n, pytest.approx(v / grad)) for n, v in sorted(d["measured_steps"][0]["ddp_s"].items())
+        )
+        for d in devices
     }
     assert stage_rates(fleet) == {d["id"]: pytest.approx(d["measured_steps"][0]["stage_s"]) for d in devices}

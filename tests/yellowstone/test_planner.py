@@ -265,7 +265,7 @@ def test_a_timed_fsdp_is_priced_per_micro_batch_by_weight_held_and_ring_size():
     FSDP cluster's collectives: per micro-batch, in proportion to the weight bytes it holds, at
     the cluster's ring size (measured, or on the line through the sizes measured), the slowest
     device's; DDP is not touched."""
-    from echelon.yellowstone.cost import fsdp_rate, fsdp_rates, make_cluster, mode_costs
+    from echelon.yellowstone.cost import fsdp_rates, make_cluster, mode_costs, ring_rate
 
     profile = build_profile("llama-1b", PRESETS["llama-1b"], trainable="full", seq_len=512, micro_batch=4)
     step = {"model": "llama-1b", "trainable": "full", "seq_len": 512, "micro_batch": 4, "step_s": 9.0}
@@ -282,10 +282,10 @@ def test_a_timed_fsdp_is_priced_per_micro_batch_by_weight_held_and_ring_size():
     rates = fsdp_rates(fleet, profile)
     assert rates == {"a": ((2, pytest.approx(0.02 / layer)), (4, pytest.approx(0.05 / layer))),
                      "b": ((2, pytest.approx(0.01 / layer)),)}  # fmt: skip
-    assert fsdp_rate(rates["a"], 3) == pytest.approx(0.035 / layer)  # between the sizes measured
-    assert fsdp_rate(rates["a"], 6) == pytest.approx(0.08 / layer)  # on their line beyond
-    assert fsdp_rate(rates["b"], 3) == pytest.approx(0.01 / layer * (2 / 3) / (1 / 2))  # one size: the ring
-    assert fsdp_rate((), 3) == 0.0
+    assert ring_rate(rates["a"], 3) == pytest.approx(0.035 / layer)  # between the sizes measured
+    assert ring_rate(rates["a"], 6) == pytest.approx(0.08 / layer)  # on their line beyond
+    assert ring_rate(rates["b"], 3) == pytest.approx(0.01 / layer * (2 / 3) / (1 / 2))  # one size: the ring
+    assert ring_rate((), 3) == 0.0 and ring_rate(rates["a"], 1) == 0.0  # a ring of one exchanges nothing
     settings = CostSettings(micro_batches=4)
     tables, net = Tables(profile), Network(fleet)
     two_layers = tables.segment([(1, 3, 1)])
@@ -305,6 +305,44 @@ def test_a_timed_fsdp_is_priced_per_micro_batch_by_weight_held_and_ring_size():
     with pytest.raises(ValueError, match="greater than or equal to 2"):
         _tiny_fleet([{"id": "a", "memory_gib": 80, "access_tier": "restricted",
                       "measured_steps": [{**step, "fsdp_s": {1: 0.03}}]}])  # fmt: skip
+
+
+def test_a_timed_ddp_reduction_is_priced_per_step_by_gradient_bytes_and_ring_size():
+    """`ddp_s` (what reducing a step's gradients of one decoder layer added to its last backward,
+    by ring size) prices a DDP cluster's all-reduce: once per step, in proportion to the gradient
+    bytes it reduces, at the cluster's ring size, the slowest device's; FSDP's per-step term and a
+    one-device cluster (nothing to reduce) are not touched."""
+    from echelon.yellowstone.cost import ddp_rates, make_cluster, mode_costs
+
+    profile = build_profile("llama-1b", PRESETS["llama-1b"], trainable="full", seq_len=512, micro_batch=4)
+    step = {"model": "llama-1b", "trainable": "full", "seq_len": 512, "micro_batch": 4, "step_s": 9.0}
+    fleet = _tiny_fleet(
+        [
+            {"id": "a", "memory_gib": 80, "access_tier": "restricted",
+             "measured_steps": [{**step, "ddp_s": {2: 0.010, 3: 0.016}}]},
+            {"id": "b", "memory_gib": 80, "access_tier": "restricted",
+             "measured_steps": [{**step, "ddp_s": {2: 0.004}}]},
+            {"id": "c", "memory_gib": 80, "access_tier": "restricted"},
+        ]
+    )  # fmt: skip
+    layer = next(u.grad_bytes for u in profile.units if u.kind == "layer")
+    rates = ddp_rates(fleet, profile)
+    assert rates == {"a": ((2, pytest.approx(0.010 / layer)), (3, pytest.approx(0.016 / layer))),
+                     "b": ((2, pytest.approx(0.004 / layer)),)}  # fmt: skip
+    settings, tables, net = CostSettings(micro_batches=4), Tables(profile), Network(fleet)
+    two_layers = tables.segment([(1, 3, 1)])
+
+    def per_step(ids: str, ddp: dict) -> dict[str, float]:
+        devices = tuple(d for d in devices_of(fleet, "b0", settings, {}, ddp=ddp) if d.id in ids)
+        cluster = make_cluster(devices, net.link("s0", "s0"), profile)
+        return {c.mode: float(c.ar) for c in mode_costs(cluster, two_layers, 0.0, settings, 512)}
+
+    formula, measured = per_step("ab", {}), per_step("ab", rates)
+    assert measured["DDP"] == pytest.approx(0.010 * 2)  # a's (the slower) at 2, two layers
+    assert measured["DDP+ckpt"] == measured["DDP"] and formula["DDP"] > 0
+    assert measured["FSDP"] == formula["FSDP"]  # FSDP reduce-scatters per micro-batch: its own figure
+    assert per_step("abc", rates)["DDP"] == pytest.approx(0.016 * 2)  # a's at 3
+    assert per_step("a", rates)["DDP"] == 0.0  # one device: nothing to reduce
 
 
 def test_a_timed_pipelining_runtime_is_charged_per_stage_and_micro_batch():
@@ -331,7 +369,7 @@ def test_a_timed_pipelining_runtime_is_charged_per_stage_and_micro_batch():
     n = tables.n_units
 
     def group_s(stage: dict, clusters, structure: str, cuts) -> list[float]:
-        devices = {d.id: d for d in devices_of(fleet, "b0", settings, {}, None, None, stage)}
+        devices = {d.id: d for d in devices_of(fleet, "b0", settings, {}, stage=stage)}
         lan = net.link("s0", "s0")
         layout = Layout(
             tuple(make_cluster(tuple(devices[i] for i in c), lan, profile) for c in clusters), structure, cuts

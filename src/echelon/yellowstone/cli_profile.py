@@ -165,11 +165,12 @@ def _with_steps(devices: list[dict], args: argparse.Namespace) -> list[dict]:
 
 
 def measured_fields(t: Timed) -> dict:
-    """A measured step's timings as fleet fields (FSDP's and the pipeline's only where they were
-    timed: two ranks or more)."""
+    """A measured step's timings as fleet fields (FSDP's, DDP's and the pipeline's only where they
+    were timed: two ranks or more)."""
     out = {"step_s": round(t.step_s, 5), "update_s": round(t.update_s, 5)}
-    if t.fsdp_s is not None:
-        out["fsdp_s"] = {n: round(v, 5) for n, v in t.fsdp_s.items()}
+    for name, by_size in (("fsdp_s", t.fsdp_s), ("ddp_s", t.ddp_s)):
+        if by_size is not None:
+            out[name] = {n: round(v, 5) for n, v in by_size.items()}
     if t.stage_s is not None:
         out["stage_s"] = round(t.stage_s, 6)
     return out

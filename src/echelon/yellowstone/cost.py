@@ -11,13 +11,15 @@ FSDP, FSDP with checkpointing (FSDP only on two or more devices).
   forward (activations) and once backward (their gradients), charged to the sender; and where
   `echelon profile` timed it (`stage_s`, `stage_rates`), what the pipelining runtime adds to each
   stage's forward and backward of a micro-batch, charged to the cluster that runs the stage;
-- ring all-reduce 2(n-1) alpha + 2(n-1)/n S/beta (DDP gradients, once per step); FSDP all-gathers
+- ring all-reduce 2(n-1) alpha + 2(n-1)/n S/beta (DDP gradients, once per step; where `echelon
+  profile` timed DDP on this model, `ddp_s` by ring size, `ddp_rates`, that measurement instead,
+  scaled by the gradient bytes the cluster reduces, read off by ring size as FSDP's is); FSDP all-gathers
   the weights twice per micro-batch (checkpointing adds none: FSDP2 recomputes a layer inside its
   backward, while the layer is gathered; counted on gloo) and reduce-scatters the gradients once,
   each (n-1) alpha per FSDP unit (every decoder layer, and each stage's root) + (n-1)/n S/beta.
   Where `echelon profile` timed FSDP on this model (`fsdp_s` by ring size, `fsdp_rates`), a
   micro-batch is charged that measurement instead, scaled by the weight bytes the cluster holds
-  (`fsdp_rate`: a ring size between or beyond those measured is read off the line through them in
+  (`ring_rate`: a ring size between or beyond those measured is read off the line through them in
   n - 1; one size measured, scaled by the ring's (n-1)/n): on CPU over gloo FSDP's collectives and
   copies cost several times what the link's latency and bandwidth say;
 - memory per device, DDP: state + activations; FSDP: state / n + the largest unsharded unit +
@@ -85,6 +87,7 @@ class Device:
     fsdp_s_per_byte: tuple[
         tuple[int, float], ...
     ] = ()  # (ring size, FSDP's s per micro-batch per weight byte)
+    ddp_s_per_byte: tuple[tuple[int, float], ...] = ()  # (ring size, DDP's s per step per gradient byte)
     stage_s: float = 0.0  # the pipelining runtime's seconds per stage and micro-batch
 
 
@@ -163,6 +166,18 @@ def fsdp_rates(fleet: Fleet, profile: ModelProfile) -> dict[str, tuple[tuple[int
     return {k: tuple((n, float(np.mean(v[n]))) for n in sorted(v)) for k, v in rates.items()}
 
 
+def ddp_rates(fleet: Fleet, profile: ModelProfile) -> dict[str, tuple[tuple[int, float], ...]]:
+    """DDP's seconds per step per gradient byte reduced, by ring size, per device id whose measured
+    steps timed DDP (`ddp_s`, per decoder layer by the processes it ran over): the mean over them
+    at each size, sizes in order. A model that trains no layer weights gives no rate."""
+    rates: dict[str, dict[int, list[float]]] = {}
+    for d, m, p in _measured(fleet, profile):
+        layer = next(u.grad_bytes for u in p.units if u.kind == "layer")
+        for n, seconds in (m.ddp_s or {}).items() if layer else ():
+            rates.setdefault(d.id, {}).setdefault(n, []).append(seconds / layer)
+    return {k: tuple((n, float(np.mean(v[n]))) for n in sorted(v)) for k, v in rates.items()}
+
+
 def stage_rates(fleet: Fleet) -> dict[str, float]:
     """The pipelining runtime's seconds per stage and micro-batch, per device id whose measured
     steps timed it (`stage_s`): the mean over them."""
@@ -170,22 +185,24 @@ def stage_rates(fleet: Fleet) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in rates.items() if v}
 
 
-def rates(fleet: Fleet, profile: ModelProfile) -> tuple[dict, dict, dict, dict]:
+def rates(fleet: Fleet, profile: ModelProfile) -> tuple[dict, dict, dict, dict, dict]:
     """Everything the fleet's measured steps calibrate, per device id, in `devices_of`'s order:
-    eta (`calibrate`), `update_rates`, `fsdp_rates`, `stage_rates`."""
+    eta (`calibrate`), `update_rates`, `fsdp_rates`, `ddp_rates`, `stage_rates`."""
     return (
         calibrate(fleet, profile),
         update_rates(fleet, profile),
         fsdp_rates(fleet, profile),
+        ddp_rates(fleet, profile),
         stage_rates(fleet),
     )
 
 
-def fsdp_rate(points: tuple[tuple[int, float], ...], n: int) -> float:
-    """FSDP's seconds per micro-batch per weight byte on a ring of `n` from those measured
-    (`fsdp_rates`; 0.0 without any): the measured size itself, else the line through the two
-    nearest sizes in n - 1 (never below 0), else with one size the ring's (n-1)/n scaling."""
-    if not points:
+def ring_rate(points: tuple[tuple[int, float], ...], n: int) -> float:
+    """A collective's seconds per byte on a ring of `n` from those measured by ring size
+    (`fsdp_rates`, `ddp_rates`; 0.0 without any, or on one device: nothing to exchange): the
+    measured size itself, else the line through the two nearest sizes in n - 1 (never below 0),
+    else with one size the ring's (n-1)/n scaling."""
+    if not points or n < 2:
         return 0.0
     known = dict(points)
     if n in known:
@@ -204,12 +221,14 @@ def devices_of(
     eta: dict[str, float],
     update: dict[str, float] | None = None,
     fsdp: dict[str, tuple[tuple[int, float], ...]] | None = None,
+    ddp: dict[str, tuple[tuple[int, float], ...]] | None = None,
     stage: dict[str, float] | None = None,
 ) -> list[Device]:
     """The boundary's devices in file order, with calibrated speed, usable memory and, where they
     were timed, the optimizer update's seconds per parameter (`update_rates`), FSDP's seconds per
-    weight byte (`fsdp_rates`) and the pipelining runtime's seconds per stage (`stage_rates`)."""
-    update, fsdp, stage = update or {}, fsdp or {}, stage or {}
+    weight byte (`fsdp_rates`), DDP's per gradient byte (`ddp_rates`) and the pipelining runtime's
+    seconds per stage (`stage_rates`)."""
+    update, fsdp, ddp, stage = update or {}, fsdp or {}, ddp or {}, stage or {}
     rank = {t: i for i, t in enumerate(fleet.access_tiers)}
     need = rank[next(b.data_tier for b in fleet.boundaries if b.id == boundary)]
     return [
@@ -223,6 +242,7 @@ def devices_of(
             d.reliability,
             update.get(d.id, 0.0),
             fsdp.get(d.id, ()),
+            ddp.get(d.id, ()),
             stage.get(d.id, 0.0),
         )
         for d in fleet.devices
@@ -265,7 +285,8 @@ class Cluster:
         """What sets the cluster's cost: device speeds, memory and measured rates, shares, the site
         network."""
         devices = tuple(
-            (d.speed, d.capacity, d.update_s_per_param, d.fsdp_s_per_byte, d.stage_s) for d in self.devices
+            (d.speed, d.capacity, d.update_s_per_param, d.fsdp_s_per_byte, d.ddp_s_per_byte, d.stage_s)
+            for d in self.devices
         )
         return (devices, self.shares, self.lan)
 
@@ -323,10 +344,15 @@ def mode_costs(
     """Time and memory of every parallelism mode the cluster can run (FSDP needs two devices).
 
     The per-step term (AR) holds the gradient all-reduce and the optimizer update: of every
-    parameter of the stage under DDP, of a 1/n shard under FSDP."""
+    parameter of the stage under DDP, of a 1/n shard under FSDP. The all-reduce is the measured
+    rate (`ddp_rates`, the slowest device's: the reduction waits for every rank) over the gradient
+    bytes, or the ring formula (module docstring) where DDP was not timed."""
     n, a, beta = cl.n, cl.lan.alpha, cl.lan.beta
     spf = cl.seconds_per_flop
-    ar = 2 * ((n - 1) * a + (n - 1) / n * seg.grad / beta)
+    if any(d.ddp_s_per_byte for d in cl.devices):
+        ar = max(ring_rate(d.ddp_s_per_byte, n) for d in cl.devices) * seg.grad
+    else:
+        ar = 2 * ((n - 1) * a + (n - 1) / n * seg.grad / beta)
     fsdp = _fsdp_seconds(cl, seg)
     flops = seg.flops
     times = [
@@ -354,7 +380,7 @@ def _fsdp_seconds(cl: Cluster, seg: Segment) -> object:
     held, or the link's formula (module docstring) where FSDP was not timed."""
     n, a, beta = cl.n, cl.lan.alpha, cl.lan.beta
     if any(d.fsdp_s_per_byte for d in cl.devices):
-        return max(fsdp_rate(d.fsdp_s_per_byte, n) for d in cl.devices) * seg.weight
+        return max(ring_rate(d.fsdp_s_per_byte, n) for d in cl.devices) * seg.weight
     units = seg.fsdp_units
     ag = units * (n - 1) * a + (n - 1) / n * seg.weight / beta
     rs = units * (n - 1) * a + (n - 1) / n * seg.grad / beta

@@ -84,7 +84,7 @@ Seconds = Annotated[
 ]
 
 RingSize = Annotated[int, Field(ge=2, le=2**20, description="processes a measurement was sharded over")]
-FsdpSeconds = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
+RingSeconds = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
 StageSeconds = Annotated[float, Field(ge=0, le=60, allow_inf_nan=False)]
 
 
@@ -137,6 +137,9 @@ class MeasuredStep(_Strict):
     `fsdp_s`: what FSDP2 added to a micro-batch's forward and backward of one decoder layer, by the
     number of processes it was sharded over (`echelon profile --ranks N`, N >= 2, times 2 and N;
     without it FSDP is priced from the site's latency and bandwidth).
+    `ddp_s`: what DDP added to a step's backward that reduces the gradients of one decoder layer
+    (the all-reduce, DDP's copies, the wait for the slower rank), by ring size (as `fsdp_s`;
+    without it DDP is priced from the site's latency and bandwidth).
     `stage_s`: what `torch.distributed.pipelining` added to a stage's forward and backward of a
     micro-batch beyond its hand-offs (`echelon profile --ranks N`, N >= 2; without it nothing).
     """
@@ -148,7 +151,8 @@ class MeasuredStep(_Strict):
     micro_batches: int = Field(1, ge=1, le=2**16)
     step_s: Seconds
     update_s: Seconds | None = None
-    fsdp_s: dict[RingSize, FsdpSeconds] | None = None
+    fsdp_s: dict[RingSize, RingSeconds] | None = None
+    ddp_s: dict[RingSize, RingSeconds] | None = None
     stage_s: StageSeconds | None = None
 
     @model_validator(mode="after")

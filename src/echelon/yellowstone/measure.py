@@ -13,7 +13,9 @@
   weight an FSDP cluster holds (`cost.fsdp_rates`). Ranks 0 and 1 then run a two-stage
   `Schedule1F1B` of stages that compute next to nothing and time what the pipelining runtime
   adds to a stage's forward and backward of a micro-batch beyond its hand-offs (`stage_s`, which
-  the cost model charges to every pipeline stage per micro-batch: `cost.stage_rates`).
+  the cost model charges to every pipeline stage per micro-batch: `cost.stage_rates`). DDP is
+  timed beside FSDP: what reducing a step's gradients adds to its last backward (`ddp_s`, charged
+  once per step in proportion to the gradient bytes a DDP cluster reduces: `cost.ddp_rates`).
 - `measure_local_link`: latency and bandwidth of point-to-point transfers between two processes
   of this machine over gloo, the engine that carries a plan's activations here.
 """
@@ -57,6 +59,30 @@ def _model(probe: StepProbe, seed: int = 0):
     return build_model(ModelConfig(preset=preset, path=path, trainable=probe.trainable, lora=lora), seed)
 
 
+def _stage_input(stage: torch.nn.Module, group: dist.ProcessGroup, probe: StepProbe) -> torch.Tensor:
+    """A stage input (hidden states that need their gradient, as a middle stage's do) of this
+    rank's share of a micro-batch split over `group`."""
+    size = group.size()
+    rows = max(1, probe.micro_batch // size)
+    x = torch.randn(
+        rows, probe.seq_len, stage.config.hidden_size, generator=torch.Generator().manual_seed(size)
+    )
+    return x.requires_grad_(True)
+
+
+def _median_s(run, group: dist.ProcessGroup, steps: int) -> float:
+    """Median seconds of `run()` over `steps` calls, after one to warm up (DDP builds its buckets
+    there, FSDP lays out its buffers) and a barrier, so the ranks of `group` time it together."""
+    run()
+    dist.barrier(group=group)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def _fsdp_overhead(stage: torch.nn.Module, group: dist.ProcessGroup, probe: StepProbe) -> float:
     """Seconds FSDP2 over `group` adds to a micro-batch's forward and backward of `stage` on this
     rank, which runs its share of the micro-batch: the median sharded less the median unsharded.
@@ -64,29 +90,33 @@ def _fsdp_overhead(stage: torch.nn.Module, group: dist.ProcessGroup, probe: Step
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
-    size = group.size()
-    rows = max(1, probe.micro_batch // size)
-    x = torch.randn(
-        rows, probe.seq_len, stage.config.hidden_size, generator=torch.Generator().manual_seed(size)
-    )
-    x.requires_grad_(True)  # a stage input, as a middle stage's is
-
-    def median_s() -> float:
-        stage(x).sum().backward()  # warm up (and, sharded, lay out FSDP's buffers)
-        dist.barrier(group=group)
-        times = []
-        for _ in range(probe.steps):
-            t0 = time.perf_counter()
-            stage(x).sum().backward()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    plain = median_s()
+    x = _stage_input(stage, group, probe)
+    plain = _median_s(lambda: stage(x).sum().backward(), group, probe.steps)
     mesh = DeviceMesh.from_group(group, "cpu")
     for layer in stage.model.layers.values():
         fully_shard(layer, mesh=mesh)
     fully_shard(stage, mesh=mesh)
-    return max(median_s() - plain, 0.0)
+    return max(_median_s(lambda: stage(x).sum().backward(), group, probe.steps) - plain, 0.0)
+
+
+def _ddp_overhead(stage: torch.nn.Module, group: dist.ProcessGroup, probe: StepProbe) -> float:
+    """Seconds DDP over `group` adds to the backward that reduces a step's gradients (the step's
+    last; the executor runs the others under `no_sync`) of `stage` on this rank, which runs its
+    share of the micro-batch: the median reducing less the median under `no_sync`. What it adds
+    is the gradient all-reduce, DDP's bucket copies and the wait for the slower rank."""
+    import contextlib
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    x = _stage_input(stage, group, probe)
+    ddp = DistributedDataParallel(stage, process_group=group, forward_sync_buffers=False)
+
+    def backward(reduce: bool) -> None:
+        with contextlib.nullcontext() if reduce else ddp.no_sync():
+            ddp(x).sum().backward()
+
+    quiet = _median_s(lambda: backward(False), group, probe.steps)
+    return max(_median_s(lambda: backward(True), group, probe.steps) - quiet, 0.0)
 
 
 def _stage_overhead(group: dist.ProcessGroup, probe: StepProbe) -> float:
@@ -141,11 +171,12 @@ def _stage_overhead(group: dist.ProcessGroup, probe: StepProbe) -> float:
 
 def _distributed_costs(
     rank: int, ranks: int, port: int, lm: torch.nn.Module, probe: StepProbe
-) -> tuple[dict[int, float], float | None]:
-    """On this rank, (seconds FSDP2 adds to a micro-batch of one decoder layer by ring size, the
-    pipelining runtime's seconds per stage and micro-batch or None on ranks past 1).
+) -> tuple[dict[int, float], dict[int, float], float | None]:
+    """On this rank, (seconds FSDP2 adds to a micro-batch of one decoder layer by ring size,
+    seconds DDP adds to a step's reducing backward per decoder layer by ring size, the pipelining
+    runtime's seconds per stage and micro-batch or None on ranks past 1).
 
-    FSDP: sharded over ranks 0 and 1, and over all `ranks` (gloo), as the executor shards a
+    FSDP and DDP: over ranks 0 and 1, and over all `ranks` (gloo), as the executor runs a
     cluster's stage; a stage of the first two layers (a layer's gathers may overlap its
     neighbour's compute, as in a deeper stage), per layer. The pipeline: ranks 0 and 1. A ring
     this rank is not part of waits for the others."""
@@ -159,15 +190,16 @@ def _distributed_costs(
         causal = causal_lm_of(lm)
         layers = min(2, len(causal.model.layers))
         stage = UnitRange(causal, 1, 1 + layers)
-        fsdp, groups = {}, {}
+        fsdp, ddp, groups = {}, {}, {}
         for size in sorted({2, ranks}):
             groups[size] = group = dist.new_group(list(range(size)))  # every rank takes part
             if rank < size:
+                ddp[size] = _ddp_overhead(copy.deepcopy(stage), group, probe) / layers
                 fsdp[size] = _fsdp_overhead(copy.deepcopy(stage), group, probe) / layers
             dist.barrier()
         stage_s = _stage_overhead(groups[2], probe) if rank < 2 else None
         dist.barrier()
-        return fsdp, stage_s
+        return fsdp, ddp, stage_s
     finally:
         dist.destroy_process_group()
 
@@ -194,20 +226,22 @@ def _time_steps(rank: int, ranks: int, port: int, probe: StepProbe, start, resul
     step()
     start.wait()  # every process times its steps while the others run theirs
     times = [step() for _ in range(probe.steps)]
-    fsdp, stage_s = _distributed_costs(rank, ranks, port, bundle.model, probe) if ranks > 1 else (None, None)
+    costs = _distributed_costs(rank, ranks, port, bundle.model, probe) if ranks > 1 else (None, None, None)
     step_s, update_s = statistics.median(t for t, _ in times), statistics.median(u for _, u in times)
-    results.put((rank, Timed(step_s, update_s, fsdp, stage_s)))
+    results.put((rank, Timed(step_s, update_s, *costs)))
 
 
 @dataclass(frozen=True)
 class Timed:
     """Median seconds of a training step, and of its optimizer update (part of the step); on two
-    or more ranks, what FSDP2 adds to a micro-batch of one decoder layer, by ring size, and what
-    the pipelining runtime adds to a stage's forward and backward of a micro-batch."""
+    or more ranks, what FSDP2 adds to a micro-batch of one decoder layer and what DDP adds to a
+    step's reducing backward per decoder layer, by ring size, and what the pipelining runtime adds
+    to a stage's forward and backward of a micro-batch."""
 
     step_s: float
     update_s: float
     fsdp_s: dict[int, float] | None = None
+    ddp_s: dict[int, float] | None = None
     stage_s: float | None = None
 
 
@@ -228,17 +262,18 @@ def measure_model_steps(probe: StepProbe, ranks: int) -> list[Timed]:
     timed = [out[r] for r in range(ranks)]
     if ranks < 2:
         return timed
-    fsdp = [t.fsdp_s or {} for t in timed]
-    sizes = sorted({n for f in fsdp for n in f})
-    shared = {n: statistics.mean(f[n] for f in fsdp if n in f) for n in sizes}
+
+    def by_size(field: str) -> list[dict[int, float]]:
+        """Each rank's figures by ring size, a size it was not part of filled with the mean."""
+        own = [getattr(t, field) or {} for t in timed]
+        sizes = sorted({n for f in own for n in f})
+        shared = {n: statistics.mean(f[n] for f in own if n in f) for n in sizes}
+        return [{n: f.get(n, shared[n]) for n in sizes} for f in own]
+
     stage_s = statistics.mean(t.stage_s for t in timed if t.stage_s is not None)
     return [
-        dataclasses.replace(
-            t,
-            fsdp_s={n: f.get(n, shared[n]) for n in sizes},
-            stage_s=stage_s if t.stage_s is None else t.stage_s,
-        )
-        for t, f in zip(timed, fsdp, strict=True)
+        dataclasses.replace(t, fsdp_s=f, ddp_s=d, stage_s=stage_s if t.stage_s is None else t.stage_s)
+        for t, f, d in zip(timed, by_size("fsdp_s"), by_size("ddp_s"), strict=True)
     ]
 
 
