@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -383,12 +384,18 @@ class Launch:
             time.sleep(0.5)
 
     def finish(self, timeout: float = 600) -> tuple[int, str]:
-        """Launch's exit code and stderr (it is killed past `timeout`)."""
+        """Launch's exit code and stderr. Past `timeout` it is killed with every process of its
+        run (its parties run in sessions of their own), so a launch that hangs leaves nothing
+        behind to slow what runs next."""
         try:
             _, err = self.proc.communicate(timeout=timeout)
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
+                self.proc.wait()
+                for pid in self.leftovers(wait_s=0):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
         return self.proc.returncode, err
 
     def report(self, accept: frozenset[str] = frozenset()) -> AuditReport:

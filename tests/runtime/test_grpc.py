@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -230,15 +232,23 @@ def test_ctrl_c_stops_every_process_and_leaves_no_run_directory(tmp_path):
         stderr=subprocess.PIPE,
     )
     metrics = out.with_name(out.name + ".partial") / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.exists() and "outer_step" in metrics.read_text()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert metrics.exists(), "the deployment never started training"
-    launcher.send_signal(signal.SIGINT)
-    assert launcher.wait(timeout=60) == 130
-    left = subprocess.run(["pgrep", "-f", str(run_file)], capture_output=True, text=True).stdout.split()
-    assert left == [], f"processes left behind: {left}"
-    assert not out.exists() and out.with_name(out.name + ".partial").exists()
+    try:
+        deadline = time.monotonic() + 120
+        while not (metrics.exists() and "outer_step" in metrics.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert metrics.exists(), "the deployment never started training"
+        launcher.send_signal(signal.SIGINT)
+        assert launcher.wait(timeout=60) == 130
+        left = subprocess.run(["pgrep", "-f", str(run_file)], capture_output=True, text=True).stdout.split()
+        assert left == [], f"processes left behind: {left}"
+        assert not out.exists() and out.with_name(out.name + ".partial").exists()
+    finally:  # a failed check leaves no deployment running into the next test
+        launcher.kill()
+        for pid in subprocess.run(
+            ["pgrep", "-f", str(run_file)], capture_output=True, text=True
+        ).stdout.split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
 
 
 @pytest.mark.slow
