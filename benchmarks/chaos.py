@@ -324,6 +324,13 @@ async def _patience(tmp: Path) -> tuple[str, str, str]:
 # Process faults --------------------------------------------------------------------------------
 
 
+def interruptible() -> None:
+    """In a child about to run `echelon launch`: SIGINT back to its default, which Python turns
+    into KeyboardInterrupt. A job started in the background of a non-interactive shell inherits
+    SIGINT ignored, and the Ctrl-C cases would then time out against a launch that never hears it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Launch:
     """`echelon launch` of `spec` in a subprocess under `tmp`, and its parties' processes."""
 
@@ -342,7 +349,11 @@ class Launch:
             "--no-progress",
         ]
         self.proc = subprocess.Popen(
-            [*argv, *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            [*argv, *extra],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=interruptible,
         )
         self.t0 = time.monotonic()
 

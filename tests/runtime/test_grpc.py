@@ -21,6 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from benchmarks.chaos import interruptible
 from echelon.audit.layout import log_path
 from echelon.audit.verify import verify_log
 from echelon.config import MetricsConfig, RunConfig
@@ -230,6 +231,7 @@ def test_ctrl_c_stops_every_process_and_leaves_no_run_directory(tmp_path):
         [sys.executable, "-m", "echelon", "launch", str(run_file), "--out", str(out), "--no-progress"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        preexec_fn=interruptible,
     )
     metrics = out.with_name(out.name + ".partial") / "metrics.jsonl"
     try:
