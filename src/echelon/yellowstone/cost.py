@@ -154,28 +154,31 @@ def update_rates(fleet: Fleet, profile: ModelProfile) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in rates.items()}
 
 
-def fsdp_rates(fleet: Fleet, profile: ModelProfile) -> dict[str, tuple[tuple[int, float], ...]]:
-    """FSDP's seconds per micro-batch per weight byte sharded, by ring size, per device id whose
-    measured steps timed FSDP (`fsdp_s`, per decoder layer by the processes it was sharded over):
-    the mean over them at each size, sizes in order."""
+def _per_layer_rates(
+    fleet: Fleet, profile: ModelProfile, field: str, per: str
+) -> dict[str, tuple[tuple[int, float], ...]]:
+    """A collective timed per decoder layer by ring size (the measured steps' `field`), as seconds
+    per byte of a layer's `per` (a `Unit` bytes field), per device id that timed it: the mean over
+    its measured steps at each size, sizes in order. A layer without such bytes gives no rate."""
     rates: dict[str, dict[int, list[float]]] = {}
     for d, m, p in _measured(fleet, profile):
-        layer = next(u.weight_bytes for u in p.units if u.kind == "layer")
-        for n, seconds in (m.fsdp_s or {}).items():
+        layer = next(getattr(u, per) for u in p.units if u.kind == "layer")
+        for n, seconds in (getattr(m, field) or {}).items() if layer else ():
             rates.setdefault(d.id, {}).setdefault(n, []).append(seconds / layer)
     return {k: tuple((n, float(np.mean(v[n]))) for n in sorted(v)) for k, v in rates.items()}
+
+
+def fsdp_rates(fleet: Fleet, profile: ModelProfile) -> dict[str, tuple[tuple[int, float], ...]]:
+    """FSDP's seconds per micro-batch per weight byte sharded, by ring size, per device id whose
+    measured steps timed FSDP (`fsdp_s`, per decoder layer by the processes it was sharded over)."""
+    return _per_layer_rates(fleet, profile, "fsdp_s", "weight_bytes")
 
 
 def ddp_rates(fleet: Fleet, profile: ModelProfile) -> dict[str, tuple[tuple[int, float], ...]]:
     """DDP's seconds per step per gradient byte reduced, by ring size, per device id whose measured
-    steps timed DDP (`ddp_s`, per decoder layer by the processes it ran over): the mean over them
-    at each size, sizes in order. A model that trains no layer weights gives no rate."""
-    rates: dict[str, dict[int, list[float]]] = {}
-    for d, m, p in _measured(fleet, profile):
-        layer = next(u.grad_bytes for u in p.units if u.kind == "layer")
-        for n, seconds in (m.ddp_s or {}).items() if layer else ():
-            rates.setdefault(d.id, {}).setdefault(n, []).append(seconds / layer)
-    return {k: tuple((n, float(np.mean(v[n]))) for n in sorted(v)) for k, v in rates.items()}
+    steps timed DDP (`ddp_s`, per decoder layer by the processes it ran over). A model that trains
+    no layer weights gives no rate."""
+    return _per_layer_rates(fleet, profile, "ddp_s", "grad_bytes")
 
 
 def stage_rates(fleet: Fleet) -> dict[str, float]:

@@ -247,7 +247,7 @@ class Timed:
 
 def measure_model_steps(probe: StepProbe, ranks: int) -> list[Timed]:
     """A training step timed on each of `ranks` processes running together, and on two or more
-    FSDP's cost by ring size and the pipelining runtime's per stage. The processes are alike, so
+    FSDP's and DDP's costs by ring size and the pipelining runtime's per stage. The processes are alike, so
     what only some of them took part in (a ring of two, of three or more; the pipeline of ranks 0
     and 1) is given to the others as their mean."""
     ctx = mp.get_context("spawn")
