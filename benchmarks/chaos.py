@@ -324,6 +324,19 @@ async def _patience(tmp: Path) -> tuple[str, str, str]:
 # Process faults --------------------------------------------------------------------------------
 
 
+def processes_of(run_file: Path) -> list[str]:
+    """Pids of every process still running the run file (launch and its parties)."""
+    return subprocess.run(["pgrep", "-f", str(run_file)], capture_output=True, text=True).stdout.split()
+
+
+def kill_run(run_file: Path) -> None:
+    """SIGKILL every process of the run file: its parties run in sessions of their own, so
+    killing launch alone leaves them running."""
+    for pid in processes_of(run_file):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+
+
 def interruptible() -> None:
     """In a child about to run `echelon launch`: SIGINT back to its default, which Python turns
     into KeyboardInterrupt. A job started in the background of a non-interactive shell inherits
@@ -387,9 +400,7 @@ class Launch:
         """Processes of this run still alive after up to `wait_s` seconds."""
         deadline = time.monotonic() + wait_s
         while True:
-            left = subprocess.run(
-                ["pgrep", "-f", str(self.run_file)], capture_output=True, text=True
-            ).stdout.split()
+            left = processes_of(self.run_file)
             if not left or time.monotonic() > deadline:
                 return left
             time.sleep(0.5)
@@ -404,9 +415,7 @@ class Launch:
             if self.proc.poll() is None:
                 self.proc.kill()
                 self.proc.wait()
-                for pid in self.leftovers(wait_s=0):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(int(pid), signal.SIGKILL)
+                kill_run(self.run_file)
         return self.proc.returncode, err
 
     def report(self, accept: frozenset[str] = frozenset()) -> AuditReport:
@@ -447,9 +456,7 @@ def _launch_killed(tmp: Path) -> tuple[str, str, str]:
     launch.proc.kill()
     launch.proc.wait()
     time.sleep(3)
-    left = subprocess.run(
-        ["pgrep", "-f", str(launch.run_file)], capture_output=True, text=True
-    ).stdout.split()
+    left = processes_of(launch.run_file)
     keys_in_tmp = [p for p in Path("/tmp").iterdir() if p.name not in before and "cert" in p.name]
     resumed = Launch(tmp, RUN, "--resume")
     code, _ = resumed.finish()

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import json
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -21,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from benchmarks.chaos import interruptible
+from benchmarks.chaos import interruptible, kill_run, processes_of
 from echelon.audit.layout import log_path
 from echelon.audit.verify import verify_log
 from echelon.config import MetricsConfig, RunConfig
@@ -241,16 +239,12 @@ def test_ctrl_c_stops_every_process_and_leaves_no_run_directory(tmp_path):
         assert metrics.exists(), "the deployment never started training"
         launcher.send_signal(signal.SIGINT)
         assert launcher.wait(timeout=60) == 130
-        left = subprocess.run(["pgrep", "-f", str(run_file)], capture_output=True, text=True).stdout.split()
+        left = processes_of(run_file)
         assert left == [], f"processes left behind: {left}"
         assert not out.exists() and out.with_name(out.name + ".partial").exists()
     finally:  # a failed check leaves no deployment running into the next test
         launcher.kill()
-        for pid in subprocess.run(
-            ["pgrep", "-f", str(run_file)], capture_output=True, text=True
-        ).stdout.split():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
+        kill_run(run_file)
 
 
 @pytest.mark.slow
