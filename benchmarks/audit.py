@@ -59,6 +59,13 @@ class TimedLog:
         finally:
             self.spent[0] += time.perf_counter() - t0
 
+    def countersigned(self, peer: str) -> int:
+        t0 = time.perf_counter()
+        try:
+            return self.log.countersigned(peer)
+        finally:
+            self.spent[0] += time.perf_counter() - t0
+
     def close(self) -> None:
         t0 = time.perf_counter()
         self.log.close()

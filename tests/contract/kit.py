@@ -21,13 +21,19 @@ class Recorder:
 
     def __init__(self) -> None:
         self.records: list[dict] = []
+        self.heads: dict[str, int] = {}  # peer -> the highest seq of its head countersigned
 
     def append(self, **fields):
         self.records.append(fields)
+        if fields["peer_seq"] is not None:
+            self.heads[fields["peer"]] = max(fields["peer_seq"], self.heads.get(fields["peer"], -1))
         return fields
 
     def head(self) -> tuple[int, str]:
         return len(self.records), hashlib.sha256(str(len(self.records)).encode()).hexdigest()
+
+    def countersigned(self, peer: str) -> int:
+        return self.heads.get(peer, -1)
 
 
 def model_with_aggregate(dim: int = DIM, contributors: int = 2, seed: int = 0) -> BoundaryModel:

@@ -199,7 +199,58 @@ def test_large_tensors_cross_as_typed_slices_and_reassemble_exactly():
     assert results[:-1] == [None, None, None] and results[-1] == body
     assert out_rec.records[-1]["wire_bytes"] == in_rec.records[-1]["wire_bytes"] == sum(map(len, frames))
     assert out_rec.records[-1]["payload_sha256"] == in_rec.records[-1]["payload_sha256"]
+    # Received again, the message is a replay: refused at its first frame.
+    with pytest.raises(ContractViolation, match="replayed"):
+        ingress.receive(3.0, frames[0], "boundary.b0")
     # A slice out of order is refused, and the partial message discarded.
+    frames = EgressGuard("boundary.b0", terms, out_rec, model.ledger).send(1.0, body, "global")
     with pytest.raises(ContractViolation, match="slice at element"):
         ingress.receive(3.0, frames[1], "boundary.b0")
     assert ingress.receive(3.0, frames[0], "boundary.b0") is None
+
+
+def test_a_replayed_message_is_refused_uncountersigned_even_after_the_receiver_restarts(tmp_path):
+    """A frame carrying a chain head at or before one already countersigned from that peer is a
+    replay (or a reordering): refused at the door and recorded without a countersignature, so the
+    audit does not blame the sender's log; the receiver's log remembers the heads across a reopen."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from echelon.audit.crosscheck import cross_check
+    from echelon.audit.log import AuditLog
+    from echelon.audit.verify import verify_log
+    from tests.audit.runs import BINDING
+
+    keys = {party: Ed25519PrivateKey.generate() for party in ("global", "boundary.b0")}
+
+    def log(party: str, reopen: bool = False) -> AuditLog:
+        path = tmp_path / f"{party}.jsonl"
+        if reopen:
+            return AuditLog.open(path, keys[party])
+        return AuditLog.create(path, party, keys[party], "virtual", BINDING, min_quorum=2)
+
+    sender, receiver = log("boundary.b0"), log("global")
+    egress = EgressGuard("boundary.b0", TERMS, sender)
+    first = egress.send(1.0, boundary_pb2.BoundaryStatus(drift=0.1), "global")[0]
+    second = egress.send(2.0, boundary_pb2.BoundaryStatus(drift=0.2), "global")[0]
+    ingress = IngressGuard("global", TERMS, receiver)
+    assert ingress.receive(1.5, first, "boundary.b0") is not None
+    with pytest.raises(ContractViolation, match="replayed or reordered"):
+        ingress.receive(1.6, first, "boundary.b0")
+    assert ingress.receive(2.5, second, "boundary.b0") is not None
+    with pytest.raises(ContractViolation, match="replayed or reordered"):  # older than one countersigned
+        ingress.receive(2.6, first, "boundary.b0")
+    receiver.close()
+
+    receiver = log("global", reopen=True)  # a restarted receiver remembers what it countersigned
+    ingress = IngressGuard("global", TERMS, receiver)
+    with pytest.raises(ContractViolation, match="at seq 2, and its head at seq 2 was"):
+        ingress.receive(3.0, second, "boundary.b0")
+    third = egress.send(4.0, boundary_pb2.BoundaryStatus(drift=0.3), "global")[0]
+    assert ingress.receive(4.5, third, "boundary.b0") is not None
+    for party_log in (sender, receiver):
+        party_log.close()
+
+    reports = {p: verify_log(tmp_path / f"{p}.jsonl", keys[p].public_key(), p) for p in keys}
+    refused = reports["global"].refused
+    assert len(refused) == 3 and all(f.record["peer_seq"] is None for f in refused)
+    assert not reports["global"].violations and not cross_check(reports).violations

@@ -102,6 +102,7 @@ class AuditLog:
         self._since_checkpoint = 0
         self._lock = threading.Lock()
         self._broken: str | None = None
+        self._countersigned: dict[str, int] = {}  # peer -> the highest seq of its head countersigned
 
     @classmethod
     def create(
@@ -229,6 +230,10 @@ class AuditLog:
                 rep.head or GENESIS,
                 rep.checkpoint_every or 1,
             )
+            for (sender, receiver, _), crossings in rep.incoming.items():
+                if receiver == party and crossings:
+                    last = max(head[0] for *_, head in crossings if head is not None)
+                    log._countersigned[sender] = max(last, log._countersigned.get(sender, -1))
             if rep.torn_bytes:
                 log._truncate_torn(rep.torn_bytes)
             log._checkpoint("reopen")
@@ -294,6 +299,9 @@ class AuditLog:
             if problems:
                 raise ValueError(f"audit record refused: {'; '.join(problems)}")
             record["hash"] = self._write(record)
+            peer, seq = str(fields["peer"]), fields["peer_seq"]
+            if isinstance(seq, int):  # a received message: its sender's head, countersigned
+                self._countersigned[peer] = max(seq, self._countersigned.get(peer, -1))
             if fields["outcome"] == "sent":
                 os.fdatasync(self._fd)  # durable before it leaves: the peer will countersign it
             self._since_checkpoint += 1
@@ -341,6 +349,12 @@ class AuditLog:
         carries, for its peer to countersign."""
         with self._lock:
             return self._seq - 1, self._head
+
+    def countersigned(self, peer: str) -> int:
+        """The highest seq of `peer`'s chain head this log has countersigned (-1: none), across
+        restarts: a message carrying a head at or before it is a replay (`echelon audit` flags one)."""
+        with self._lock:
+            return self._countersigned.get(peer, -1)
 
     def checkpoint(self, trigger: str = "explicit") -> None:
         """Sign the current head and fsync: everything recorded so far is durable and authenticated.
