@@ -462,10 +462,10 @@ def _launch_killed(tmp: Path) -> tuple[str, str, str]:
     code, _ = resumed.finish()
     return (
         "kill -9 of launch, then launch --resume",
-        "no process and no key in /tmp left; the resumed run completes",
+        "no process and no key in /tmp left, every log closed as interrupted; the resumed run completes",
         f"{len(left)} processes left, {len(keys_in_tmp)} keys in /tmp; resume "
         + (
-            f"completed outer step {max(resumed.steps())}; " + resumed.audit(CRASHED)
+            f"completed outer step {max(resumed.steps())}; " + resumed.audit(frozenset({IN_FLIGHT}))
             if code == 0
             else f"FAILED ({code})"
         ),

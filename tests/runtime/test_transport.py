@@ -84,6 +84,18 @@ def test_reassembly_caps_bytes_expires_halves_and_goes_on():
     assert reassembly.add(hello[0]).hello.device_id == "d0"  # and the stream goes on
 
 
+def test_empty_chunks_that_never_end_are_refused_not_held():
+    """The cap counts data bytes: empty chunks would be held without end at no cost to it."""
+    reassembly = DeviceReassembly(max_bytes=3 << 20, clock=lambda: 0.0)
+    hello = device_frames("d0", device_pb2.Hello(device_id="d0"))
+    empty = services_pb2.DeviceChunk(data=b"", last=False).SerializeToString()
+    for _ in range(3):
+        with pytest.raises(FrameRefused, match="empty chunk"):
+            reassembly.add(empty)
+    assert reassembly._parts == []
+    assert reassembly.add(hello[0]).hello.device_id == "d0"  # the stream goes on
+
+
 def test_chunks_cover_the_data_in_order():
     data = bytes(range(256)) * 10_000
     pieces = chunk(data)

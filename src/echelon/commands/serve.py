@@ -94,10 +94,11 @@ def _party(args: argparse.Namespace, cfg: RunConfig) -> str:
 
 
 async def _watch_parent(parent: int) -> None:
-    # Launched children must not outlive `echelon launch`, even after kill -9 of it.
+    """Return once `parent` is gone: launched children must not outlive `echelon launch`, even
+    after kill -9 of it; the role is then cancelled as on SIGTERM, and closes its audit log as
+    interrupted."""
     while os.getppid() == parent:
         await asyncio.sleep(0.5)
-    raise SystemExit(f"parent process {parent} is gone")
 
 
 async def _serve(args: argparse.Namespace, cfg: RunConfig, party: str, tap: HandshakeTap | None) -> int:
@@ -139,8 +140,10 @@ async def _serve(args: argparse.Namespace, cfg: RunConfig, party: str, tap: Hand
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    for t in done:
-        t.result()
+    if tasks[0] not in done:  # stopped as on SIGTERM, and said why
+        print(f"{party}: parent process {args.parent_pid} is gone; stopped", file=sys.stderr)
+        return 143
+    tasks[0].result()
     return 0
 
 

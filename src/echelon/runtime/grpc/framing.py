@@ -95,6 +95,9 @@ class DeviceReassembly:
         except DecodeError as e:
             self.reset()
             raise FrameRefused(f"undecodable chunk ({e})") from None
+        if not piece.data and not piece.last:  # would be held at no cost to the cap, without end
+            self.reset()
+            raise FrameRefused("an empty chunk that is not the last: only the last chunk may be empty")
         try:
             self._budget.take(len(piece.data))
         except FrameRefused:
