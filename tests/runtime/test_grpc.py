@@ -412,3 +412,27 @@ def test_a_served_party_logs_every_refused_tls_handshake(deployment, tmp_path):
     assert not report.violations, report.violations
     reasons = [r.reason for r in report.refused]
     assert len(reasons) == 3 and all(r.startswith("TLS handshake refused: ") for r in reasons), reasons
+
+
+def test_a_party_whose_audit_log_cannot_be_written_stops_with_a_clear_error(tmp_path, monkeypatch):
+    """A full disk under the global plane's audit log: it stops (for launch to restart it,
+    resumed) naming the log and the fix, instead of staying up refusing every message."""
+    import errno
+
+    import echelon.audit.log as audit_log
+
+    cfg = RunConfig.model_validate(small_run(budget={"outer_steps": 3}))
+    write_all = audit_log._write_all
+
+    def disk_fills_at_the_first_delta(fd: int, data: bytes) -> None:
+        if b"BoundaryDelta" in data and b'"direction":"in"' in data:  # only the global receives one
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_all(fd, data)
+
+    monkeypatch.setattr(audit_log, "_write_all", disk_fills_at_the_first_delta)
+    run_dir = tmp_path / "run"
+    with pytest.raises(UserError, match=r"global\.jsonl could not be written .*No space left.*--resume"):
+        asyncio.run(_deploy(cfg, _certs(tmp_path / "certs", cfg), run_dir))
+    report = verify_log(run_dir / "audit" / "global.jsonl", None, "global")
+    # Its close could not be written either: `--resume` reopens the log, as after a crash.
+    assert report.records > 0 and not report.closed and report.torn_bytes == 0

@@ -350,6 +350,11 @@ class AuditLog:
         with self._lock:
             return self._seq - 1, self._head
 
+    @property
+    def failure(self) -> str | None:
+        """Why the log can no longer be written (a write failed: a full disk, an I/O error), or None."""
+        return self._broken
+
     def countersigned(self, peer: str) -> int:
         """The highest seq of `peer`'s chain head this log has countersigned (-1: none), across
         restarts: a message carrying a head at or before it is a replay (`echelon audit` flags one)."""

@@ -306,6 +306,7 @@ class BoundaryRole:
                 await asyncio.wait([dial], timeout=0.5)
                 if self.node.failed:
                     raise self.node.failed
+                evidence.check_writable(self.audit)
                 self.after_event()  # progress a timer made (a round ended by its deadline)
             dial.result()
             finished = True

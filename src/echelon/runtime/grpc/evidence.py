@@ -14,6 +14,7 @@ from echelon.audit.log import AuditLog
 from echelon.config import RunConfig
 from echelon.contract.rules import flow_class_name, round_of, tensor_summary
 from echelon.contract.slicing import wire_digest
+from echelon.errors import UserError
 from echelon.runtime.grpc.tls import Credentials
 from echelon.v1 import boundary_pb2
 
@@ -29,6 +30,17 @@ def open_audit(run_dir: Path, party: str, creds: Credentials, cfg: RunConfig) ->
     if path.exists():
         return AuditLog.open(path, creds.audit_key(), repair=True, binding=binding)
     return AuditLog.create(path, party, creds.audit_key(), "wall", binding, min_quorum=cfg.echelon.min_quorum)
+
+
+def check_writable(audit: AuditLog) -> None:
+    """UserError once `audit` could not be written. Nothing may cross a boundary unrecorded, so
+    the party stops (and `echelon launch` restarts it, resumed, up to its restarts) rather than
+    stay up refusing every message."""
+    if audit.failure is not None:
+        raise UserError(
+            f"{audit.path} could not be written ({audit.failure}): nothing may cross a boundary "
+            "unrecorded, so this party stopped; free space and run it again with --resume"
+        )
 
 
 def log_event(kind: str, fields: dict) -> None:

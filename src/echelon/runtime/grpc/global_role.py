@@ -252,6 +252,7 @@ class GlobalRole:
                 await asyncio.sleep(0.05)
                 if self.node.failed:
                     raise self.node.failed
+                evidence.check_writable(self.audit)
                 self.after_event()  # time budgets and patience advance without messages
             # A boundary away at the end (an outage, a restart) gets the final model when it comes
             # back (`peer_rejoined` sends it the whole reference, final), for up to RETURN_S, or
