@@ -249,6 +249,7 @@ def make_boundary_plane(
         outer_range=outer_range(cfg) if strategy.secure_outer else None,
         fragments=cfg.echelon.streaming.fragments if fragments is None else fragments,
         seed=derived_seed(cfg.seed, 4, zlib.crc32(boundary.id.encode())),
+        round_tokens=cfg.tokens_per_round,
     )
 
 

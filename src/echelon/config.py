@@ -508,6 +508,13 @@ class RunConfig(Strict):
                 raise ValueError(f"churn.outages[{i}]: no boundary {o.boundary!r} in the run")
 
     @property
+    def tokens_per_round(self) -> int:
+        """The tokens one device trains in a local round: K inner steps of micro_batch x grad_accum
+        sequences of data.seq_len tokens (every device of a run, a Yellowstone replica too)."""
+        t = self.train
+        return t.inner_steps * t.grad_accum * t.micro_batch * self.data.seq_len
+
+    @property
     def devices(self) -> list[tuple[str, DeviceConfig]]:
         """(boundary id, device) pairs of the initial membership, in file order."""
         return [(b.id, d) for b in self.boundaries for d in b.devices]

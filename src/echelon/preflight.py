@@ -152,8 +152,7 @@ def _data_problems(cfg: RunConfig) -> list[tuple[str, str]]:
 
 
 def _budget_problems(cfg: RunConfig) -> list[tuple[str, str]]:
-    t, budget = cfg.train, cfg.budget
-    per_round = t.inner_steps * t.grad_accum * t.micro_batch * cfg.data.seq_len
+    t, budget, per_round = cfg.train, cfg.budget, cfg.tokens_per_round
     if budget.tokens is not None and per_round > budget.tokens:
         most = max(1, budget.tokens // (t.grad_accum * t.micro_batch * cfg.data.seq_len))
         return [

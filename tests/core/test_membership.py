@@ -212,3 +212,29 @@ def test_a_final_sync_request_starts_no_local_round_and_the_delta_holds_what_was
     assert restored.closing is final
     hellos = [a for d in ("d1", "d2") for a in restored.receive(4.0, d, device_pb2.Hello(device_id=d))]
     assert len(_sent(hellos, "BoundaryReference")) == (0 if final else 2)
+
+
+def test_a_device_overstating_its_tokens_or_reporting_a_non_finite_loss_is_refused():
+    """Tokens weigh a boundary in the outer step (omega_b): a device may not claim more than a
+    local round trains, nor a loss that is not a number; refused, and its round not buffered."""
+    plane = BoundaryPlane(
+        "b",
+        ["d1", "d2"],
+        G,
+        EchelonConfig(aggregation="plain", privacy=OPEN),
+        PlainAggregator(2, 60),
+        dim=2,
+        round_tokens=100,
+    )
+    _start(plane, ("d1", "d2"))
+    for bad, reason in (
+        (
+            device_pb2.UpdateReady(base_version=0, tokens=1 << 63, train_loss=1.0),
+            "9,223,372,036,854,775,808 tokens",
+        ),
+        (device_pb2.UpdateReady(base_version=0, tokens=100, train_loss=float("nan")), "train loss is nan"),
+        (device_pb2.UpdateReady(base_version=0, tokens=100, train_loss=float("-inf")), "train loss is -inf"),
+    ):
+        assert reason in _emits(plane.receive(1.0, "d1", bad), "refused")[0]["reason"]
+    _ready(plane, 1.0, "d1", 0)  # the honest report after them is taken
+    assert _requests(_ready(plane, 1.0, "d2", 0)).keys() == {"d1", "d2"}  # both in the middle step

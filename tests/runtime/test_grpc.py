@@ -351,6 +351,9 @@ def test_a_cloned_device_stream_is_refused_and_the_real_one_is_not_retired(deplo
 
     assert asyncio.run(_with_boundary(cfg, certs, "b1", probe, tmp_path)) == grpc.StatusCode.ALREADY_EXISTS
     assert "refused a stream from device.d2: it already holds a live stream" in caplog.text
+    refused = verify_log(log_path(tmp_path, "boundary.b1"), None, "boundary.b1").refused
+    assert [(f.record["device"], f.record["event"]) for f in refused] == [("device.d2", "refused")]
+    assert "already holds a live stream" in refused[0].reason
 
 
 @pytest.mark.slow

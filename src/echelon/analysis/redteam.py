@@ -256,11 +256,6 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.dot(a, b)) / (na * nb) if na > 0 and nb > 0 else 0.0
 
 
-def _round_tokens(cfg: RunConfig) -> int:
-    t = cfg.train
-    return t.inner_steps * t.grad_accum * t.micro_batch * cfg.data.seq_len
-
-
 def _roster(cfg: RunConfig, boundary: str) -> list[str]:
     """The boundary's devices, fastest first (ties by id): public knowledge from the run file."""
     devices = [d for b, d in cfg.all_devices if b == boundary]
@@ -300,7 +295,7 @@ def _contributions(steps: list[dict], lo: int, hi: int) -> dict[str, torch.Tenso
 def aggregates(cfg: RunConfig, view: dict, truth: dict) -> dict[str, list[Aggregate]]:
     """Each boundary's aggregates as the coordinator saw them, in order, with the truth behind
     them; under +SA the one sequence of secure sums (omega_b from the crossed token counts)."""
-    per_round = _round_tokens(cfg)
+    per_round = cfg.tokens_per_round
     out: dict[str, list[Aggregate]] = {}
     reports: dict[int, list[tuple[dict, dict[str, torch.Tensor], int]]] = defaultdict(list)
     for b, deltas in view["deltas"].items():
@@ -365,7 +360,7 @@ def small_cohort(seen: list[Aggregate], k: int, threshold: float = THRESHOLD) ->
 
 def membership(cfg: RunConfig, view: dict, truth: dict) -> tuple[list[float], list[bool]]:
     """MC scores per (boundary, middle step), and the same guess's success without the metadata."""
-    per_round = _round_tokens(cfg)
+    per_round = cfg.tokens_per_round
     exact = cfg.echelon.privacy.status_counts == "exact"
     scores, prior = [], []
     for b, steps in truth["steps"].items():

@@ -120,12 +120,16 @@ class BoundaryPlane:
         outer_range: float | None = None,
         fragments: int | Bounds = 1,
         seed: int = 0,
+        round_tokens: int | None = None,
     ) -> None:
         """`outer_aggregator`: secure outer aggregation (+SA); Delta_b then joins the global plane's
         round masked instead of crossing in BoundaryDelta, each coordinate encoded within
         +/- `outer_range` (coordinates beyond it are clipped, and counted). `fragments`: P, or the
-        fragments' [lo, hi) ranges (Streaming DiLoCo). `seed`: the shuffling of participants."""
+        fragments' [lo, hi) ranges (Streaming DiLoCo). `seed`: the shuffling of participants.
+        `round_tokens`: the tokens one local round trains (the run file fixes it); a device
+        reporting more is refused, since tokens weigh its boundary in the outer step (None: unchecked)."""
         self.boundary_id, self.global_address, self.cfg, self.dim = boundary_id, global_address, cfg, dim
+        self.round_tokens = round_tokens
         self._aggregator = aggregator
         self._devices = {d: _Device() for d in devices}
         self.model: BoundaryModel | None = None  # theta_b and Delta_b, with their provenance
@@ -215,6 +219,11 @@ class BoundaryPlane:
             return float_problem(message.parameters, hi - lo, data)
         elif isinstance(message, boundary_pb2.CadenceUpdate) and message.interval < 1:
             return "an outer interval H of 0 middle steps"
+        elif isinstance(message, device_pb2.UpdateReady):
+            if not math.isfinite(message.train_loss):
+                return f"a local round whose train loss is {message.train_loss}"
+            if self.round_tokens is not None and message.tokens > self.round_tokens:
+                return f"a local round of {message.tokens:,} tokens: one trains {self.round_tokens:,}"
         return None
 
     def on_timer(self, now: float, key: str) -> list[PlaneAction]:

@@ -249,6 +249,7 @@ class BoundaryRole:
         if token is None:
             why = "it already holds a live stream (a second connection presenting its certificate)"
             log.warning("refused a stream from %s: %s", peer, why)
+            self.audit.membership(self.node.now(), peer, "refused", why)
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"{peer} refused: {why}")
         device_id = address.split("/", 1)[1]
         reassembly = DeviceReassembly(self.cap, self.node.now)
