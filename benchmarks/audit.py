@@ -59,10 +59,10 @@ class TimedLog:
         finally:
             self.spent[0] += time.perf_counter() - t0
 
-    def countersigned(self, peer: str) -> int:
+    def countersigned(self, peer: str, seq: int) -> bool:
         t0 = time.perf_counter()
         try:
-            return self.log.countersigned(peer)
+            return self.log.countersigned(peer, seq)
         finally:
             self.spent[0] += time.perf_counter() - t0
 

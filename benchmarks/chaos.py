@@ -157,17 +157,18 @@ def mutations(frames: list[bytes], n: int, seed: int) -> list[bytes]:
 
 @dataclass
 class GlobalFaults:
-    """What the global plane did with `count` mutated frames, two bad deltas and an impostor."""
+    """What the global plane did with `count` mutated frames, two bad deltas, an impostor and a replay."""
 
     count: int
     summary: dict  # the run's summary
     refused: list[str]  # the reasons of the refusals in its audit log
     impostor: str  # the status the impostor's stream got
+    replay: bool  # a message sent twice, byte for byte, was refused (and recorded) the second time
     finite: bool  # theta_g is finite at the end
 
 
 async def global_faults(tmp: Path, count: int) -> GlobalFaults:
-    """Mutated frames, a bad delta, a NaN delta and an impostor stream against one global plane,
+    """Mutated frames, a bad delta, a NaN delta, an impostor stream and a replay against one global plane,
     then a regular outer step: the run must complete it."""
     cfg = RunConfig.model_validate(
         {**RUN, "budget": {"outer_steps": 1}, "echelon": {**RUN["echelon"], "sync": {"interval": 1}}}
@@ -186,11 +187,16 @@ async def global_faults(tmp: Path, count: int) -> GlobalFaults:
     for b in (b0, b1):
         await b.expect(boundary_pb2.GlobalReference)
     cadence = boundary_pb2.CadenceUpdate(interval=7)
+    # The frames mutated below carry heads far from those of b0's own later messages, so that a
+    # flipped bit of their head forges a head b0 never sends, not one of its next (that message
+    # would be refused as a replay: the forger's doing, not the global plane's).
+    sent, b0.sent = b0.sent, 1 << 20
     genuine = b0.frames(cadence) + b0.frames(delta(9, np.ones(dim)))
+    b0.sent = sent
     for i, frame in enumerate(mutations(genuine, count, seed=0)):
         await b0.call.write(frame)
-        if i % 16 == 15:
-            await b0.send(cadence)
+        if i % 16 == 15:  # a valid message now and then: the stream must still take it
+            await b0.send(status)
     impostor = Boundary(certs, "b1", at, dim)
     try:
         await impostor.send(status)  # refused as it opens: the write may already fail
@@ -199,6 +205,10 @@ async def global_faults(tmp: Path, count: int) -> GlobalFaults:
     except grpc.aio.AioRpcError as e:
         impostor_code = e.code().name
     await impostor.channel.close()
+    replayed_seq = b0.sent
+    again = b0.frames(boundary_pb2.BoundaryStatus(middle_step=0, drift=0.2))
+    for frame in again + again:  # one message, then the same bytes again: a replay
+        await b0.call.write(frame)
     await b0.send(boundary_pb2.BoundaryStatus(middle_step=1, drift=0.1, tokens_total=128))
     request = await b0.expect(boundary_pb2.SyncRequest)
     await b0.send(delta(request.outer_step, np.ones(dim + 1)))
@@ -212,9 +222,9 @@ async def global_faults(tmp: Path, count: int) -> GlobalFaults:
     for b in (b0, b1):
         await b.channel.close()
     refused = [f.reason for f in verify_log(run_dir / "audit" / "global.jsonl", None, "global").refused]
-    return GlobalFaults(
-        count, summary, refused, impostor_code, bool(np.isfinite(role.plane.theta_g.numpy()).all())
-    )
+    replay = any(f"a replayed message: boundary.b0's chain head at seq {replayed_seq} " in x for x in refused)
+    finite = bool(np.isfinite(role.plane.theta_g.numpy()).all())
+    return GlobalFaults(count, summary, refused, impostor_code, replay, finite)
 
 
 def _global_rows(r: GlobalFaults) -> list[tuple[str, str, str]]:
@@ -224,7 +234,12 @@ def _global_rows(r: GlobalFaults) -> list[tuple[str, str, str]]:
         (
             f"{r.count:,} mutated frames from an authenticated boundary",
             "each refused and recorded; the stream stays open",
-            f"{r.summary['refused'] - 2:,} refused ({len(r.refused) - 3:,} on record), the rest harmless; {done}",
+            f"{r.summary['refused'] - 3:,} refused ({len(r.refused) - 4:,} on record), the rest harmless; {done}",
+        ),
+        (
+            "a boundary's message sent again, byte for byte",
+            "refused as a replay and recorded",
+            "refused as a replay and recorded" if r.replay else "ACCEPTED",
         ),
         (
             "BoundaryDelta one element too long",

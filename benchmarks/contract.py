@@ -47,19 +47,19 @@ class Sink:
 
     def __init__(self) -> None:
         self.records: list[dict] = []
-        self.heads: dict[str, int] = {}  # peer -> the highest seq of its head countersigned
+        self.heads: set[tuple[str, int]] = set()  # (peer, seq) of every head countersigned
 
     def append(self, **fields: object) -> dict:
         self.records.append(fields)
         if isinstance(seq := fields["peer_seq"], int):
-            self.heads[str(fields["peer"])] = max(seq, self.heads.get(str(fields["peer"]), -1))
+            self.heads.add((str(fields["peer"]), seq))
         return fields
 
     def head(self) -> tuple[int, str]:
         return len(self.records), hashlib.sha256(len(self.records).to_bytes(8, "little")).hexdigest()
 
-    def countersigned(self, peer: str) -> int:
-        return self.heads.get(peer, -1)
+    def countersigned(self, peer: str, seq: int) -> bool:
+        return (peer, seq) in self.heads
 
 
 def minted(dim: int) -> tuple[boundary_pb2.BoundaryDelta, BoundaryModel]:

@@ -21,19 +21,19 @@ class Recorder:
 
     def __init__(self) -> None:
         self.records: list[dict] = []
-        self.heads: dict[str, int] = {}  # peer -> the highest seq of its head countersigned
+        self.heads: set[tuple[str, int]] = set()  # (peer, seq) of every head countersigned
 
     def append(self, **fields):
         self.records.append(fields)
         if fields["peer_seq"] is not None:
-            self.heads[fields["peer"]] = max(fields["peer_seq"], self.heads.get(fields["peer"], -1))
+            self.heads.add((fields["peer"], fields["peer_seq"]))
         return fields
 
     def head(self) -> tuple[int, str]:
         return len(self.records), hashlib.sha256(str(len(self.records)).encode()).hexdigest()
 
-    def countersigned(self, peer: str) -> int:
-        return self.heads.get(peer, -1)
+    def countersigned(self, peer: str, seq: int) -> bool:
+        return (peer, seq) in self.heads
 
 
 def model_with_aggregate(dim: int = DIM, contributors: int = 2, seed: int = 0) -> BoundaryModel:

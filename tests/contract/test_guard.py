@@ -210,9 +210,9 @@ def test_large_tensors_cross_as_typed_slices_and_reassemble_exactly():
 
 
 def test_a_replayed_message_is_refused_uncountersigned_even_after_the_receiver_restarts(tmp_path):
-    """A frame carrying a chain head at or before one already countersigned from that peer is a
-    replay (or a reordering): refused at the door and recorded without a countersignature, so the
-    audit does not blame the sender's log; the receiver's log remembers the heads across a reopen."""
+    """A frame carrying a chain head its receiver countersigned already from that peer is a replay:
+    refused at the door and recorded without a countersignature (so the audit does not blame the
+    sender's log); the receiver's log remembers the heads across a reopen."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from echelon.audit.crosscheck import cross_check
@@ -234,16 +234,16 @@ def test_a_replayed_message_is_refused_uncountersigned_even_after_the_receiver_r
     second = egress.send(2.0, boundary_pb2.BoundaryStatus(drift=0.2), "global")[0]
     ingress = IngressGuard("global", TERMS, receiver)
     assert ingress.receive(1.5, first, "boundary.b0") is not None
-    with pytest.raises(ContractViolation, match="replayed or reordered"):
+    with pytest.raises(ContractViolation, match=r"a replayed message: boundary\.b0's chain head at seq 1"):
         ingress.receive(1.6, first, "boundary.b0")
     assert ingress.receive(2.5, second, "boundary.b0") is not None
-    with pytest.raises(ContractViolation, match="replayed or reordered"):  # older than one countersigned
+    with pytest.raises(ContractViolation, match="replayed"):  # an older one, replayed later
         ingress.receive(2.6, first, "boundary.b0")
     receiver.close()
 
     receiver = log("global", reopen=True)  # a restarted receiver remembers what it countersigned
     ingress = IngressGuard("global", TERMS, receiver)
-    with pytest.raises(ContractViolation, match="at seq 2, and its head at seq 2 was"):
+    with pytest.raises(ContractViolation, match="chain head at seq 2 was countersigned already"):
         ingress.receive(3.0, second, "boundary.b0")
     third = egress.send(4.0, boundary_pb2.BoundaryStatus(drift=0.3), "global")[0]
     assert ingress.receive(4.5, third, "boundary.b0") is not None
@@ -254,3 +254,19 @@ def test_a_replayed_message_is_refused_uncountersigned_even_after_the_receiver_r
     refused = reports["global"].refused
     assert len(refused) == 3 and all(f.record["peer_seq"] is None for f in refused)
     assert not reports["global"].violations and not cross_check(reports).violations
+
+
+def test_a_forged_head_ahead_of_the_senders_log_does_not_lock_the_sender_out():
+    """Heads are refused when seen before, not when lower than the highest: a head forged far
+    ahead (which the audit flags, the sender's log holding no such record) cannot make the
+    sender's genuine later messages look like replays at the door."""
+    out_rec, in_rec = Recorder(), Recorder()
+    egress = EgressGuard("boundary.b0", TERMS, out_rec)
+    ingress = IngressGuard("global", TERMS, in_rec)
+    forged = boundary_pb2.CrossBoundaryEnvelope.FromString(
+        egress.send(1.0, boundary_pb2.BoundaryStatus(drift=0.1), "global")[0]
+    )
+    forged.audit_head.seq = 1 << 40
+    assert ingress.receive(1.5, forged.SerializeToString(), "boundary.b0") is not None
+    genuine = egress.send(2.0, boundary_pb2.BoundaryStatus(drift=0.2), "global")[0]
+    assert ingress.receive(2.5, genuine, "boundary.b0") is not None

@@ -33,6 +33,7 @@ def test_garbage_from_an_authenticated_boundary_is_refused_recorded_and_the_run_
     assert any("elements where the model has" in x for x in r.refused)  # one element too many
     assert any("NaN" in x for x in r.refused)
     assert any("stream refused" in x for x in r.refused)
+    assert r.replay  # the same message again, byte for byte: refused as a replay, on record
     assert len(r.refused) == r.summary["refused"] + 1  # every refusal is on record (and the stream's)
 
 

@@ -102,7 +102,7 @@ class AuditLog:
         self._since_checkpoint = 0
         self._lock = threading.Lock()
         self._broken: str | None = None
-        self._countersigned: dict[str, int] = {}  # peer -> the highest seq of its head countersigned
+        self._countersigned: dict[str, set[int]] = {}  # peer -> the seqs of its heads countersigned
 
     @classmethod
     def create(
@@ -231,9 +231,9 @@ class AuditLog:
                 rep.checkpoint_every or 1,
             )
             for (sender, receiver, _), crossings in rep.incoming.items():
-                if receiver == party and crossings:
-                    last = max(head[0] for *_, head in crossings if head is not None)
-                    log._countersigned[sender] = max(last, log._countersigned.get(sender, -1))
+                if receiver == party:
+                    heads = log._countersigned.setdefault(sender, set())
+                    heads.update(head[0] for *_, head in crossings if head is not None)
             if rep.torn_bytes:
                 log._truncate_torn(rep.torn_bytes)
             log._checkpoint("reopen")
@@ -301,7 +301,7 @@ class AuditLog:
             record["hash"] = self._write(record)
             peer, seq = str(fields["peer"]), fields["peer_seq"]
             if isinstance(seq, int):  # a received message: its sender's head, countersigned
-                self._countersigned[peer] = max(seq, self._countersigned.get(peer, -1))
+                self._countersigned.setdefault(peer, set()).add(seq)
             if fields["outcome"] == "sent":
                 os.fdatasync(self._fd)  # durable before it leaves: the peer will countersign it
             self._since_checkpoint += 1
@@ -355,11 +355,11 @@ class AuditLog:
         """Why the log can no longer be written (a write failed: a full disk, an I/O error), or None."""
         return self._broken
 
-    def countersigned(self, peer: str) -> int:
-        """The highest seq of `peer`'s chain head this log has countersigned (-1: none), across
-        restarts: a message carrying a head at or before it is a replay (`echelon audit` flags one)."""
+    def countersigned(self, peer: str, seq: int) -> bool:
+        """Whether this log countersigned `peer`'s chain head at `seq` already, across restarts:
+        a message carrying it again is a replay."""
         with self._lock:
-            return self._countersigned.get(peer, -1)
+            return seq in self._countersigned.get(peer, ())
 
     def checkpoint(self, trigger: str = "explicit") -> None:
         """Sign the current head and fsync: everything recorded so far is durable and authenticated.
