@@ -19,7 +19,10 @@ Identifier = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Every configuration model: unknown fields refused, immutable, and every float finite (YAML's
+    `.inf` and `.nan` pass float parsing, then break the config digest and the arithmetic)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def resolve_path(path: Path | None, info: ValidationInfo) -> Path | None:

@@ -33,12 +33,39 @@ def validation_problems(err: ValidationError) -> list[tuple[str, str]]:
             msg = "unknown field (check the spelling; see examples/)"
         elif e["type"] == "missing":
             msg = "required field is missing"
+        elif e["type"] == "finite_number":
+            msg = "must be a finite number, not .inf or .nan"
         problems.append((_field_path(tuple(e["loc"])), msg))
     return problems
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe loading that refuses a key given twice in one mapping (PyYAML keeps the last one
+    silently, so a second `seed:` would quietly win over the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[object, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # keys a `<<` merge brings in may be overridden: that is what merging is for
+            key = self.construct_object(key_node, deep=True)
+            try:
+                earlier = first.setdefault(key, key_node.start_mark)
+            except TypeError:
+                continue  # an unhashable key: SafeLoader reports it itself
+            if earlier is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} is given twice (first at line {earlier.line + 1}); keep only one",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> object:
-    """Parse a YAML file; a missing file or a syntax error becomes a ConfigError."""
+    """Parse a YAML file safely; a missing file, a syntax error or a key given twice in one
+    mapping becomes a ConfigError naming the line."""
     p = Path(path)
     try:
         text = p.read_text()
@@ -47,7 +74,7 @@ def read_yaml(path: str | Path) -> object:
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
         raise ConfigError(str(p), [("(file)", f"cannot read: {e}")]) from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as e:
         where = ""
         mark = getattr(e, "problem_mark", None)

@@ -16,7 +16,15 @@ from echelon.audit.keys import write_public_key
 from echelon.audit.layout import log_path
 from echelon.audit.log import AuditLog
 from echelon.audit.record import decode, encode
-from echelon.audit.report import CONTRACT, CROSSCHECK, INCOMPLETE, INTEGRITY, SIGNATURE, UNANCHORED
+from echelon.audit.report import (
+    CONTRACT,
+    CROSSCHECK,
+    EVIDENCE,
+    INCOMPLETE,
+    INTEGRITY,
+    SIGNATURE,
+    UNANCHORED,
+)
 from echelon.audit.verify import verify_run
 from echelon.cli import main
 from echelon.contract.guard import ContractViolation, EgressGuard
@@ -99,6 +107,22 @@ def test_a_log_re_signed_with_another_key_fails_the_signature_check(clean_run):
     (clean_run / "audit" / "global.pub.pem").unlink()
     write_public_key(clean_run / "audit" / "global.pub.pem", other.public_key())
     assert SIGNATURE in _categories(clean_run)
+
+
+def test_a_public_key_of_an_unknown_type_is_a_bad_key_not_a_crash(clean_run, capsys):
+    pem = clean_run / "audit" / "global.pub.pem"
+    lines = pem.read_bytes().split(b"\n")
+    assert lines[1][10:11] == b"V"
+    lines[1] = lines[1][:10] + b"A" + lines[1][11:]  # the algorithm's OID: Ed25519 becomes unknown
+    pem.write_bytes(b"\n".join(lines))
+    report = verify_run(clean_run)
+    assert any(
+        v.category == EVIDENCE and v.party == "global" and "not a PEM public key" in v.reason
+        for v in report.violations
+    )
+    assert main(["audit", str(clean_run), "--trust-run-keys", "--json"]) == 1
+    failures = json.loads(capsys.readouterr().out)["failures"]
+    assert any("global.pub.pem is not a PEM public key" in f["reason"] for f in failures)
 
 
 def test_the_two_ends_of_a_crossing_must_agree(tmp_path):

@@ -49,6 +49,7 @@ def _fails(argv: list[str], capsys, *expected: str) -> str:
         ),
         ({"data": {"source": "jsonl", "path": "nowhere.jsonl"}}, "data.path", "is not a file"),
         ({"model": {"preset": None, "path": "no-such-model"}}, "model.path", "no config.json"),
+        ({"train": {**small_run()["train"], "lr": float("inf")}}, "train.lr", "must be a finite number"),
     ],
 )
 @pytest.mark.parametrize("command", ["train", "launch"])
@@ -140,8 +141,9 @@ def test_the_disk_estimate_covers_what_a_run_writes(tmp_path):
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["--threads", "-1"], "--threads: must be at least 1, got -1"),
-        (["--threads", "0"], "--threads: must be at least 1, got 0"),
+        (["--threads", "-1"], "--threads: must be from 1 to 1,024, got -1"),
+        (["--threads", "0"], "--threads: must be from 1 to 1,024, got 0"),
+        (["--threads", "99999999999"], "--threads: must be from 1 to 1,024, got 99,999,999,999"),
     ],
 )
 def test_launch_flags_are_checked(tmp_path, capsys, argv, expected):
@@ -257,3 +259,102 @@ def test_certificates_cannot_go_below_a_file(tmp_path, capsys):
     run_file = str(_run_file(tmp_path))
     _fails(["certs", "init", run_file, "--out", str(blocker)], capsys, "exists and is not a directory")
     _fails(["certs", "init", run_file, "--out", str(blocker / "certs")], capsys, "cannot write certificates")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--deploy"],
+        ["serve", "device", "--config", "RUN", "--certs", "certs", "--id", "d0", "--boundary", "127.0.0.1:1"],
+        ["execute", "plan.json"],
+    ],
+)
+def test_threads_are_bounded_on_every_command_that_takes_them(tmp_path, capsys, argv):
+    run_file = str(_run_file(tmp_path))
+    with pytest.raises(SystemExit) as exit_:
+        main([*(run_file if a == "RUN" else a for a in argv), "--threads", "99999999999"])
+    assert exit_.value.code == 2
+    assert "--threads: must be from 1 to 1,024, got 99,999,999,999" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("", "the path is empty"),
+        (".", "does not end in a name"),
+        ("x" * 300, "is too long (300 bytes"),
+        ("/".join(["x" * 200] * 25), "the path is too long"),
+    ],
+)
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "RUN", "--no-progress"],
+        ["launch", "RUN", "--no-progress"],
+        ["demo", "--no-progress"],
+        ["certs", "init", "RUN"],
+        ["execute", "plan.json"],
+        ["profile"],
+    ],
+)
+def test_a_malformed_out_is_refused_naming_the_flag(tmp_path, monkeypatch, capsys, argv, value, problem):
+    monkeypatch.chdir(tmp_path)
+    run_file = str(_run_file(tmp_path))
+    with pytest.raises(SystemExit) as exit_:
+        main([*(run_file if a == "RUN" else a for a in argv), "--out", value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "argument --out: " in err and problem in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]  # no .partial, no certificates
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["serve", "global", "--config", "RUN", "--certs", "certs"], "--run-dir"),
+        (["sweep", "sweep.yaml"], "--out"),
+        (["contest", "contest.yaml"], "--out"),
+        (["plan", "fleet.yaml"], "--out"),
+    ],
+)
+@pytest.mark.parametrize(("value", "problem"), [("", "the path is empty"), ("x" * 300, "is too long (300")])
+def test_a_malformed_output_directory_is_refused_naming_the_flag(
+    tmp_path, monkeypatch, capsys, argv, flag, value, problem
+):
+    monkeypatch.chdir(tmp_path)
+    run_file = str(_run_file(tmp_path))
+    with pytest.raises(SystemExit) as exit_:
+        main([*(run_file if a == "RUN" else a for a in argv), flag, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"argument {flag}: " in err and problem in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
+
+
+def test_certs_init_refuses_what_an_interrupted_init_left_and_fills_an_empty_directory(tmp_path, capsys):
+    run_file = str(_run_file(tmp_path))
+    out = tmp_path / "certs"
+    (out / "global").mkdir(parents=True)
+    _fails(["certs", "init", run_file, "--out", str(out)], capsys, f"--out {out} exists and is not empty")
+    assert [p.name for p in out.iterdir()] == ["global"]
+    (out / "global").rmdir()
+    assert main(["certs", "init", run_file, "--out", str(out)]) == 0
+    assert (out / "ca.pem").is_file() and (out / "audit-keys.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["certs", "run.yaml"]  # no certs.partial
+
+
+def test_an_interrupted_certs_init_leaves_nothing_half_made(tmp_path, monkeypatch, capsys):
+    from echelon.runtime.grpc import tls
+
+    real, made = tls._key, []
+
+    def interrupted_key():  # Ctrl-C while the third key is being made
+        made.append(1)
+        if len(made) == 3:
+            raise KeyboardInterrupt
+        return real()
+
+    monkeypatch.setattr(tls, "_key", interrupted_key)
+    run_file = str(_run_file(tmp_path))
+    assert main(["certs", "init", run_file, "--out", str(tmp_path / "certs")]) == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]

@@ -12,6 +12,7 @@ import os
 import stat
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -73,7 +74,7 @@ def load_signing_key(path: Path) -> Ed25519PrivateKey:
         raise UserError(f"private key {path} is accessible by others (mode {mode & 0o777:o}); chmod 600 it")
     try:
         key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:  # UnsupportedAlgorithm: an unknown key type
         raise UserError(f"{path} is not an unencrypted PEM private key ({e})") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise UserError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")
@@ -101,7 +102,7 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
         raise UserError(f"cannot read public key {path}: {e.strerror}") from None
     try:
         key = serialization.load_pem_public_key(data)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:  # UnsupportedAlgorithm: an unknown key type
         raise UserError(f"{path} is not a PEM public key ({e})") from None
     if not isinstance(key, Ed25519PublicKey):
         raise UserError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")

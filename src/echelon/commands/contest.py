@@ -19,6 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from echelon.cliargs import out_path
 from echelon.errors import UserError
 
 WIDE = 160
@@ -28,7 +29,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     contest = parser
     contest.add_argument("contest_file", type=Path, help="contest file (YAML), see docs/contest.md")
     contest.add_argument(
-        "--out", type=Path, default=None, help="output directory (default: contests/<file stem>[-quick])"
+        "--out",
+        type=out_path(staged=False),
+        default=None,
+        help="output directory (default: contests/<file stem>[-quick])",
     )
     contest.add_argument(
         "--workers",

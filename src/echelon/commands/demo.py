@@ -7,7 +7,7 @@ import argparse
 from importlib import resources
 from pathlib import Path
 
-from echelon.cliargs import count
+from echelon.cliargs import MAX_THREADS, count
 from echelon.commands.train import add_run_options, train_file
 from echelon.config import RunConfig
 
@@ -38,7 +38,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="run it as a local deployment (processes over gRPC with mutual TLS) instead of simulating it",
     )
     parser.add_argument(
-        "--threads", type=count(), default=1, help="torch threads per device process (--deploy)"
+        "--threads", type=count(MAX_THREADS), default=1, help="torch threads per device process (--deploy)"
     )
 
 

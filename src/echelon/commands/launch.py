@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from echelon.audit.anchor import PINS_FILE
-from echelon.cliargs import count
+from echelon.cliargs import MAX_THREADS, count
 from echelon.commands.train import add_run_options, print_summary
 from echelon.config import RunConfig, load_run
 from echelon.errors import UserError
@@ -41,7 +41,9 @@ FINISH_GRACE_S = 30.0  # how long boundaries and devices get to end after the gl
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_file", type=Path, help="run file (YAML); see examples/")
     add_run_options(parser)
-    parser.add_argument("--threads", type=count(), default=1, help="torch threads per device process")
+    parser.add_argument(
+        "--threads", type=count(MAX_THREADS), default=1, help="torch threads per device process"
+    )
     parser.add_argument(
         "--resume",
         action="store_true",

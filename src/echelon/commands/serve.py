@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from echelon.cliargs import count
+from echelon.cliargs import MAX_THREADS, count, out_path
 from echelon.config import RunConfig, load_run
 from echelon.errors import UserError
 from echelon.parties import GLOBAL, boundary_party, device_party
@@ -37,8 +37,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--boundary", dest="boundary_target", help="host:port of the device's boundary (device)"
     )
-    parser.add_argument("--run-dir", type=Path, help="where metrics, summary, weights and audit logs go")
-    parser.add_argument("--threads", type=count(), default=None, help="torch threads (device)")
+    parser.add_argument(
+        "--run-dir", type=out_path(staged=False), help="where metrics, summary, weights and audit logs go"
+    )
+    parser.add_argument("--threads", type=count(MAX_THREADS), default=None, help="torch threads (device)")
     parser.add_argument(
         "--resume", action="store_true", help="continue from RUN_DIR's checkpoint (global, boundary)"
     )

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from echelon.cliargs import out_path
 from echelon.errors import UserError
 
 SHOWN_ROWS = 40
@@ -23,7 +24,10 @@ SHOWN_ROWS = 40
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep_file", type=Path, help="sweep file (YAML): base, grid, optional target_loss")
     parser.add_argument(
-        "--out", type=Path, default=None, help="sweep directory (default: sweeps/<file stem>)"
+        "--out",
+        type=out_path(staged=False),
+        default=None,
+        help="sweep directory (default: sweeps/<file stem>)",
     )
     parser.add_argument(
         "--workers",

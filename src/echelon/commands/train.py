@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from echelon.cliargs import out_path
 from echelon.config import RunConfig, load_run
 
 
@@ -17,7 +18,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<name>)")
+    parser.add_argument("--out", type=out_path(), default=None, help="run directory (default: runs/<name>)")
     parser.add_argument("--force", action="store_true", help="replace an existing run directory")
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
     parser.add_argument(

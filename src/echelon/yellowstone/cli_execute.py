@@ -18,7 +18,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from echelon.cliargs import count
+from echelon.cliargs import MAX_THREADS, count, out_path
 from echelon.errors import UserError
 from echelon.rundir import RunDirectory
 from echelon.yellowstone.execute.job import FAILURES, model_config, safe_name
@@ -31,7 +31,9 @@ GIB = 1024**3
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("plan", type=Path, help="plan.json written by `echelon plan`")
     parser.add_argument("--steps", type=count(), default=30, help="optimizer steps per replica")
-    parser.add_argument("--out", type=Path, default=None, help="run directory (default runs/exec-<fleet>)")
+    parser.add_argument(
+        "--out", type=out_path(), default=None, help="run directory (default runs/exec-<fleet>)"
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing run directory")
     parser.add_argument(
         "--resume", action="store_true", help="continue the interrupted run left in <out>.partial"
@@ -40,7 +42,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     parser.add_argument("--checkpoint-every", type=count(), default=1, help="steps between checkpoints")
     parser.add_argument("--max-restarts", type=int, default=3, help="failures the job survives")
-    parser.add_argument("--threads", type=count(), default=None, help="torch threads per process")
+    parser.add_argument("--threads", type=count(MAX_THREADS), default=None, help="torch threads per process")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds a rank waits for a peer")
     parser.add_argument("--documents", type=count(), default=200, help="built-in corpus documents to load")
     parser.add_argument(

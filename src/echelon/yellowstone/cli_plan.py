@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from echelon.cliargs import count
+from echelon.cliargs import count, out_path
 from echelon.errors import UserError
 from echelon.rundir import write_atomic
 from echelon.yellowstone.cost import CostSettings
@@ -55,7 +55,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--micro-batches", type=count(4096), default=8, help="micro-batches per step (1F1B)")
     parser.add_argument(
-        "--out", type=Path, default=None, help="output directory (default runs/plan-<fleet name>)"
+        "--out",
+        type=out_path(staged=False),
+        default=None,
+        help="output directory (default runs/plan-<fleet name>)",
     )
     parser.add_argument("--explain", action="store_true", help="say why each choice was made")
 

@@ -21,11 +21,11 @@ import argparse
 import os
 import socket
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
 
+from echelon.cliargs import out_path
 from echelon.errors import UserError
 from echelon.rundir import write_atomic
 
@@ -36,7 +36,9 @@ GIB = 1024**3
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=None, help="write the YAML here (default: print it)")
+    parser.add_argument(
+        "--out", type=out_path(), default=None, help="write the YAML here (default: print it)"
+    )
     parser.add_argument("--boundary", default="my-boundary", help="boundary id for the entries")
     parser.add_argument("--site", default=None, help="site id (default: this host's name)")
     parser.add_argument("--access-tier", default="internal", help="access tier the devices are cleared for")
