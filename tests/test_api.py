@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import echelon
 from echelon.config import DataConfig
 from echelon.train.data import load_documents
+from tests.helpers import small_run
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -111,3 +113,25 @@ def test_scaffold_refuses_an_inner_optimizer_of_your_own_before_writing_anything
     with pytest.raises(echelon.UserError, match="SCAFFOLD"):
         echelon.simulate(small_run(strategy="scaffold"), tmp_path / "r", optimizer=_Frozen)
     assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
+@pytest.mark.parametrize("out", ["", ".", "x" * 300])
+def test_a_malformed_out_is_refused_before_anything_is_written(tmp_path, monkeypatch, out):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep.txt").write_text("the caller's data")
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(yaml.safe_dump(small_run()))
+    with pytest.raises(echelon.UserError, match="out '"):
+        echelon.simulate(echelon.load_config(run_file), out, force=True)
+    with pytest.raises(echelon.UserError, match="out '"):
+        echelon.launch(run_file, out, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt", "run.yaml"]
+
+
+@pytest.mark.parametrize("threads", [0, -1, 10**6, True, 2.0])
+def test_launch_refuses_threads_no_host_has(tmp_path, threads):
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(yaml.safe_dump(small_run()))
+    with pytest.raises(echelon.UserError, match="threads"):
+        echelon.launch(run_file, tmp_path / "run", threads=threads)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]

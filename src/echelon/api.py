@@ -18,12 +18,14 @@ saved dataset, JSONL or parquet through `datasets`.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from echelon.cliargs import MAX_THREADS, writable_path
 from echelon.config import RunConfig, load_run
 from echelon.errors import ConfigError, UserError
 from echelon.record import RunSummary
@@ -76,7 +78,7 @@ def simulate(
     from echelon.train.model import build_model, causal_lm_loss, own_model
 
     cfg = config if isinstance(config, RunConfig) else load_config(config)
-    out = Path(out)
+    out = _run_dir(out)
     bundle = None
     if model is None:  # the run file's model: checked against this machine before any work
         preflight(cfg, "the run configuration", out, deploy=False)
@@ -119,9 +121,23 @@ def launch(
     gRPC with mutual TLS, supervised) and write its run directory `out`; returns its summary."""
     from echelon.commands.launch import launch as deploy
 
-    path = Path(run_file)
-    deploy(load_run(path), path, Path(out), force=force, progress=progress, threads=threads)
+    path, out = Path(run_file), _run_dir(out)
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+        raise UserError(
+            f"threads {threads!r}: give a whole number of torch threads per device, 1 to {MAX_THREADS}"
+        )
+    deploy(load_run(path), path, out, force=force, progress=progress, threads=threads)
     return RunSummary.read(out)
+
+
+def _run_dir(out: str | Path) -> Path:
+    """`out` as a run directory to write (as the command line's --out takes it); UserError naming
+    what is wrong (empty, no name to stage `<out>.partial` beside, too long)."""
+    text = os.fspath(out)
+    try:
+        return writable_path(text)
+    except ValueError as e:
+        raise UserError(f"out {text!r}: {e}") from None
 
 
 def read_summary(run_dir: str | Path) -> RunSummary:

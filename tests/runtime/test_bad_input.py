@@ -278,6 +278,43 @@ def test_threads_are_bounded_on_every_command_that_takes_them(tmp_path, capsys, 
 
 
 @pytest.mark.parametrize(
+    ("argv", "flag", "value", "problem"),
+    [
+        (["execute", "plan.json"], "--lr", "nan", "must be a finite number"),
+        (["execute", "plan.json"], "--lr", "-1", "must be greater than 0 and at most 10, got -1"),
+        (["execute", "plan.json"], "--timeout", "inf", "must be a finite number"),
+        (["execute", "plan.json"], "--timeout", "0", "must be greater than 0"),
+        (["execute", "plan.json"], "--seed", "-1", "must be from 0 to"),
+        (["execute", "plan.json"], "--seed", str(2**64), "must be from 0 to"),
+        (["execute", "plan.json"], "--max-restarts", "-3", "must be from 0 to 1,000"),
+        (["law", "fit", "r.csv"], "--seed", "-1", "must be from 0 to"),
+        (["law", "fit", "r.csv"], "--b-ref", "nan", "must be a finite number"),
+        (["law", "fit", "r.csv"], "--folds", "1", "must be from 2 to 1,000"),
+        (["law", "fit", "r.csv"], "--bootstrap", "0", "must be from 1 to 1,000,000"),
+        (["profile"], "--seconds", "-1", "must be greater than 0 and at most 60"),
+        (["profile"], "--seconds", "nan", "must be a finite number"),
+        (["profile"], "--ranks", "0", "must be from 1 to 1,024"),
+        (["profile", "--model", "tiny"], "--seq-len", "0", "must be from 1 to"),
+        (["profile", "--model", "tiny"], "--lora-rank", "-1", "must be from 1 to 4,096"),
+        (["profile", "--model", "tiny"], "--micro-batch", "0", "must be from 1 to 4,096"),
+        (["redteam", "run"], "--threshold", "1.5", "must be greater than 0 and at most 1"),
+        (["redteam", "run"], "--sc-k", "0", "must be at least 1"),
+        (["report", "run"], "--target", "nan", "must be a finite number"),
+        (["sweep", "sweep.yaml"], "--workers", "0", "must be from 1 to 1,024"),
+        (["contest", "contest.yaml"], "--workers", "100000", "must be from 1 to 1,024"),
+    ],
+)
+def test_numeric_flags_are_bounded_before_any_work(tmp_path, monkeypatch, capsys, argv, flag, value, problem):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, f"{flag}={value}"])
+    assert exit_.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Traceback" not in err and f"argument {flag}: {problem}" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
     ("value", "problem"),
     [
         ("", "the path is empty"),

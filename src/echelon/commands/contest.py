@@ -19,8 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from echelon.cliargs import out_path
-from echelon.errors import UserError
+from echelon.cliargs import MAX_THREADS, count, out_path
 
 WIDE = 160
 
@@ -36,7 +35,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     contest.add_argument(
         "--workers",
-        type=int,
+        type=count(MAX_THREADS),
         default=os.cpu_count() or 1,
         help="parallel run processes, one torch thread each (default: CPU count)",
     )
@@ -54,8 +53,6 @@ def run(args: argparse.Namespace) -> int:
     from echelon.contest.spec import load_contest
     from echelon.contest.tables import to_rich
 
-    if args.workers < 1:
-        raise UserError(f"--workers must be at least 1 (got {args.workers})")
     start = time.perf_counter()
     contest = load_contest(args.contest_file, quick=args.quick)
     out = args.out or Path("contests") / (args.contest_file.stem + ("-quick" if args.quick else ""))

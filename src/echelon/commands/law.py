@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from echelon.cliargs import MAX_SEED, count, real, whole
+
 if TYPE_CHECKING:
     from echelon.analysis.law import Comparison
 
@@ -37,7 +39,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     base.add_argument("--gap-col", metavar="COL", help="this column already holds dL")
     fit.add_argument("--relative", action="store_true", help="dL as a fraction of the baseline loss")
     fit.add_argument("--b-col", default="b_eff", help="effective divergence budget column (default: b_eff)")
-    fit.add_argument("--b-ref", type=float, default=1.0, help="B_ref for B~ = B_eff/B_ref (default: 1)")
+    fit.add_argument("--b-ref", type=real(0), default=1.0, help="B_ref for B~ = B_eff/B_ref (default: 1)")
     fit.add_argument("--latency-col", default="wan_latency_ms", help="WAN latency (default: wan_latency_ms)")
     fit.add_argument("--boundaries-col", default="boundaries", help="boundary count (default: boundaries)")
     fit.add_argument(
@@ -50,9 +52,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default="cross_boundary_bytes",
         help="cross-boundary bytes (default: cross_boundary_bytes)",
     )
-    fit.add_argument("--folds", type=int, default=5, help="K of the K-fold cross-validation (default: 5)")
-    fit.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default: 2000)")
-    fit.add_argument("--seed", type=int, default=0, help="seed of the folds and the bootstrap")
+    fit.add_argument(
+        "--folds", type=whole(2, 1000), default=5, help="K of the K-fold cross-validation (default: 5)"
+    )
+    fit.add_argument(
+        "--bootstrap", type=count(10**6), default=2000, help="bootstrap resamples (default: 2000)"
+    )
+    fit.add_argument("--seed", type=whole(0, MAX_SEED), default=0, help="seed of the folds and the bootstrap")
     fit.add_argument(
         "--plot", type=Path, default=None, metavar="PNG", help="also plot dL against B~ (log-log)"
     )
@@ -60,12 +66,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from echelon.analysis import law
-    from echelon.errors import UserError
 
-    if args.folds < 2 or args.bootstrap < 1:
-        raise UserError("--folds must be at least 2 and --bootstrap at least 1")
-    if args.b_ref <= 0:
-        raise UserError("--b-ref must be positive")
     rows = law.read_results(args.results)
     gaps = law.loss_gaps(
         rows,

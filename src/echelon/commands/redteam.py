@@ -14,15 +14,20 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from echelon.cliargs import count, real
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.splitlines()[0]
     parser.add_argument("run", type=Path, help="a finished run directory (echelon train --out DIR)")
     parser.add_argument(
-        "--threshold", type=float, default=0.9, help="an attempt succeeds at this score (default: 0.9)"
+        "--threshold", type=real(0, 1), default=0.9, help="an attempt succeeds at this score (default: 0.9)"
     )
     parser.add_argument(
-        "--sc-k", type=int, default=1, help="small cohort: aggregates of at most k device rounds (default: 1)"
+        "--sc-k",
+        type=count(),
+        default=1,
+        help="small cohort: aggregates of at most k device rounds (default: 1)",
     )
 
 
@@ -36,8 +41,6 @@ def run(args: argparse.Namespace) -> int:
     from echelon.runner import train
     from echelon.strategies import effective_config
 
-    if not 0 < args.threshold <= 1 or args.sc_k < 1:
-        raise UserError("--threshold must lie in (0, 1] and --sc-k be at least 1")
     run_dir: Path = args.run
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "summary.json").is_file():
         raise UserError(f"{run_dir} is not a finished run directory (no config.yaml or summary.json)")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from echelon.cliargs import real
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -14,7 +16,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--target",
-        type=float,
+        type=real(0),
         default=None,
         metavar="LOSS",
         help="validation loss for time-to-target (adds it to the summary and the loss plot)",

@@ -15,8 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from echelon.cliargs import out_path
-from echelon.errors import UserError
+from echelon.cliargs import MAX_THREADS, count, out_path
 
 SHOWN_ROWS = 40
 
@@ -31,7 +30,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--workers",
-        type=int,
+        type=count(MAX_THREADS),
         default=os.cpu_count() or 1,
         help="parallel run processes, one torch thread each (default: CPU count)",
     )
@@ -41,8 +40,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from echelon.analysis.sweep import RESULTS, load_sweep, run_sweep
 
-    if args.workers < 1:
-        raise UserError(f"--workers must be at least 1 (got {args.workers})")
     sweep, points = load_sweep(args.sweep_file)
     out = args.out or Path("sweeps") / args.sweep_file.stem
     outcome = run_sweep(points, out, sweep.target_loss, workers=args.workers, progress=not args.no_progress)

@@ -18,7 +18,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from echelon.cliargs import MAX_THREADS, count, out_path
+from echelon.cliargs import MAX_SEED, MAX_THREADS, count, out_path, real, whole
 from echelon.errors import UserError
 from echelon.rundir import RunDirectory
 from echelon.yellowstone.execute.job import FAILURES, model_config, safe_name
@@ -26,6 +26,11 @@ from echelon.yellowstone.execute.topology import check_executable, plan_devices,
 from echelon.yellowstone.plan import Plan, read_plan
 
 GIB = 1024**3
+# Bounds past which a value describes no real job: an AdamW step this large diverges at once, a
+# job this unreliable should be fixed rather than restarted, and a rank waiting a day is hung.
+MAX_LR = 10.0
+MAX_RESTARTS = 1000
+MAX_TIMEOUT_S = 86_400.0
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -38,12 +43,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume", action="store_true", help="continue the interrupted run left in <out>.partial"
     )
-    parser.add_argument("--seed", type=int, default=0, help="model initialisation and batch order")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument(
+        "--seed", type=whole(0, MAX_SEED), default=0, help="model initialisation and batch order"
+    )
+    parser.add_argument("--lr", type=real(0, MAX_LR), default=1e-3, help="AdamW learning rate")
     parser.add_argument("--checkpoint-every", type=count(), default=1, help="steps between checkpoints")
-    parser.add_argument("--max-restarts", type=int, default=3, help="failures the job survives")
+    parser.add_argument(
+        "--max-restarts", type=whole(0, MAX_RESTARTS), default=3, help="failures the job survives"
+    )
     parser.add_argument("--threads", type=count(MAX_THREADS), default=None, help="torch threads per process")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds a rank waits for a peer")
+    parser.add_argument(
+        "--timeout", type=real(0, MAX_TIMEOUT_S), default=120.0, help="seconds a rank waits for a peer"
+    )
     parser.add_argument("--documents", type=count(), default=200, help="built-in corpus documents to load")
     parser.add_argument(
         "--print-commands",

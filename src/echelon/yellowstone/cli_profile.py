@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from echelon.cliargs import out_path
-from echelon.errors import UserError
+from echelon.cliargs import MAX_THREADS, count, out_path, real
 from echelon.rundir import write_atomic
 
 if TYPE_CHECKING:
@@ -43,7 +42,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--site", default=None, help="site id (default: this host's name)")
     parser.add_argument("--access-tier", default="internal", help="access tier the devices are cleared for")
     parser.add_argument(
-        "--seconds", type=float, default=0.5, help="timing budget per device (per direction with --peer)"
+        "--seconds",
+        type=real(0, 60),
+        default=0.5,
+        help="timing budget per device (per direction with --peer)",
     )
     parser.add_argument(
         "--peer",
@@ -62,18 +64,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--full", dest="trainable", action="store_const", const="full", help="time full training"
     )
     parser.set_defaults(trainable="lora")
-    parser.add_argument("--lora-rank", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--lora-rank", type=count(4096), default=16, help="LoRA rank r of the timed step")
     parser.add_argument(
-        "--micro-batch", type=int, default=4, help="sequences per micro-batch of the timed step"
+        "--seq-len", type=count(2**20), default=128, help="tokens per sequence of the timed step"
+    )
+    parser.add_argument(
+        "--micro-batch", type=count(4096), default=4, help="sequences per micro-batch of the timed step"
     )
     parser.add_argument(
         "--micro-batches",
-        type=int,
+        type=count(4096),
         default=8,
         help="micro-batches of the timed step (as the plan's --micro-batches)",
     )
-    parser.add_argument("--ranks", type=int, default=None, help="split this machine's CPU into N devices")
+    parser.add_argument(
+        "--ranks", type=count(MAX_THREADS), default=None, help="split this machine's CPU into N devices"
+    )
     parser.add_argument("--fleet", default=None, help="write a whole fleet file with this name")
 
 
@@ -182,8 +188,6 @@ def run_peer(args: argparse.Namespace, site: str) -> int:
     """Measure the link to a peer and print (or write) it as a fleet `links` entry."""
     from echelon.yellowstone.probe import dial, parse_peer, wait
 
-    if not 0 < args.seconds <= 60:
-        raise UserError(f"--seconds {args.seconds}: give from more than 0 to 60 seconds per direction")
     host, port = parse_peer(args.peer)
     if host:
         measured = dial(host, port, site, args.seconds)
